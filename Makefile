@@ -1,0 +1,37 @@
+# Two entry points (see README): `make demo` and `make test`. Both are idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-utils xen-utils-4.17 \
+                build-essential pkg-config python3-dev python3-venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# System packages first: tpm2-pytss builds against libtss2-dev, the C extension links libcrypto.
+$(STAMP): setup.py pyproject.toml cext/build_hashing.py cext/hashing.c cext/hashing.h
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -c 'install ok installed')" = "$(words $(APT_PACKAGES))" ]; then \
+	    echo "system packages: present"; \
+	else \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/xen-vtpm demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/hashing.py
+	$(PY) bench/tpm_ops.py
+
+clean:
+	rm -rf build *.egg-info xen_vtpm/_hashing*.so xen_vtpm/_hashing.c

@@ -1,0 +1,20 @@
+"""cffi (API mode) builder for xen_vtpm._hashing; run by setup.py's cffi_modules."""
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+ffi = FFI()
+ffi.cdef((HERE / "hashing.h").read_text())
+ffi.set_source(
+    "xen_vtpm._hashing",
+    '#include "hashing.h"',
+    sources=[str(HERE / "hashing.c")],
+    include_dirs=[str(HERE)],
+    libraries=["crypto", "pthread"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

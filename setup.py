@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="xen-vtpm",
+    version="0.1.0",
+    description="Synchronized, TPM-sealed checkpoints of Xen guests and their vTPMs",
+    packages=find_packages(include=["xen_vtpm", "xen_vtpm.*"]),
+    python_requires=">=3.11",
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["cext/build_hashing.py:ffi"],
+    install_requires=[
+        "pyxs==0.4.1",
+        "cffi>=1.15",
+        "cryptography>=41",
+        "tpm2-pytss>=2.1",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "bench": ["blake3>=0.4"]},
+    entry_points={"console_scripts": ["xen-vtpm=xen_vtpm.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Shared pytest setup.  Area fixtures live in tests/fixtures/ modules listed here."""

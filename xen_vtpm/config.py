@@ -1,0 +1,106 @@
+"""The tool's configuration: one INI file, every key with a default.
+
+Lookup order for the file: ``--config``, then ``$XEN_VTPM_CONFIG``, then
+``/etc/xen-vtpm/xen-vtpm.conf``.  A missing file means "all defaults", so a
+real dom0 needs no config until ``xen-vtpm init`` writes one.
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/xen-vtpm/xen-vtpm.conf")
+SECTION = "xen-vtpm"
+
+# Boot-chain PCRs in the SHA-256 bank: firmware (0), option ROMs (2), boot
+# loader (4) and Secure Boot policy (7).  Sealing to these means a changed boot
+# chain cannot unseal the host key, while ordinary runtime extends of 8+ by the
+# OS do not lock the admin out.
+DEFAULT_PCRS = "sha256:0,2,4,7"
+
+
+@dataclasses.dataclass
+class Config:
+    path: Path | None = None
+    state_dir: Path = Path("/var/lib/xen-vtpm")
+    xl: str = "xl"
+    xenstore_path: str = ""          # empty: $XENSTORED_PATH or the Xen default
+    xenstore_timeout: float = 10.0
+    tcti: str = "device:/dev/tpmrm0"
+    pcrs: str = DEFAULT_PCRS
+    primary_handle: int = 0          # 0: create the primary from the fixed template
+    counter_index: int = 0x01500016
+    manager: str = "vtpmmgr"         # name of the vTPM manager domain
+    manager_timeout: float = 30.0
+    log_dir: Path = Path("/var/log/xen")  # xenconsoled --log=guest writes guest-<name>.log here
+
+    @classmethod
+    def load(cls, explicit: str | os.PathLike | None = None) -> "Config":
+        path = Path(explicit) if explicit else None
+        if path is None and os.environ.get("XEN_VTPM_CONFIG"):
+            path = Path(os.environ["XEN_VTPM_CONFIG"])
+        if path is None:
+            path = DEFAULT_CONFIG_PATH
+            if not path.exists():
+                return cls()
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                parser.read_file(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found; run `xen-vtpm init` or pass --config") from None
+        except (OSError, configparser.Error) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc}); fix or remove it") from None
+        return cls.from_mapping(dict(parser[SECTION]) if parser.has_section(SECTION) else {}, path)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, str], path: Path | None = None) -> "Config":
+        cfg = cls(path=path)
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+        for key, raw in values.items():
+            field = known.get(key)
+            if field is None:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{SECTION}]; remove it or check the spelling")
+            default = getattr(cfg, key)
+            try:
+                if isinstance(default, Path):
+                    value = Path(raw)
+                elif isinstance(default, bool):
+                    value = raw.strip().lower() in ("1", "yes", "true", "on")
+                elif isinstance(default, int):
+                    value = int(raw, 0)
+                elif isinstance(default, float):
+                    value = float(raw)
+                else:
+                    value = raw
+            except ValueError:
+                raise ConfigError(f"{path}: key {key!r} has invalid value {raw!r}; expected {type(default).__name__}") from None
+            setattr(cfg, key, value)
+        return cfg
+
+    def to_mapping(self) -> dict[str, str]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "path":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = hex(value) if f.name in ("counter_index", "primary_handle") else str(value)
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp + rename) so a crash never leaves half a config."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parser = configparser.ConfigParser(interpolation=None)
+        parser[SECTION] = self.to_mapping()
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            parser.write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self.path = path
