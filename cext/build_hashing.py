@@ -9,11 +9,11 @@ ffi = FFI()
 ffi.cdef((HERE / "hashing.h").read_text())
 ffi.set_source(
     "xen_vtpm._hashing",
-    '#include "hashing.h"',
+    '#include <stdint.h>\n#include <stddef.h>\n#include "hashing.h"',
     sources=[str(HERE / "hashing.c")],
     include_dirs=[str(HERE)],
     libraries=["crypto", "pthread"],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 
 if __name__ == "__main__":

@@ -1,9 +1,835 @@
+/* State hashing: SHA-256 Merkle root over fixed leaves, and content-defined chunking with per-chunk
+ * SHA-256, both spread over all cores.  Constructions: docs/formats.md, "State hashing".
+ *
+ * Speed notes (measured, see docs/performance.md): SHA-256 (SHA-NI) is ~40% slower when its input
+ * streams from DRAM because its serial dependency chain keeps few loads in flight, so every digest
+ * loop prefetches the next 1 KiB while hashing the current one. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <openssl/evp.h>
+
 #include "hashing.h"
 
-/* One-shot SHA-256 through libcrypto so SHA-NI is used where present. */
-int xv_sha256(const unsigned char *data, size_t len, unsigned char *out)
+#define STEP 1024u                   /* prefetch distance and update granularity */
+#define WINDOW (16u << 20)           /* bytes one tree worker maps at a time: bounds RSS */
+#define SPACE_MAX ((size_t)1 << 20)  /* bytes a stream accepts per commit */
+#define LEAF_MIN 64u
+#define LEAF_MAX (64u << 20)
+
+/* ---------------------------------------------------------------- shared state fetched once */
+
+static const EVP_MD *g_md;
+static uint64_t g_gear[256];
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void init_once(void)
 {
-    unsigned int outlen = 0;
-    return EVP_Digest(data, len, out, &outlen, EVP_sha256(), NULL) == 1 ? 0 : -1;
+    /* Fetching explicitly once avoids OpenSSL 3's implicit fetch on every digest. */
+    g_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    if (!g_md)
+        return;
+    static const char label[] = "xen-vtpm gear v1";
+    unsigned char msg[sizeof label], dig[32];
+    memcpy(msg, label, sizeof label - 1);
+    for (int i = 0; i < 256; i++) {
+        msg[sizeof label - 1] = (unsigned char)i;
+        EVP_Digest(msg, sizeof label, dig, NULL, g_md, NULL);
+        uint64_t v = 0;
+        for (int k = 7; k >= 0; k--)
+            v = (v << 8) | dig[k];          /* little-endian */
+        g_gear[i] = v;
+    }
+}
+
+static const EVP_MD *md(void)
+{
+    pthread_once(&g_once, init_once);
+    return g_md;
+}
+
+void xv_gear_table(uint64_t *out)
+{
+    md();
+    memcpy(out, g_gear, sizeof g_gear);
+}
+
+/* ---------------------------------------------------------------- digests */
+
+/* SHA-256 of (prefix byte, if >= 0) || p[0..n), prefetching one STEP ahead. */
+static int digest(EVP_MD_CTX *ctx, int prefix, const unsigned char *p, size_t n, unsigned char *out)
+{
+    if (EVP_DigestInit_ex(ctx, g_md, NULL) != 1)
+        return XV_ECRYPTO;
+    if (prefix >= 0) {
+        unsigned char b = (unsigned char)prefix;
+        if (EVP_DigestUpdate(ctx, &b, 1) != 1)
+            return XV_ECRYPTO;
+    }
+    size_t off = 0;
+    for (; off + STEP <= n; off += STEP) {
+        if (off + 2 * STEP <= n)
+            for (unsigned k = 0; k < STEP; k += 64)
+                __builtin_prefetch(p + off + STEP + k, 0, 3);
+        if (EVP_DigestUpdate(ctx, p + off, STEP) != 1)
+            return XV_ECRYPTO;
+    }
+    if (off < n && EVP_DigestUpdate(ctx, p + off, n - off) != 1)
+        return XV_ECRYPTO;
+    return EVP_DigestFinal_ex(ctx, out, NULL) == 1 ? XV_OK : XV_ECRYPTO;
+}
+
+/* ---------------------------------------------------------------- Merkle stack */
+
+/* Perfect subtrees of decreasing size; folding them right to left gives the RFC 6962 shape. */
+typedef struct {
+    unsigned char h[32];
+    uint64_t n;
+} mnode;
+
+typedef struct {
+    mnode e[66];
+    int top;
+} mstack;
+
+static int node_hash(EVP_MD_CTX *ctx, const unsigned char *l, const unsigned char *r, unsigned char *out)
+{
+    unsigned char m[65];
+    m[0] = 0x01;
+    memcpy(m + 1, l, 32);
+    memcpy(m + 33, r, 32);
+    return digest(ctx, -1, m, sizeof m, out);
+}
+
+static int ms_push(EVP_MD_CTX *ctx, mstack *s, const unsigned char *h, uint64_t n)
+{
+    memcpy(s->e[s->top].h, h, 32);
+    s->e[s->top].n = n;
+    s->top++;
+    while (s->top >= 2 && s->e[s->top - 1].n == s->e[s->top - 2].n) {
+        mnode *l = &s->e[s->top - 2], *r = &s->e[s->top - 1];
+        int rc = node_hash(ctx, l->h, r->h, l->h);
+        if (rc)
+            return rc;
+        l->n *= 2;
+        s->top--;
+    }
+    return XV_OK;
+}
+
+static int ms_fold(EVP_MD_CTX *ctx, const mstack *s, unsigned char *out)
+{
+    unsigned char acc[32];
+    memcpy(acc, s->e[s->top - 1].h, 32);
+    for (int i = s->top - 2; i >= 0; i--) {
+        int rc = node_hash(ctx, s->e[i].h, acc, acc);
+        if (rc)
+            return rc;
+    }
+    memcpy(out, acc, 32);
+    return XV_OK;
+}
+
+/* Binds the total length and the leaf size into the root. */
+static int finalize(EVP_MD_CTX *ctx, const unsigned char *top, uint64_t len, uint32_t leaf,
+                    unsigned char *out)
+{
+    unsigned char m[1 + 8 + 4 + 32];
+    m[0] = 0x02;
+    for (int i = 0; i < 8; i++)
+        m[1 + i] = (unsigned char)(len >> (56 - 8 * i));
+    for (int i = 0; i < 4; i++)
+        m[9 + i] = (unsigned char)(leaf >> (24 - 8 * i));
+    memcpy(m + 13, top, 32);
+    return digest(ctx, -1, m, sizeof m, out);
+}
+
+static int leaf_ok(uint32_t leaf)
+{
+    return leaf >= LEAF_MIN && leaf <= LEAF_MAX && (leaf & (leaf - 1)) == 0;
+}
+
+/* ---------------------------------------------------------------- SIGBUS guard */
+
+/* A mapped file that shrinks raises SIGBUS on the next access.  While a guard is active, a fault in
+ * a thread that armed tl_jmp jumps back to its worker, which reports XV_ECHANGED.  Faults anywhere
+ * else go to whoever owned SIGBUS before us (e.g. Python's faulthandler). */
+static __thread sigjmp_buf *tl_jmp;
+static pthread_mutex_t g_guard_mu = PTHREAD_MUTEX_INITIALIZER;
+static int g_guard_users;
+static struct sigaction g_guard_old;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *j = tl_jmp;
+    if (j)
+        siglongjmp(*j, 1);
+    if ((g_guard_old.sa_flags & SA_SIGINFO) && g_guard_old.sa_sigaction) {
+        g_guard_old.sa_sigaction(sig, si, uc);
+    } else if (g_guard_old.sa_handler != SIG_DFL && g_guard_old.sa_handler != SIG_IGN) {
+        g_guard_old.sa_handler(sig);
+    } else {
+        signal(sig, SIG_DFL);   /* returning re-runs the fault under the default action */
+    }
+}
+
+static void guard_on(void)
+{
+    pthread_mutex_lock(&g_guard_mu);
+    if (g_guard_users++ == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGBUS, &sa, &g_guard_old);
+    }
+    pthread_mutex_unlock(&g_guard_mu);
+}
+
+static void guard_off(void)
+{
+    pthread_mutex_lock(&g_guard_mu);
+    if (--g_guard_users == 0)
+        sigaction(SIGBUS, &g_guard_old, NULL);
+    pthread_mutex_unlock(&g_guard_mu);
+}
+
+/* ---------------------------------------------------------------- tree hash over memory or a file */
+
+typedef struct {
+    const unsigned char *base;   /* memory source, or NULL for fd */
+    int fd;
+    uint64_t len, nleaves, per_block, nblocks;
+    uint32_t leaf;
+    unsigned char (*roots)[32];
+    atomic_uint_fast64_t next;
+    atomic_int err;
+    int map_errno;
+} tree_t;
+
+static void tree_fail(tree_t *t, int rc)
+{
+    int zero = 0;
+    atomic_compare_exchange_strong(&t->err, &zero, rc);
+}
+
+static int block_root(EVP_MD_CTX *ctx, const unsigned char *p, uint64_t bytes, uint32_t leaf,
+                      unsigned char *out)
+{
+    mstack st;
+    unsigned char h[32];
+    st.top = 0;
+    for (uint64_t off = 0; off < bytes; off += leaf) {
+        size_t k = bytes - off < leaf ? (size_t)(bytes - off) : leaf;
+        int rc = digest(ctx, 0x00, p + off, k, h);
+        if (!rc)
+            rc = ms_push(ctx, &st, h, 1);
+        if (rc)
+            return rc;
+    }
+    return ms_fold(ctx, &st, out);
+}
+
+static void *tree_run(void *arg)
+{
+    tree_t *t = arg;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    sigjmp_buf jb;
+    unsigned char *volatile map = NULL;
+    volatile size_t maplen = 0;
+    long pg = sysconf(_SC_PAGESIZE);
+
+    if (!ctx) {
+        tree_fail(t, XV_ENOMEM);
+        return NULL;
+    }
+    if (sigsetjmp(jb, 1)) {      /* savemask: leave SIGBUS unblocked after the jump */
+        tl_jmp = NULL;
+        if (map)
+            munmap(map, maplen);
+        tree_fail(t, XV_ECHANGED);
+        EVP_MD_CTX_free(ctx);
+        return NULL;
+    }
+    tl_jmp = &jb;
+    while (!atomic_load(&t->err)) {
+        uint64_t b = atomic_fetch_add(&t->next, 1);
+        if (b >= t->nblocks)
+            break;
+        uint64_t first = b * t->per_block;
+        uint64_t off = first * t->leaf;
+        uint64_t bytes = t->len - off;
+        if (bytes > t->per_block * t->leaf)
+            bytes = t->per_block * t->leaf;
+        const unsigned char *p;
+        if (t->base) {
+            p = t->base + off;
+        } else {
+            uint64_t aoff = off & ~(uint64_t)(pg - 1);
+            maplen = (size_t)(bytes + (off - aoff));
+            void *mp = mmap(NULL, maplen, PROT_READ, MAP_SHARED | MAP_POPULATE, t->fd, (off_t)aoff);
+            if (mp == MAP_FAILED) {
+                t->map_errno = errno;
+                tree_fail(t, XV_EMMAP);
+                break;
+            }
+            map = mp;
+            p = map + (off - aoff);
+        }
+        int rc = block_root(ctx, p, bytes, t->leaf, t->roots[b]);
+        if (map) {
+            munmap(map, maplen);
+            map = NULL;
+        }
+        if (rc) {
+            tree_fail(t, rc);
+            break;
+        }
+    }
+    tl_jmp = NULL;
+    EVP_MD_CTX_free(ctx);
+    return NULL;
+}
+
+static int tree_hash(const unsigned char *base, int fd, uint64_t len, uint32_t leaf, int nthreads,
+                     unsigned char *out, int *err_errno)
+{
+    if (!leaf_ok(leaf) || nthreads < 1)
+        return XV_EARG;
+    if (!md())
+        return XV_ECRYPTO;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (!ctx)
+        return XV_ENOMEM;
+    unsigned char top[32];
+    int rc = XV_OK;
+
+    if (len == 0) {
+        rc = digest(ctx, 0x00, (const unsigned char *)"", 0, top);
+    } else {
+        tree_t t;
+        memset(&t, 0, sizeof t);
+        t.base = base;
+        t.fd = fd;
+        t.len = len;
+        t.leaf = leaf;
+        t.nleaves = (len + leaf - 1) / leaf;
+        /* Blocks are perfect subtrees (a power of two of leaves), so each worker folds its own;
+         * small inputs get smaller blocks so every core still has work. */
+        t.per_block = WINDOW / leaf ? WINDOW / leaf : 1;
+        while (t.per_block > 1 && t.nleaves < t.per_block * 4 * (uint64_t)nthreads)
+            t.per_block >>= 1;
+        t.nblocks = (t.nleaves + t.per_block - 1) / t.per_block;
+        atomic_init(&t.next, 0);
+        atomic_init(&t.err, 0);
+        t.roots = malloc(t.nblocks * 32);
+        if (!t.roots) {
+            EVP_MD_CTX_free(ctx);
+            return XV_ENOMEM;
+        }
+        uint64_t want = len / (512u << 10) + 1;      /* threads cost ~30 us: not for tiny inputs */
+        if (want > t.nblocks)
+            want = t.nblocks;
+        if (want > (uint64_t)nthreads)
+            want = nthreads;
+        pthread_t th[want > 1 ? want - 1 : 1];
+        int started = 0;
+        guard_on();
+        for (uint64_t i = 1; i < want; i++)
+            if (pthread_create(&th[started], NULL, tree_run, &t) == 0)
+                started++;
+        tree_run(&t);
+        for (int i = 0; i < started; i++)
+            pthread_join(th[i], NULL);
+        guard_off();
+        rc = atomic_load(&t.err);
+        if (rc == XV_EMMAP && err_errno)
+            *err_errno = t.map_errno;
+        if (!rc) {
+            mstack st;
+            st.top = 0;
+            for (uint64_t b = 0; b < t.nblocks && !rc; b++) {
+                uint64_t m = t.nleaves - b * t.per_block;
+                rc = ms_push(ctx, &st, t.roots[b], m < t.per_block ? m : t.per_block);
+            }
+            if (!rc)
+                rc = ms_fold(ctx, &st, top);
+        }
+        free(t.roots);
+    }
+    if (!rc)
+        rc = finalize(ctx, top, len, leaf, out);
+    EVP_MD_CTX_free(ctx);
+    return rc;
+}
+
+int xv_tree_hash_buf(const unsigned char *data, uint64_t len, uint32_t leaf_size, int nthreads,
+                     unsigned char *out)
+{
+    static const unsigned char empty[1];
+    return tree_hash(data ? data : empty, -1, len, leaf_size, nthreads, out, NULL);
+}
+
+int xv_tree_hash_fd(int fd, uint64_t len, uint32_t leaf_size, int nthreads, unsigned char *out,
+                    int *err_errno)
+{
+    return tree_hash(NULL, fd, len, leaf_size, nthreads, out, err_errno);
+}
+
+/* ---------------------------------------------------------------- streaming engine */
+
+/* Data arrives into the current one of two buffers.  The calling thread finds chunk boundaries and
+ * leaf ends and queues digest jobs; worker threads (and the caller, when the backlog grows) run them.
+ * When the current buffer fills, the unfinished tail moves to the other buffer, whose old jobs must
+ * all be done and handed out first, so job pointers stay valid without ever stalling the workers. */
+
+enum { JOB_CHUNK, JOB_LEAF };
+enum { J_QUEUED, J_CLAIMED, J_DONE };
+
+typedef struct {
+    uint64_t soff;
+    const unsigned char *p;
+    uint32_t len;
+    unsigned char kind, bufid, state;
+    unsigned char digest[32];
+} xjob;
+
+typedef struct {
+    xjob *j;
+    size_t cap;
+    uint64_t out, claim, add;   /* monotonic; slot = index % cap */
+} xq;
+
+struct xv_stream {
+    int chunking, tree;
+    uint32_t min, avg, max, leaf;
+    uint64_t mask_s, mask_l;
+    unsigned char *buf[2];
+    size_t bcap, tail, cstart, lstart;
+    int cur;
+    uint64_t base;              /* stream offset of buf[cur][0] */
+    uint64_t total;
+    xq cq, lq;
+    size_t unclaimed, high;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv, done_cv;
+    int stop, waiters, err, finished, nworkers;
+    pthread_t *th;
+    EVP_MD_CTX *ctx;
+    mstack ms;
+    unsigned char root[32];
+};
+
+static size_t cdc_cut(const xv_stream *s, const unsigned char *p, size_t n)
+{
+    if (n <= s->min)
+        return n;
+    size_t end = n < s->max ? n : s->max;
+    size_t normal = s->avg < end ? s->avg : end;
+    uint64_t h = 0;
+    size_t i = s->min;
+    for (; i < normal; i++) {
+        h = (h << 1) + g_gear[p[i]];
+        if (!(h & s->mask_s))
+            return i + 1;
+    }
+    for (; i < end; i++) {
+        h = (h << 1) + g_gear[p[i]];
+        if (!(h & s->mask_l))
+            return i + 1;
+    }
+    return end;
+}
+
+static xjob *claim_locked(xv_stream *s)
+{
+    xq *q = NULL;
+    int c = s->cq.claim < s->cq.add, l = s->lq.claim < s->lq.add;
+    if (c && l)
+        q = s->cq.j[s->cq.claim % s->cq.cap].soff <= s->lq.j[s->lq.claim % s->lq.cap].soff ? &s->cq : &s->lq;
+    else if (c)
+        q = &s->cq;
+    else if (l)
+        q = &s->lq;
+    if (!q)
+        return NULL;
+    xjob *j = &q->j[q->claim++ % q->cap];
+    j->state = J_CLAIMED;
+    s->unclaimed -= j->len;
+    return j;
+}
+
+static int run_job(EVP_MD_CTX *ctx, xjob *j)
+{
+    return digest(ctx, j->kind == JOB_LEAF ? 0x00 : -1, j->p, j->len, j->digest);
+}
+
+/* Called with mu held; runs one queued job in the calling thread.  Returns 0 if none was queued. */
+static int help_one_locked(xv_stream *s)
+{
+    xjob *j = claim_locked(s);
+    if (!j)
+        return 0;
+    pthread_mutex_unlock(&s->mu);
+    int rc = run_job(s->ctx, j);
+    pthread_mutex_lock(&s->mu);
+    j->state = J_DONE;
+    if (rc)
+        s->err = rc;
+    if (s->waiters)
+        pthread_cond_broadcast(&s->done_cv);
+    return 1;
+}
+
+static void *stream_worker(void *arg)
+{
+    xv_stream *s = arg;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    pthread_mutex_lock(&s->mu);
+    if (!ctx) {
+        /* The caller runs every job it waits for, so a missing worker only costs speed. */
+        pthread_mutex_unlock(&s->mu);
+        return NULL;
+    }
+    while (!s->stop) {
+        xjob *j = claim_locked(s);
+        if (!j) {
+            pthread_cond_wait(&s->work_cv, &s->mu);
+            continue;
+        }
+        pthread_mutex_unlock(&s->mu);
+        int rc = run_job(ctx, j);
+        pthread_mutex_lock(&s->mu);
+        j->state = J_DONE;
+        if (rc)
+            s->err = rc;
+        if (s->waiters)
+            pthread_cond_broadcast(&s->done_cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    EVP_MD_CTX_free(ctx);
+    return NULL;
+}
+
+/* With mu held: run or wait for jobs until pred(s, arg) is false. */
+static void work_while_locked(xv_stream *s, int (*pred)(xv_stream *, int), int arg)
+{
+    while (pred(s, arg)) {
+        if (help_one_locked(s))
+            continue;
+        s->waiters++;
+        pthread_cond_wait(&s->done_cv, &s->mu);
+        s->waiters--;
+    }
+}
+
+static int pending_on_buf(xv_stream *s, int bufid)
+{
+    xq *qs[2] = {&s->cq, &s->lq};
+    for (int k = 0; k < 2; k++)
+        for (uint64_t i = qs[k]->out; i < qs[k]->add; i++) {
+            xjob *j = &qs[k]->j[i % qs[k]->cap];
+            if (j->bufid != bufid)
+                break;          /* jobs on the older buffer form a prefix */
+            if (j->state != J_DONE)
+                return 1;
+        }
+    return 0;
+}
+
+static int uncollected_on_buf(xv_stream *s, int bufid)
+{
+    return (s->cq.out < s->cq.add && s->cq.j[s->cq.out % s->cq.cap].bufid == bufid) ||
+           (s->lq.out < s->lq.add && s->lq.j[s->lq.out % s->lq.cap].bufid == bufid);
+}
+
+static int any_pending(xv_stream *s, int unused)
+{
+    (void)unused;
+    xq *qs[2] = {&s->cq, &s->lq};
+    for (int k = 0; k < 2; k++)
+        for (uint64_t i = qs[k]->out; i < qs[k]->add; i++)
+            if (qs[k]->j[i % qs[k]->cap].state != J_DONE)
+                return 1;
+    return 0;
+}
+
+static int backlog_high(xv_stream *s, int unused)
+{
+    (void)unused;
+    return s->unclaimed > s->high;
+}
+
+static void stop_workers(xv_stream *s)
+{
+    if (!s->th)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->work_cv);
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < s->nworkers; i++)
+        pthread_join(s->th[i], NULL);
+    free(s->th);
+    s->th = NULL;
+    s->nworkers = 0;
+}
+
+void xv_stream_free(xv_stream *s)
+{
+    if (!s)
+        return;
+    stop_workers(s);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->work_cv);
+    pthread_cond_destroy(&s->done_cv);
+    EVP_MD_CTX_free(s->ctx);
+    free(s->buf[0]);
+    free(s->buf[1]);
+    free(s->cq.j);
+    free(s->lq.j);
+    free(s);
+}
+
+static uint64_t top_bits(int n)
+{
+    return n >= 64 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> n);
+}
+
+xv_stream *xv_stream_new(int chunking, uint32_t min_size, uint32_t avg_size, uint32_t max_size,
+                         int tree, uint32_t leaf_size, int nworkers)
+{
+    if (!chunking && !tree)
+        return NULL;
+    if (chunking && !(min_size >= 64 && avg_size >= 256 && (avg_size & (avg_size - 1)) == 0 &&
+                      min_size < avg_size && avg_size < max_size && max_size <= LEAF_MAX))
+        return NULL;
+    if (tree && !leaf_ok(leaf_size))
+        return NULL;
+    if (!md())
+        return NULL;
+    xv_stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->chunking = chunking;
+    s->tree = tree;
+    s->min = min_size;
+    s->avg = avg_size;
+    s->max = max_size;
+    s->leaf = leaf_size;
+    if (chunking) {
+        int bits = __builtin_ctz(avg_size);
+        s->mask_s = top_bits(bits + 2);   /* harder to match before the average: fewer tiny chunks */
+        s->mask_l = top_bits(bits - 2);   /* easier after it: fewer huge ones */
+    }
+    size_t unit = 0;
+    if (chunking)
+        unit = max_size;
+    if (tree && leaf_size > unit)
+        unit = leaf_size;
+    s->bcap = 2 * unit + 2 * SPACE_MAX;
+    if (s->bcap < ((size_t)4 << 20))
+        s->bcap = (size_t)4 << 20;
+    s->high = nworkers > 0 ? 2 * (unit > SPACE_MAX ? unit : SPACE_MAX) : 0;
+    /* Every uncollected job points into one of the two buffers, which bounds the queues. */
+    s->cq.cap = chunking ? 2 * s->bcap / min_size + 8 : 1;
+    s->lq.cap = tree ? 2 * s->bcap / (tree ? leaf_size : 1) + 8 : 1;
+    s->buf[0] = malloc(s->bcap);
+    s->buf[1] = malloc(s->bcap);
+    s->cq.j = calloc(s->cq.cap, sizeof(xjob));
+    s->lq.j = calloc(s->lq.cap, sizeof(xjob));
+    s->ctx = EVP_MD_CTX_new();
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->work_cv, NULL);
+    pthread_cond_init(&s->done_cv, NULL);
+    if (!s->buf[0] || !s->buf[1] || !s->cq.j || !s->lq.j || !s->ctx) {
+        xv_stream_free(s);
+        return NULL;
+    }
+    if (nworkers > 0) {
+        s->th = calloc((size_t)nworkers, sizeof(pthread_t));
+        if (!s->th) {
+            xv_stream_free(s);
+            return NULL;
+        }
+        for (int i = 0; i < nworkers; i++)
+            if (pthread_create(&s->th[s->nworkers], NULL, stream_worker, s) == 0)
+                s->nworkers++;
+        if (!s->nworkers)
+            s->high = 0;
+    }
+    return s;
+}
+
+size_t xv_stream_max_out(const xv_stream *s)
+{
+    return s->cq.cap;
+}
+
+unsigned char *xv_stream_space(xv_stream *s, size_t want, size_t *got, int *rc)
+{
+    *got = 0;
+    *rc = XV_OK;
+    if (s->finished) {
+        *rc = XV_ESTATE;
+        return NULL;
+    }
+    if (want > SPACE_MAX)
+        want = SPACE_MAX;
+    if (want == 0)
+        want = 1;
+    size_t need = want < s->bcap / 4 ? want : s->bcap / 4;
+    if (s->bcap - s->tail < need) {
+        int other = 1 - s->cur;
+        pthread_mutex_lock(&s->mu);
+        work_while_locked(s, pending_on_buf, other);
+        int busy = uncollected_on_buf(s, other);
+        pthread_mutex_unlock(&s->mu);
+        if (busy) {
+            *rc = XV_EAGAIN;
+            return NULL;
+        }
+        size_t keep = s->tail;
+        if (s->chunking && s->cstart < keep)
+            keep = s->cstart;
+        if (s->tree && s->lstart < keep)
+            keep = s->lstart;
+        memcpy(s->buf[other], s->buf[s->cur] + keep, s->tail - keep);
+        s->cur = other;
+        s->base += keep;
+        s->tail -= keep;
+        s->cstart = s->cstart > keep ? s->cstart - keep : 0;
+        s->lstart = s->lstart > keep ? s->lstart - keep : 0;
+    }
+    size_t room = s->bcap - s->tail;
+    *got = room < want ? room : want;
+    return s->buf[s->cur] + s->tail;
+}
+
+static void add_job(xv_stream *s, xq *q, int kind, size_t pos, size_t len)
+{
+    xjob *j = &q->j[q->add % q->cap];
+    j->soff = s->base + pos;
+    j->p = s->buf[s->cur] + pos;
+    j->len = (uint32_t)len;
+    j->kind = (unsigned char)kind;
+    j->bufid = (unsigned char)s->cur;
+    j->state = J_QUEUED;
+    q->add++;
+    s->unclaimed += len;
+}
+
+static int collect_locked(xv_stream *s, xv_chunk *out, size_t *n_out)
+{
+    while (s->cq.out < s->cq.add) {
+        xjob *j = &s->cq.j[s->cq.out % s->cq.cap];
+        if (j->state != J_DONE)
+            break;
+        xv_chunk *c = &out[(*n_out)++];
+        c->offset = j->soff;
+        c->data = j->p;
+        c->length = j->len;
+        memcpy(c->digest, j->digest, 32);
+        s->cq.out++;
+    }
+    while (s->lq.out < s->lq.add) {
+        xjob *j = &s->lq.j[s->lq.out % s->lq.cap];
+        if (j->state != J_DONE)
+            break;
+        int rc = ms_push(s->ctx, &s->ms, j->digest, 1);
+        if (rc)
+            return rc;
+        s->lq.out++;
+    }
+    return XV_OK;
+}
+
+int xv_stream_commit(xv_stream *s, size_t n, int final, xv_chunk *out, size_t *n_out)
+{
+    *n_out = 0;
+    if (s->finished)
+        return XV_ESTATE;
+    if (n > s->bcap - s->tail)
+        return XV_EARG;
+    s->tail += n;
+    s->total += n;
+    unsigned char *b = s->buf[s->cur];
+    size_t cstart = s->cstart;
+
+    /* Boundary scan outside the lock: only this thread touches the unscanned region.  A boundary is
+     * decided only once max bytes are buffered (or at the end), so it never depends on how the
+     * stream was split into pieces. */
+    size_t cuts[64], ncut = 0, pos[64];
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        ncut = 0;
+        pthread_mutex_unlock(&s->mu);
+        while (s->chunking && ncut < 64 && cstart < s->tail &&
+               (s->tail - cstart >= s->max || final)) {
+            size_t len = cdc_cut(s, b + cstart, s->tail - cstart);
+            pos[ncut] = cstart;
+            cuts[ncut++] = len;
+            cstart += len;
+        }
+        pthread_mutex_lock(&s->mu);
+        for (size_t i = 0; i < ncut; i++)
+            add_job(s, &s->cq, JOB_CHUNK, pos[i], cuts[i]);
+        if (ncut)
+            pthread_cond_broadcast(&s->work_cv);
+        if (ncut < 64)
+            break;
+    }
+    s->cstart = cstart;
+    if (s->tree) {
+        int added = 0;
+        while (s->tail - s->lstart >= s->leaf) {
+            add_job(s, &s->lq, JOB_LEAF, s->lstart, s->leaf);
+            s->lstart += s->leaf;
+            added = 1;
+        }
+        if (final && (s->tail > s->lstart || s->total == 0)) {
+            add_job(s, &s->lq, JOB_LEAF, s->lstart, s->tail - s->lstart);
+            s->lstart = s->tail;
+            added = 1;
+        }
+        if (added)
+            pthread_cond_broadcast(&s->work_cv);
+    }
+    if (final)
+        work_while_locked(s, any_pending, 0);
+    else
+        work_while_locked(s, backlog_high, 0);
+    int rc = s->err ? s->err : collect_locked(s, out, n_out);
+    pthread_mutex_unlock(&s->mu);
+    if (rc || !final)
+        return rc;
+
+    s->finished = 1;
+    stop_workers(s);
+    if (s->tree) {
+        unsigned char top[32];
+        rc = ms_fold(s->ctx, &s->ms, top);
+        if (!rc)
+            rc = finalize(s->ctx, top, s->total, s->leaf, s->root);
+    }
+    return rc;
+}
+
+int xv_stream_root(const xv_stream *s, unsigned char *out)
+{
+    if (!s->tree || !s->finished)
+        return XV_ESTATE;
+    memcpy(out, s->root, 32);
+    return XV_OK;
 }

@@ -152,3 +152,7 @@ class StorageError(XenVtpmError):
 
 class DiskFull(StorageError):
     pass
+
+
+class HashSourceError(StorageError):
+    """tree_hash cannot hash its source: missing, unreadable, not a regular file, or changed meanwhile."""

@@ -1,0 +1,7 @@
+"""Checkpoint store: encrypted, deduplicated, tamper-evident (format: docs/formats-store.md)."""
+from .manifest import Manifest, StreamRecord
+from .reader import CheckpointReader
+from .repository import Repository
+from .writer import CheckpointWriter
+
+__all__ = ["Repository", "CheckpointWriter", "CheckpointReader", "Manifest", "StreamRecord"]

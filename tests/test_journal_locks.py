@@ -1,0 +1,69 @@
+"""The coordinator's write-ahead journal and per-VM locks, on a real SQLite file and real flock."""
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from xen_vtpm.errors import Locked
+from xen_vtpm.journal import Journal
+from xen_vtpm.locks import VmLock
+
+
+def test_steps_survive_a_reopen_and_finished_ops_disappear(tmp_path):
+    j = Journal(tmp_path / "catalog.sqlite")
+    op = j.begin("snapshot", "vm-1", guest="g1", checkpoint="c1")
+    j.step(op, "guest-save")
+    j.step(op, "vtpm-pause", extra=1)
+    done = j.begin("delete", "vm-2", checkpoint="c2")
+    j.finish(done, "done")
+    j.close()
+    again = Journal(tmp_path / "catalog.sqlite").unfinished()
+    assert [(o.kind, o.vm, o.last_step) for o in again] == [("snapshot", "vm-1", "vtpm-pause")]
+    assert again[0].params == {"guest": "g1", "checkpoint": "c1"}
+    assert again[0].data("vtpm-pause") == {"extra": 1}
+    assert again[0].reached("guest-save") and not again[0].reached("commit")
+
+
+def test_crash_point_kills_right_after_the_step_is_durable(tmp_path):
+    db = tmp_path / "catalog.sqlite"
+    code = textwrap.dedent(f"""
+        from xen_vtpm.journal import Journal
+        j = Journal({str(db)!r})
+        op = j.begin("snapshot", "vm-1")
+        j.step(op, "guest-save")
+        j.step(op, "vtpm-pause")
+        print("not reached")
+    """)
+    env = dict(os.environ, XEN_VTPM_CRASH_AT="snapshot:guest-save")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9 and "not reached" not in proc.stdout
+    (op,) = Journal(db).unfinished()
+    assert op.last_step == "guest-save"
+
+
+def _hold(path, vm, ready, release):
+    with VmLock(path, vm, "guest1"):
+        ready.set()
+        release.wait(10)
+
+
+def test_lock_excludes_a_second_holder_and_is_freed_when_the_holder_dies(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(tmp_path, "vm-1", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(Locked, match=r"guest1: locked by pid \d+"):
+            with VmLock(tmp_path, "vm-1", "guest1"):
+                pass
+        with VmLock(tmp_path, "vm-2", "guest2"):   # other VMs are independent
+            pass
+    finally:
+        holder.kill()
+        holder.join()
+    with VmLock(tmp_path, "vm-1", "guest1"):       # killed holder: the kernel dropped the lock
+        pass

@@ -1,0 +1,202 @@
+"""The simulated xl against the simulated xenstored, checked with Debian's C clients and Xen's verifier."""
+import os
+import subprocess
+import threading
+import uuid as uuidlib
+
+import pytest
+from sim_fixture import sim_host_module  # noqa: F401
+
+from xen_vtpm.sim import domains
+from xen_vtpm.xl import parse_vtpm_list, parse_xl_list, read_save_header
+
+VERIFY = "/usr/lib/xen-4.17/bin/verify-stream-v2"
+
+
+@pytest.fixture
+def sim(sim_host_module):
+    yield sim_host_module
+    # Each test cleans up its guests so names can be reused.
+    for dom in domains.snapshot(sim_host_module.dir)["domains"].values():
+        if dom["name"] != "vtpmmgr":
+            sim_host_module.xl("destroy", str(dom["domid"]), check=False)
+
+
+def write_cfg(sim, name, memory=16, vtpm=None):
+    path = sim.dir / "images" / f"{name}.cfg"
+    lines = [f'name="{name}"', f"memory={memory}"] + ([f'vtpm=["{vtpm}"]'] if vtpm else [])
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def xs_read(sim, path):
+    return sim.run(["xenstore-read", path]).stdout.strip()
+
+
+def state_of(sim, name):
+    return {r["name"]: r["state"] for r in parse_xl_list(sim.xl("list").stdout)}.get(name)
+
+
+def digest(sim, name):
+    return sim.tool("sim", "memdigest", name).stdout.strip()
+
+
+def wait(pred, timeout=20):
+    assert domains.wait_until(pred, timeout, 0.05), "condition not reached"
+
+
+def test_lifecycle_and_lookups(sim):
+    sim.xl("create", write_cfg(sim, "life"))
+    domid = sim.domid("life")
+    assert sim.xl("domname", str(domid)).stdout.strip() == "life"
+    assert sim.xl("domid", "Domain-0").stdout.strip() == "0"
+    rows = parse_xl_list(sim.xl("list").stdout)
+    assert rows[0]["name"] == "Domain-0" and rows[0]["domid"] == 0
+    assert {"name": "life", "domid": domid, "mem": 16}.items() <= next(r for r in rows if r["name"] == "life").items()
+    # Running: memory keeps changing.  Paused: it is frozen.
+    first = digest(sim, "life")
+    wait(lambda: digest(sim, "life") != first)
+    sim.xl("pause", "life")
+    assert state_of(sim, "life") == "--p---"
+    frozen = digest(sim, "life")
+    assert digest(sim, "life") == frozen
+    sim.xl("unpause", str(domid))
+    assert state_of(sim, "life") != "--p---"
+    wait(lambda: digest(sim, "life") != frozen)
+    sim.xl("destroy", "life")
+    assert state_of(sim, "life") is None
+    assert sim.run(["xenstore-read", f"/local/domain/{domid}/name"], check=False).returncode != 0
+
+
+def test_create_paused_runs_nothing_until_unpause(sim):
+    sim.xl("create", "-p", write_cfg(sim, "held"))
+    assert state_of(sim, "held") == "--p---"
+    assert digest(sim, "held") == digest(sim, "held")
+    sim.xl("unpause", "held")
+    wait(lambda: state_of(sim, "held") != "--p---")
+
+
+def test_xenstore_layout_vtpm_device_and_release_watch(sim):
+    vuuid = str(uuidlib.uuid4())
+    mgr = sim.domid("vtpmmgr")
+    sim.xl("create", write_cfg(sim, "lay", vtpm=f"backend=vtpmmgr,uuid={vuuid}"))
+    d = sim.domid("lay")
+    fe, be, lx = f"/local/domain/{d}/device/vtpm/0", f"/local/domain/{mgr}/backend/vtpm/{d}/0", f"/libxl/{d}/device/vtpm/0"
+    assert xs_read(sim, f"/local/domain/{d}/name") == "lay"
+    assert xs_read(sim, f"/local/domain/{d}/domid") == str(d)
+    vm = xs_read(sim, f"/local/domain/{d}/vm")
+    assert xs_read(sim, f"{vm}/name") == "lay"
+    assert xs_read(sim, f"{fe}/backend") == be and xs_read(sim, f"{fe}/backend-id") == str(mgr)
+    assert xs_read(sim, f"{be}/frontend") == fe and xs_read(sim, f"{be}/frontend-id") == str(d)
+    assert xs_read(sim, f"{be}/uuid") == vuuid == xs_read(sim, f"{lx}/uuid")
+    assert xs_read(sim, f"{lx}/frontend") == fe and xs_read(sim, f"{lx}/backend") == be
+    perms = sim.run(["xenstore-ls", "-p", f"/local/domain/{d}/device/vtpm"]).stdout
+    assert f"(n{d},r{mgr})" in perms
+    be_perms = sim.run(["xenstore-ls", "-p", f"/local/domain/{mgr}/backend/vtpm/{d}"]).stdout
+    assert f"(n{mgr},r{d})" in be_perms
+    # The guest (frontend) and the manager (backend) connect.
+    wait(lambda: xs_read(sim, f"{fe}/state") == "4" and xs_read(sim, f"{be}/state") == "4")
+    for key in ("ring-ref", "event-channel"):
+        assert xs_read(sim, f"{fe}/{key}").isdigit()
+    assert xs_read(sim, f"{fe}/feature-protocol-v2") == "1"
+    (row,) = parse_vtpm_list(sim.xl("vtpm-list", "lay").stdout)
+    assert (row["devid"], row["backend_domid"], row["uuid"], row["state"]) == (0, mgr, vuuid, 4)
+    # @releaseDomain fires when the domain is destroyed (first event: the registration).
+    watcher = subprocess.Popen(["xenstore-watch", "-n", "2", "@releaseDomain"], env=sim.env,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "@releaseDomain"
+        sim.xl("destroy", "lay")
+        assert watcher.stdout.readline().strip() == "@releaseDomain"
+        assert watcher.wait(timeout=10) == 0
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert sim.run(["xenstore-ls", f"/libxl/{d}"], check=False).returncode != 0
+    assert sim.run(["xenstore-ls", fe], check=False).returncode != 0
+
+
+def test_save_restore_round_trip_with_vtpm_config(sim, tmp_path):
+    vuuid = str(uuidlib.uuid4())
+    sim.xl("create", write_cfg(sim, "rt", vtpm=f"backend=vtpmmgr,uuid={vuuid}"))
+    old = sim.domid("rt")
+    first = digest(sim, "rt")
+    wait(lambda: digest(sim, "rt") != first)   # it has run and scribbled
+    save = tmp_path / "rt.save"
+    sim.xl("save", "-p", "rt", str(save))
+    assert state_of(sim, "rt") == "--p---"
+    saved = digest(sim, "rt")
+    verify = sim.run([VERIFY, "-f", "xl", "-i", str(save)], check=False,
+                     env=dict(sim.env, PYTHONPATH="/usr/lib/xen-4.17/lib/python"))
+    assert verify.returncode == 0, verify.stderr
+    header = read_save_header(str(save))
+    assert header.vtpms == [{"uuid": vuuid, "backend_domname": "vtpmmgr",
+                             "backend_domid": sim.domid("vtpmmgr"), "devid": 0}]
+    assert header.config["c_info"]["name"] == "rt"
+    sim.xl("destroy", "rt")
+    sim.xl("restore", "-p", str(save))
+    new = sim.domid("rt")
+    assert new != old and state_of(sim, "rt") == "--p---"
+    assert digest(sim, "rt") == saved
+    assert xs_read(sim, f"/libxl/{new}/device/vtpm/0/uuid") == vuuid
+    sim.xl("unpause", "rt")
+    wait(lambda: digest(sim, "rt") != saved)
+
+
+def test_save_and_restore_through_fifos(sim, tmp_path):
+    sim.xl("create", write_cfg(sim, "ff"))
+    fifo, copy = tmp_path / "fifo", tmp_path / "copy.save"
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=lambda: copy.write_bytes(fifo.read_bytes()))
+    reader.start()
+    sim.xl("save", "-p", "ff", str(fifo))
+    reader.join(30)
+    saved = digest(sim, "ff")
+    sim.xl("destroy", "ff")
+    writer = threading.Thread(target=lambda: fifo.write_bytes(copy.read_bytes()))
+    writer.start()
+    sim.xl("restore", "-p", str(fifo))
+    writer.join(30)
+    assert digest(sim, "ff") == saved
+
+
+def test_save_c_keeps_running_and_plain_save_destroys(sim, tmp_path):
+    sim.xl("create", write_cfg(sim, "cc"))
+    sim.xl("save", "-c", "cc", str(tmp_path / "c.save"))
+    after = digest(sim, "cc")
+    wait(lambda: digest(sim, "cc") != after)       # running again
+    sim.xl("save", "cc", str(tmp_path / "plain.save"))
+    assert state_of(sim, "cc") is None
+
+
+@pytest.mark.parametrize("case", ["bad_cfg", "unknown_dom", "truncated", "magic", "bad_backend", "usage"])
+def test_bad_input_one_line_errors(sim, tmp_path, case):
+    if case == "bad_cfg":
+        cfg = tmp_path / "bad.cfg"
+        cfg.write_text('name="x"\nmemory=[\n')
+        proc = sim.xl("create", str(cfg), check=False)
+        want = f"{cfg}:3:"
+    elif case == "unknown_dom":
+        proc = sim.xl("pause", "ghost", check=False)
+        want = "ghost is an invalid domain identifier"
+    elif case == "bad_backend":
+        proc = sim.xl("create", write_cfg(sim, "orphan", vtpm="backend=nobody"), check=False)
+        want = "'nobody' is not a domain"
+    elif case == "usage":
+        proc = sim.xl("save", "x", check=False)
+        assert proc.returncode == 2 and "requires at least 2 arguments" in proc.stderr
+        return
+    else:
+        sim.xl("create", write_cfg(sim, "victim"))
+        good = tmp_path / "good.save"
+        sim.xl("save", "victim", str(good))
+        bad = tmp_path / "bad.save"
+        data = good.read_bytes()
+        bad.write_bytes(data[: len(data) // 2] if case == "truncated" else b"X" + data[1:])
+        proc = sim.xl("restore", str(bad), check=False)
+        want = "truncated inside" if case == "truncated" else "wrong magic"
+        assert state_of(sim, "victim") is None    # nothing half-restored is left
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln and not ln.startswith(("Parsing", "Loading"))]
+    assert len(errors) == 1 and want in errors[0], proc.stderr

@@ -1,0 +1,201 @@
+"""Crash safety: SIGKILL a writer or deleter at each journaled step, then recover and verify.
+
+The child process runs the real store code; ``XEN_VTPM_STORE_CRASH_AT`` makes it SIGKILL itself
+at the named step (docs/formats-store.md §4).  A second variant kills a writer while it is blocked
+reading its input pipe after N bytes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_store_helpers import guest_memory, open_repo, randbytes, read_all, store_files, write_checkpoint
+from xen_vtpm.errors import IntegrityError
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+CHILD = r"""
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from pathlib import Path
+from test_store_helpers import open_repo, guest_memory, write_checkpoint
+from xen_vtpm.errors import XenVtpmError
+state, op, arg = Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+try:
+    repo = open_repo(state, pack_target=int(sys.argv[6]))
+    if op == "write":
+        print(write_checkpoint(repo, guest_memory(int(arg), seed=77), name="new"), flush=True)
+    elif op == "write-stdin":
+        with repo.begin_checkpoint("vm-1", "guest1", name="piped") as w:
+            w.add_stream("memory", sys.stdin.buffer)
+            w.commit()
+    elif op == "delete":
+        print(repo.delete(arg), flush=True)
+except XenVtpmError as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+    sys.exit(exc.exit_code)
+"""
+
+P = guest_memory(1 << 20, seed=61)
+Q = randbytes(3 << 20, seed=62)
+R = randbytes(1 << 20, seed=63)
+
+
+def child(state: Path, op: str, arg: str, *, crash_at: str | None = None, pack_target: int = 8 << 20,
+          stdin=None, preexec=None) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("XEN_VTPM_STORE_CRASH_AT", None)
+    if crash_at:
+        env["XEN_VTPM_STORE_CRASH_AT"] = crash_at
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(ROOT), str(state), op, arg,
+                             str(pack_target)], env=env, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=preexec)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """Checkpoint A = P+Q in one pack, B = P+R: deleting A leaves A's pack 25% live, so it is compacted."""
+    state = tmp_path_factory.mktemp("crash") / "state"
+    repo = open_repo(state, pack_target=8 << 20)
+    ids = write_checkpoint(repo, P + Q, name="a"), write_checkpoint(repo, P + R, name="b")
+    repo.close()
+    return state, ids
+
+
+@pytest.fixture
+def store(pristine, tmp_path):
+    src, ids = pristine
+    state = tmp_path / "state"
+    shutil.copytree(src, state)
+    return state, ids
+
+
+def consistent(state: Path) -> list[str]:
+    """Recover, then prove the store is consistent: every checkpoint verifies, nothing is orphaned."""
+    with open_repo(state) as repo:
+        repo.recover()
+        assert repo.catalog.journal_entries() == []
+        packs = {f"packs/{n}.pack" for (n,) in repo.catalog.query("SELECT name FROM packs")}
+        ids = [r["id"] for r in repo.list_checkpoints()]
+        assert store_files(state) == packs | {f"manifests/{i}.manifest" for i in ids}
+        assert not [p for p in (state / "store-locks").iterdir() if p.name != "store.lock"]
+        assert repo.catalog.query("SELECT count(*) FROM chunks c WHERE refcount != "
+                                  "(SELECT count(*) FROM refs r WHERE r.chunk = c.id)") == [(0,)]
+        assert repo.catalog.query("SELECT count(*) FROM chunks WHERE id NOT IN (SELECT chunk FROM refs)") == [(0,)]
+        for i in ids:
+            assert repo.verify(i)["status"] == "ok"
+        return ids
+
+
+@pytest.mark.parametrize("point, committed", [
+    ("write.journaled", False),
+    ("write.pack-published", False),
+    ("write.manifest-published", False),
+    ("write.committed", True),
+])
+def test_kill_during_write(store, point, committed):
+    state, (a, b) = store
+    proc = child(state, "write", str(5 << 20), crash_at=point, pack_target=1 << 20)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    ids = consistent(state)
+    assert (len(ids) == 3) == committed and {a, b} <= set(ids)
+    with open_repo(state) as repo:
+        assert read_all(repo, b) == P + R
+        names = {r["name"] for r in repo.list_checkpoints()}
+    if committed:
+        with open_repo(state) as repo:
+            new = repo.resolve("new", vm_uuid="vm-1")["id"]
+            assert read_all(repo, new) == guest_memory(5 << 20, seed=77)
+    else:
+        assert "new" not in names
+
+
+@pytest.mark.parametrize("point", ["delete.committed", "delete.unlinked-one",
+                                   "compact.pack-published", "compact.committed"])
+def test_kill_during_delete(store, point):
+    state, (a, b) = store
+    proc = child(state, "delete", a, crash_at=point)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL     # the step was reached: compaction really ran
+    assert consistent(state) == [b]
+    with open_repo(state) as repo:
+        assert read_all(repo, b) == P + R
+
+
+def test_delete_runs_to_completion_without_crash(store):
+    state, (a, b) = store
+    proc = child(state, "delete", a)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert int(out) >= len(Q) * 0.9
+    assert consistent(state) == [b]
+
+
+@pytest.mark.parametrize("after", [0, 300_000, 3 << 20])
+def test_kill_writer_blocked_on_its_input_after_n_bytes(store, after):
+    state, (a, b) = store
+    proc = child(state, "write-stdin", "", stdin=subprocess.PIPE, pack_target=1 << 20)
+    proc.stdin.write(guest_memory(after, seed=5) if after else b"")
+    proc.stdin.flush()
+    with open_repo(state) as repo:
+        # Wait until the writer has journaled its files (for 3 MiB: published packs), then check that
+        # recover leaves a live writer alone, and kill it while it waits for more input.
+        want = 0 if after == 0 else 1 if after < (1 << 20) else 4
+        deadline = time.monotonic() + 60
+        while not any(len(e["payload"]["create"]) >= want for e in repo.catalog.journal_entries()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        assert repo.recover()["undone"] == []
+        assert repo.catalog.journal_entries()
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert consistent(state) == [a, b]
+
+
+def test_recover_leaves_a_live_writer_alone(store):
+    state, (a, b) = store
+    with open_repo(state, pack_target=1 << 20) as repo, open_repo(state) as other:
+        w = repo.begin_checkpoint("vm-1", "guest1", name="live")
+        w.add_stream("memory", [randbytes(3 << 20, seed=9)])
+        report = other.recover()
+        assert report["undone"] == [] and report["orphans_removed"] == 0
+        w.commit()
+        assert read_all(repo, w.checkpoint_id) == randbytes(3 << 20, seed=9)
+    assert len(consistent(state)) == 3
+
+
+def test_disk_full_during_write_is_reported_and_leaves_store_consistent(store):
+    state, (a, b) = store
+    before = store_files(state)
+
+    def small_files():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    proc = child(state, "write", str(6 << 20), preexec=small_files, pack_target=64 << 20)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 10, err
+    line = out.decode().strip()
+    assert line.startswith("DiskFull: ") and "packs" in line and "free space" in line and "\n" not in line
+    assert store_files(state) == before
+    assert consistent(state) == [a, b]
+
+
+def test_missing_pack_of_committed_checkpoint_is_an_integrity_error(store):
+    state, (a, b) = store
+    with open_repo(state) as repo:
+        pack = repo.catalog.query("SELECT pack FROM chunks c JOIN refs r ON r.chunk = c.id "
+                                  "WHERE r.checkpoint=? LIMIT 1", (b,))[0][0]
+    (state / "packs" / f"{pack}.pack").unlink()
+    with open_repo(state) as repo, pytest.raises(IntegrityError, match=f"pack {pack}.*missing.*{b}"):
+        repo.recover()

@@ -1,0 +1,307 @@
+"""vTPM stub domains on a simulated host: real swtpm inside, tpm2-pytss / tpm2-tools as the guest's TPM stack.
+
+The helpers (VtpmLab, GuestTpm) are imported by the other vTPM test modules.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPMA_NV
+from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+from sim_fixture import SimHost, sim_host_module  # noqa: F401
+from xen_vtpm.config import Config
+from xen_vtpm.sim import domains
+from xen_vtpm.vtpm import stubdom
+from xen_vtpm.xenstore import XenStore
+
+NV_INDEX = 0x01000010
+PERSISTENT = 0x81000010
+VTPM_CFG = ('name="{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
+            'disk=["file:{image},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={uuid}"]\n')
+
+
+@dataclass
+class VtpmDom:
+    name: str
+    uuid: str
+    image: Path
+    status: stubdom.ConsoleStatus | None = None
+
+
+class VtpmLab:
+    """Creates vTPM stub domains (no guest: the test is the guest's TPM software) on one sim host."""
+
+    def __init__(self, sim: SimHost) -> None:
+        self.sim = sim
+        self.cfg = Config.load(sim.config)
+        self.xs = XenStore(self.cfg.xenstore_path)
+        self.mgr = stubdom.ManagerClient(self.cfg, self.xs)
+
+    def close(self) -> None:
+        self.xs.close()
+
+    def image(self, name: str) -> Path:
+        path = self.sim.dir / "images" / f"{name}.img"
+        if not path.exists():
+            with open(path, "wb") as fh:
+                fh.truncate(2 << 20)
+        return path
+
+    def create(self, name: str, vtpm_uuid: str | None = None, image: Path | None = None) -> VtpmDom:
+        dom = VtpmDom(name, vtpm_uuid or str(uuidlib.uuid4()), image or self.image(name))
+        cfg_file = self.sim.dir / "images" / f"{name}.cfg"
+        cfg_file.write_text(VTPM_CFG.format(name=name, image=dom.image, uuid=dom.uuid))
+        offset = stubdom.log_offset(self.cfg, name)
+        self.sim.xl("create", str(cfg_file))
+        dom.status = stubdom.wait_console_status(self.cfg, name, offset, 20)
+        tcti = self.tcti_file(name)
+        deadline = time.monotonic() + 20
+        while not tcti.exists():
+            assert time.monotonic() < deadline, f"{name} never wrote {tcti.name}"
+            time.sleep(0.02)
+        return dom
+
+    def tcti_file(self, name: str) -> Path:
+        return self.sim.dir / "run" / f"{name}.tcti"
+
+    def tcti(self, dom: VtpmDom) -> str:
+        return self.tcti_file(dom.name).read_text().strip()
+
+    def destroy(self, dom: VtpmDom) -> None:
+        domid = self.sim.domid(dom.name)
+        self.sim.xl("destroy", dom.name)
+        stubdom.wait_released(self.xs, domid, self.mgr.info().domid, 20)
+
+    def tpm(self, dom: VtpmDom) -> "GuestTpm":
+        return GuestTpm(self.tcti(dom))
+
+    def manager_log(self) -> str:
+        return stubdom.log_path(self.cfg, "vtpmmgr").read_text()
+
+
+class GuestTpm:
+    """What a guest does with its TPM, through the swtpm TCTI the vTPM publishes."""
+
+    def __init__(self, tcti: str) -> None:
+        name, _, conf = tcti.partition(":")
+        self.ctx = ESAPI(TCTILdr(name, conf))
+
+    def __enter__(self) -> "GuestTpm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.close()
+
+    def pcr16(self) -> bytes:
+        return bytes(self.ctx.pcr_read("sha256:16")[2][0])
+
+    def extend16(self, data: bytes) -> None:
+        self.ctx.pcr_event(ESYS_TR.PCR16, data)
+
+    def counter_define(self) -> None:
+        attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
+        pub = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(nvIndex=NV_INDEX, nameAlg=TPM2_ALG.SHA256,
+                                                      attributes=attrs, dataSize=8))
+        self.ctx.nv_define_space(None, pub)
+
+    def counter_increment(self) -> None:
+        self.ctx.nv_increment(self.ctx.tr_from_tpmpublic(NV_INDEX), ESYS_TR.OWNER)
+
+    def counter(self) -> int:
+        handle = self.ctx.tr_from_tpmpublic(NV_INDEX)
+        return int.from_bytes(bytes(self.ctx.nv_read(handle, 8, 0, ESYS_TR.OWNER)), "big")
+
+    def make_persistent(self) -> bytes:
+        primary = self.ctx.create_primary(None, "ecc256")[0]
+        self.ctx.evict_control(ESYS_TR.OWNER, primary, PERSISTENT)
+        self.ctx.flush_context(primary)
+        return self.persistent_name()
+
+    def persistent_name(self) -> bytes | None:
+        try:
+            handle = self.ctx.tr_from_tpmpublic(PERSISTENT)
+        except TSS2_Exception:
+            return None
+        return bytes(self.ctx.read_public(handle)[1])
+
+    def ek_name(self) -> bytes:
+        handle = self.ctx.create_primary(None, "ecc256", primary_handle=ESYS_TR.ENDORSEMENT)[0]
+        name = bytes(self.ctx.tr_get_name(handle))
+        self.ctx.flush_context(handle)
+        return name
+
+    def snapshot(self) -> dict:
+        return {"pcr16": self.pcr16(), "counter": self.counter(), "persistent": self.persistent_name(),
+                "ek": self.ek_name()}
+
+
+@pytest.fixture(scope="module")
+def lab(sim_host_module):  # noqa: F811
+    lab = VtpmLab(sim_host_module)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def _populate(lab: VtpmLab, dom: VtpmDom) -> dict:
+    with lab.tpm(dom) as tpm:
+        tpm.extend16(b"measured boot")
+        tpm.counter_define()
+        tpm.counter_increment()
+        tpm.counter_increment()
+        tpm.make_persistent()
+        return tpm.snapshot()
+
+
+def test_state_survives_stub_domain_restart(lab):
+    dom = lab.create("vtpm-a")
+    assert dom.status.kind == "loadhashkey-failed"        # first boot: the manager has no entry yet
+    before = _populate(lab, dom)
+    assert before["counter"] == 2 and before["persistent"] is not None
+    lab.destroy(dom)
+    again = lab.create("vtpm-a", dom.uuid)
+    assert again.status.kind == "loaded" and again.status.slot in (0, 1)
+    with lab.tpm(again) as tpm:
+        assert tpm.snapshot() == before                   # PCR (volatile), NV counter, object, EK
+    lab.destroy(again)
+
+
+def test_every_successful_command_moves_the_pair(lab):
+    dom = lab.create("vtpm-b")
+    with lab.tpm(dom) as tpm:
+        tpm.ctx.get_random(8)
+        first = stubdom.slot_fingerprints(dom.image)
+        tpm.ctx.get_random(8)                            # read-only, still saved (facts §4.4)
+        second = stubdom.slot_fingerprints(dom.image)
+    # Alternating slots: the slot written before stays, the other one changes.
+    assert first != second and (first[0] == second[0] or first[1] == second[1])
+    # tpm2-tools through the TCTI string works too and also persists.
+    out = subprocess.run(["tpm2_pcrread", "-T", lab.tcti(dom), "sha256:16"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and "16" in out.stdout
+    assert stubdom.slot_fingerprints(dom.image) != second
+    lab.destroy(dom)
+
+
+def test_disk_only_restore_comes_up_fresh_and_destroys_the_old_identity(lab):
+    dom = lab.create("vtpm-c")
+    old = _populate(lab, dom)
+    lab.sim.xl("pause", dom.name)
+    saved = dom.image.read_bytes()
+    lab.sim.xl("unpause", dom.name)
+    with lab.tpm(dom) as tpm:
+        tpm.extend16(b"later")
+    lab.destroy(dom)
+    dom.image.write_bytes(saved)                          # image only, manager entry moved on
+    again = lab.create("vtpm-c", dom.uuid)
+    assert again.status.kind == "checksum-failed"
+    assert "Error: NVM Storage Checksum failed!" in stubdom.log_path(lab.cfg, "vtpm-c").read_text()
+    with lab.tpm(again) as tpm:
+        assert tpm.persistent_name() is None              # a brand-new TPM: object gone ...
+        assert tpm.ek_name() != old["ek"]                 # ... and a new endorsement identity
+    # Its first command overwrote slot 0 and the manager entry: the old state is unreachable now.
+    lab.destroy(again)
+    third = lab.create("vtpm-c", dom.uuid, dom.image)
+    assert third.status.kind == "loaded"                  # consistent again, but with the new identity
+    with lab.tpm(third) as tpm:
+        assert tpm.ek_name() != old["ek"] and tpm.persistent_name() is None
+    lab.destroy(third)
+
+
+def test_image_plus_manager_checkpoint_restores_exactly(lab):
+    dom = lab.create("vtpm-d")
+    old = _populate(lab, dom)
+    ckpt = str(uuidlib.uuid4())
+    lab.sim.xl("pause", dom.name)
+    digest = lab.mgr.checkpoint(dom.uuid, ckpt)
+    saved = dom.image.read_bytes()
+    lab.sim.xl("unpause", dom.name)
+    copy = lab.sim.dir / "images" / "vtpm-d.copy"
+    copy.write_bytes(saved)
+    assert stubdom.matching_slot(copy, digest) is not None
+    with lab.tpm(dom) as tpm:
+        tpm.extend16(b"after checkpoint")
+        tpm.counter_increment()
+    with pytest.raises(Exception, match="is open"):
+        lab.mgr.restore(dom.uuid, ckpt)                   # refused while the vTPM runs
+    lab.destroy(dom)
+    dom.image.write_bytes(saved)
+    assert lab.mgr.restore(dom.uuid, ckpt) == digest
+    again = lab.create("vtpm-d", dom.uuid)
+    assert again.status.kind == "loaded"
+    with lab.tpm(again) as tpm:
+        assert tpm.snapshot() == old
+    lab.mgr.discard(ckpt, dom.uuid)
+    lab.destroy(again)
+
+
+def test_two_vtpms_with_the_same_uuid_are_refused(lab):
+    dom = lab.create("vtpm-e")
+    _populate(lab, dom)
+    lab.destroy(dom)
+    live = lab.create("vtpm-e", dom.uuid)                 # LOADHASHKEY marks the entry OPEN
+    assert live.status.kind == "loaded"
+    twin = lab.create("vtpm-e2", dom.uuid)
+    assert twin.status.kind == "loadhashkey-failed"
+    assert "Attempted to open vTPM twice!" in lab.manager_log()
+    with lab.tpm(twin) as tpm:
+        tpm.ctx.get_random(4)                             # its save is refused too
+    assert "VTPM_SaveHashKey failed" in stubdom.log_path(lab.cfg, "vtpm-e2").read_text()
+    lab.sim.xl("pause", live.name)
+    digest = lab.mgr.checkpoint(dom.uuid, str(uuidlib.uuid4()))
+    assert digest in stubdom.slot_fingerprints(live.image)  # the entry still belongs to the live one
+    lab.sim.xl("unpause", live.name)
+    lab.destroy(twin)
+    lab.destroy(live)
+
+
+def test_paused_vtpm_serves_nothing(lab):
+    dom = lab.create("vtpm-f")
+    host, port = "127.0.0.1", int(lab.tcti(dom).rsplit("=", 1)[1])
+    before = stubdom.slot_fingerprints(dom.image)
+    lab.sim.xl("pause", dom.name)
+    try:
+        with socket.create_connection((host, port)) as conn:
+            conn.sendall(struct.pack(">HIIH", 0x8001, 12, 0x17B, 8))   # TPM2_GetRandom(8)
+            assert select.select([conn], [], [], 0.5)[0] == []
+            assert stubdom.slot_fingerprints(dom.image) == before
+            lab.sim.xl("unpause", dom.name)
+            head = conn.recv(10)
+            assert struct.unpack(">HII", head)[2] == 0
+    finally:
+        lab.sim.xl("unpause", dom.name, check=False)
+    assert stubdom.slot_fingerprints(dom.image) != before
+    lab.destroy(dom)
+
+
+def test_killed_vtpm_leaves_no_swtpm(lab):
+    dom = lab.create("vtpm-g")
+    pid = domains.snapshot(lab.sim.dir)["domains"][str(lab.sim.domid(dom.name))]["pid"]
+    children = subprocess.run(["pgrep", "-P", str(pid), "swtpm"], capture_output=True, text=True).stdout.split()
+    assert children, "the vTPM runs its swtpm as a child"
+    os.kill(pid, signal.SIGKILL)                          # no chance to clean up: PDEATHSIG must do it
+    deadline = time.monotonic() + 10
+    while any(_alive(int(c)) for c in children):
+        assert time.monotonic() < deadline, "swtpm outlived its vTPM"
+        time.sleep(0.05)
+    lab.destroy(dom)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,360 @@
+"""The synchronized sequences: snapshot, rollback, save, restore, delete, recover.
+
+This module decides *what* happens and in which order; it never talks to a
+socket, a process or a file itself.  Everything with I/O is a port handed in
+by `ports.open_ports()` (xl, the guest topology, the vTPM backend, the
+checkpoint store, the host TPM, the audit log, the journal), so the sequences
+read as in DESIGN §3 and can be driven against the simulated host or a real
+dom0 alike.
+
+Rules that shape every sequence (facts §11.2):
+- I1  never start a vTPM on an inconsistent pair; never let a guest attach to
+      a vTPM that came up fresh (`start_verified` destroys it first);
+- I2  one consumer per vTPM (`check_single_consumer`, wait for release);
+- I3  quiesce before capture: the guest is suspended by `xl save -p` and the
+      vTPM stub domain paused before its image and manager entry are copied;
+- every step is journaled before its side effect, and `recover` finishes or
+  undoes what a crash interrupted.
+"""
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import (AuthorizationDenied, CheckpointNotFound, IntegrityError, NoCheckpointFeature,
+                     PreconditionFailed, XenVtpmError)
+from .journal import Operation
+from .vtpm.base import VtpmCapture, VtpmRef
+
+
+@dataclass
+class Guest:
+    name: str
+    domid: int
+    uuid: str
+    vtpm: VtpmRef
+    paused: bool
+
+
+class Coordinator:
+    def __init__(self, ports: Any, progress: Callable[[str, int | None], Any] | None = None) -> None:
+        self.p = ports
+        self.progress = progress
+
+    # --- queries ---------------------------------------------------------------
+    def _guest(self, domain: str) -> Guest:
+        return self.p.guests.find(domain)
+
+    def _checkpoint(self, ref: str, vm_uuid: str | None = None) -> dict:
+        return self.p.store.resolve(ref, vm_uuid=vm_uuid)
+
+    # --- snapshot ----------------------------------------------------------------
+    def snapshot(self, domain: str, name: str | None = None) -> dict:
+        self.recover()
+        guest = self._guest(domain)
+        with self.p.lock(guest.uuid, f"{guest.name}"):
+            self.p.host.check_fresh()
+            return self._snapshot_locked(guest, name, kind="snapshot")
+
+    def _snapshot_locked(self, guest: Guest, name: str | None, kind: str) -> dict:
+        vt = guest.vtpm
+        if not self.p.vtpm.supports_checkpoints():
+            raise NoCheckpointFeature(
+                f"{vt.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), so a per-VM "
+                "snapshot cannot be rolled back; use `xen-vtpm save` (guarded), or see docs/protocol.md")
+        self.p.vtpm.check_single_consumer(vt)
+        self.p.store.check_writable()
+        ckpt_id = str(uuidlib.uuid4())
+        name = name or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+        self.p.store.check_name_free(guest.uuid, name)
+        op = self.p.journal.begin(kind, guest.uuid, guest=guest.name, checkpoint=ckpt_id, name=name,
+                                  vtpm=vt.backend, guest_was_paused=guest.paused)
+        writer = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
+                                    vtpm_uuid=vt.uuid, kind=kind)
+        t0 = time.monotonic()
+        try:
+            self.p.journal.step(op, "guest-save")
+            save_info = self.p.xl_streams.save_to(guest.name, writer, leave_paused=True)
+            self.p.journal.step(op, "vtpm-pause")
+            self.p.vtpm.pause(vt)
+            self.p.journal.step(op, "manager-checkpoint", manager_checkpoint=ckpt_id)
+            capture = self.p.vtpm.capture(vt, ckpt_id)
+            self.p.journal.step(op, "resume")
+            self.p.vtpm.unpause(vt)
+            if not guest.paused:
+                self.p.xl.unpause(guest.name)
+            pause_window = time.monotonic() - t0
+        except BaseException:
+            self._undo_snapshot(op, writer)
+            raise
+        self.p.journal.step(op, "commit")
+        writer.set_vtpm(capture)
+        writer.set_meta(save_info=save_info, pause_window=pause_window)
+        manifest = self._commit(op, writer, action=kind, vm=guest.name, checkpoint=ckpt_id)
+        return {"id": ckpt_id, "name": name, "domain": guest.name, "vm_uuid": guest.uuid,
+                "vtpm_uuid": vt.uuid, "pause_window_s": round(pause_window, 4), **manifest}
+
+    def _commit(self, op: Operation, writer: Any, *, action: str, vm: str, checkpoint: str) -> dict:
+        """Commit the manifest, then advance the counter-bound head, then log.
+
+        The store row is written first: a crash before the head moves leaves a
+        committed checkpoint that `recover` binds to the head (roll forward);
+        the head is never ahead of what the catalog holds."""
+        summary = writer.commit()
+        self.p.journal.step(op, "advance-head")
+        self.p.host.advance()
+        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok")
+        self.p.journal.finish(op, "done")
+        return summary
+
+    def _undo_snapshot(self, op: Operation, writer: Any | None) -> None:
+        """Best effort, every action idempotent: used right after a failure and by recover."""
+        data = op.params
+        vt = self.p.guests.vtpm_by_backend(data["vtpm"])
+        errors = []
+        for action in (
+            lambda: vt and self.p.vtpm.is_running(vt) and self.p.vtpm.is_paused(vt) and self.p.vtpm.unpause(vt),
+            lambda: (not data.get("guest_was_paused") and self.p.guests.exists(data["guest"])
+                     and self.p.guests.is_paused(data["guest"]) and self.p.xl.unpause(data["guest"])),
+            lambda: op.reached("manager-checkpoint") and self.p.vtpm.discard(data["checkpoint"]),
+            lambda: writer.abort() if writer is not None else self.p.store.abort(data["checkpoint"]),
+        ):
+            try:
+                action()
+            except XenVtpmError as exc:  # keep undoing the rest; report the first problem
+                errors.append(exc)
+        self.p.journal.finish(op, "undone" if not errors else f"undone with errors: {errors[0]}")
+        self.p.audit.append(action=op.kind, vm=data["guest"], checkpoint=data["checkpoint"],
+                            result="failed; undone")
+
+    # --- rollback ----------------------------------------------------------------
+    def rollback(self, domain: str, checkpoint: str, *, auth_secret: bytes | None,
+                 safety_checkpoint: bool = True) -> dict:
+        self.recover()
+        guest = self._guest(domain)
+        with self.p.lock(guest.uuid, guest.name):
+            self.p.host.check_fresh()
+            ckpt = self._checkpoint(checkpoint, vm_uuid=guest.uuid)
+            # Everything is verified before anything running is touched.
+            self.p.store.verify(ckpt["id"])
+            if ckpt["vtpm_uuid"] != guest.vtpm.uuid:
+                raise IntegrityError(f"checkpoint {ckpt['name']}: belongs to vTPM {ckpt['vtpm_uuid']}, "
+                                     f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
+            if not self.p.vtpm.supports_checkpoints():
+                raise NoCheckpointFeature(
+                    f"{guest.vtpm.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), "
+                    "so the vTPM cannot be rolled back with the guest; see docs/protocol.md")
+            self.p.host.authorize_rollback(auth_secret)
+            safety = None
+            if safety_checkpoint:
+                safety = self._snapshot_locked(guest, None, kind="pre-rollback")
+            op = self.p.journal.begin("rollback", guest.uuid, guest=guest.name, checkpoint=ckpt["id"],
+                                      vtpm=guest.vtpm.backend, safety=safety and safety["id"])
+            self._rollback_forward(op, ckpt)
+            result = {"domain": guest.name, "rolled_back_to": ckpt["id"], "name": ckpt["name"],
+                      "safety_checkpoint": safety and safety["id"]}
+            return result
+
+    def _rollback_forward(self, op: Operation, ckpt: dict) -> None:
+        """Run (or, from recover, resume) a rollback past its point of no return.
+
+        Once the guest is destroyed the only way is forward: the checkpoint was
+        verified before the first step, and the safety checkpoint holds the
+        state we left.  Each step is idempotent, so recover re-runs from the
+        last journaled one."""
+        guest_name = op.params["guest"]
+        vt = self.p.guests.vtpm_ref_for(ckpt)
+        done = {name for name, _ in op.steps}
+
+        def step(name: str, action: Callable[[], Any]) -> None:
+            if name not in done:
+                self.p.journal.step(op, name)
+            action()
+
+        capture = self.p.store.vtpm_capture(ckpt["id"])
+        step("destroy-guest", lambda: self.p.guests.exists(guest_name) and self.p.xl.destroy(guest_name))
+        step("stop-vtpm", lambda: self.p.vtpm.stop(vt))
+        step("put-back-vtpm", lambda: self.p.vtpm.put_back(vt, capture))
+        step("start-vtpm", lambda: self.p.vtpm.start_verified(vt))
+        step("restore-guest", lambda: self.p.xl_streams.restore_from(ckpt["id"], guest_name, paused=True))
+        step("unpause-guest", lambda: self.p.xl.unpause(guest_name))
+        self.p.journal.step(op, "advance-head")
+        self.p.host.advance()
+        self.p.audit.append(action="rollback", vm=guest_name, checkpoint=ckpt["id"], result="ok")
+        self.p.journal.finish(op, "done")
+
+    # --- save / restore ----------------------------------------------------------
+    def save(self, domain: str, path: str) -> dict:
+        """`xl save` semantics (the domain is gone afterwards, FILE is a plain
+        xl save image) plus a vTPM checkpoint bound to FILE's digest."""
+        self.recover()
+        guest = self._guest(domain)
+        with self.p.lock(guest.uuid, guest.name):
+            self.p.host.check_fresh()
+            vt = guest.vtpm
+            self.p.vtpm.check_single_consumer(vt)
+            self.p.store.check_writable()
+            ckpt_id = str(uuidlib.uuid4())
+            name = time.strftime("save-%Y%m%d-%H%M%S")
+            op = self.p.journal.begin("save", guest.uuid, guest=guest.name, checkpoint=ckpt_id, name=name,
+                                      vtpm=vt.backend, path=path, guest_was_paused=guest.paused)
+            writer = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
+                                        vtpm_uuid=vt.uuid, kind="save")
+            try:
+                self.p.journal.step(op, "guest-save")
+                digest = self.p.xl_streams.save_to_file(guest.name, path)
+                self.p.journal.step(op, "vtpm-pause")
+                self.p.vtpm.pause(vt)
+                self.p.journal.step(op, "manager-checkpoint", manager_checkpoint=ckpt_id)
+                capture = (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
+                           else self.p.vtpm.capture_fingerprint(vt))
+                self.p.journal.step(op, "resume")
+                self.p.vtpm.unpause(vt)
+            except BaseException:
+                self._undo_snapshot(op, writer)
+                raise
+            # Past this point the save image and the vTPM capture are a pair: destroy as xl save does.
+            self.p.journal.step(op, "destroy-guest")
+            self.p.xl.destroy(guest.name)
+            writer.set_vtpm(capture)
+            writer.set_meta(save_file_digest=digest, save_file=path)
+            summary = self._commit(op, writer, action="save", vm=guest.name, checkpoint=ckpt_id)
+            return {"id": ckpt_id, "name": name, "domain": guest.name, "file": path, **summary}
+
+    def restore(self, path: str, *, paused: bool = False) -> dict:
+        self.recover()
+        header = self.p.xl_streams.read_header(path)
+        if not header.vtpms:
+            raise PreconditionFailed(f"{path}: the saved guest has no vTPM; use `xl restore` directly")
+        digest = self.p.xl_streams.digest(path)
+        ckpt = self.p.store.find_by_save_digest(digest)
+        if ckpt is None:
+            raise CheckpointNotFound(
+                f"{path}: no xen-vtpm save binding for this file (digest {digest[:16]}…); it was not saved "
+                "by `xen-vtpm save` or was modified; `xl restore` it directly if you accept the vTPM's current state")
+        with self.p.lock(ckpt["vm_uuid"], ckpt["vm_name"]):
+            self.p.host.check_fresh()
+            self.p.store.verify(ckpt["id"])
+            if self.p.guests.exists(ckpt["vm_name"]):
+                raise PreconditionFailed(f"{ckpt['vm_name']}: a domain with this name is running; "
+                                         "destroy or rename it before restoring its save file")
+            vt = self.p.guests.vtpm_ref_for(ckpt)
+            capture = self.p.store.vtpm_capture(ckpt["id"])
+            current = self.p.vtpm.fingerprint(vt)
+            moved = capture.manager_hash not in current
+            if moved and capture.manager_checkpoint is None:
+                raise PreconditionFailed(
+                    f"{vt.backend}: the vTPM advanced since {path} was saved and the stock manager cannot "
+                    "roll it back; restoring would give the guest a vTPM that does not match its memory")
+            op = self.p.journal.begin("restore", ckpt["vm_uuid"], guest=ckpt["vm_name"], checkpoint=ckpt["id"],
+                                      vtpm=vt.backend, path=path, moved=moved)
+            if moved:
+                self.p.journal.step(op, "stop-vtpm")
+                self.p.vtpm.stop(vt)
+                self.p.journal.step(op, "put-back-vtpm")
+                self.p.vtpm.put_back(vt, capture)
+                self.p.journal.step(op, "start-vtpm")
+                self.p.vtpm.start_verified(vt)
+            self.p.journal.step(op, "restore-guest")
+            self.p.xl.restore(path, paused=paused)
+            self.p.journal.step(op, "advance-head")
+            self.p.host.advance()
+            self.p.audit.append(action="restore", vm=ckpt["vm_name"], checkpoint=ckpt["id"], result="ok")
+            self.p.journal.finish(op, "done")
+            return {"domain": ckpt["vm_name"], "checkpoint": ckpt["id"], "vtpm_restored": moved,
+                    "paused": paused}
+
+    # --- delete / verify ---------------------------------------------------------
+    def delete(self, checkpoint: str) -> dict:
+        self.recover()
+        ckpt = self._checkpoint(checkpoint)
+        with self.p.lock(ckpt["vm_uuid"], ckpt["vm_name"]):
+            self.p.host.check_fresh()
+            op = self.p.journal.begin("delete", ckpt["vm_uuid"], guest=ckpt["vm_name"], checkpoint=ckpt["id"],
+                                      manager_checkpoint=ckpt.get("manager_checkpoint"))
+            self.p.journal.step(op, "delete-store")
+            freed = self.p.store.delete(ckpt["id"])
+            if ckpt.get("manager_checkpoint"):
+                self.p.journal.step(op, "discard-manager")
+                self.p.vtpm.discard(ckpt["manager_checkpoint"])
+            self.p.journal.step(op, "advance-head")
+            self.p.host.advance()
+            self.p.audit.append(action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"], result="ok")
+            self.p.journal.finish(op, "done")
+            return {"deleted": ckpt["id"], "name": ckpt["name"], "freed_bytes": freed}
+
+    def verify(self, checkpoint: str | None) -> list[dict]:
+        self.p.host.check_fresh()
+        ids = [self._checkpoint(checkpoint)["id"]] if checkpoint else [c["id"] for c in self.p.store.list()]
+        return [self.p.store.verify(i) for i in ids]
+
+    # --- recover -----------------------------------------------------------------
+    def recover(self) -> list[dict]:
+        """Finish or undo every operation a crash interrupted (idempotent)."""
+        report = []
+        self.p.store.recover()
+        for op in self.p.journal.unfinished():
+            with self.p.lock(op.vm, op.params.get("guest", op.vm)):
+                report.append(self._recover_one(op))
+        self.p.host.recover_head()
+        return report
+
+    def _recover_one(self, op: Operation) -> dict:
+        last = op.last_step
+        if op.reached("advance-head"):
+            # Everything but the counter-bound head had happened.
+            self.p.host.advance()
+            self.p.journal.finish(op, "done (recovered)")
+            outcome = "finished"
+        elif op.kind in ("snapshot", "pre-rollback", "save") and not op.reached("destroy-guest"):
+            if op.reached("commit") and self.p.store.is_committed(op.params["checkpoint"]):
+                self.p.host.advance()
+                self.p.journal.finish(op, "done (recovered)")
+                outcome = "finished"
+            else:
+                self._undo_snapshot(op, None)
+                outcome = "undone"
+        elif op.kind == "save":
+            # The save image and the vTPM capture are a pair; finish as xl save does.
+            if self.p.guests.exists(op.params["guest"]):
+                self.p.xl.destroy(op.params["guest"])
+            self._undo_snapshot(op, None) if not self.p.store.is_committed(op.params["checkpoint"]) else None
+            self.p.journal.finish(op, "undone after destroy (re-run save)")
+            outcome = "undone"
+        elif op.kind == "rollback":
+            ckpt = self.p.store.resolve(op.params["checkpoint"])
+            self._rollback_forward(op, ckpt)
+            outcome = "finished"
+        elif op.kind == "restore":
+            ckpt = self.p.store.resolve(op.params["checkpoint"])
+            vt = self.p.guests.vtpm_ref_for(ckpt)
+            if op.params.get("moved") and not op.reached("restore-guest"):
+                self.p.vtpm.stop(vt)
+                self.p.vtpm.put_back(vt, self.p.store.vtpm_capture(ckpt["id"]))
+                self.p.vtpm.start_verified(vt)
+            if not self.p.guests.exists(op.params["guest"]):
+                self.p.xl.restore(op.params["path"], paused=True)
+            self.p.host.advance()
+            self.p.journal.finish(op, "done (recovered)")
+            outcome = "finished"
+        elif op.kind == "delete":
+            self.p.store.delete(op.params["checkpoint"], missing_ok=True)
+            if op.params.get("manager_checkpoint"):
+                self.p.vtpm.discard(op.params["manager_checkpoint"])
+            self.p.host.advance()
+            self.p.journal.finish(op, "done (recovered)")
+            outcome = "finished"
+        else:
+            self.p.journal.finish(op, f"abandoned (unknown kind {op.kind})")
+            outcome = "abandoned"
+        self.p.audit.append(action=f"recover {op.kind}", vm=op.params.get("guest", op.vm),
+                            checkpoint=op.params.get("checkpoint"), result=f"{outcome} at {last}")
+        return {"op": op.op_id, "kind": op.kind, "vm": op.params.get("guest", op.vm), "last_step": last,
+                "outcome": outcome}
+
+    def require_rollback_secret(self, secret: bytes | None) -> None:
+        if secret is None:
+            raise AuthorizationDenied("rollback: a rollback secret is provisioned on this host; "
+                                      "pass --auth-file F")

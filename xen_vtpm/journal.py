@@ -1,0 +1,122 @@
+"""Write-ahead journal of the coordinator's sequences.
+
+Before each side effect (pause a domain, ask the manager to copy an entry,
+replace a vTPM image, ...) the coordinator records the step it is *about to*
+take.  After a crash, `xen-vtpm recover` reads the last recorded step of every
+unfinished operation and finishes or undoes it.  Steps are therefore written
+and fsync'd (SQLite synchronous=FULL) before the action, and every recovery
+action is idempotent: a step recorded but never executed is safe to redo or
+undo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StorageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS op_journal (
+    op_id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind     TEXT NOT NULL,
+    vm       TEXT NOT NULL,
+    started  REAL NOT NULL,
+    finished REAL,
+    outcome  TEXT,
+    params   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS op_steps (
+    op_id INTEGER NOT NULL REFERENCES op_journal(op_id),
+    seq   INTEGER NOT NULL,
+    step  TEXT NOT NULL,
+    data  TEXT NOT NULL,
+    at    REAL NOT NULL,
+    PRIMARY KEY (op_id, seq)
+);
+"""
+
+
+@dataclass
+class Operation:
+    op_id: int
+    kind: str
+    vm: str
+    params: dict[str, Any]
+    steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def last_step(self) -> str | None:
+        return self.steps[-1][0] if self.steps else None
+
+    def reached(self, step: str) -> bool:
+        return any(name == step for name, _ in self.steps)
+
+    def data(self, step: str) -> dict[str, Any]:
+        for name, data in reversed(self.steps):
+            if name == step:
+                return data
+        return {}
+
+
+class Journal:
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        try:
+            self.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            os.chmod(self.db_path, 0o600)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"{self.db_path}: cannot open the journal ({exc}); "
+                               "check the state dir is writable and not full") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor:
+        try:
+            return self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.db_path}: journal write failed ({exc}); "
+                               "free space in the state dir, then run `xen-vtpm recover`") from None
+
+    def begin(self, kind: str, vm: str, **params: Any) -> Operation:
+        cur = self._write("INSERT INTO op_journal(kind, vm, started, params) VALUES (?,?,?,?)",
+                          (kind, vm, time.time(), json.dumps(params, sort_keys=True)))
+        return Operation(cur.lastrowid, kind, vm, params)
+
+    def step(self, op: Operation, step: str, **data: Any) -> None:
+        self._write("INSERT INTO op_steps(op_id, seq, step, data, at) VALUES (?,?,?,?,?)",
+                    (op.op_id, len(op.steps), step, json.dumps(data, sort_keys=True), time.time()))
+        op.steps.append((step, data))
+        _crash_point(f"{op.kind}:{step}")
+
+    def finish(self, op: Operation, outcome: str) -> None:
+        self._write("UPDATE op_journal SET finished=?, outcome=? WHERE op_id=?",
+                    (time.time(), outcome, op.op_id))
+
+    def unfinished(self) -> list[Operation]:
+        ops = []
+        for op_id, kind, vm, params in self.db.execute(
+                "SELECT op_id, kind, vm, params FROM op_journal WHERE finished IS NULL ORDER BY op_id"):
+            op = Operation(op_id, kind, vm, json.loads(params))
+            for step, data in self.db.execute(
+                    "SELECT step, data FROM op_steps WHERE op_id=? ORDER BY seq", (op_id,)):
+                op.steps.append((step, json.loads(data)))
+            ops.append(op)
+        return ops
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash-at-every-step tests: XEN_VTPM_CRASH_AT=kind:step
+    makes the process SIGKILL itself right after journaling that step, i.e. before
+    its side effect — exactly the window recovery has to handle."""
+    if os.environ.get("XEN_VTPM_CRASH_AT") == name:
+        os.kill(os.getpid(), 9)

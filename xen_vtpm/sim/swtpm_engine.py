@@ -1,0 +1,173 @@
+"""One `swtpm socket --tpm2` per vTPM, driven over its Unix control channel.
+
+The TPM state is moved in and out through the control channel (anchors §2.2): CMD_GET_STATEBLOB
+of the permanent and the volatile blob after every successful command (PCRs live in the volatile
+blob), CMD_SET_STATEBLOB of both then CMD_INIT to resume a saved state.  swtpm's own state directory
+is private scratch space; the vTPM's durable state is only what the caller persists.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+CMD_GET_CAPABILITY = 0x01
+CMD_INIT = 0x02
+CMD_SHUTDOWN = 0x03
+CMD_GET_STATEBLOB = 0x0C
+CMD_SET_STATEBLOB = 0x0D
+
+BLOB_PERMANENT = 1
+BLOB_VOLATILE = 2
+
+STATE_MAGIC = b"XVSW"
+STATE_VERSION = 1
+
+
+class EngineError(Exception):
+    """swtpm could not be started, fed, or reached."""
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: if the vTPM process is SIGKILLed (xl destroy) swtpm must not outlive it.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EngineError(f"swtpm closed the connection after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def pack_state(permanent: bytes, volatile: bytes) -> bytes:
+    return (STATE_MAGIC + struct.pack(">I", STATE_VERSION) + struct.pack(">I", len(permanent)) + permanent
+            + struct.pack(">I", len(volatile)) + volatile)
+
+
+def unpack_state(data: bytes) -> tuple[bytes, bytes]:
+    if len(data) < 16 or data[:4] != STATE_MAGIC or struct.unpack_from(">I", data, 4)[0] != STATE_VERSION:
+        raise EngineError("TPM state does not start with the expected magic/version")
+    (plen,) = struct.unpack_from(">I", data, 8)
+    perm_end = 12 + plen
+    if perm_end + 4 > len(data):
+        raise EngineError("TPM state truncated in the permanent blob")
+    (vlen,) = struct.unpack_from(">I", data, perm_end)
+    if perm_end + 4 + vlen != len(data):
+        raise EngineError("TPM state length fields do not add up")
+    return data[12:perm_end], data[perm_end + 4:]
+
+
+class SwtpmEngine:
+    """A running swtpm; `execute` sends one TPM 2.0 command, `state` fetches permanent+volatile."""
+
+    def __init__(self, state: bytes | None, scratch_dir: str | os.PathLike) -> None:
+        # A SIGKILLed predecessor may have left its scratch copy of the state behind.
+        self._dir = os.fspath(scratch_dir)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        os.makedirs(self._dir, mode=0o700)
+        self._ctrl_path = os.path.join(self._dir, "ctrl")
+        self._data_path = os.path.join(self._dir, "data")
+        self._data: socket.socket | None = None
+        self._ctrl: socket.socket | None = None
+        blobs = unpack_state(state) if state is not None else None
+        flags = [] if blobs else ["--flags", "not-need-init,startup-clear"]
+        self._proc = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self._dir}",
+             "--ctrl", f"type=unixio,path={self._ctrl_path}",
+             "--server", f"type=unixio,path={self._data_path}", *flags],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
+        try:
+            self._ctrl = self._connect(self._ctrl_path)
+            if blobs:
+                self._set_blob(BLOB_PERMANENT, blobs[0])
+                self._set_blob(BLOB_VOLATILE, blobs[1])
+                rc = self._ctrl_call(CMD_INIT, struct.pack(">I", 0))
+                if rc:
+                    raise EngineError(f"swtpm refused the saved state (CMD_INIT result {rc:#x})")
+            self._data = self._connect(self._data_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect(self, path: str) -> socket.socket:
+        deadline = time.monotonic() + 10
+        while True:
+            if self._proc.poll() is not None:
+                raise EngineError(f"swtpm exited with status {self._proc.returncode} during startup")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise EngineError(f"swtpm did not open {os.path.basename(path)} within 10 s") from None
+                time.sleep(0.01)
+
+    def _ctrl_call(self, cmd: int, body: bytes = b"") -> int:
+        assert self._ctrl is not None
+        self._ctrl.sendall(struct.pack(">I", cmd) + body)
+        return struct.unpack(">I", _recv_exact(self._ctrl, 4))[0]
+
+    def _set_blob(self, kind: int, blob: bytes) -> None:
+        rc = self._ctrl_call(CMD_SET_STATEBLOB, struct.pack(">III", 0, kind, len(blob)) + blob)
+        if rc:
+            raise EngineError(f"swtpm refused state blob {kind} (result {rc:#x})")
+
+    def _get_blob(self, kind: int) -> bytes:
+        assert self._ctrl is not None
+        self._ctrl.sendall(struct.pack(">IIII", CMD_GET_STATEBLOB, 0, kind, 0))
+        rc, _flags, total, length = struct.unpack(">IIII", _recv_exact(self._ctrl, 16))
+        data = _recv_exact(self._ctrl, length)
+        if rc or length != total:
+            raise EngineError(f"swtpm could not export state blob {kind} (result {rc:#x})")
+        return data
+
+    def execute(self, command: bytes) -> bytes:
+        """One TPM command in, its response out (raw TPM 2.0 packets)."""
+        if self._data is None:
+            raise EngineError("swtpm is not running")
+        self._data.sendall(command)
+        head = _recv_exact(self._data, 10)
+        size = struct.unpack_from(">I", head, 2)[0]
+        if size < 10:
+            raise EngineError(f"swtpm answered with a bad paramSize {size}")
+        return head + _recv_exact(self._data, size - 10)
+
+    def reset(self) -> int:
+        """CMD_INIT keeping the saved state (a guest-initiated TPM reset, as on a platform reboot)."""
+        return self._ctrl_call(CMD_INIT, struct.pack(">I", 0))
+
+    def capability(self) -> bytes:
+        """Raw CMD_GET_CAPABILITY answer (8 bytes), forwarded to TCTI clients that ask."""
+        assert self._ctrl is not None
+        self._ctrl.sendall(struct.pack(">I", CMD_GET_CAPABILITY))
+        return _recv_exact(self._ctrl, 8)
+
+    def state(self) -> bytes:
+        """The whole TPM state: permanent (seeds, NV, persistent objects) and volatile (PCRs)."""
+        return pack_state(self._get_blob(BLOB_PERMANENT), self._get_blob(BLOB_VOLATILE))
+
+    def stop(self) -> None:
+        for sock in (self._data, self._ctrl):
+            if sock is not None:
+                sock.close()
+        self._data = self._ctrl = None
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)

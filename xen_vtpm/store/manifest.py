@@ -1,0 +1,208 @@
+"""Manifest: the versioned binary record of one checkpoint, MAC'd (docs/formats-store.md §2).
+
+``encode`` is deterministic, so the MAC is over canonical bytes; ``parse`` accepts exactly what
+``encode`` produces and turns every other input into one IntegrityError (it is fuzzed);
+``decode`` checks the MAC before parsing anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import struct
+from typing import Any
+
+from ..errors import IntegrityError
+from .chunks import ID_SIZE
+
+MAGIC = b"XVTPMANI"
+VERSION = 1
+MAC_SIZE = 32
+DIGEST_SIZE = 32
+MAX_CHUNK = 16 << 20          # far above any chunker's max_size; bounds what a parser accepts
+KIND_STREAM, KIND_BLOB = 1, 2
+_KINDS = {KIND_STREAM: "stream", KIND_BLOB: "blob"}
+_ZERO = bytes(DIGEST_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamRecord:
+    name: str
+    kind: str                            # "stream" (tree root only) or "blob" (also a SHA-256)
+    length: int
+    tree_root: bytes
+    sha256: bytes | None
+    chunks: tuple[tuple[bytes, int], ...]  # (chunk id, plaintext length) in stream order
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    checkpoint_id: str
+    name: str
+    vm_uuid: str
+    vm_name: str
+    vtpm_uuid: str
+    manager_checkpoint: str
+    tool_version: str
+    created_us: int                       # Unix time in microseconds
+    counter: int                          # TPM counter value the coordinator binds this checkpoint to
+    slot_hashes: tuple[bytes, ...]
+    save_header: dict[str, Any]           # xl save-file header info
+    extra: dict[str, Any]
+    streams: tuple[StreamRecord, ...]
+
+    def stream(self, name: str) -> StreamRecord:
+        for rec in self.streams:
+            if rec.name == name:
+                return rec
+        raise KeyError(name)
+
+    @property
+    def size(self) -> int:
+        return sum(rec.length for rec in self.streams)
+
+    @property
+    def vtpm_image_digest(self) -> bytes | None:
+        try:
+            return self.stream("vtpm-image").sha256
+        except KeyError:
+            return None
+
+
+def canonical_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def encode(manifest: Manifest, mac_key: bytes) -> bytes:
+    body = _encode_body(manifest)
+    return body + hmac.digest(mac_key, body, "sha256")
+
+
+def _encode_body(m: Manifest) -> bytes:
+    out = [MAGIC, struct.pack("<H", VERSION)]
+    for text in (m.checkpoint_id, m.name, m.vm_uuid, m.vm_name, m.vtpm_uuid, m.manager_checkpoint,
+                 m.tool_version):
+        raw = text.encode("utf-8")
+        out.append(struct.pack("<H", len(raw)) + raw)
+    out.append(struct.pack("<QQ", m.created_us, m.counter))
+    out.append(struct.pack("<B", len(m.slot_hashes)))
+    for h in m.slot_hashes:
+        out.append(struct.pack("<B", len(h)) + h)
+    for obj in (m.save_header, m.extra):
+        raw = canonical_json(obj)
+        out.append(struct.pack("<I", len(raw)) + raw)
+    out.append(struct.pack("<H", len(m.streams)))
+    for rec in m.streams:
+        raw = rec.name.encode("utf-8")
+        kind = KIND_BLOB if rec.kind == "blob" else KIND_STREAM
+        out.append(struct.pack("<H", len(raw)) + raw)
+        out.append(struct.pack("<BQ", kind, rec.length) + rec.tree_root + (rec.sha256 or _ZERO))
+        out.append(struct.pack("<I", len(rec.chunks)))
+        out.append(b"".join(cid + struct.pack("<I", ln) for cid, ln in rec.chunks))
+    return b"".join(out)
+
+
+def decode(data: bytes, mac_key: bytes, label: str) -> Manifest:
+    """Check the MAC, then parse.  ``label`` names the checkpoint in errors."""
+    if len(data) < MAC_SIZE or not hmac.compare_digest(
+            hmac.digest(mac_key, data[:-MAC_SIZE], "sha256"), data[-MAC_SIZE:]):
+        raise IntegrityError(f"checkpoint {label}: manifest MAC mismatch (tampered, truncated or another "
+                             "host's key); do not use this checkpoint")
+    return parse(data[:-MAC_SIZE], label)
+
+
+class _Reader:
+    def __init__(self, data: bytes, label: str) -> None:
+        self.data, self.pos, self.label = data, 0, label
+
+    def fail(self, what: str) -> IntegrityError:
+        return IntegrityError(f"checkpoint {self.label}: manifest malformed: {what} at byte {self.pos}; "
+                              "do not use this checkpoint")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise self.fail(f"{what} runs past the end")
+        raw = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return raw
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
+
+    def text(self, what: str) -> str:
+        (n,) = self.unpack("<H", what)
+        try:
+            return self.take(n, what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not UTF-8") from None
+
+    def json_object(self, what: str) -> dict[str, Any]:
+        (n,) = self.unpack("<I", what)
+        raw = self.take(n, what)
+        try:
+            value = json.loads(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise self.fail(f"{what} is not JSON") from None
+        if not isinstance(value, dict) or canonical_json(value) != raw:
+            raise self.fail(f"{what} is not a canonical JSON object")
+        return value
+
+
+def parse(body: bytes, label: str) -> Manifest:
+    """Parse manifest bytes without the MAC; anything but canonical input raises IntegrityError."""
+    r = _Reader(bytes(body), label)
+    if r.take(len(MAGIC), "magic") != MAGIC:
+        r.pos = 0
+        raise r.fail("bad magic")
+    (version,) = r.unpack("<H", "version")
+    if version != VERSION:
+        raise r.fail(f"unsupported version {version}")
+    texts = [r.text(what) for what in ("checkpoint id", "name", "VM UUID", "VM name", "vTPM UUID",
+                                       "manager checkpoint id", "tool version")]
+    created_us, counter = r.unpack("<QQ", "time and counter")
+    (n_slots,) = r.unpack("<B", "slot hash count")
+    slots = []
+    for _ in range(n_slots):
+        (n,) = r.unpack("<B", "slot hash length")
+        slots.append(r.take(n, "slot hash"))
+    save_header = r.json_object("save header")
+    extra = r.json_object("extra")
+    (n_streams,) = r.unpack("<H", "stream count")
+    streams: list[StreamRecord] = []
+    for _ in range(n_streams):
+        streams.append(_parse_stream(r))
+    if len({s.name for s in streams}) != len(streams):
+        raise r.fail("duplicate stream name")
+    if r.pos != len(r.data):
+        raise r.fail("trailing bytes")
+    return Manifest(*texts, created_us=created_us, counter=counter, slot_hashes=tuple(slots),
+                    save_header=save_header, extra=extra, streams=tuple(streams))
+
+
+def _parse_stream(r: _Reader) -> StreamRecord:
+    name = r.text("stream name")
+    if not name:
+        raise r.fail("empty stream name")
+    kind, length = r.unpack("<BQ", "stream kind and length")
+    if kind not in _KINDS:
+        raise r.fail(f"stream {name!r} has unknown kind {kind}")
+    tree_root = r.take(DIGEST_SIZE, "tree root")
+    digest = r.take(DIGEST_SIZE, "stream digest")
+    if (kind == KIND_STREAM) != (digest == _ZERO):
+        raise r.fail(f"stream {name!r} digest does not fit its kind")
+    (count,) = r.unpack("<I", "chunk count")
+    entry = ID_SIZE + 4
+    raw = r.take(count * entry, f"chunk list of {name!r}")
+    chunks = []
+    total = 0
+    for i in range(count):
+        cid = raw[i * entry:i * entry + ID_SIZE]
+        (ln,) = struct.unpack_from("<I", raw, i * entry + ID_SIZE)
+        if not 0 < ln <= MAX_CHUNK:
+            raise r.fail(f"stream {name!r} chunk {i} has length {ln}")
+        total += ln
+        chunks.append((cid, ln))
+    if total != length:
+        raise r.fail(f"stream {name!r} chunks sum to {total}, not {length}")
+    return StreamRecord(name=name, kind=_KINDS[kind], length=length, tree_root=tree_root,
+                        sha256=digest if kind == KIND_BLOB else None, chunks=tuple(chunks))

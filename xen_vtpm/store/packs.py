@@ -1,0 +1,195 @@
+"""Pack files: many sealed chunks appended to one file (format: docs/formats-store.md §1).
+
+    header  32 B   magic "XVTPPACK" | version u32 | reserved u32 | pack id (16 B, = file name in hex)
+    entry   48 B + n   chunk id (32) | nonce (12) | n u32 | sealed chunk (n B = plaintext + GCM tag)
+    index   44 B each  chunk id (32) | entry offset u64 | n u32
+    footer  56 B   index offset u64 | entry count u32 | reserved u32 | SHA-256(header||index) | "XVTPPEND"
+
+Integers are little-endian.  A pack is written under ``<name>.pack.tmp`` and renamed once complete,
+so a ``.pack`` file is always whole; the index lets recovery and verification walk a pack without
+the catalog.  Authenticity comes from the per-chunk GCM tags; the index digest only catches damage.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+from ..errors import IntegrityError
+from .chunks import ID_SIZE, NONCE_SIZE
+from .fsio import fsync_dir, storage_error
+
+MAGIC = b"XVTPPACK"
+END_MAGIC = b"XVTPPEND"
+VERSION = 1
+HEADER = struct.Struct("<8sII16s")
+ENTRY = struct.Struct(f"<{ID_SIZE}s{NONCE_SIZE}sI")
+INDEX = struct.Struct(f"<{ID_SIZE}sQI")
+FOOTER = struct.Struct("<QII32s8s")
+SUFFIX = ".pack"
+
+
+def new_pack_name() -> str:
+    return os.urandom(16).hex()
+
+
+def pack_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}{SUFFIX}"
+
+
+def temp_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}{SUFFIX}.tmp"
+
+
+class PackWriter:
+    """Appends sealed chunks to a new pack; ``finish`` publishes it atomically."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.name = name
+        self.path = pack_path(directory, name)
+        self._tmp = temp_path(directory, name)
+        self._index: list[bytes] = []
+        self._header = HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(name))
+        try:
+            self._fh = open(self._tmp, "xb", buffering=1 << 20)
+            self._fh.write(self._header)
+        except OSError as exc:
+            raise storage_error(exc, self._tmp, "creating pack") from None
+        self.size = HEADER.size
+
+    def add(self, chunk_id: bytes, nonce: bytes, sealed: bytes) -> int:
+        """Append one entry and return its offset."""
+        offset = self.size
+        try:
+            self._fh.write(ENTRY.pack(chunk_id, nonce, len(sealed)))
+            self._fh.write(sealed)
+        except OSError as exc:
+            raise storage_error(exc, self._tmp, "writing pack") from None
+        self._index.append(INDEX.pack(chunk_id, offset, len(sealed)))
+        self.size += ENTRY.size + len(sealed)
+        return offset
+
+    @property
+    def entries(self) -> int:
+        return len(self._index)
+
+    def finish(self) -> int:
+        """Write index and footer, fsync, rename into place; return the final file size."""
+        index = b"".join(self._index)
+        digest = hashlib.sha256(self._header + index).digest()
+        footer = FOOTER.pack(self.size, len(self._index), 0, digest, END_MAGIC)
+        try:
+            self._fh.write(index)
+            self._fh.write(footer)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise storage_error(exc, self.path, "publishing pack") from None
+        return self.size + len(index) + FOOTER.size
+
+    def discard(self) -> None:
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # the temp file is being thrown away; a failed flush does not matter
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise storage_error(exc, self._tmp, "removing unfinished pack") from None
+
+
+class PackReader:
+    """Random access to the entries of published packs, one open descriptor per pack."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, name: str, where: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            path = pack_path(self._dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise IntegrityError(f"{where}: pack {name} is missing although the catalog references it; "
+                                     "restore the state dir from backup or delete the checkpoint") from None
+            except OSError as exc:
+                raise storage_error(exc, path, "opening pack") from None
+            self._fds[name] = fd
+        return fd
+
+    def read_entry(self, name: str, offset: int, length: int, chunk_id: bytes, where: str) -> tuple[bytes, bytes]:
+        """Return (nonce, sealed) of the entry the catalog places at ``offset``; checks its header."""
+        fd = self._fd(name, where)
+        try:
+            raw = os.pread(fd, ENTRY.size + length, offset)
+        except OSError as exc:
+            raise storage_error(exc, pack_path(self._dir, name), "reading pack") from None
+        if len(raw) != ENTRY.size + length:
+            raise IntegrityError(f"{where}: pack {name} is truncated at offset {offset}; "
+                                 "restore the state dir from backup or delete the checkpoint")
+        stored_id, nonce, stored_len = ENTRY.unpack_from(raw)
+        if stored_id != chunk_id or stored_len != length:
+            raise IntegrityError(f"{where}: pack {name} entry at offset {offset} holds chunk "
+                                 f"{stored_id.hex()[:16]}, not {chunk_id.hex()[:16]}; the store was altered")
+        return nonce, raw[ENTRY.size:]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def read_index(directory: Path, name: str) -> list[tuple[bytes, int, int]]:
+    """Parse and check a pack's header, index and footer; return [(chunk id, offset, length)].
+
+    Checks the structure only (magic, version, name binding, index digest, entries tiling the
+    body with headers that match the index); chunk contents are checked by the GCM tags.
+    """
+    path = pack_path(directory, name)
+    where = f"pack {name}"
+    try:
+        with open(path, "rb") as fh:
+            data_size = os.fstat(fh.fileno()).st_size
+            header = fh.read(HEADER.size)
+            if data_size < HEADER.size + FOOTER.size or len(header) != HEADER.size:
+                raise IntegrityError(f"{where}: truncated ({data_size} bytes); the store was damaged")
+            magic, version, _, pack_id = HEADER.unpack(header)
+            if magic != MAGIC or version != VERSION:
+                raise IntegrityError(f"{where}: bad header magic or version; the store was damaged")
+            if pack_id.hex() != name:
+                raise IntegrityError(f"{where}: header names pack {pack_id.hex()}; a pack file was renamed or swapped")
+            fh.seek(data_size - FOOTER.size)
+            index_off, count, _, digest, end = FOOTER.unpack(fh.read(FOOTER.size))
+            if end != END_MAGIC or index_off + count * INDEX.size + FOOTER.size != data_size \
+                    or index_off < HEADER.size:
+                raise IntegrityError(f"{where}: bad or missing footer (truncated?); the store was damaged")
+            fh.seek(index_off)
+            index = fh.read(count * INDEX.size)
+            if hashlib.sha256(header + index).digest() != digest:
+                raise IntegrityError(f"{where}: index digest mismatch; the store was damaged")
+            entries = [INDEX.unpack_from(index, i * INDEX.size) for i in range(count)]
+            expected = HEADER.size
+            for chunk_id, offset, length in entries:
+                if offset != expected:
+                    raise IntegrityError(f"{where}: index entry at {offset} does not follow the previous one")
+                fh.seek(offset)
+                raw = fh.read(ENTRY.size)
+                if len(raw) != ENTRY.size or ENTRY.unpack(raw)[0] != chunk_id or ENTRY.unpack(raw)[2] != length:
+                    raise IntegrityError(f"{where}: entry header at {offset} disagrees with the index")
+                expected = offset + ENTRY.size + length
+            if expected != index_off:
+                raise IntegrityError(f"{where}: entries do not end where the index starts")
+    except FileNotFoundError:
+        raise IntegrityError(f"{where}: missing although the catalog references it; "
+                             "restore the state dir from backup or delete the checkpoints using it") from None
+    except OSError as exc:
+        raise storage_error(exc, path, "reading pack") from None
+    return [(cid, off, ln) for cid, off, ln in entries]

@@ -1,0 +1,221 @@
+"""Writing one checkpoint: streams in, chunks sealed into packs, one commit at the end.
+
+Crash safety: every file is named in this write's journal row *before* it is created, and the
+commit transaction inserts the catalog rows and deletes the journal row together.  So after a
+crash either the checkpoint is fully committed, or the journal names every file it left behind
+and ``Repository.recover`` removes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
+
+from .. import __version__
+from ..errors import PreconditionFailed, UsageError
+from .faults import crashpoint
+from .fsio import write_atomic
+from .manifest import Manifest, StreamRecord, encode
+from .packs import ENTRY, PackWriter, new_pack_name
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+_META_FIELDS = {"vtpm_uuid", "manager_checkpoint", "slot_hashes", "counter", "created", "tool_version",
+                "save_header", "extra"}
+
+
+class CheckpointWriter:
+    """Returned by ``Repository.begin_checkpoint``; use as a context manager (aborts on error)."""
+
+    def __init__(self, repo: "Repository", checkpoint_id: str, name: str, vm_uuid: str, vm_name: str,
+                 journal_id: int, lock: Any) -> None:
+        self._repo = repo
+        self.checkpoint_id, self.name, self.vm_uuid, self.vm_name = checkpoint_id, name, vm_uuid, vm_name
+        self._jid = journal_id
+        self._lock = lock
+        self._created: list[str] = []          # state-dir-relative files this write may have made
+        self._streams: list[StreamRecord] = []
+        self._new: dict[bytes, tuple[str, int, int, int]] = {}   # id -> (pack, offset, sealed len, plain len)
+        self._packs: list[tuple[str, int, int, int]] = []         # (name, size, entries, live bytes)
+        self._pack: PackWriter | None = None
+        self._pack_live = 0
+        self._meta: dict[str, Any] = {"vtpm_uuid": "", "manager_checkpoint": "", "slot_hashes": (),
+                                      "counter": 0, "created": None, "tool_version": __version__,
+                                      "save_header": {}, "extra": {}}
+        self._open = True
+        self.stored_bytes = 0                   # bytes this checkpoint added to the store (after commit)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None and self._open:
+            self.abort()
+
+    # --- input ---------------------------------------------------------------------
+    def add_stream(self, name: str, source: BinaryIO | Iterable[bytes],
+                   progress: Callable[[int], Any] | None = None) -> StreamRecord:
+        """Read ``source`` once (a binary file object, a fifo included, or an iterable of byte blocks):
+        content-defined chunks, the tree root and the stored chunks come out of the same pass.
+        ``progress(n)`` is called with each chunk's length as it is stored."""
+        return self._add(name, "stream", source, progress)
+
+    def add_blob(self, name: str, data: bytes) -> StreamRecord:
+        """A small object (the vTPM image), also addressed by its SHA-256."""
+        data = bytes(data)
+        return self._add(name, "blob", [data], None, hashlib.sha256(data).digest())
+
+    def set_meta(self, **fields: Any) -> None:
+        """vtpm_uuid, manager_checkpoint, slot_hashes (bytes list), counter, created (Unix seconds),
+        tool_version, save_header (dict), extra (dict)."""
+        unknown = set(fields) - _META_FIELDS
+        if unknown:
+            raise UsageError(f"checkpoint {self.checkpoint_id}: unknown metadata {sorted(unknown)}")
+        self._meta.update(fields)
+
+    def _add(self, name: str, kind: str, source: BinaryIO | Iterable[bytes],
+             progress: Callable[[int], Any] | None, sha256: bytes | None = None) -> StreamRecord:
+        self._check_open()
+        if not name or any(s.name == name for s in self._streams):
+            raise UsageError(f"checkpoint {self.checkpoint_id}: stream name {name!r} is empty or used twice")
+        from .. import hashing  # the C engine; imported late so listing and deleting work without it
+        min_size, avg_size, max_size = self._repo.chunk_sizes
+        engine = hashing.ChunkAndTree(min_size=min_size, avg_size=avg_size, max_size=max_size)
+        pieces = engine.consume(source) if hasattr(source, "readinto") else _feed_all(engine, source)
+        chunks: list[tuple[bytes, int]] = []
+        length = 0
+        for chunk in pieces:
+            chunks.append(self._put(chunk.data))
+            length += chunk.length
+            if progress is not None:
+                progress(chunk.length)
+        record = StreamRecord(name=name, kind=kind, length=length, tree_root=engine.digest(), sha256=sha256,
+                              chunks=tuple(chunks))
+        self._streams.append(record)
+        return record
+
+    def _put(self, data: bytes) -> tuple[bytes, int]:
+        cipher = self._repo.cipher
+        cid = cipher.chunk_id(data)
+        if cid not in self._new and not self._repo.has_chunk(cid):
+            nonce, sealed = cipher.seal(cid, data)
+            pack = self._pack or self._start_pack()
+            offset = pack.add(cid, nonce, sealed)
+            self._new[cid] = (pack.name, offset, len(sealed), len(data))
+            self._pack_live += ENTRY.size + len(sealed)
+            if pack.size >= self._repo.pack_target:
+                self._finish_pack()
+        return cid, len(data)
+
+    # --- packs ---------------------------------------------------------------------
+    def _start_pack(self) -> PackWriter:
+        name = new_pack_name()
+        self._note_files(f"packs/{name}.pack", f"packs/{name}.pack.tmp")
+        self._pack = PackWriter(self._repo.pack_dir, name)
+        self._pack_live = 0
+        return self._pack
+
+    def _finish_pack(self) -> None:
+        assert self._pack is not None
+        pack, self._pack = self._pack, None
+        size = pack.finish()
+        self._packs.append((pack.name, size, pack.entries, self._pack_live))
+        crashpoint("write.pack-published")
+
+    def _note_files(self, *paths: str) -> None:
+        """Journal the files before they exist, so recovery can always find them."""
+        self._created.extend(paths)
+        with self._repo.catalog.transaction() as db:
+            self._repo.catalog.journal_update(db, self._jid, {"create": self._created})
+
+    # --- end -----------------------------------------------------------------------
+    def commit(self, in_transaction: Callable[[sqlite3.Connection], Any] | None = None) -> Manifest:
+        """Publish the manifest file, then insert every catalog row in one transaction.
+
+        ``in_transaction(db)``, if given, runs inside that same transaction (the coordinator uses
+        it to record the catalog head change atomically with the checkpoint)."""
+        self._check_open()
+        if self._pack is not None:
+            self._finish_pack()
+        manifest = self._manifest()
+        data = encode(manifest, self._repo.mac_key)
+        manifest_rel = f"manifests/{self.checkpoint_id}.manifest"
+        self._note_files(manifest_rel, manifest_rel + ".tmp")
+        write_atomic(self._repo.state_dir / manifest_rel, data)
+        crashpoint("write.manifest-published")
+        with self._repo.catalog.transaction() as db:
+            stored = self._insert_rows(db, manifest, data)
+            db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
+            if in_transaction is not None:
+                in_transaction(db)
+        crashpoint("write.committed")
+        self._open = False
+        self._lock.release()
+        self.stored_bytes = stored
+        return manifest
+
+    def _insert_rows(self, db: sqlite3.Connection, manifest: Manifest, data: bytes) -> int:
+        if db.execute("SELECT 1 FROM checkpoints WHERE vm_uuid=? AND name=?",
+                      (self.vm_uuid, self.name)).fetchone():
+            raise PreconditionFailed(f"checkpoint name {self.name!r} was taken for VM {self.vm_name} while "
+                                     "this one was written; retry with another name")
+        live = {name: live for name, _, _, live in self._packs}
+        db.executemany("INSERT INTO packs (name, size, entries, live_bytes) VALUES (?,?,?,?)",
+                       [(name, size, entries, live) for name, size, entries, live in self._packs])
+        referenced = {cid for rec in manifest.streams for cid, _ in rec.chunks}
+        inserted: set[bytes] = set()
+        stored = 0
+        for cid, (pack, offset, length, plain) in self._new.items():
+            cur = db.execute("INSERT OR IGNORE INTO chunks (id, pack, offset, length, plain_len, refcount) "
+                             "VALUES (?,?,?,?,?,1)", (cid, pack, offset, length, plain))
+            if cur.rowcount == 1:
+                inserted.add(cid)
+                stored += ENTRY.size + length
+            else:  # a concurrent checkpoint committed the same chunk first: our copy is dead weight
+                live[pack] -= ENTRY.size + length
+        db.executemany("UPDATE packs SET live_bytes=? WHERE name=?", [(v, k) for k, v in live.items()])
+        for cid in referenced - inserted:
+            if db.execute("UPDATE chunks SET refcount=refcount+1 WHERE id=?", (cid,)).rowcount != 1:
+                raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: chunk {cid.hex()[:16]} vanished "
+                                         "during the write (concurrent delete); retry the snapshot")
+        db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
+                   "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
+                                               manifest.created_us, manifest.size, stored, data))
+        db.executemany("INSERT INTO refs (checkpoint, chunk) VALUES (?,?)",
+                       [(self.checkpoint_id, cid) for cid in referenced])
+        return stored
+
+    def _manifest(self) -> Manifest:
+        m = self._meta
+        created = m["created"] if m["created"] is not None else time.time()
+        return Manifest(checkpoint_id=self.checkpoint_id, name=self.name, vm_uuid=self.vm_uuid,
+                        vm_name=self.vm_name, vtpm_uuid=str(m["vtpm_uuid"]),
+                        manager_checkpoint=str(m["manager_checkpoint"]), tool_version=str(m["tool_version"]),
+                        created_us=int(round(created * 1_000_000)), counter=int(m["counter"]),
+                        slot_hashes=tuple(bytes(h) for h in m["slot_hashes"]),
+                        save_header=dict(m["save_header"]), extra=dict(m["extra"]), streams=tuple(self._streams))
+
+    def abort(self) -> None:
+        """Remove everything this write created; the catalog never saw it."""
+        if not self._open:
+            return
+        self._open = False
+        if self._pack is not None:
+            self._pack.discard()
+            self._pack = None
+        self._repo.undo_files(self._created)
+        with self._repo.catalog.transaction() as db:
+            db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
+        self._lock.release()
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise UsageError(f"checkpoint {self.checkpoint_id}: writer already committed or aborted")
+
+
+def _feed_all(engine: Any, blocks: Iterable[bytes]) -> Iterator[Any]:
+    for block in blocks:
+        yield from engine.feed(block)
+    yield from engine.finish()
