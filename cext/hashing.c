@@ -391,8 +391,9 @@ int xv_tree_hash_fd(int fd, uint64_t len, uint32_t leaf_size, int nthreads, unsi
 
 /* Data arrives into the current one of two buffers.  The calling thread finds chunk boundaries and
  * leaf ends and queues digest jobs; worker threads (and the caller, when the backlog grows) run them.
- * When the current buffer fills, the unfinished tail moves to the other buffer, whose old jobs must
- * all be done and handed out first, so job pointers stay valid without ever stalling the workers. */
+ * When the current buffer fills, the unfinished tail moves to the other buffer; the commit before
+ * that hands out every job still on the other buffer, so job pointers stay valid and the workers
+ * keep hashing the current buffer meanwhile. */
 
 enum { JOB_CHUNK, JOB_LEAF };
 enum { J_QUEUED, J_CLAIMED, J_DONE };
@@ -548,12 +549,6 @@ static int pending_on_buf(xv_stream *s, int bufid)
     return 0;
 }
 
-static int uncollected_on_buf(xv_stream *s, int bufid)
-{
-    return (s->cq.out < s->cq.add && s->cq.j[s->cq.out % s->cq.cap].bufid == bufid) ||
-           (s->lq.out < s->lq.add && s->lq.j[s->lq.out % s->lq.cap].bufid == bufid);
-}
-
 static int any_pending(xv_stream *s, int unused)
 {
     (void)unused;
@@ -644,7 +639,7 @@ xv_stream *xv_stream_new(int chunking, uint32_t min_size, uint32_t avg_size, uin
     s->high = nworkers > 0 ? 2 * (unit > SPACE_MAX ? unit : SPACE_MAX) : 0;
     /* Every uncollected job points into one of the two buffers, which bounds the queues. */
     s->cq.cap = chunking ? 2 * s->bcap / min_size + 8 : 1;
-    s->lq.cap = tree ? 2 * s->bcap / (tree ? leaf_size : 1) + 8 : 1;
+    s->lq.cap = tree ? 2 * s->bcap / leaf_size + 8 : 1;
     s->buf[0] = malloc(s->bcap);
     s->buf[1] = malloc(s->bcap);
     s->cq.j = calloc(s->cq.cap, sizeof(xjob));
@@ -677,6 +672,14 @@ size_t xv_stream_max_out(const xv_stream *s)
     return s->cq.cap;
 }
 
+/* Free room needed before accepting `want` more bytes; below it the tail moves to the other buffer. */
+static size_t swap_need(const xv_stream *s, size_t want)
+{
+    if (want > SPACE_MAX)
+        want = SPACE_MAX;
+    return want < s->bcap / 4 ? want : s->bcap / 4;
+}
+
 unsigned char *xv_stream_space(xv_stream *s, size_t want, size_t *got, int *rc)
 {
     *got = 0;
@@ -685,21 +688,13 @@ unsigned char *xv_stream_space(xv_stream *s, size_t want, size_t *got, int *rc)
         *rc = XV_ESTATE;
         return NULL;
     }
-    if (want > SPACE_MAX)
-        want = SPACE_MAX;
     if (want == 0)
         want = 1;
-    size_t need = want < s->bcap / 4 ? want : s->bcap / 4;
-    if (s->bcap - s->tail < need) {
+    if (want > SPACE_MAX)
+        want = SPACE_MAX;
+    if (s->bcap - s->tail < swap_need(s, want)) {
+        /* The last commit saw this coming and handed out every job on the other buffer. */
         int other = 1 - s->cur;
-        pthread_mutex_lock(&s->mu);
-        work_while_locked(s, pending_on_buf, other);
-        int busy = uncollected_on_buf(s, other);
-        pthread_mutex_unlock(&s->mu);
-        if (busy) {
-            *rc = XV_EAGAIN;
-            return NULL;
-        }
         size_t keep = s->tail;
         if (s->chunking && s->cstart < keep)
             keep = s->cstart;
@@ -770,12 +765,11 @@ int xv_stream_commit(xv_stream *s, size_t n, int final, xv_chunk *out, size_t *n
     /* Boundary scan outside the lock: only this thread touches the unscanned region.  A boundary is
      * decided only once max bytes are buffered (or at the end), so it never depends on how the
      * stream was split into pieces. */
-    size_t cuts[64], ncut = 0, pos[64];
-    pthread_mutex_lock(&s->mu);
-    for (;;) {
+    enum { BATCH = 64 };          /* small batches: workers start on the first chunks early */
+    size_t cuts[BATCH], pos[BATCH], ncut;
+    do {
         ncut = 0;
-        pthread_mutex_unlock(&s->mu);
-        while (s->chunking && ncut < 64 && cstart < s->tail &&
+        while (s->chunking && ncut < BATCH && cstart < s->tail &&
                (s->tail - cstart >= s->max || final)) {
             size_t len = cdc_cut(s, b + cstart, s->tail - cstart);
             pos[ncut] = cstart;
@@ -787,9 +781,9 @@ int xv_stream_commit(xv_stream *s, size_t n, int final, xv_chunk *out, size_t *n
             add_job(s, &s->cq, JOB_CHUNK, pos[i], cuts[i]);
         if (ncut)
             pthread_cond_broadcast(&s->work_cv);
-        if (ncut < 64)
-            break;
-    }
+        if (ncut == BATCH)
+            pthread_mutex_unlock(&s->mu);
+    } while (ncut == BATCH);
     s->cstart = cstart;
     if (s->tree) {
         int added = 0;
@@ -806,10 +800,15 @@ int xv_stream_commit(xv_stream *s, size_t n, int final, xv_chunk *out, size_t *n
         if (added)
             pthread_cond_broadcast(&s->work_cv);
     }
-    if (final)
+    if (final) {
         work_while_locked(s, any_pending, 0);
-    else
+    } else {
         work_while_locked(s, backlog_high, 0);
+        /* The next space() may overwrite the other buffer: its jobs (old, normally long done) must
+         * be handed out now, while their data is still there. */
+        if (s->bcap - s->tail < swap_need(s, SPACE_MAX))
+            work_while_locked(s, pending_on_buf, 1 - s->cur);
+    }
     int rc = s->err ? s->err : collect_locked(s, out, n_out);
     pthread_mutex_unlock(&s->mu);
     if (rc || !final)

@@ -8,8 +8,7 @@ enum {
     XV_ECRYPTO = -3,    /* libcrypto refused a digest operation */
     XV_EMMAP = -4,      /* mmap of the source failed (errno left in *err_errno) */
     XV_EARG = -5,       /* bad parameter (validated in Python first; defence in depth) */
-    XV_EAGAIN = -6,     /* stream: collect outputs, then ask for space again */
-    XV_ESTATE = -7      /* stream: used after finish */
+    XV_ESTATE = -6      /* stream: used after finish */
 };
 
 typedef struct {

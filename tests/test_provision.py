@@ -5,6 +5,7 @@ import configparser
 import hashlib
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from tpm_fixture import _free_port_pair, fresh_cache, host_cfg, make_cfg, swtpm, swtpm_session  # noqa: F401
 from xen_vtpm import audit, catalog_head, provision
 from xen_vtpm.config import Config
-from xen_vtpm.errors import AuthorizationDenied, PcrPolicyMismatch, UsageError
+from xen_vtpm.errors import AuthorizationDenied, IntegrityError, PcrPolicyMismatch, UsageError
 from xen_vtpm.hosttpm import HostTpm
 
 
@@ -144,3 +145,24 @@ def test_cli_replayed_state_dir_exits_6(host_cfg, tmp_path):
     status = _cli(host_cfg, "status")
     assert status.returncode == 0 and "replayed" in status.stdout
     assert os.path.exists(host_cfg.state_dir / "catalog.sqlite")
+
+
+def test_init_refuses_to_rebind_a_catalog_whose_head_was_deleted(host_cfg):
+    provision.init(host_cfg)
+    db = sqlite3.connect(host_cfg.state_dir / "catalog.sqlite")
+    db.execute("DELETE FROM head")
+    db.execute("DELETE FROM audit")
+    db.commit()
+    db.close()
+    provision.close_all()
+    with pytest.raises(IntegrityError, match="catalog head missing although the host was provisioned"):
+        provision.init(host_cfg)
+
+
+def test_init_finishes_after_a_crash_between_sealing_and_the_head(host_cfg):
+    provision.init(host_cfg)
+    hostkey = host_cfg.state_dir / provision.HOSTKEY
+    hostkey.rename(str(hostkey) + ".new")  # as if the crash came before the final rename
+    provision.close_all()
+    assert provision.init(host_cfg)["actions"] == "finished an interrupted init"
+    assert hostkey.exists() and audit.verify(host_cfg)["status"] == "ok"

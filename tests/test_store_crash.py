@@ -49,15 +49,31 @@ Q = randbytes(3 << 20, seed=62)
 R = randbytes(1 << 20, seed=63)
 
 
+_children: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_children():
+    """Every child is gone after its test, pass or fail."""
+    yield
+    while _children:
+        proc = _children.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 def child(state: Path, op: str, arg: str, *, crash_at: str | None = None, pack_target: int = 8 << 20,
           stdin=None, preexec=None) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("XEN_VTPM_STORE_CRASH_AT", None)
     if crash_at:
         env["XEN_VTPM_STORE_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(ROOT), str(state), op, arg,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(ROOT), str(state), op, arg,
                              str(pack_target)], env=env, stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=preexec)
+    _children.append(proc)
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +165,7 @@ def test_kill_writer_blocked_on_its_input_after_n_bytes(store, after):
     with open_repo(state) as repo:
         # Wait until the writer has journaled its files (for 3 MiB: published packs), then check that
         # recover leaves a live writer alone, and kill it while it waits for more input.
-        want = 0 if after == 0 else 1 if after < (1 << 20) else 4
+        want = 4 if after >= 3 << 20 else 0   # the writer reads whole 1 MiB blocks
         deadline = time.monotonic() + 60
         while not any(len(e["payload"]["create"]) >= want for e in repo.catalog.journal_entries()):
             assert time.monotonic() < deadline and proc.poll() is None
@@ -199,3 +215,38 @@ def test_missing_pack_of_committed_checkpoint_is_an_integrity_error(store):
     (state / "packs" / f"{pack}.pack").unlink()
     with open_repo(state) as repo, pytest.raises(IntegrityError, match=f"pack {pack}.*missing.*{b}"):
         repo.recover()
+
+
+def test_recover_removes_orphans_but_not_foreign_files(store):
+    state, (a, b) = store
+    orphan = state / "packs" / ("ab" * 16 + ".pack")
+    orphan.write_bytes(b"left by a crash before journaling existed")
+    stale_tmp = state / "manifests" / "deadbeef.manifest.tmp"
+    stale_tmp.write_bytes(b"x")
+    foreign = state / "packs" / "README"
+    foreign.write_text("not ours")
+    with open_repo(state) as repo:
+        assert repo.recover()["orphans_removed"] == 2
+    assert not orphan.exists() and not stale_tmp.exists() and foreign.exists()
+    foreign.unlink()
+    assert consistent(state) == [a, b]
+
+
+def test_altered_journal_cannot_delete_outside_the_store(store, tmp_path):
+    state, (a, b) = store
+    victim = tmp_path / "precious"
+    victim.write_text("keep")
+    with open_repo(state) as repo:
+        with repo.catalog.transaction() as db:
+            db.execute("INSERT INTO journal (op, checkpoint, state, lock, payload) VALUES "
+                       "('write', 'x', 'open', 'nobody', ?)", ('{"create": ["packs/../../precious"]}',))
+        with pytest.raises(IntegrityError, match="not a store file"):
+            repo.recover()
+    assert victim.read_text() == "keep"
+
+
+def test_check_writable(store):
+    state, _ = store
+    with open_repo(state) as repo:
+        repo.check_writable()
+    assert consistent(state)

@@ -1,108 +1,11 @@
-"""Shared helpers of the store tests (no tests here).
-
-Until xen_vtpm.hashing exists, ``ensure_hashing`` installs a small stand-in with the same
-interface (content-defined Chunker, StreamTreeHash) for these tests only.
-"""
+"""Shared helpers of the store tests (no tests here)."""
 from __future__ import annotations
 
-import hashlib
 import random
-import re
-import sys
-import types
-from collections import namedtuple
 from pathlib import Path
 
 from xen_vtpm.keys import derive_keys
-
-Chunk = namedtuple("Chunk", "offset length digest data")
-
-
-class _StandInChunker:
-    """Content-defined: cuts after a byte pair from a set sized so chunks average about avg_size."""
-
-    def __init__(self, min_size: int = 16 << 10, avg_size: int = 64 << 10, max_size: int = 256 << 10) -> None:
-        self.min, self.max = min_size, max_size
-        k = max(1, min(255, round(65536 / max(1, avg_size - min_size))))
-        self.marker = re.compile(b"[\\x01-" + re.escape(bytes([k])) + b"]\\xa5")
-        self.buf = bytearray()
-        self.offset = 0
-
-    def _cut(self, final: bool) -> list:
-        out = []
-        while self.buf:
-            m = self.marker.search(self.buf, self.min, self.max)
-            if m:
-                pos = m.end()
-            elif len(self.buf) >= self.max:
-                pos = self.max
-            elif final:
-                pos = len(self.buf)
-            else:
-                return out
-            data = bytes(self.buf[:pos])
-            del self.buf[:pos]
-            out.append(Chunk(self.offset, len(data), hashlib.sha256(data).digest(), data))
-            self.offset += len(data)
-        return out
-
-    def feed(self, data: bytes) -> list:
-        self.buf += data
-        return self._cut(False)
-
-    def finish(self) -> list:
-        return self._cut(True)
-
-
-class _StandInChunkAndTree:
-    def __init__(self, leaf_size: int = 1 << 20, min_size: int = 16 << 10, avg_size: int = 64 << 10,
-                 max_size: int = 256 << 10) -> None:
-        self.chunker = _StandInChunker(min_size, avg_size, max_size)
-        self.tree = _StandInTree(leaf_size)
-
-    def feed(self, data: bytes) -> list:
-        self.tree.update(data)
-        return self.chunker.feed(data)
-
-    def finish(self) -> list:
-        return self.chunker.finish()
-
-    def consume(self, f):
-        while block := f.read(1 << 20):
-            yield from self.feed(block)
-        yield from self.finish()
-
-    def digest(self) -> bytes:
-        return self.tree.digest()
-
-
-class _StandInTree:
-    def __init__(self, leaf_size: int = 1 << 20) -> None:
-        self.leaf, self.buf, self.leaves = leaf_size, bytearray(), []
-
-    def update(self, data: bytes) -> None:
-        self.buf += data
-        while len(self.buf) >= self.leaf:
-            self.leaves.append(hashlib.sha256(self.buf[:self.leaf]).digest())
-            del self.buf[:self.leaf]
-
-    def digest(self) -> bytes:
-        leaves = self.leaves + ([hashlib.sha256(self.buf).digest()] if self.buf or not self.leaves else [])
-        return hashlib.sha256(b"".join(leaves)).digest()
-
-
-def ensure_hashing() -> str:
-    try:
-        import xen_vtpm.hashing as real  # noqa: F401
-        return "xen_vtpm.hashing"
-    except ImportError:
-        mod = types.ModuleType("xen_vtpm.hashing")
-        mod.ChunkAndTree, mod.StreamTreeHash = _StandInChunkAndTree, _StandInTree
-        sys.modules["xen_vtpm.hashing"] = mod
-        import xen_vtpm
-        xen_vtpm.hashing = mod
-        return "stand-in"
-
+from xen_vtpm.store import Repository
 
 KEYS = derive_keys(b"k" * 32)
 OTHER_KEYS = derive_keys(b"o" * 32)
@@ -122,9 +25,7 @@ def guest_memory(n: int, seed: int = 1) -> bytes:
     return bytes(out)
 
 
-def open_repo(state_dir: Path, **kw):
-    ensure_hashing()
-    from xen_vtpm.store import Repository
+def open_repo(state_dir: Path, **kw) -> Repository:
     return Repository(state_dir, KEYS, **kw)
 
 

@@ -48,6 +48,16 @@ class VtpmLab:
         self.cfg = Config.load(sim.config)
         self.xs = XenStore(self.cfg.xenstore_path)
         self.mgr = stubdom.ManagerClient(self.cfg, self.xs)
+        self.wait_manager_ready(0)
+
+    def wait_manager_ready(self, offset: int) -> str:
+        """`sim up` returns once the manager process runs; it serves after unsealing its table."""
+        log = stubdom.log_path(self.cfg, "vtpmmgr")
+        deadline = time.monotonic() + 30
+        while "vtpmmgr: ready" not in (text := log.read_bytes()[offset:].decode(errors="replace")):
+            assert time.monotonic() < deadline, f"vtpmmgr not ready: {text[-300:]}"
+            time.sleep(0.05)
+        return text
 
     def close(self) -> None:
         self.xs.close()

@@ -319,6 +319,8 @@ def test_domain_socket_permissions(xenstored: str) -> None:
     assert dom5.event() == b"mine\0rel\0"
     dom0.ok(Op.WRITE, b"/local/domain/5/mine/x\0v")
     assert dom5.event() == b"mine/x\0rel\0"
+    # dom0's new nodes inherit the parent's permissions unchanged (owner stays 5).
+    assert dom0.ok(Op.GET_PERMS, b"/local/domain/5/mine/x\0") == b"n5\0"
     dom0.ok(Op.RELEASE, b"5\0")
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         dom5.call(Op.READ, b"mine\0")
@@ -336,10 +338,12 @@ def test_pyxs_works_unchanged(xenstored: str) -> None:
         assert c.read(b"/p/t") == b"1"
         with c.monitor() as m:
             m.watch(b"/p", b"tok")
-            events = m.wait()
-            assert next(events) == (b"/p", b"tok")
+            # pyxs waits for events without a timeout: pump them through a queue we can bound.
+            events: queue.Queue = queue.Queue()
+            threading.Thread(target=lambda: [events.put(e) for e in m.wait()], daemon=True).start()
+            assert events.get(timeout=WAIT) == (b"/p", b"tok")
             c.write(b"/p/k", b"w")
-            assert next(events) == (b"/p/k", b"tok")
+            assert events.get(timeout=WAIT) == (b"/p/k", b"tok")
         assert c.get_domain_path(4) == b"/local/domain/4"
 
 

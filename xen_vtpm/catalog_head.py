@@ -70,6 +70,8 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     """Open the shared catalog DB and make sure our tables exist."""
     try:
         conn = sqlite3.connect(Path(state_dir) / DB_NAME, timeout=30)
+        # The head row written after an NV increment must survive a power cut.
+        conn.execute("PRAGMA synchronous=FULL")
         conn.execute(_SCHEMA)
         from . import audit  # imported here: audit depends on this module
         conn.execute(audit.SCHEMA)

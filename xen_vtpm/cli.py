@@ -120,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        cfg = Config.load(args.config) if getattr(args, "needs_config", True) else Config()
+        if not getattr(args, "needs_config", True):
+            cfg = Config()
+        else:
+            cfg = Config.load(args.config, missing_ok=args.func is cmd_init)
         return args.func(args, cfg) or 0
     except XenVtpmError as exc:
         print(f"xen-vtpm: {exc}", file=sys.stderr)

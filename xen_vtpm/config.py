@@ -39,7 +39,8 @@ class Config:
     log_dir: Path = Path("/var/log/xen")  # xenconsoled --log=guest writes guest-<name>.log here
 
     @classmethod
-    def load(cls, explicit: str | os.PathLike | None = None) -> "Config":
+    def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> "Config":
+        """`missing_ok`: a named file that does not exist yet means defaults (for `init`, which writes it)."""
         path = Path(explicit) if explicit else None
         if path is None and os.environ.get("XEN_VTPM_CONFIG"):
             path = Path(os.environ["XEN_VTPM_CONFIG"])
@@ -52,6 +53,8 @@ class Config:
             with open(path, encoding="utf-8") as fh:
                 parser.read_file(fh)
         except FileNotFoundError:
+            if missing_ok:
+                return cls(path=path)
             raise ConfigError(f"{path}: config file not found; run `xen-vtpm init` or pass --config") from None
         except (OSError, configparser.Error) as exc:
             raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc}); fix or remove it") from None

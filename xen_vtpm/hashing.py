@@ -56,9 +56,12 @@ def _check_chunk_sizes(min_size: int, avg_size: int, max_size: int) -> None:
                          f"use the defaults {DEFAULT_MIN}/{DEFAULT_AVG}/{DEFAULT_MAX}")
 
 
+_CORES = max(1, len(os.sched_getaffinity(0)))
+
+
 def _threads(threads: int | None) -> int:
     if threads is None:
-        return max(1, len(os.sched_getaffinity(0)))
+        return _CORES
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads {threads!r}: must be a positive integer or None (all cores)")
     return threads
@@ -133,7 +136,10 @@ def _tree_hash_file(path: str, leaf_size: int, threads: int, out) -> None:
 # --------------------------------------------------------------------------- streaming engine
 
 class _Stream:
-    """One C stream: content-defined chunks and/or the Merkle root of everything fed."""
+    """One C stream: content-defined chunks and/or the Merkle root of everything fed.
+
+    Like a hashlib object, one stream is fed by one thread at a time.
+    """
 
     def __init__(self, label: str, *, chunking: bool, sizes: tuple[int, int, int], tree: bool,
                  leaf_size: int, threads: int | None) -> None:
@@ -149,14 +155,11 @@ class _Stream:
         self._rc = ffi.new("int *")
         self._finished = False
 
-    def _space(self, want: int, chunks: list[Chunk]):
-        while True:
-            p = lib.xv_stream_space(self._s, want, self._got, self._rc)
-            if p != ffi.NULL:
-                return p
-            if self._rc[0] != lib.XV_EAGAIN:
-                _raise_for(self._rc[0], self._label)
-            self._commit(0, False, chunks)     # hand out chunks still pointing at the other buffer
+    def _space(self, want: int):
+        p = lib.xv_stream_space(self._s, want, self._got, self._rc)
+        if p == ffi.NULL:
+            _raise_for(self._rc[0], self._label)
+        return p
 
     def _commit(self, n: int, final: bool, chunks: list[Chunk]) -> None:
         rc = lib.xv_stream_commit(self._s, n, int(final), self._out, self._nout)
@@ -177,7 +180,7 @@ class _Stream:
         with memoryview(data) as view, view.cast("B") if view.format != "B" or view.ndim != 1 else view as mv:
             pos, n = 0, len(mv)
             while pos < n:
-                p = self._space(n - pos, chunks)
+                p = self._space(n - pos)
                 k = self._got[0]
                 ffi.memmove(p, mv[pos:pos + k], k)
                 self._commit(k, False, chunks)
@@ -197,7 +200,7 @@ class _Stream:
         fd = f if isinstance(f, int) else None
         while True:
             chunks: list[Chunk] = []
-            p = self._space(_READ_SIZE, chunks)
+            p = self._space(_READ_SIZE)
             buf = ffi.buffer(p, self._got[0])
             n = os.readv(fd, [buf]) if fd is not None else f.readinto(buf)
             if n is None:

@@ -307,8 +307,7 @@ class HostTpm:
             if moved:
                 names = ", ".join(f"{self.bank}:{p}" for p in moved)
                 raise PcrPolicyMismatch(f"{what}: PCR policy not satisfied, PCRs changed since sealing: {names}; "
-                                        "boot the measured configuration it was sealed under, or re-seal from a "
-                                        "trusted boot") from None
+                                        "boot the configuration it was sealed under (see docs/host-tpm.md)") from None
             raise IntegrityError(f"{what}: PCR policy check failed although PCRs {self.pcr_spec} match their sealed "
                                  "values; the sealed blob was altered — restore it from backup") from None
         raise TpmError(f"{what}: unseal failed ({exc}); check the host TPM") from None

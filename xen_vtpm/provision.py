@@ -103,14 +103,17 @@ atexit.register(close_all)
 
 def open_host(cfg: Config) -> Host:
     """Connect to the TPM and unseal the host key once for this process."""
+    path = Path(cfg.state_dir) / HOSTKEY
+    if not path.exists():
+        raise PreconditionFailed(f"{cfg.state_dir}: host not provisioned (no sealed host key); run `xen-vtpm init`")
+    return _unsealed(cfg, path)
+
+
+def _unsealed(cfg: Config, blob_path: Path) -> Host:
     key = (str(cfg.state_dir), cfg.tcti, cfg.pcrs, cfg.counter_index)
     if key not in _hosts:
-        path = Path(cfg.state_dir) / HOSTKEY
-        if not path.exists():
-            raise PreconditionFailed(f"{cfg.state_dir}: host not provisioned (no sealed host key); "
-                                     "run `xen-vtpm init`")
         tpm = _tpm(cfg)
-        _hosts[key] = Host(cfg, tpm, derive_keys(tpm.unseal(SealedBlob.load(path), "host key")))
+        _hosts[key] = Host(cfg, tpm, derive_keys(tpm.unseal(SealedBlob.load(blob_path), "host key")))
     return _hosts[key]
 
 
@@ -139,31 +142,38 @@ def init(cfg: Config, rollback_auth_file: str | None = None) -> dict[str, Any]:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
 
+    # The sealed key gets its final name only after the head exists, so "key present, head
+    # missing" always means tampering: `init` then refuses instead of re-binding an old
+    # catalog to today's counter.
+    hostkey, staged = state_dir / HOSTKEY, state_dir / (str(HOSTKEY) + ".new")
     conn = catalog_head.connect(state_dir)
     try:
         has_head = conn.execute("SELECT COUNT(*) FROM head").fetchone()[0] > 0
-        if not (state_dir / HOSTKEY).exists():
+        if not hostkey.exists() and not staged.exists():
             if has_head:
-                raise IntegrityError(f"{state_dir / HOSTKEY}: sealed host key missing but the catalog exists; "
-                                     "restore it from a backup (a new key could not open the checkpoints)")
-            blob = tpm.seal(tpm.get_random(32))
-            blob.save(state_dir / HOSTKEY)
+                raise IntegrityError(f"{hostkey}: sealed host key missing but the catalog exists; restore it "
+                                     "from a backup (a new key could not open the checkpoints)")
+            tpm.seal(tpm.get_random(32)).save(staged)
             actions.append("sealed a new host key to PCRs " + tpm.pcr_spec)
         if not tpm.counter_exists(cfg.counter_index):
             tpm.counter_define(cfg.counter_index)
             actions.append(f"defined NV counter {cfg.counter_index:#010x}")
-        host = open_host(cfg)
+        host = _unsealed(cfg, hostkey if hostkey.exists() else staged)
         counter = host.counter_read()
         current, pending = catalog_head.read(conn, host.keys)
         if current is None:
-            if audit.tip(conn)[0]:
-                raise IntegrityError(f"{state_dir}: catalog head missing but the audit log has records (deleted?); "
-                                     "restore the state dir from a backup")
+            if hostkey.exists() or audit.tip(conn)[0]:
+                raise IntegrityError(f"{state_dir}: catalog head missing although the host was provisioned "
+                                     "(deleted?); restore the state dir from a backup")
             audit.append(host, "init", detail=f"counter {cfg.counter_index:#010x}", conn=conn)
             catalog_head.initial(conn, host.keys, counter)
             actions.append(f"wrote the catalog head at counter {counter}")
         else:
             catalog_head.check_fresh(current, counter, pending)
+        if not hostkey.exists():
+            os.replace(staged, hostkey)
+            if not actions:
+                actions.append("finished an interrupted init")
         if secret is not None:
             replaced = (state_dir / ROLLBACK).exists()
             tpm.seal(tpm.get_random(32), auth=auth_value(secret)).save(state_dir / ROLLBACK)
@@ -232,6 +242,7 @@ def status(cfg: Config) -> dict[str, Any]:
         out["counter"] = f"error: {exc}"
     if not out["provisioned"]:
         return out
+    out["catalog_head"] = out["audit_chain"] = "unknown (needs the host key)"
     try:
         blob = SealedBlob.load(state_dir / HOSTKEY)
         now = tpm.pcr_values()

@@ -32,6 +32,7 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..errors import XenStoreError
 from . import mgrproto as mp
 from .xlcfg import parse_disk
 
@@ -59,6 +60,8 @@ class PtpmSealer:
     """Seal/unseal the table key with the manager's physical TPM, bound to PCRs (SEAL_PCRS)."""
 
     def __init__(self, tcti: str) -> None:
+        # ESYS logs every refused unseal as an error; on the console that would read like a fault.
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
         from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
         from tpm2_pytss.constants import TPM2_RC, TPM2_SU
         name, _, conf = tcti.partition(":")
@@ -68,7 +71,21 @@ class PtpmSealer:
         except TSS2_Exception as exc:
             if exc.rc != TPM2_RC.INITIALIZE:
                 raise
+        self._flush_leftovers()
         self._primary = self._ctx.create_primary(None, "ecc256:aes128cfb")[0]
+
+    def _flush_leftovers(self) -> None:
+        # The manager owns its TPM exclusively (no resource manager); a killed predecessor may have
+        # left transient objects behind, and the TPM has only a few slots for them.
+        from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
+        more, data = self._ctx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+        for handle in data.data.handles:
+            self._ctx.flush_context(self._ctx.tr_from_tpmpublic(handle))
+
+    def close(self) -> None:
+        """Flush the primary: transient objects outlive our connection on a TPM without a resource manager."""
+        self._ctx.flush_context(self._primary)
+        self._ctx.close()
 
     def _pcr_session(self, trial: bool):
         from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
@@ -274,7 +291,7 @@ class TpmBack(threading.Thread):
     def _ls(self, path: str) -> list[str]:
         try:
             return self.xs.ls(path)
-        except Exception:
+        except XenStoreError:
             return []
 
     def _set_state(self, t: Tpmif, state: str) -> None:
@@ -286,13 +303,13 @@ class TpmBack(threading.Thread):
             try:
                 self._set_state(t, "5")
                 self._set_state(t, "6")
-            except Exception:
+            except XenStoreError:
                 pass
         self.on_free(t)
         if remove:
             try:
                 self.xs.rm(t.be_path)
-            except Exception:
+            except XenStoreError:
                 pass
         self.tpmifs.pop((t.fe_domid, t.devid), None)
 
@@ -301,7 +318,7 @@ class TpmBack(threading.Thread):
         try:
             uid = mp.parse_uuid(self.xs.read_or(f"{be_path}/uuid"), "uuid")
             fe_path = self.xs.read(f"{be_path}/frontend")
-        except (mp.RequestError, Exception) as exc:
+        except (mp.RequestError, XenStoreError) as exc:
             log(f"tpmback.c:285: Error: backend/vtpm/{fe}/{dev}: bad uuid or frontend ({exc})")
             self.bad.add((fe, dev))
             return
@@ -331,20 +348,21 @@ class TpmBack(threading.Thread):
             elif fe_state == "6" and t.connected:
                 t.connected = False
                 self._set_state(t, "2")
+        present = set()
         for fe in self._ls(self.root):
             for dev in self._ls(f"{self.root}/{fe}"):
-                if not (fe.isdigit() and dev.isdigit()):
-                    continue
-                key = (int(fe), int(dev))
-                if key not in self.tpmifs and key not in self.bad:
-                    self._new(*key)
+                if fe.isdigit() and dev.isdigit():
+                    present.add((int(fe), int(dev)))
+        self.bad &= present                  # a removed bad entry may come back repaired
+        for key in sorted(present - self.tpmifs.keys() - self.bad):
+            self._new(*key)
 
     def run(self) -> None:
         watch = self.xs.watch(self.root, "tpmback")
         while not self.stopping.is_set():
             try:
                 self.scan()
-            except Exception as exc:        # a vanished node mid-scan: rescan on the next round
+            except (XenStoreError, OSError) as exc:       # a vanished node mid-scan: rescan on the next round
                 log(f"tpmback.c:120: Info: rescan after {exc.__class__.__name__}: {exc}")
             watch.wait(self.POLL)
 
@@ -355,6 +373,7 @@ class TpmBack(threading.Thread):
 class Opaque:
     """Per-tpmif state of vtpmmgr (struct tpm_opaque)."""
     uuid: bytes
+    fe_state: str                      # the frontend's state node: gone = the vTPM domain is gone
     vtpm: bytes | None = None          # the UUID this connection holds OPEN (or created)
     server: "RingServer | None" = None
 
@@ -447,7 +466,7 @@ class Manager:
     # tpmback callbacks
     def on_new(self, t: Tpmif) -> None:
         with self.lock:
-            self.live[(t.fe_domid, t.devid)] = Opaque(t.uuid)
+            self.live[(t.fe_domid, t.devid)] = Opaque(t.uuid, f"{t.fe_path}/state")
 
     def on_connect(self, t: Tpmif) -> None:
         with self.lock:
@@ -524,11 +543,13 @@ class Manager:
         return mp.response(mp.TPM_SUCCESS)
 
     # the checkpoint extension (docs/protocol.md)
-    def is_open(self, uid: bytes) -> bool:
-        entry = self.table.get(uid)
-        return bool(entry and entry.flags & FLAG_OPEN) or any(o.uuid == uid for o in self.live.values())
+    def is_open(self, uid: bytes, xs) -> bool:
+        """OPEN, or presented by any backend entry; a tpmif whose frontend vanished does not count,
+        since the tool may see the domain released before our tpmback thread has freed it."""
+        return any((o.uuid == uid or o.vtpm == uid) and xs.read_or(o.fe_state) is not None
+                   for o in self.live.values())
 
-    def execute(self, req: mp.CheckpointRequest) -> str:
+    def execute(self, req: mp.CheckpointRequest, xs) -> str:
         """Apply one request; returns the hash hex; RequestError leaves the table as it was."""
         with self.lock:
             try:
@@ -554,7 +575,7 @@ class Manager:
                 if req.uuid is not None and ckpt.origin != req.uuid:
                     raise mp.RequestError(f"checkpoint {ckpt_name} belongs to vTPM {mp.format_uuid(ckpt.origin)}")
                 if req.op == "restore":
-                    if self.is_open(req.uuid):
+                    if self.is_open(req.uuid, xs):
                         raise mp.RequestError(f"vTPM {vtpm_name} is open; destroy its stub domain first")
                     src.data = ckpt.data
                 else:
@@ -580,8 +601,9 @@ class RequestWatcher(threading.Thread):
         home = f"/local/domain/{mgr.domid}"
         self.req_root = f"{home}/control/vtpmmgr/request"
         self.rsp_root = f"{home}/data/vtpmmgr/response"
+        self.outcomes: dict[str, tuple[str, str, str]] = {}
 
-    def _answer(self, rid: str, status: str, error: str = "", digest: str = "") -> None:
+    def _answer(self, rid: str, status: str, error: str, digest: str) -> None:
         base = f"{self.rsp_root}/{rid}"
 
         def tx(t) -> None:
@@ -594,38 +616,44 @@ class RequestWatcher(threading.Thread):
 
     def _process(self, rid: str) -> None:
         base = f"{self.req_root}/{rid}"
-        fields = {k: self.xs.read_or(f"{base}/{k}") for k in ("state", "op", "uuid", "checkpoint")}
-        if fields["state"] != "submitted":
-            return                                   # not complete yet (or withdrawn)
+        if rid not in self.outcomes:
+            fields = {k: self.xs.read_or(f"{base}/{k}") for k in ("state", "op", "uuid", "checkpoint")}
+            if fields["state"] != "submitted":
+                return                               # not complete yet (or withdrawn)
+            if self.xs.read_or(f"{self.rsp_root}/{rid}/status") is not None:
+                self.mgr.done.add(rid)               # answered in an earlier boot
+                return
+            self.outcomes[rid] = self._outcome(rid, base, fields)
+        # Executed once; the answer is re-sent until it is written, never re-executed.
+        self._answer(rid, *self.outcomes[rid])
+        del self.outcomes[rid]
         self.mgr.done.add(rid)
-        if self.xs.read_or(f"{self.rsp_root}/{rid}/status") is not None:
-            return
+
+    def _outcome(self, rid: str, base: str, fields: dict[str, str | None]) -> tuple[str, str, str]:
         try:
             perms = self.xs.get_perms(base)
             if not perms or perms[0][1:] != "0":
                 raise mp.RequestError(f"request {rid} is not owned by dom0 (perms {','.join(perms)})")
-            req = mp.parse_request(fields)
-            digest = self.mgr.execute(req)
+            digest = self.mgr.execute(mp.parse_request(fields), self.xs)
         except mp.RequestError as exc:
             log(f"vtpmmgr: request {rid}: error: {exc}")
-            self._answer(rid, "error", error=str(exc))
-            return
+            return "error", str(exc), ""
         log(f"vtpmmgr: request {rid}: {fields['op']} ok hash={digest}")
-        self._answer(rid, "ok", digest=digest)
+        return "ok", "", digest
 
     def run(self) -> None:
         watch = self.xs.watch(self.req_root, "requests")
         while True:
             try:
                 ids = self.xs.ls(self.req_root)
-            except Exception:
+            except XenStoreError:
                 ids = []
             for rid in ids:
                 if rid in self.mgr.done or not mp.valid_request_id(rid):
                     continue
                 try:
                     self._process(rid)
-                except Exception as exc:             # a node vanished mid-read: retry next round
+                except XenStoreError as exc:            # a node vanished mid-read: retry next round
                     log(f"vtpmmgr: request {rid}: retry after {exc.__class__.__name__}")
             watch.wait(self.POLL)
 
@@ -656,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         table = {}
     else:
         log(f"vtpmmgr: loaded {len(table)} entries (sequence {disk.seq}, slot {disk.active})")
+    disk.sealer.close()                  # key unsealed, sealed copy kept: done with the TPM
     mgr = Manager(sim_dir, args.domid, disk, XenStore, checkpoints)
     mgr.table = table
 

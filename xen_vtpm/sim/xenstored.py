@@ -388,7 +388,7 @@ class Xenstored:
             return
         self._send(conn, encode(msg.type, msg.req_id, msg.tx_id, reply))
         if op == Op.WATCH:
-            pass
+            self._initial_event(conn, msg)
         self._flush_all()
 
     def _data_op(self, conn: Conn, txn: Txn | None, fn) -> bytes:
@@ -581,6 +581,8 @@ class Xenstored:
         if args[0].startswith(b"@"):
             # Special nodes exist only for watches here; accept what dom0 sets.
             self.canonical(conn, args[0], allow_special=True)
+            if not conn.privileged:
+                raise XsError("EACCES")
             return b"OK\0"
         path = self.canonical(conn, args[0])
 

@@ -12,7 +12,7 @@ import json
 import struct
 from typing import Any
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, UsageError
 from .chunks import ID_SIZE
 
 MAGIC = b"XVTPMANI"
@@ -78,26 +78,34 @@ def encode(manifest: Manifest, mac_key: bytes) -> bytes:
     return body + hmac.digest(mac_key, body, "sha256")
 
 
+def _count(fmt: str, n: int, what: str) -> bytes:
+    try:
+        return struct.pack(fmt, n)
+    except struct.error:
+        raise UsageError(f"manifest: {what} is too long ({n})") from None
+
+
+def _prefixed(fmt: str, raw: bytes, what: str) -> bytes:
+    return _count(fmt, len(raw), what) + raw
+
+
 def _encode_body(m: Manifest) -> bytes:
     out = [MAGIC, struct.pack("<H", VERSION)]
-    for text in (m.checkpoint_id, m.name, m.vm_uuid, m.vm_name, m.vtpm_uuid, m.manager_checkpoint,
-                 m.tool_version):
-        raw = text.encode("utf-8")
-        out.append(struct.pack("<H", len(raw)) + raw)
+    for what, text in (("checkpoint id", m.checkpoint_id), ("name", m.name), ("VM UUID", m.vm_uuid),
+                       ("VM name", m.vm_name), ("vTPM UUID", m.vtpm_uuid),
+                       ("manager checkpoint id", m.manager_checkpoint), ("tool version", m.tool_version)):
+        out.append(_prefixed("<H", text.encode("utf-8"), what))
     out.append(struct.pack("<QQ", m.created_us, m.counter))
-    out.append(struct.pack("<B", len(m.slot_hashes)))
-    for h in m.slot_hashes:
-        out.append(struct.pack("<B", len(h)) + h)
-    for obj in (m.save_header, m.extra):
-        raw = canonical_json(obj)
-        out.append(struct.pack("<I", len(raw)) + raw)
-    out.append(struct.pack("<H", len(m.streams)))
+    out.append(_count("<B", len(m.slot_hashes), "slot hash list"))
+    out.extend(_prefixed("<B", h, "slot hash") for h in m.slot_hashes)
+    out.append(_prefixed("<I", canonical_json(m.save_header), "save header"))
+    out.append(_prefixed("<I", canonical_json(m.extra), "extra"))
+    out.append(_count("<H", len(m.streams), "stream list"))
     for rec in m.streams:
-        raw = rec.name.encode("utf-8")
         kind = KIND_BLOB if rec.kind == "blob" else KIND_STREAM
-        out.append(struct.pack("<H", len(raw)) + raw)
+        out.append(_prefixed("<H", rec.name.encode("utf-8"), "stream name"))
         out.append(struct.pack("<BQ", kind, rec.length) + rec.tree_root + (rec.sha256 or _ZERO))
-        out.append(struct.pack("<I", len(rec.chunks)))
+        out.append(_count("<I", len(rec.chunks), "chunk list"))
         out.append(b"".join(cid + struct.pack("<I", ln) for cid, ln in rec.chunks))
     return b"".join(out)
 

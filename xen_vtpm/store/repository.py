@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import re
-import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ from .reader import CheckpointReader
 from .writer import CheckpointWriter
 
 DEFAULT_PACK_TARGET = 32 << 20
-# min/avg/max chunk sizes.  Smaller than the chunker's own defaults because guests dirty memory in
-# runs of pages: a changed run costs about (run + avg) stored bytes, so avg 16 KiB keeps a
-# 5%-changed image near 6% new bytes where 64 KiB gives about 14% (docs/formats-store.md §5).
+# min/avg/max chunk sizes, smaller than the chunker's defaults: guests dirty memory in runs of
+# pages and a changed run costs about (run + avg) stored bytes; with 5% of an image rewritten in
+# 64 KiB runs, avg 16 KiB stores 8% new bytes where 64 KiB stores 15% (docs/formats-store.md §5).
 DEFAULT_CHUNK_SIZES = (4 << 10, 16 << 10, 64 << 10)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_STORE_FILE_RE = re.compile(r"(packs/[0-9a-f]{32}\.pack|manifests/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.manifest)(\.tmp)?")
 
 
 class Repository:
@@ -74,7 +75,23 @@ class Repository:
 
     def undo_files(self, relpaths: list[str]) -> None:
         for rel in relpaths:
+            # Names come from journal rows: never let an altered row delete outside the store.
+            if not _STORE_FILE_RE.fullmatch(rel):
+                raise IntegrityError(f"{self.catalog.path}: journal names {rel!r}, which is not a store file; "
+                                     "the catalog was altered — inspect it before running recover again")
             unlink_if_present(self.state_dir / rel)
+
+    def check_writable(self) -> None:
+        """Raise StorageError/DiskFull now rather than halfway through a snapshot."""
+        probe = self.pack_dir / f".probe-{secrets.token_hex(4)}"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(bytes(4096))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.unlink(probe)
+        except OSError as exc:
+            raise storage_error(exc, self.pack_dir, "writing a test file") from None
 
     def _owner(self, exclusive: bool) -> OwnerLock:
         store_lock = StoreLock(self.lock_dir, exclusive, self.lock_timeout)
@@ -167,10 +184,12 @@ class Repository:
             label = reader.label
             places = reader.placements()
             wanted = {cid for rec in reader.manifest.streams for cid, _ in rec.chunks}
-            for cid in wanted - places.keys():
+            if wanted - places.keys():
+                cid = min(wanted - places.keys())
                 raise IntegrityError(f"{label}: chunk {cid.hex()[:16]} of the manifest has no catalog reference; "
                                      "the catalog was altered — do not use this checkpoint")
-            for cid in places.keys() - wanted:
+            if places.keys() - wanted:
+                cid = min(places.keys() - wanted)
                 raise IntegrityError(f"{label}: catalog references chunk {cid.hex()[:16]} the manifest does not "
                                      "list; the catalog was altered")
             self._check_refcounts(checkpoint_id, label)
@@ -361,8 +380,8 @@ class Repository:
                     continue
                 if owner_alive(self.lock_dir, token):
                     continue
-            elif rel in claimed:
-                continue
+            elif rel in claimed or not _STORE_FILE_RE.fullmatch(rel):
+                continue   # files the store did not name are not ours to delete
             removed += unlink_if_present(path)
         return removed
 

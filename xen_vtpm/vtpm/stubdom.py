@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..errors import DomainNotFound, ManagerError, NoCheckpointFeature, UsageError, XenStoreTimeout
+from ..errors import (DomainNotFound, ManagerError, NoCheckpointFeature, UsageError, XenStoreNotFound,
+                      XenStoreTimeout)
 from ..xenstore import XenStore
 
 FEATURE = "data/vtpmmgr/feature-checkpoint"
@@ -110,7 +111,7 @@ class ManagerClient:
             tx.set_perms(f"{req}/state", perms)
         self.xs.transact(write)
         wait = self.cfg.manager_timeout if timeout is None else timeout
-        answered = self.xs.wait_for(lambda: self.xs.read_or(f"{rsp}/status") is not None, [rsp], wait)
+        self.xs.wait_for(lambda: self.xs.read_or(f"{rsp}/status") is not None, [rsp], wait)
         self._rm(req)
         status = self.xs.read_or(f"{rsp}/status")
         error = self.xs.read_or(f"{rsp}/error") or ""
@@ -119,15 +120,17 @@ class ManagerClient:
         if status is None:
             raise XenStoreTimeout(f"{mgr.name}: no answer to {op} request {rid} within {wait:g} s; request "
                                   f"withdrawn, check that the manager runs and is not paused")
-        if status != "ok" or (answered and not re.fullmatch(r"[0-9a-f]{40}", digest)):
-            cause = error or f"status {status!r}"
-            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} refused: {cause}")
+        if status != "ok":
+            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} refused: {error or status}")
+        if not re.fullmatch(r"[0-9a-f]{40}", digest):
+            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} answered ok without a valid hash "
+                               f"({digest[:48]!r}); check the manager version against docs/protocol.md")
         return digest
 
     def _rm(self, path: str) -> None:
         try:
             self.xs.rm(path)
-        except Exception:      # already gone
+        except XenStoreNotFound:
             pass
 
     def checkpoint(self, vtpm_uuid: str, checkpoint: str, timeout: float | None = None) -> str:

@@ -1,0 +1,216 @@
+"""Fuzz the simulated xenstored live: hostile packets from several connections, over its socket.
+
+A real daemon process (``python -m xen_vtpm.sim.xenstored``) gets random, mutated and
+malformed xs_wire packets from two dom0 connections and one connection of domain 3.  Every
+few hundred packets, and at the end, a well-formed client (our XenStore client, and at the end
+also Debian's xenstore-write/xenstore-read) must still be served correctly; the daemon must
+never exit or log a traceback.  Connections the daemon drops (oversized payloads, as the real
+xenstored does) are reopened.  Failures raise AssertionError naming the last packets sent.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+import fz_xenstored_wire  # noqa: E402
+
+from xen_vtpm.sim.xenstored import HEADER, PAYLOAD_MAX, Op, encode  # noqa: E402
+from xen_vtpm.xenstore import XenStore  # noqa: E402
+
+DOMU = 3
+PROBE_EVERY = 250
+WAIT = 10.0          # bound on any single wait; never asserted as a duration
+PATHS = [b"/", b"/local", b"/local/domain/3", b"/local/domain/3/data", b"data/x", b"x", b"/tool/xenstored",
+         b"@releaseDomain", b"@introduceDomain", b"/a/b/c", b"/a//b", b"/a/", b"", b"/\xc3\xa9", b"@",
+         b"/" + b"d" * 3100, b"r" * 2100, b"/local/domain/0/name", b"/fuzz-probe"]
+WORDS = [b"n0", b"r3", b"b3", b"w0", b"x1", b"n99999", b"3", b"0", b"4096", b"T", b"F", b"tok", b"-1", b"32752"]
+
+
+def _payload(rnd: random.Random) -> bytes:
+    parts = [rnd.choice(PATHS)]
+    for _ in range(rnd.randrange(4)):
+        parts.append(rnd.choice(WORDS) if rnd.random() < 0.7 else rnd.randbytes(rnd.randrange(40)))
+    payload = b"\0".join(parts)
+    return payload + b"\0" if rnd.random() < 0.8 else payload
+
+
+def packet(rnd: random.Random, seeds: list[bytes]) -> bytes:
+    """One hostile send: structured, mutated from real request streams, random or oversized."""
+    roll = rnd.random()
+    if roll < 0.55:
+        op = rnd.choice(list(Op) + [20, 22, 99, 0xFFFFFFFF])
+        tx = 0 if rnd.random() < 0.7 else rnd.choice((1, 2, 3, 0xFFFFFFFF, rnd.getrandbits(32)))
+        return encode(op, rnd.getrandbits(32), tx, _payload(rnd))
+    if roll < 0.85:
+        return harness.mutate(rnd.choice(seeds), rnd, max_len=PAYLOAD_MAX)
+    if roll < 0.95:
+        return rnd.randbytes(rnd.randrange(1, 64))
+    return HEADER.pack(rnd.choice(list(Op)), 1, 0, rnd.choice((PAYLOAD_MAX + 1, 1 << 20, 0xFFFFFFFF)))
+
+
+class _Daemon:
+    def __init__(self, directory: Path) -> None:
+        self.sock = str(directory / "xs.sock")
+        self.log_path = directory / "xenstored.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm.sim.xenstored", "--socket", self.sock],
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + WAIT
+        while not self._accepting():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"simulated xenstored did not start: {self.log_tail()}")
+            time.sleep(0.02)
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.sock)
+            except OSError:
+                return False
+        return True
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-800:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class _Conn:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(WAIT)
+        self.sock.connect(path)
+
+    def send(self, data: bytes) -> bool:
+        """Send and drain replies; False once the daemon has closed this connection."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        self.sock.setblocking(False)
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    return False
+        except BlockingIOError:
+            return True
+        except ConnectionResetError:
+            return False
+        finally:
+            self.sock.settimeout(WAIT)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _probe(sock: str, n: int) -> None:
+    """A well-formed client gets correct answers: write, read back, list, transaction, remove."""
+    with XenStore(sock, timeout=WAIT) as xs:
+        path = f"/fuzz-probe/{n}"
+        xs.write(path, f"value-{n}")
+        assert xs.read(path) == f"value-{n}", "read back a different value"
+        assert str(n) in xs.ls("/fuzz-probe")
+        xs.transact(lambda tx: tx.write(f"{path}/t", "in-tx"))
+        assert xs.read(f"{path}/t") == "in-tx"
+        xs.rm(path)
+        assert not xs.exists(path)
+        if not xs.is_introduced(DOMU):
+            xs.introduce(DOMU, 4096, 5)
+
+
+def _probe_c_clients(sock: str) -> None:
+    env = dict(os.environ, XENSTORED_PATH=sock)
+    run = dict(env=env, capture_output=True, timeout=WAIT, check=True)
+    subprocess.run(["xenstore-write", "/fuzz-probe/c", "from-c"], **run)
+    out = subprocess.run(["xenstore-read", "/fuzz-probe/c"], text=True, **run).stdout.strip()
+    assert out == "from-c", f"xenstore-read returned {out!r}"
+
+
+def run(seconds: float, seed: int = 0, c_clients: bool = True) -> dict:
+    """Fuzz a fresh daemon for ``seconds``; returns counts, raises AssertionError on a failure."""
+    rnd = random.Random(seed)
+    seeds = fz_xenstored_wire.seeds()
+    directory = Path(tempfile.mkdtemp(prefix="xvfuzz-live-"))
+    daemon = _Daemon(directory)
+    conns: dict[int, _Conn] = {}
+    sent: collections.deque[bytes] = collections.deque(maxlen=20)
+    stats = {"packets": 0, "bytes": 0, "drops": 0, "probes": 0}
+    targets = {0: daemon.sock, 1: daemon.sock, 2: f"{daemon.sock}.d{DOMU}"}
+
+    def failure(what: str) -> AssertionError:
+        last = b"".join(sent)
+        return AssertionError(f"{what} after {stats['packets']} packets; last {len(last)} bytes sent "
+                              f"(hex): {last.hex()}; daemon log: {daemon.log_tail()}")
+    try:
+        try:
+            _probe(daemon.sock, 0)
+        except Exception as exc:
+            raise failure(f"the daemon failed a well-formed client before fuzzing ({exc})") from None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            which = rnd.randrange(3)
+            if which not in conns:
+                try:
+                    conns[which] = _Conn(targets[which])
+                except OSError:
+                    continue           # domain 3 released by a fuzz packet; the next probe re-introduces it
+            data = packet(rnd, seeds)
+            sent.append(data)
+            stats["packets"] += 1
+            stats["bytes"] += len(data)
+            try:
+                alive = conns[which].send(data)
+            except TimeoutError:
+                raise failure("the daemon stopped reading") from None
+            if not alive:
+                conns.pop(which).close()
+                stats["drops"] += 1
+            if stats["packets"] % PROBE_EVERY == 0:
+                if daemon.proc.poll() is not None:
+                    raise failure(f"the daemon exited with {daemon.proc.returncode}")
+                try:
+                    _probe(daemon.sock, stats["packets"])
+                except Exception as exc:
+                    raise failure(f"a well-formed client failed: {exc.__class__.__name__}: {exc}") from None
+                stats["probes"] += 1
+        if daemon.proc.poll() is not None:
+            raise failure(f"the daemon exited with {daemon.proc.returncode}")
+        try:
+            _probe(daemon.sock, stats["packets"] + 1)
+            if c_clients and shutil.which("xenstore-write"):
+                _probe_c_clients(daemon.sock)
+        except Exception as exc:
+            raise failure(f"a well-formed client failed at the end: {exc.__class__.__name__}: {exc}") from None
+        stats["probes"] += 1
+        if "Traceback" in daemon.log_path.read_text(errors="replace"):
+            raise failure("the daemon logged a traceback")
+    finally:
+        for conn in conns.values():
+            conn.close()
+        daemon.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    return stats
+
+
+if __name__ == "__main__":
+    print(run(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0))
