@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -81,7 +82,7 @@ class _Daemon:
         return True
 
     def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-800:]
+        return self.log_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -146,38 +147,69 @@ def _probe_c_clients(sock: str) -> None:
     assert out == "from-c", f"xenstore-read returned {out!r}"
 
 
-def run(seconds: float, seed: int = 0, c_clients: bool = True) -> dict:
-    """Fuzz a fresh daemon for ``seconds``; returns counts, raises AssertionError on a failure."""
-    rnd = random.Random(seed)
-    seeds = fz_xenstored_wire.seeds()
+class Finding(Exception):
+    """The daemon misbehaved; ``packets`` are the last ones sent before it was noticed."""
+
+    def __init__(self, what: str, packets: list[bytes], log_tail: str) -> None:
+        super().__init__(what)
+        self.what, self.packets, self.log_tail = what, packets, log_tail
+
+    def signature(self) -> str:
+        """What identifies the bug: the daemon's traceback (exception and where), else the symptom."""
+        if "Traceback" in self.log_tail:
+            lines = self.log_tail[self.log_tail.rindex("Traceback"):].splitlines()
+            frames = [ln.strip() for ln in lines if ln.strip().startswith("File ")]
+            ours = [f for f in frames if "xen_vtpm" in f] or frames or ["?"]
+            where = re.sub(r'File "[^"]*/', 'File "', ours[-1])
+            return f"{lines[-1].strip()} at {where}"
+        return re.sub(r"/\S+", "<path>", re.sub(r"\d+", "N", self.what))
+
+
+def _session(rnd: random.Random, seeds: list[bytes], deadline: float, budget: int, stats: dict,
+             race_domain_connects: bool) -> None:
+    """Fuzz one fresh daemon until the deadline or ``budget`` packets; raise Finding on misbehaviour."""
     directory = Path(tempfile.mkdtemp(prefix="xvfuzz-live-"))
     daemon = _Daemon(directory)
     conns: dict[int, _Conn] = {}
     sent: collections.deque[bytes] = collections.deque(maxlen=20)
-    stats = {"packets": 0, "bytes": 0, "drops": 0, "probes": 0}
     targets = {0: daemon.sock, 1: daemon.sock, 2: f"{daemon.sock}.d{DOMU}"}
 
-    def failure(what: str) -> AssertionError:
-        last = b"".join(sent)
-        return AssertionError(f"{what} after {stats['packets']} packets; last {len(last)} bytes sent "
-                              f"(hex): {last.hex()}; daemon log: {daemon.log_tail()}")
-    try:
+    def failure(what: str) -> Finding:
+        try:                # a crashing daemon finishes writing its traceback first
+            daemon.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        daemon.stop()
+        return Finding(f"{what} after {stats['packets']} packets", list(sent), daemon.log_tail())
+
+    def probe(n: int, final: bool = False) -> None:
+        if daemon.proc.poll() is not None:
+            raise failure(f"the daemon exited with status {daemon.proc.returncode}")
         try:
-            _probe(daemon.sock, 0)
+            _probe(daemon.sock, n)
+            if final and shutil.which("xenstore-write"):
+                _probe_c_clients(daemon.sock)
         except Exception as exc:
-            raise failure(f"the daemon failed a well-formed client before fuzzing ({exc})") from None
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+            raise failure(f"a well-formed client failed: {exc.__class__.__name__}: {exc}") from None
+        stats["probes"] += 1
+    try:
+        probe(0)
+        sent_here = 0
+        while time.monotonic() < deadline and sent_here < budget:
             which = rnd.randrange(3)
+            if which == 2 and which not in conns and not race_domain_connects:
+                probe(stats["packets"])       # quiesce first: the domain socket is opened in no race
             if which not in conns:
                 try:
                     conns[which] = _Conn(targets[which])
                 except OSError:
-                    continue           # domain 3 released by a fuzz packet; the next probe re-introduces it
+                    probe(stats["packets"])   # raises if the daemon died; else re-introduces domain 3
+                    continue
             data = packet(rnd, seeds)
             sent.append(data)
             stats["packets"] += 1
             stats["bytes"] += len(data)
+            sent_here += 1
             try:
                 alive = conns[which].send(data)
             except TimeoutError:
@@ -185,23 +217,9 @@ def run(seconds: float, seed: int = 0, c_clients: bool = True) -> dict:
             if not alive:
                 conns.pop(which).close()
                 stats["drops"] += 1
-            if stats["packets"] % PROBE_EVERY == 0:
-                if daemon.proc.poll() is not None:
-                    raise failure(f"the daemon exited with {daemon.proc.returncode}")
-                try:
-                    _probe(daemon.sock, stats["packets"])
-                except Exception as exc:
-                    raise failure(f"a well-formed client failed: {exc.__class__.__name__}: {exc}") from None
-                stats["probes"] += 1
-        if daemon.proc.poll() is not None:
-            raise failure(f"the daemon exited with {daemon.proc.returncode}")
-        try:
-            _probe(daemon.sock, stats["packets"] + 1)
-            if c_clients and shutil.which("xenstore-write"):
-                _probe_c_clients(daemon.sock)
-        except Exception as exc:
-            raise failure(f"a well-formed client failed at the end: {exc.__class__.__name__}: {exc}") from None
-        stats["probes"] += 1
+            if sent_here % PROBE_EVERY == 0:
+                probe(stats["packets"])
+        probe(stats["packets"] + 1, final=True)
         if "Traceback" in daemon.log_path.read_text(errors="replace"):
             raise failure("the daemon logged a traceback")
     finally:
@@ -209,6 +227,38 @@ def run(seconds: float, seed: int = 0, c_clients: bool = True) -> dict:
             conn.close()
         daemon.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(seconds: float, seed: int = 0, packets: int | None = None,
+        findings_dir: Path | None = None, race_domain_connects: bool = True) -> dict:
+    """Fuzz for ``seconds`` (or until ``packets`` were sent), restarting the daemon after each finding.
+
+    Returns counts and ``findings``: one entry per distinct signature, with the reproducer file
+    (the last packets sent, concatenated) when ``findings_dir`` is given.  With
+    ``race_domain_connects`` False the domain socket is only (re)opened while the daemon is idle.
+    """
+    rnd = random.Random(seed)
+    seeds = fz_xenstored_wire.seeds()
+    stats: dict = {"packets": 0, "bytes": 0, "drops": 0, "probes": 0, "sessions": 0, "findings": []}
+    deadline = time.monotonic() + seconds
+    budget = packets if packets is not None else 1 << 62
+    seen: dict[str, dict] = {}
+    while time.monotonic() < deadline and stats["packets"] < budget:
+        stats["sessions"] += 1
+        try:
+            _session(rnd, seeds, deadline, budget - stats["packets"], stats, race_domain_connects)
+        except Finding as found:
+            sig = found.signature()
+            if sig in seen:
+                seen[sig]["hits"] += 1
+                continue
+            entry = seen[sig] = {"signature": sig, "symptom": found.what, "hits": 1}
+            if findings_dir is not None:
+                findings_dir.mkdir(parents=True, exist_ok=True)
+                path = findings_dir / f"xenstored-live-{len(seen)}.bin"
+                path.write_bytes(b"".join(found.packets))
+                entry["reproducer"] = str(path)
+            stats["findings"].append(entry)
     return stats
 
 

@@ -30,8 +30,10 @@ class SimHost:
     def config(self) -> Path:
         return self.dir / "config.ini"
 
-    def run(self, argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
+    def run(self, argv: list[str], check: bool = True, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(argv, env=dict(self.env, **(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{argv} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc

@@ -102,13 +102,14 @@ def test_xenstore_layout_vtpm_device_and_release_watch(sim):
     (row,) = parse_vtpm_list(sim.xl("vtpm-list", "lay").stdout)
     assert (row["devid"], row["backend_domid"], row["uuid"], row["state"]) == (0, mgr, vuuid, 4)
     # @releaseDomain fires when the domain is destroyed (first event: the registration).
-    watcher = subprocess.Popen(["xenstore-watch", "-n", "2", "@releaseDomain"], env=sim.env,
-                               stdout=subprocess.PIPE, text=True)
+    # stdbuf: xenstore-watch block-buffers a pipe; timeout: never hang the suite.
+    watcher = subprocess.Popen(["timeout", "30", "stdbuf", "-oL", "xenstore-watch", "-n", "2", "@releaseDomain"],
+                               env=sim.env, stdout=subprocess.PIPE, text=True)
     try:
         assert watcher.stdout.readline().strip() == "@releaseDomain"
         sim.xl("destroy", "lay")
         assert watcher.stdout.readline().strip() == "@releaseDomain"
-        assert watcher.wait(timeout=10) == 0
+        assert watcher.wait(timeout=30) == 0
     finally:
         watcher.kill()
         watcher.wait()
@@ -127,7 +128,7 @@ def test_save_restore_round_trip_with_vtpm_config(sim, tmp_path):
     assert state_of(sim, "rt") == "--p---"
     saved = digest(sim, "rt")
     verify = sim.run([VERIFY, "-f", "xl", "-i", str(save)], check=False,
-                     env=dict(sim.env, PYTHONPATH="/usr/lib/xen-4.17/lib/python"))
+                     env={"PYTHONPATH": "/usr/lib/xen-4.17/lib/python"})
     assert verify.returncode == 0, verify.stderr
     header = read_save_header(str(save))
     assert header.vtpms == [{"uuid": vuuid, "backend_domname": "vtpmmgr",
@@ -192,7 +193,7 @@ def test_bad_input_one_line_errors(sim, tmp_path, case):
         sim.xl("save", "victim", str(good))
         bad = tmp_path / "bad.save"
         data = good.read_bytes()
-        bad.write_bytes(data[: len(data) // 2] if case == "truncated" else b"X" + data[1:])
+        bad.write_bytes(data[: len(data) // 2] if case == "truncated" else b"Q" + data[1:])
         proc = sim.xl("restore", str(bad), check=False)
         want = "truncated inside" if case == "truncated" else "wrong magic"
         assert state_of(sim, "victim") is None    # nothing half-restored is left

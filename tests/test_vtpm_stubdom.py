@@ -315,3 +315,33 @@ def _alive(pid: int) -> bool:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+def test_xenbus_states_of_both_links(lab):
+    """guest -> vTPM stub domain -> manager, with the nodes and states of facts §5.1-5.3."""
+    lab.sim.create_guest("g1")
+    xs, guest, vtpm, mgr = lab.xs, lab.sim.domid("g1"), lab.sim.domid("vtpm-g1"), lab.mgr.info().domid
+    links = ((f"/local/domain/{vtpm}/device/vtpm/0", f"/local/domain/{mgr}/backend/vtpm/{vtpm}/0"),
+             (f"/local/domain/{guest}/device/vtpm/0", f"/local/domain/{vtpm}/backend/vtpm/{guest}/0"))
+
+    def connected() -> bool:
+        return all(xs.read_or(f"{fe}/state") == "4" and xs.read_or(f"{be}/state") == "4" for fe, be in links)
+    assert xs.wait_for(connected, [p + "/state" for link in links for p in link], 20)
+    for fe, be in links:
+        assert xs.read(f"{be}/ready") == "1" and xs.read(f"{be}/feature-protocol-v2") == "1"
+        assert xs.read(f"{fe}/feature-protocol-v2") == "1"
+        assert xs.read(f"{fe}/ring-ref").isdigit() and xs.read(f"{fe}/event-channel").isdigit()
+    tcti = lab.sim.tool("sim", "tcti", "g1").stdout.strip()
+    assert tcti == lab.tcti_file("vtpm-g1").read_text().strip()
+    with GuestTpm(tcti) as tpm:
+        tpm.ctx.get_random(4)
+    lab.sim.xl("destroy", "g1")                           # tpmback frees the guest's tpmif ...
+    assert xs.wait_for(lambda: not xs.exists(links[1][1]), [links[1][1]], 20)
+    log = stubdom.log_path(lab.cfg, "vtpm-g1")
+    deadline = time.monotonic() + 20
+    while f"frontend {guest}/0 gone, tpmif freed" not in log.read_text():
+        assert time.monotonic() < deadline, "the vTPM never freed the guest's tpmif"
+        time.sleep(0.05)
+    assert lab.sim.domid("vtpm-g1") == vtpm               # ... and the vTPM keeps running
+    lab.sim.xl("destroy", "vtpm-g1")
+    stubdom.wait_released(xs, vtpm, mgr, 20)

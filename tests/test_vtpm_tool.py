@@ -106,3 +106,11 @@ def test_stock_manager_has_no_checkpoints_but_keeps_vtpms(tmp_path):
     finally:
         lab.close()
         stop_sim_host(sim)
+
+
+def test_console_status_words():
+    loaded = stubdom.ConsoleStatus("loaded", 0, 42)
+    assert loaded.loaded and not loaded.fresh and loaded.reason.endswith("(slot 0)")
+    failed = stubdom.ConsoleStatus("checksum-failed")
+    assert failed.fresh and not failed.loaded and failed.reason == "NVM Storage Checksum failed!"
+    assert stubdom.ConsoleStatus("none").reason == "no load marker on the console"

@@ -37,6 +37,9 @@ class Config:
     manager: str = "vtpmmgr"         # name of the vTPM manager domain
     manager_timeout: float = 30.0
     log_dir: Path = Path("/var/log/xen")  # xenconsoled --log=guest writes guest-<name>.log here
+    # Where the xl cfg files of the vTPM stub domains live (<name>.cfg): a rollback has to
+    # re-create a vTPM stub domain exactly as the administrator defined it.
+    domain_cfg_dir: Path = Path("/etc/xen")
 
     @classmethod
     def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> "Config":

@@ -72,7 +72,7 @@ class Coordinator:
         op = self.p.journal.begin(kind, guest.uuid, guest=guest.name, checkpoint=ckpt_id, name=name,
                                   vtpm=vt.backend, guest_was_paused=guest.paused)
         writer = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
-                                    vtpm_uuid=vt.uuid, kind=kind)
+                                    vtpm_uuid=vt.uuid, vtpm_backend=vt.backend, kind=kind)
         t0 = time.monotonic()
         try:
             self.p.journal.step(op, "guest-save")
@@ -103,11 +103,16 @@ class Coordinator:
         committed checkpoint that `recover` binds to the head (roll forward);
         the head is never ahead of what the catalog holds."""
         summary = writer.commit()
-        self.p.journal.step(op, "advance-head")
-        self.p.host.advance()
-        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok")
-        self.p.journal.finish(op, "done")
+        self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
         return summary
+
+    def _finish(self, op: Operation, *, action: str, vm: str, checkpoint: str | None,
+                outcome: str = "done") -> None:
+        """Log, then move the counter-bound head: the increment anchors the audit record too."""
+        self.p.journal.step(op, "advance-head")
+        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok")
+        self.p.host.advance()
+        self.p.journal.finish(op, outcome)
 
     def _undo_snapshot(self, op: Operation, writer: Any | None) -> None:
         """Best effort, every action idempotent: used right after a failure and by recover."""
@@ -180,10 +185,7 @@ class Coordinator:
         step("start-vtpm", lambda: self.p.vtpm.start_verified(vt))
         step("restore-guest", lambda: self.p.xl_streams.restore_from(ckpt["id"], guest_name, paused=True))
         step("unpause-guest", lambda: self.p.xl.unpause(guest_name))
-        self.p.journal.step(op, "advance-head")
-        self.p.host.advance()
-        self.p.audit.append(action="rollback", vm=guest_name, checkpoint=ckpt["id"], result="ok")
-        self.p.journal.finish(op, "done")
+        self._finish(op, action="rollback", vm=guest_name, checkpoint=ckpt["id"])
 
     # --- save / restore ----------------------------------------------------------
     def save(self, domain: str, path: str) -> dict:
@@ -201,7 +203,7 @@ class Coordinator:
             op = self.p.journal.begin("save", guest.uuid, guest=guest.name, checkpoint=ckpt_id, name=name,
                                       vtpm=vt.backend, path=path, guest_was_paused=guest.paused)
             writer = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
-                                        vtpm_uuid=vt.uuid, kind="save")
+                                        vtpm_uuid=vt.uuid, vtpm_backend=vt.backend, kind="save")
             try:
                 self.p.journal.step(op, "guest-save")
                 digest = self.p.xl_streams.save_to_file(guest.name, path)
@@ -259,10 +261,7 @@ class Coordinator:
                 self.p.vtpm.start_verified(vt)
             self.p.journal.step(op, "restore-guest")
             self.p.xl.restore(path, paused=paused)
-            self.p.journal.step(op, "advance-head")
-            self.p.host.advance()
-            self.p.audit.append(action="restore", vm=ckpt["vm_name"], checkpoint=ckpt["id"], result="ok")
-            self.p.journal.finish(op, "done")
+            self._finish(op, action="restore", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
             return {"domain": ckpt["vm_name"], "checkpoint": ckpt["id"], "vtpm_restored": moved,
                     "paused": paused}
 
@@ -279,10 +278,7 @@ class Coordinator:
             if ckpt.get("manager_checkpoint"):
                 self.p.journal.step(op, "discard-manager")
                 self.p.vtpm.discard(ckpt["manager_checkpoint"])
-            self.p.journal.step(op, "advance-head")
-            self.p.host.advance()
-            self.p.audit.append(action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"], result="ok")
-            self.p.journal.finish(op, "done")
+            self._finish(op, action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
             return {"deleted": ckpt["id"], "name": ckpt["name"], "freed_bytes": freed}
 
     def verify(self, checkpoint: str | None) -> list[dict]:

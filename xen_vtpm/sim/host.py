@@ -224,7 +224,22 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     vtpm_line = f'vtpm=["backend=vtpm-{name}"]\n' if vtpm else ""
     out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
                                            f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
+    if vtpm:
+        _wait_connected(d, out["domid"], name)
     return out
+
+
+def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
+    """Readiness as facts §11.5: frontend and backend of the guest's vTPM both Connected (4)."""
+    fe = f"/local/domain/{domid}/device/vtpm/0"
+    with xl.xenstore(str(d)) as xs:
+        be = xs.read(f"{fe}/backend")
+
+        def connected() -> bool:
+            return xs.read_or(f"{fe}/state") == "4" and xs.read_or(f"{be}/state") == "4"
+        if not xs.wait_for(connected, [f"{fe}/state", f"{be}/state"], timeout):
+            raise XenError(f"sim create {name}: vTPM link not Connected after {timeout:g} s; "
+                           f"see logs/guest-{name}.log and logs/guest-vtpm-{name}.log")
 
 
 def _stop(pid: int, d: Path) -> None:

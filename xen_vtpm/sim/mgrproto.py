@@ -108,8 +108,8 @@ def pad_entry(body: bytes) -> bytes:
 # --- checkpoint extension ----------------------------------------------------------------------
 
 OPS = ("checkpoint", "restore", "discard")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,18 @@ class CheckpointRequest:
     checkpoint: bytes    # 16 bytes
 
 
+def _show(value: str) -> str:
+    """A node value quoted for an error message: one line, bounded, whatever bytes it held."""
+    shown = repr(value[:40])
+    return shown[:60] + ("..." if len(value) > 40 or len(shown) > 60 else "")
+
+
 def parse_uuid(text: str | None, what: str) -> bytes:
     """A canonical lower-case 36-char UUID (the libxl format) as 16 bytes; RequestError otherwise."""
     if text is None:
         raise RequestError(f"missing field {what!r}")
-    if not _CANONICAL_UUID.match(text):
-        raise RequestError(f"field {what!r} is not a canonical lower-case UUID: {text[:64]!r}")
+    if not _CANONICAL_UUID.fullmatch(text):
+        raise RequestError(f"field {what!r} is not a canonical lower-case UUID: {_show(text)}")
     return uuidlib.UUID(text).bytes
 
 
@@ -136,12 +142,12 @@ def parse_request(fields: dict[str, str | None]) -> CheckpointRequest:
     """Validate the nodes of one request directory (values as read; None = node absent)."""
     state = fields.get("state")
     if state != "submitted":
-        raise RequestError(f"request state is {state!r}, expected 'submitted'")
+        raise RequestError(f"request state is {'absent' if state is None else _show(state)}, expected 'submitted'")
     op = fields.get("op")
     if op is None:
         raise RequestError("missing field 'op'")
     if op not in OPS:
-        raise RequestError(f"unknown op {op[:32]!r}; expected one of {', '.join(OPS)}")
+        raise RequestError(f"unknown op {_show(op)}; expected one of {', '.join(OPS)}")
     checkpoint = parse_uuid(fields.get("checkpoint"), "checkpoint")
     if op == "discard" and fields.get("uuid") is None:
         return CheckpointRequest(op, None, checkpoint)
@@ -149,4 +155,4 @@ def parse_request(fields: dict[str, str | None]) -> CheckpointRequest:
 
 
 def valid_request_id(name: str) -> bool:
-    return bool(REQUEST_ID.match(name))
+    return bool(REQUEST_ID.fullmatch(name))

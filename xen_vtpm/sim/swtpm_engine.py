@@ -33,9 +33,14 @@ class EngineError(Exception):
     """swtpm could not be started, fed, or reached."""
 
 
+# Resolved before any fork: the child runs only this one foreign call before exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: if the vTPM process is SIGKILLed (xl destroy) swtpm must not outlive it.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    # If the vTPM process is SIGKILLed (xl destroy), swtpm must not outlive it.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

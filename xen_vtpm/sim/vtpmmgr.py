@@ -24,8 +24,7 @@ import socket
 import struct
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -153,6 +152,10 @@ def unpack_table(raw: bytes) -> dict[bytes, Entry]:
     return table
 
 
+def _sealed_blob(pub: bytes, priv: bytes) -> bytes:
+    return struct.pack(">H", len(pub)) + pub + struct.pack(">H", len(priv)) + priv
+
+
 class MgrDisk:
     """Two slots at 0 and size/2: magic ‖ be32 version ‖ be64 seq ‖ sealed key ‖ nonce ‖ GCM(table)."""
 
@@ -198,6 +201,9 @@ class MgrDisk:
         for slot in (0, 1):
             try:
                 seq, pub, priv, nonce, aad, ct = self._parse(self._read_slot(slot))
+                # Sequences are in the clear: a fresh start continues above them, so an old table
+                # that becomes unsealable again (PCRs reverted) never outranks the newer one.
+                self.seq = max(self.seq, seq)
                 if pub + priv not in unsealed:
                     unsealed[pub + priv] = self.sealer.unseal(pub, priv)
                 key = unsealed[pub + priv]
@@ -207,17 +213,17 @@ class MgrDisk:
             except (DiskError, InvalidTag, struct.error, OSError, ValueError):
                 continue
             if best is None or seq > best[0]:
-                best = (seq, slot, table, key, struct.pack(">H", len(pub)) + pub + struct.pack(">H", len(priv)) + priv)
+                best = (seq, slot, table, key, _sealed_blob(pub, priv))
         if best is None:
             return None
         self.seq, self.active, table, self.key, self.sealed = best
         return table
 
     def init_fresh(self) -> None:
+        """New random table key, sealed now; nothing is written before the first change."""
         self.key = AESGCM.generate_key(256)
-        pub, priv = self.sealer.seal(self.key)
-        self.sealed = struct.pack(">H", len(pub)) + pub + struct.pack(">H", len(priv)) + priv
-        self.seq, self.active = 0, -1
+        self.sealed = _sealed_blob(*self.sealer.seal(self.key))
+        self.active = -1
 
     def _encode(self, table: dict[bytes, Entry], seq: int) -> bytes:
         assert self.key is not None
@@ -270,7 +276,6 @@ class Tpmif:
     uuid: bytes
     state: str = "2"
     connected: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class TpmBack(threading.Thread):
@@ -452,16 +457,14 @@ def ring_socket_path(sim_dir: Path, be_domid: int, fe_domid: int, devid: int) ->
 
 
 class Manager:
-    def __init__(self, sim_dir: Path, domid: int, disk: MgrDisk, xs_factory: Callable, checkpoints: bool) -> None:
+    def __init__(self, sim_dir: Path, domid: int, disk: MgrDisk, xs_factory: Callable) -> None:
         self.sim_dir = sim_dir
         self.domid = domid
         self.disk = disk
         self.xs_factory = xs_factory
-        self.checkpoints = checkpoints
         self.lock = threading.Lock()
         self.table: dict[bytes, Entry] = {}
         self.live: dict[tuple[int, int], Opaque] = {}
-        self.done: set[str] = set()
 
     # tpmback callbacks
     def on_new(self, t: Tpmif) -> None:
@@ -602,6 +605,7 @@ class RequestWatcher(threading.Thread):
         self.req_root = f"{home}/control/vtpmmgr/request"
         self.rsp_root = f"{home}/data/vtpmmgr/response"
         self.outcomes: dict[str, tuple[str, str, str]] = {}
+        self.done: set[str] = set()                  # answered in this boot
 
     def _answer(self, rid: str, status: str, error: str, digest: str) -> None:
         base = f"{self.rsp_root}/{rid}"
@@ -621,19 +625,19 @@ class RequestWatcher(threading.Thread):
             if fields["state"] != "submitted":
                 return                               # not complete yet (or withdrawn)
             if self.xs.read_or(f"{self.rsp_root}/{rid}/status") is not None:
-                self.mgr.done.add(rid)               # answered in an earlier boot
+                self.done.add(rid)               # answered in an earlier boot
                 return
             self.outcomes[rid] = self._outcome(rid, base, fields)
         # Executed once; the answer is re-sent until it is written, never re-executed.
         self._answer(rid, *self.outcomes[rid])
         del self.outcomes[rid]
-        self.mgr.done.add(rid)
+        self.done.add(rid)
 
     def _outcome(self, rid: str, base: str, fields: dict[str, str | None]) -> tuple[str, str, str]:
         try:
             perms = self.xs.get_perms(base)
             if not perms or perms[0][1:] != "0":
-                raise mp.RequestError(f"request {rid} is not owned by dom0 (perms {','.join(perms)})")
+                raise mp.RequestError(f"request {rid} is not owned by dom0 (perms {','.join(perms)[:80]})")
             digest = self.mgr.execute(mp.parse_request(fields), self.xs)
         except mp.RequestError as exc:
             log(f"vtpmmgr: request {rid}: error: {exc}")
@@ -648,8 +652,9 @@ class RequestWatcher(threading.Thread):
                 ids = self.xs.ls(self.req_root)
             except XenStoreError:
                 ids = []
+            self.done &= set(ids)                # dom0 removed them: forget, keep the set small
             for rid in ids:
-                if rid in self.mgr.done or not mp.valid_request_id(rid):
+                if rid in self.done or not mp.valid_request_id(rid):
                     continue
                 try:
                     self._process(rid)
@@ -685,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log(f"vtpmmgr: loaded {len(table)} entries (sequence {disk.seq}, slot {disk.active})")
     disk.sealer.close()                  # key unsealed, sealed copy kept: done with the TPM
-    mgr = Manager(sim_dir, args.domid, disk, XenStore, checkpoints)
+    mgr = Manager(sim_dir, args.domid, disk, XenStore)
     mgr.table = table
 
     stop = threading.Event()

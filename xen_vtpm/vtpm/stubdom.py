@@ -121,7 +121,8 @@ class ManagerClient:
             raise XenStoreTimeout(f"{mgr.name}: no answer to {op} request {rid} within {wait:g} s; request "
                                   f"withdrawn, check that the manager runs and is not paused")
         if status != "ok":
-            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} refused: {error or status}")
+            cause = " ".join((error or f"status {status}").split())[:300]   # one line, bounded
+            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} refused: {cause}")
         if not re.fullmatch(r"[0-9a-f]{40}", digest):
             raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} answered ok without a valid hash "
                                f"({digest[:48]!r}); check the manager version against docs/protocol.md")
@@ -195,6 +196,17 @@ class ConsoleStatus:
     def fresh(self) -> bool:
         """The vTPM came up as a brand-new TPM: never let a guest or a probe reach it."""
         return self.kind in ("checksum-failed", "loadhashkey-failed")
+
+    @property
+    def loaded(self) -> bool:
+        return self.kind == "loaded"
+
+    @property
+    def reason(self) -> str:
+        """The console line behind the status, for messages."""
+        return {"loaded": f"Read {self.nbytes} bytes from NVM persistent storage (slot {self.slot})",
+                "checksum-failed": "NVM Storage Checksum failed!",
+                "loadhashkey-failed": "VTPM_LoadHashKey failed"}.get(self.kind, "no load marker on the console")
 
 
 def log_path(cfg: Config, name: str) -> Path:

@@ -1,0 +1,180 @@
+"""Run every fuzz target for a bounded time; exit 1 if any of them found something.
+
+    python fuzz/run.py --seconds N [--only TARGET ...] [--findings DIR] [--json FILE] [--engine E]
+
+Each target gets N seconds, one after the other (the live xenstored target included), so a
+run takes about 8 x N seconds.  Coverage-guided targets run under atheris/libFuzzer in their
+own process, starting from seeds the real writers generate into a fresh corpus; without
+atheris (or with ``--engine mutate``) they run a seed-mutation loop in this process instead.
+Crashing inputs are written to the findings directory (default ``fuzz-findings`` under the
+current directory); replay one with ``python fuzz/fz_<target>.py FILE``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# target name -> (module, libFuzzer -max_len): lengths fit the biggest seed plus room to grow.
+TARGETS = {
+    "xl-header": ("fz_xl_header", 4096),
+    "savestream": ("fz_savestream", 32768),
+    "xenstored-wire": ("fz_xenstored_wire", 8192),
+    "manifest": ("fz_manifest", 4096),
+    "pack": ("fz_pack", 8192),
+    "mgrproto": ("fz_mgrproto", 1024),
+    "vtpmblk": ("fz_vtpmblk", 4096),
+}
+LIVE = "xenstored-live"
+INPUT_TIMEOUT = 10       # seconds one input may take before it counts as a hang
+
+
+def have_atheris() -> bool:
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stat(text: str, name: str) -> int | None:
+    m = re.search(rf"stat::{name}:\s+(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def run_atheris(name: str, seconds: int, findings: Path) -> dict:
+    module, max_len = TARGETS[name]
+    script = HERE / f"{module}.py"
+    with tempfile.TemporaryDirectory(prefix=f"xvfuzz-{name}-") as corpus:
+        subprocess.run([sys.executable, str(script), "--write-seeds", corpus], check=True, capture_output=True)
+        seeds = len(list(Path(corpus).iterdir()))
+        findings.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(script), corpus, f"-max_total_time={seconds}", f"-timeout={INPUT_TIMEOUT}",
+               f"-max_len={max_len}", "-rss_limit_mb=2048", "-print_final_stats=1",
+               f"-artifact_prefix={findings}/{name}-"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        corpus_after = len(list(Path(corpus).iterdir()))
+    out = proc.stdout + proc.stderr
+    cov = re.findall(r"cov: (\d+) ft: (\d+)", out)
+    artifacts = re.findall(r"Test unit written to (\S+)", out)
+    result = {"target": name, "engine": "atheris", "seconds": seconds, "seeds": seeds,
+              "executions": _stat(out, "number_of_executed_units"), "corpus": corpus_after,
+              "coverage_edges": int(cov[-1][0]) if cov else None, "features": int(cov[-1][1]) if cov else None,
+              "findings": []}
+    if proc.returncode != 0:
+        crash = re.search(r"=== Uncaught Python exception: ===\n(.*?)\n\n", out, re.S)
+        summary = crash.group(1).strip().splitlines()[-1] if crash else out.strip().splitlines()[-1]
+        result["findings"].append({"summary": summary, "input": artifacts[-1] if artifacts else None})
+        result["log_tail"] = out[-3000:]
+    return result
+
+
+class _Hang(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _Hang()
+
+
+def run_mutate(name: str, seconds: int, findings: Path) -> dict:
+    """No coverage feedback: mutate seeds and inputs the parser accepted, for the time budget."""
+    mod = importlib.import_module(TARGETS[name][0])
+    pool = list(mod.seeds())
+    rnd = random.Random(0)
+    result = {"target": name, "engine": "mutate", "seconds": seconds, "seeds": len(pool), "executions": 0,
+              "accepted": 0, "findings": []}
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and not result["findings"]:
+            data = rnd.choice(pool) if rnd.random() < 0.5 else mutate_from(pool, rnd)
+            signal.setitimer(signal.ITIMER_REAL, INPUT_TIMEOUT)
+            try:
+                accepted = mod.check(data)
+            except _Hang:
+                summary = f"hang: one input took over {INPUT_TIMEOUT} s"
+            except Exception as exc:
+                summary = traceback.format_exception_only(exc)[-1].strip()
+            else:
+                summary = None
+                if accepted and len(pool) < 4096:
+                    pool.append(data)
+                result["accepted"] += bool(accepted)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            result["executions"] += 1
+            if summary is not None:
+                findings.mkdir(parents=True, exist_ok=True)
+                path = findings / f"{name}-mutate-{result['executions']}"
+                path.write_bytes(data)
+                result["findings"].append({"summary": summary, "input": str(path)})
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return result
+
+
+def mutate_from(pool: list[bytes], rnd: random.Random) -> bytes:
+    import harness
+    return harness.mutate(rnd.choice(pool), rnd)
+
+
+def run_live(seconds: int, findings: Path) -> dict:
+    import live_xenstored
+    stats = live_xenstored.run(seconds, seed=int(time.time()), findings_dir=findings)
+    return {"target": LIVE, "engine": "live", "seconds": seconds, "executions": stats.pop("packets"),
+            **stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python fuzz/run.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, required=True, help="time budget of each target")
+    ap.add_argument("--only", nargs="+", choices=[*TARGETS, LIVE], help="run just these targets")
+    ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where crashing inputs go")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--engine", choices=("auto", "atheris", "mutate"), default="auto")
+    args = ap.parse_args(argv)
+    if args.seconds < 1:
+        ap.error("--seconds must be at least 1")
+    engine = args.engine
+    if engine == "auto":
+        engine = "atheris" if have_atheris() else "mutate"
+        if engine == "mutate":
+            print("atheris is not installed: no coverage feedback, seed mutation only", file=sys.stderr)
+    elif engine == "atheris" and not have_atheris():
+        ap.error("atheris is not installed (pip install atheris)")
+    findings = args.findings.resolve()
+    results = []
+    for name in args.only or [*TARGETS, LIVE]:
+        if name == LIVE:
+            res = run_live(args.seconds, findings)
+        elif engine == "atheris":
+            res = run_atheris(name, args.seconds, findings)
+        else:
+            res = run_mutate(name, args.seconds, findings)
+        results.append(res)
+        found = res["findings"]
+        print(f"{name:15} {res['engine']:8} {res['seconds']:5d} s  {res['executions'] or 0:>10,} execs  "
+              f"{'cov ' + str(res['coverage_edges']) if res.get('coverage_edges') else '':9}  "
+              f"{len(found)} finding(s)", flush=True)
+        for f in found:
+            print(f"    {f.get('summary') or f.get('signature')}  input: {f.get('input') or f.get('reproducer')}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if any(r["findings"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

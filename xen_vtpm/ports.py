@@ -1,0 +1,488 @@
+"""The coordinator's ports: every piece of I/O it needs, behind small objects.
+
+`open_ports(cfg)` wires the real components (xl, XenStore, the vTPM backend,
+the checkpoint store, the host TPM, the audit log, the journal) for one
+command.  The coordinator only calls the methods here, so the sequences stay
+free of sockets, processes and file formats.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__, hashing
+from .config import Config
+from .errors import (CheckpointNotFound, DomainNotFound, IntegrityError, PreconditionFailed, StorageError,
+                     UsageError, XlError)
+from .journal import Journal
+from .locks import VmLock
+from .topology import vtpm_links
+from .vtpm.base import VtpmCapture, VtpmRef
+from .xenstore import XenStore
+from .xl import SaveHeader, Xl, read_save_header
+
+
+# --- guests --------------------------------------------------------------------------
+class Guests:
+    """Guest domains and their vTPM, read from XenStore's trusted copies."""
+
+    def __init__(self, cfg: Config, xs: XenStore, xl: Xl) -> None:
+        self.cfg, self.xs, self.xl = cfg, xs, xl
+
+    def _domid(self, name: str) -> int | None:
+        for d in self.xs.ls("/local/domain"):
+            if d.isdigit() and self.xs.read_or(f"/local/domain/{d}/name") == name:
+                return int(d)
+        return None
+
+    def exists(self, name: str) -> bool:
+        return self._domid(name) is not None
+
+    def is_paused(self, name: str) -> bool:
+        return any(row["name"] == name and "p" in row["state"] for row in self.xl.list())
+
+    def find(self, domain: str) -> Any:
+        from .coordinator import Guest
+        domid = int(domain) if domain.isdigit() else self._domid(domain)
+        if domid is None or not self.xs.exists(f"/local/domain/{domid}"):
+            raise DomainNotFound(f"{domain}: no such domain; check `xen-vtpm list`")
+        name = self.xs.read(f"/local/domain/{domid}/name")
+        vm_path = self.xs.read_or(f"/local/domain/{domid}/vm") or ""
+        vm_uuid = vm_path.rsplit("/", 1)[-1]
+        if not vm_uuid:
+            raise PreconditionFailed(f"{name}: domain has no /vm entry in XenStore; is it a fully created guest?")
+        links = vtpm_links(self.xs, domid)
+        if not links:
+            raise PreconditionFailed(f"{name}: the guest has no vTPM; use `xl save`/`xl restore` directly")
+        if len(links) > 1:
+            raise PreconditionFailed(f"{name}: the guest has {len(links)} vTPMs; only one per guest is supported")
+        link = links[0]
+        if link["uuid_check"] != "ok":
+            raise IntegrityError(f"{name}: vTPM {link['devid']} identity check failed ({link['uuid_check']}); "
+                                 "the backend uuid disagrees with libxl's trusted copy — investigate before "
+                                 "snapshotting")
+        ref = VtpmRef(guest=name, devid=link["devid"], backend=link["backend_name"], uuid=link["uuid"])
+        return Guest(name=name, domid=domid, uuid=vm_uuid, vtpm=ref, paused=self.is_paused(name))
+
+    def vtpm_by_backend(self, backend: str) -> VtpmRef | None:
+        return VtpmRef(guest="", devid=0, backend=backend, uuid="") if backend else None
+
+    def vtpm_ref_for(self, ckpt: dict) -> VtpmRef:
+        return VtpmRef(guest=ckpt["vm_name"], devid=0, backend=ckpt["vtpm_backend"], uuid=ckpt["vtpm_uuid"])
+
+
+# --- xl streams ----------------------------------------------------------------------
+class XlStreams:
+    """`xl save`/`xl restore` wired to the store through fifos: no temporary full image."""
+
+    def __init__(self, cfg: Config, xl: Xl, store: "Store", progress: Callable[..., Any] | None) -> None:
+        self.cfg, self.xl, self.store, self.progress = cfg, xl, store, progress
+        self.tmp = Path(cfg.state_dir) / "tmp"
+
+    @contextlib.contextmanager
+    def _fifo(self) -> Iterator[Path]:
+        self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp / f"{secrets.token_hex(8)}.fifo"
+        os.mkfifo(path, 0o600)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    @staticmethod
+    def _unblock(path: Path, for_reader: bool) -> None:
+        """xl died before opening its end: open it ourselves so our blocked open() returns."""
+        with contextlib.suppress(OSError):
+            fd = os.open(path, (os.O_WRONLY if for_reader else os.O_RDONLY) | os.O_NONBLOCK)
+            os.close(fd)
+
+    def save_to(self, guest: str, writer: Any, *, leave_paused: bool) -> dict:
+        with self._fifo() as fifo:
+            result: dict[str, Any] = {}
+
+            def run_xl() -> None:
+                try:
+                    self.xl.save(guest, str(fifo), leave_paused=leave_paused)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    result["error"] = exc
+                    self._unblock(fifo, for_reader=True)
+
+            t = threading.Thread(target=run_xl, name="xl-save", daemon=True)
+            t.start()
+            try:
+                with open(fifo, "rb", buffering=0) as fh:
+                    with self._bar("snapshot: guest memory") as bar:
+                        record = writer.add_stream("memory", fh, progress=bar)
+            finally:
+                t.join()
+            if "error" in result:
+                raise result["error"]
+            return {"bytes": record.length}
+
+    def restore_from(self, checkpoint_id: str, guest: str, *, paused: bool) -> None:
+        with self._fifo() as fifo:
+            result: dict[str, Any] = {}
+
+            def feed() -> None:
+                try:
+                    with self.store.repo.open_checkpoint(checkpoint_id) as reader, open(fifo, "wb") as out:
+                        with self._bar("rollback: guest memory", reader.manifest) as bar:
+                            for block in reader.stream("memory", progress=bar):
+                                out.write(block)
+                except BrokenPipeError:
+                    result["error"] = XlError(f"{guest}: xl restore stopped reading the stream early")
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    result["error"] = exc
+
+            t = threading.Thread(target=feed, name="store-feed", daemon=True)
+            t.start()
+            try:
+                self.xl.restore(str(fifo), paused=paused)
+            except BaseException:
+                self._unblock(fifo, for_reader=False)
+                t.join()
+                raise
+            t.join()
+            if "error" in result:
+                raise result["error"]
+
+    def save_to_file(self, guest: str, path: str) -> str:
+        self.xl.save(guest, path, leave_paused=True)
+        return self.digest(path)
+
+    @staticmethod
+    def read_header(path: str) -> SaveHeader:
+        return read_save_header(path)
+
+    @staticmethod
+    def digest(path: str) -> str:
+        return hashing.tree_hash(path).hex()
+
+    @contextlib.contextmanager
+    def _bar(self, label: str, manifest: Any = None) -> Iterator[Callable[[int], None] | None]:
+        if self.progress is None:
+            yield None
+            return
+        total = None
+        if manifest is not None:
+            total = next((s.length for s in manifest.streams if s.name == "memory"), None)
+        bar = self.progress(label, total)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
+
+
+# --- vTPM backend: Xen vtpmmgr + vTPM stub domains -----------------------------------
+class StubdomBackend:
+    """VtpmBackend for Xen's vTPM stub domains and a vtpmmgr with the checkpoint extension."""
+
+    def __init__(self, cfg: Config, xs: XenStore, xl: Xl) -> None:
+        from .vtpm import stubdom
+        self.cfg, self.xs, self.xl, self.sd = cfg, xs, xl, stubdom
+        self._mgr = None
+
+    @property
+    def mgr(self) -> Any:
+        if self._mgr is None:
+            self._mgr = self.sd.ManagerClient(self.cfg, self.xs)
+        return self._mgr
+
+    def _cfg_file(self, ref: VtpmRef) -> Path:
+        path = Path(self.cfg.domain_cfg_dir) / f"{ref.backend}.cfg"
+        if not path.is_file():
+            raise PreconditionFailed(f"{ref.backend}: its xl cfg {path} is missing; xen-vtpm needs it to "
+                                     "re-create the vTPM stub domain (set domain_cfg_dir in the config)")
+        return path
+
+    def _image(self, ref: VtpmRef) -> Path:
+        from .xlcfg import disk_target, load_cfg
+        return Path(disk_target(load_cfg(str(self._cfg_file(ref)))))
+
+    def _domid(self, name: str) -> int | None:
+        for d in self.xs.ls("/local/domain"):
+            if d.isdigit() and self.xs.read_or(f"/local/domain/{d}/name") == name:
+                return int(d)
+        return None
+
+    def supports_checkpoints(self) -> bool:
+        return self.mgr.supports_checkpoints()
+
+    def check_single_consumer(self, ref: VtpmRef) -> None:
+        domid = self._domid(ref.backend)
+        if domid is None:
+            raise PreconditionFailed(f"{ref.backend}: the vTPM stub domain is not running")
+        frontends = self.xs.ls(f"/local/domain/{domid}/backend/vtpm") if self.xs.exists(
+            f"/local/domain/{domid}/backend/vtpm") else []
+        if len(frontends) != 1:
+            from .errors import VtpmBusy
+            raise VtpmBusy(f"{ref.backend}: serves {len(frontends)} frontends ({', '.join(frontends) or 'none'}); "
+                           "a checkpoint needs exactly one consumer — detach the others first")
+
+    def is_running(self, ref: VtpmRef) -> bool:
+        return self._domid(ref.backend) is not None
+
+    def is_paused(self, ref: VtpmRef) -> bool:
+        return any(row["name"] == ref.backend and "p" in row["state"] for row in self.xl.list())
+
+    def pause(self, ref: VtpmRef) -> None:
+        self.xl.pause(ref.backend)
+
+    def unpause(self, ref: VtpmRef) -> None:
+        self.xl.unpause(ref.backend)
+
+    def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
+        slots = self.sd.slot_fingerprints(self._image(ref))
+        return (slots[0] or "", slots[1] or "")
+
+    def capture(self, ref: VtpmRef, checkpoint_id: str) -> VtpmCapture:
+        """Manager copy + image copy while the vTPM is paused; they must name the same slot."""
+        manager_hash = self.mgr.checkpoint(ref.uuid, checkpoint_id).lower()
+        image = self._image(ref).read_bytes()
+        slots = self._slot_hashes(image)
+        if manager_hash not in slots:
+            self.mgr.discard(checkpoint_id)
+            raise IntegrityError(f"{ref.backend}: the manager's hash {manager_hash[:12]}… matches neither slot of "
+                                 "the vTPM image; the vTPM was not quiescent — retry the snapshot")
+        return VtpmCapture(image=image, manager_checkpoint=checkpoint_id, manager_hash=manager_hash,
+                           slot_hashes=slots)
+
+    def capture_fingerprint(self, ref: VtpmRef) -> VtpmCapture:
+        """Stock manager: only the image and its slot fingerprints (forward-only vTPM)."""
+        image = self._image(ref).read_bytes()
+        return VtpmCapture(image=image, manager_checkpoint=None, manager_hash=None,
+                           slot_hashes=self._slot_hashes(image))
+
+    def _slot_hashes(self, image: bytes) -> tuple[str, str]:
+        import tempfile
+        with tempfile.NamedTemporaryFile(dir=Path(self.cfg.state_dir) / "tmp") as fh:
+            fh.write(image)
+            fh.flush()
+            slots = self.sd.slot_fingerprints(fh.name)
+        return (slots[0] or "", slots[1] or "")
+
+    def stop(self, ref: VtpmRef) -> None:
+        domid = self._domid(ref.backend)
+        if domid is None:
+            return
+        self.xl.destroy(ref.backend)
+        mgr_domid = self.mgr.info().domid
+        self.sd.wait_released(self.xs, domid, mgr_domid, self.cfg.manager_timeout)
+
+    def put_back(self, ref: VtpmRef, capture: VtpmCapture) -> None:
+        if capture.manager_checkpoint is None:
+            raise PreconditionFailed(f"{ref.backend}: the stock manager cannot restore a vTPM entry")
+        if self.is_running(ref):
+            raise PreconditionFailed(f"{ref.backend}: still running; it must be stopped before its image is replaced")
+        image = self._image(ref)
+        tmp = image.with_name(image.name + ".xen-vtpm.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(capture.image)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, image)
+        dfd = os.open(image.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.mgr.restore(ref.uuid, capture.manager_checkpoint)
+
+    def start_verified(self, ref: VtpmRef) -> None:
+        """Create the vTPM stub domain and prove it loaded its state before anything attaches (I1)."""
+        if self.is_running(ref):
+            status = self.sd.console_status(self.cfg, ref.backend)
+            if status.loaded:
+                return
+            self.stop(ref)
+        offset = self.sd.log_offset(self.cfg, ref.backend)
+        self.xl.create(str(self._cfg_file(ref)))
+        status = self.sd.wait_console_status(self.cfg, ref.backend, offset, self.cfg.manager_timeout)
+        if not status.loaded:
+            self.xl.destroy(ref.backend)
+            raise IntegrityError(f"{ref.backend}: came up without its state ({status.reason}); destroyed before "
+                                 "any guest attached, the checkpoint is intact — run `xen-vtpm recover`")
+
+    def discard(self, manager_checkpoint: str) -> None:
+        self.mgr.discard(manager_checkpoint)
+
+
+# --- store ---------------------------------------------------------------------------
+class CheckpointWriter:
+    """Adapter from the coordinator's words to the store writer."""
+
+    def __init__(self, writer: Any, meta: dict[str, Any]) -> None:
+        self.w, self.meta = writer, meta
+        self.extra: dict[str, Any] = {}
+
+    def add_stream(self, name: str, source: Any, progress: Any = None) -> Any:
+        return self.w.add_stream(name, source, progress=progress)
+
+    def set_vtpm(self, capture: VtpmCapture) -> None:
+        self.w.add_blob("vtpm-image", capture.image)
+        self.w.set_meta(manager_checkpoint=capture.manager_checkpoint or "",
+                        slot_hashes=[bytes.fromhex(h) if h else b"" for h in capture.slot_hashes])
+        self.extra["manager_hash"] = capture.manager_hash
+
+    def set_meta(self, **extra: Any) -> None:
+        self.extra.update(extra)
+
+    def commit(self) -> dict:
+        self.w.set_meta(vtpm_uuid=self.meta["vtpm_uuid"], created=time.time(), tool_version=__version__,
+                        extra=dict(self.extra, kind=self.meta["kind"], vtpm_backend=self.meta["vtpm_backend"]))
+        manifest = self.w.commit()
+        return {"size": manifest.size, "stored_bytes": self.w.stored_bytes}
+
+    def abort(self) -> None:
+        self.w.abort()
+
+
+class Store:
+    def __init__(self, cfg: Config, keys: Any) -> None:
+        from .store import Repository
+        self.repo = Repository(cfg.state_dir, keys)
+
+    def check_writable(self) -> None:
+        self.repo.check_writable()
+
+    def check_name_free(self, vm_uuid: str, name: str) -> None:
+        if any(c["name"] == name for c in self.repo.list_checkpoints(vm_uuid)):
+            raise UsageError(f"checkpoint name {name!r} is already used for this VM; choose another --name")
+
+    def begin(self, checkpoint_id: str, *, name: str, vm_uuid: str, vm_name: str, vtpm_uuid: str,
+              vtpm_backend: str, kind: str) -> CheckpointWriter:
+        w = self.repo.begin_checkpoint(vm_uuid, vm_name, name=name, checkpoint_id=checkpoint_id)
+        return CheckpointWriter(w, {"vtpm_uuid": vtpm_uuid, "vtpm_backend": vtpm_backend, "kind": kind})
+
+    def abort(self, checkpoint_id: str) -> None:
+        """Nothing to do without a live writer: the store's own recover() removed the partial write."""
+
+    def _describe(self, row: dict) -> dict:
+        with self.repo.open_checkpoint(row["id"]) as reader:
+            m = reader.manifest
+        extra = dict(m.extra)
+        return dict(row, vtpm_uuid=m.vtpm_uuid, manager_checkpoint=m.manager_checkpoint or None,
+                    kind=extra.get("kind"), vtpm_backend=extra.get("vtpm_backend"),
+                    save_file_digest=extra.get("save_file_digest"))
+
+    def resolve(self, ref: str, vm_uuid: str | None = None) -> dict:
+        return self._describe(self.repo.resolve(ref, vm_uuid=vm_uuid))
+
+    def list(self, vm_uuid: str | None = None) -> list[dict]:
+        return self.repo.list_checkpoints(vm_uuid)
+
+    def verify(self, checkpoint_id: str) -> dict:
+        return self.repo.verify(checkpoint_id)
+
+    def delete(self, checkpoint_id: str, missing_ok: bool = False) -> int:
+        return self.repo.delete(checkpoint_id, missing_ok=missing_ok)
+
+    def recover(self) -> dict:
+        return self.repo.recover()
+
+    def is_committed(self, checkpoint_id: str) -> bool:
+        return self.repo.is_committed(checkpoint_id)
+
+    def vtpm_capture(self, checkpoint_id: str) -> VtpmCapture:
+        with self.repo.open_checkpoint(checkpoint_id) as reader:
+            m = reader.manifest
+            image = reader.read_blob("vtpm-image")
+        hashes = tuple(h.hex() for h in m.slot_hashes) + ("", "")
+        return VtpmCapture(image=image, manager_checkpoint=m.manager_checkpoint or None,
+                           manager_hash=dict(m.extra).get("manager_hash"), slot_hashes=hashes[:2])
+
+    def find_by_save_digest(self, digest: str) -> dict | None:
+        for row in self.repo.list_checkpoints():
+            info = self._describe(row)
+            if info["kind"] == "save" and info["save_file_digest"] == digest:
+                return info
+        return None
+
+    def catalog_digest(self) -> bytes:
+        return self.repo.catalog_digest()
+
+
+# --- host TPM + audit ----------------------------------------------------------------
+class HostPort:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        from . import provision
+        self.host = provision.open_host(cfg)
+        self.store = store
+
+    @property
+    def keys(self) -> Any:
+        return self.host.keys
+
+    def check_fresh(self) -> None:
+        self.host.check_fresh()
+
+    def advance(self) -> None:
+        self.host.advance(self.store.catalog_digest())
+
+    def recover_head(self) -> None:
+        self.host.recover_head()
+
+    def authorize_rollback(self, secret: bytes | None) -> None:
+        self.host.authorize_rollback(secret)
+
+
+class AuditPort:
+    def __init__(self, host: HostPort) -> None:
+        self.host = host
+
+    def append(self, *, action: str, vm: str | None, checkpoint: str | None, result: str) -> None:
+        self.host.host.audit(action, vm=vm, checkpoint=checkpoint, result=result)
+
+
+@dataclass
+class Ports:
+    cfg: Config
+    xs: XenStore
+    xl: Xl
+    guests: Guests
+    vtpm: StubdomBackend
+    store: Store
+    host: HostPort
+    audit: AuditPort
+    journal: Journal
+    xl_streams: XlStreams
+
+    def lock(self, vm_uuid: str, label: str) -> VmLock:
+        return VmLock(Path(self.cfg.state_dir), vm_uuid, label)
+
+    def close(self) -> None:
+        self.journal.close()
+        self.store.repo.close()
+        self.xs.close()
+
+
+def open_ports(cfg: Config, progress: Callable[..., Any] | None = None) -> Ports:
+    state = Path(cfg.state_dir)
+    if not state.is_dir():
+        raise PreconditionFailed(f"{state}: state dir missing; run `xen-vtpm init` first")
+    if stat.S_IMODE(state.stat().st_mode) & 0o077:
+        raise StorageError(f"{state}: state dir is accessible to other users; `chmod 700 {state}`")
+    xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
+    xl = Xl(cfg)
+    store_keys_holder: dict[str, Any] = {}
+    from . import provision
+    host_obj = provision.open_host(cfg)
+    store_keys_holder["keys"] = host_obj.keys
+    store = Store(cfg, host_obj.keys)
+    host = HostPort(cfg, store)
+    journal = Journal(state / "catalog.sqlite")
+    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(cfg, xs, xl), vtpm=StubdomBackend(cfg, xs, xl),
+                 store=store, host=host, audit=AuditPort(host), journal=journal,
+                 xl_streams=XlStreams(cfg, xl, store, progress))
+
+
+def checkpoint_id() -> str:
+    return secrets.token_hex(8)
