@@ -8,9 +8,11 @@ mutation fallback of run.py when atheris is missing, and tests/test_fuzz_parsers
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,10 +45,21 @@ def expect(error: BaseException) -> None:
     assert len(text) <= MAX_MESSAGE, f"{type(error).__name__} message of {len(text)} chars: {text[:200]!r}..."
 
 
+SCRATCH_ENV = "XVFUZZ_SCRATCH"
+
+
 def scratch_dir() -> Path:
-    """A private directory for targets that must put the input in a file (RAM-backed when possible)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="xvfuzz-", dir=base))
+    """A private directory for targets that must put the input in a file (RAM-backed when possible).
+
+    libFuzzer ends the process with C exit(), which skips Python's atexit: under run.py the
+    directory goes inside one that run.py removes (``$XVFUZZ_SCRATCH``).
+    """
+    base = os.environ.get(SCRATCH_ENV)
+    if base is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        base = "/dev/shm"
+    path = Path(tempfile.mkdtemp(prefix="xvfuzz-", dir=base))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def mutate(data: bytes, rnd: random.Random, max_len: int = 1 << 16) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import random
 import re
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
 
 # target name -> (module, libFuzzer -max_len): lengths fit the biggest seed plus room to grow.
 TARGETS = {
@@ -64,7 +66,9 @@ def run_atheris(name: str, seconds: int, findings: Path) -> dict:
         cmd = [sys.executable, str(script), corpus, f"-max_total_time={seconds}", f"-timeout={INPUT_TIMEOUT}",
                f"-max_len={max_len}", "-rss_limit_mb=2048", "-print_final_stats=1",
                f"-artifact_prefix={findings}/{name}-"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        with tempfile.TemporaryDirectory(prefix="xvfuzz-scratch-") as scratch:
+            env = dict(os.environ, **{harness.SCRATCH_ENV: scratch})
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
         corpus_after = len(list(Path(corpus).iterdir()))
     out = proc.stdout + proc.stderr
     cov = re.findall(r"cov: (\d+) ft: (\d+)", out)
@@ -127,15 +131,15 @@ def run_mutate(name: str, seconds: int, findings: Path) -> dict:
 
 
 def mutate_from(pool: list[bytes], rnd: random.Random) -> bytes:
-    import harness
     return harness.mutate(rnd.choice(pool), rnd)
 
 
 def run_live(seconds: int, findings: Path) -> dict:
     import live_xenstored
-    stats = live_xenstored.run(seconds, seed=int(time.time()), findings_dir=findings)
-    return {"target": LIVE, "engine": "live", "seconds": seconds, "executions": stats.pop("packets"),
-            **stats}
+    seed = int(time.time())
+    stats = live_xenstored.run(seconds, seed=seed, findings_dir=findings)
+    return {"target": LIVE, "engine": "live", "seconds": seconds, "seed": seed,
+            "executions": stats.pop("packets"), **stats}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,10 @@ def test_up_create_chain_save_and_down_leave_nothing(tmp_path):
         sim.create_guest("g1", memory=16)
         assert [r.split()[0] for r in sim.xl("list").stdout.splitlines()[1:]] == ["Domain-0", "vtpmmgr", "vtpm-g1", "g1"]
         assert (d / "images" / "vtpm-g1.img").stat().st_size == 2 << 20
+        image = (d / "images" / "vtpm-g1.img").read_bytes()
+        one_line_error(tool("sim", "create", "g1", "--dir", str(d)), 4, "already exists")
+        assert (d / "images" / "vtpm-g1.img").read_bytes() == image    # the live vTPM's image untouched
+        one_line_error(tool("sim", "create", "bad'name", "--dir", str(d)), 2, "invalid domain name")
         # The guest's vTPM is a TPM 2.0 that tpm2-tools can use.
         tcti = sim.tool("sim", "tcti", "g1").stdout.strip()
         sim.run(["tpm2_pcrextend", "-T", tcti, "16:sha256=" + "11" * 32])

@@ -142,6 +142,13 @@ def test_save_restore_round_trip_with_vtpm_config(sim, tmp_path):
     assert xs_read(sim, f"/libxl/{new}/device/vtpm/0/uuid") == vuuid
     sim.xl("unpause", "rt")
     wait(lambda: digest(sim, "rt") != saved)
+    # A CFG given to restore replaces the saved config (name, vTPM uuid); memory must still match.
+    other = str(uuidlib.uuid4())
+    sim.xl("restore", "-p", write_cfg(sim, "rt-copy", vtpm=f"backend=vtpmmgr,uuid={other}"), str(save))
+    assert digest(sim, "rt-copy") == saved
+    assert xs_read(sim, f"/libxl/{sim.domid('rt-copy')}/device/vtpm/0/uuid") == other
+    proc = sim.xl("restore", write_cfg(sim, "rt-big", memory=32), str(save), check=False)
+    assert proc.returncode == 1 and "does not match the saved domain's 16 MiB" in proc.stderr
 
 
 def test_save_and_restore_through_fifos(sim, tmp_path):
@@ -170,7 +177,8 @@ def test_save_c_keeps_running_and_plain_save_destroys(sim, tmp_path):
     assert state_of(sim, "cc") is None
 
 
-@pytest.mark.parametrize("case", ["bad_cfg", "unknown_dom", "truncated", "magic", "bad_backend", "usage"])
+@pytest.mark.parametrize("case", ["bad_cfg", "unknown_dom", "truncated", "magic", "bad_backend", "usage",
+                                  "zero_memory"])
 def test_bad_input_one_line_errors(sim, tmp_path, case):
     if case == "bad_cfg":
         cfg = tmp_path / "bad.cfg"
@@ -180,6 +188,9 @@ def test_bad_input_one_line_errors(sim, tmp_path, case):
     elif case == "unknown_dom":
         proc = sim.xl("pause", "ghost", check=False)
         want = "ghost is an invalid domain identifier"
+    elif case == "zero_memory":
+        proc = sim.xl("create", write_cfg(sim, "tiny", memory=0), check=False)
+        want = "memory=0 must be a whole number of MiB"
     elif case == "bad_backend":
         proc = sim.xl("create", write_cfg(sim, "orphan", vtpm="backend=nobody"), check=False)
         want = "'nobody' is not a domain"

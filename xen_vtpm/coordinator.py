@@ -281,6 +281,12 @@ class Coordinator:
             self._finish(op, action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
             return {"deleted": ckpt["id"], "name": ckpt["name"], "freed_bytes": freed}
 
+    def checkpoints(self, domain: str | None) -> list[dict]:
+        vm_uuid = None
+        if domain is not None:
+            vm_uuid = self.p.store.vm_uuid_of(domain) or self._guest(domain).uuid
+        return self.p.store.list_described(vm_uuid)
+
     def verify(self, checkpoint: str | None) -> list[dict]:
         self.p.host.check_fresh()
         ids = [self._checkpoint(checkpoint)["id"]] if checkpoint else [c["id"] for c in self.p.store.list()]

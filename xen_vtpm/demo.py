@@ -21,25 +21,25 @@ def _say(quiet: bool, json_mode: bool, text: str) -> None:
 def run(json_mode: bool = False, quiet: bool = False) -> int:
     from . import topology
     from .sim import host
-    # Short base: the host's Unix socket paths must stay under 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="xen-vtpm-demo-", dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="xen-vtpm-demo-") as tmp:
         sim_dir = Path(tmp) / "host"
+        _say(quiet, json_mode, f"== starting a simulated Xen host in {sim_dir}")
         try:
-            _say(quiet, json_mode, f"== starting a simulated Xen host in {sim_dir}")
             host.up(sim_dir)
             _say(quiet, json_mode, "== xen-vtpm sim create guest1   (vtpm-guest1 first, then guest1)")
             host.create_guest(sim_dir, "guest1", memory=64)
-            cfg = Config.load(sim_dir / "config.ini")
-            rows = topology.list_domains(cfg)
+            rows = topology.list_domains(Config.load(sim_dir / "config.ini"))
             _say(quiet, json_mode, "== xen-vtpm list")
             if json_mode:
                 print(json.dumps({"list": rows}, indent=2, sort_keys=True))
             elif not quiet:
                 print(topology.render(rows))
-        finally:
-            _say(quiet, json_mode, "== stopping the simulated host")
+        except BaseException:
             try:
                 host.down(sim_dir)
-            except Exception as exc:  # noqa: BLE001 - report, but let the original error win
-                print(f"xen-vtpm: demo: sim down failed: {exc}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - the first error is the one to report
+                print(f"xen-vtpm: demo: sim down after an error also failed: {exc}", file=sys.stderr)
+            raise
+        _say(quiet, json_mode, "== stopping the simulated host")
+        host.down(sim_dir)
     return 0

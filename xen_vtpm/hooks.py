@@ -12,7 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PreconditionFailed, UsageError, XlError
+from .config import Config
+from .errors import MalformedSaveFile, PreconditionFailed, UsageError, XlError
 
 # xl options that take a value, per command (xl_cmdtable.c); flags not listed take none.
 _SAVE_FLAGS = {"-c", "-p", "-D"}
@@ -91,3 +92,46 @@ def real_xl(configured: str) -> str:
             return found
     raise XlError(f"{configured}: the real xl was not found (only the xen-vtpm wrapper is in PATH); "
                   "set `xl =` in the xen-vtpm config to its full path")
+
+
+def _domain_has_vtpm(cfg: Config, name: str) -> bool:
+    from .xenstore import XenStore
+    with XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout) as xs:
+        for d in xs.ls("/local/domain"):
+            if xs.read_or(f"/local/domain/{d}/name") == name or d == name:
+                return bool(xs.exists(f"/local/domain/{d}/device/vtpm") and xs.ls(f"/local/domain/{d}/device/vtpm"))
+    return False
+
+
+def _file_has_vtpm(path: str) -> bool:
+    from .xl import read_save_header
+    try:
+        return bool(read_save_header(path).vtpms)
+    except MalformedSaveFile:
+        return False  # not ours to judge: the real xl reports a bad file in its own words
+
+
+def main(argv: list[str], cfg: Config, *, json_mode: bool = False) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    xl_bin = real_xl(cfg.xl)
+    decision = route(argv, has_vtpm_domain=lambda n: _domain_has_vtpm(cfg, n), has_vtpm_file=_file_has_vtpm)
+    if decision.action == "passthrough":
+        os.execv(xl_bin, [xl_bin, *argv])
+    # xen-vtpm's own xl calls must reach the real xl, never this wrapper again.
+    cfg.xl = xl_bin
+    from .coordinator import Coordinator
+    from .ports import open_ports
+    ports = open_ports(cfg)
+    try:
+        coord = Coordinator(ports)
+        if decision.action == "save":
+            result = coord.save(decision.domain, decision.file)
+        else:
+            result = coord.restore(decision.file, paused=decision.paused)
+    finally:
+        ports.close()
+    if json_mode:
+        import json
+        print(json.dumps(result, sort_keys=True))
+    return 0

@@ -379,6 +379,24 @@ class Store:
     def list(self, vm_uuid: str | None = None) -> list[dict]:
         return self.repo.list_checkpoints(vm_uuid)
 
+    def vm_uuid_of(self, vm_name: str) -> str | None:
+        """Checkpoints outlive their domain: find a VM by the name its checkpoints recorded."""
+        return next((c["vm_uuid"] for c in self.repo.list_checkpoints() if c["vm_name"] == vm_name), None)
+
+    def list_described(self, vm_uuid: str | None) -> list[dict]:
+        """Rows for `checkpoints`; `verified` checks the manifest MAC only (`verify` reads every chunk)."""
+        rows = []
+        for row in self.repo.list_checkpoints(vm_uuid):
+            try:
+                info = self._describe(row)
+                state = "manifest ok"
+            except IntegrityError as exc:
+                info, state = dict(row, kind=None), f"FAILED: {exc}"
+            rows.append({"id": info["id"], "name": info["name"], "domain": info["vm_name"], "kind": info["kind"],
+                         "time": info["time"], "size": info["size"], "stored_bytes": info["stored_bytes"],
+                         "verified": state})
+        return rows
+
     def verify(self, checkpoint_id: str) -> dict:
         return self.repo.verify(checkpoint_id)
 
@@ -472,11 +490,8 @@ def open_ports(cfg: Config, progress: Callable[..., Any] | None = None) -> Ports
         raise StorageError(f"{state}: state dir is accessible to other users; `chmod 700 {state}`")
     xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
     xl = Xl(cfg)
-    store_keys_holder: dict[str, Any] = {}
     from . import provision
-    host_obj = provision.open_host(cfg)
-    store_keys_holder["keys"] = host_obj.keys
-    store = Store(cfg, host_obj.keys)
+    store = Store(cfg, provision.open_host(cfg).keys)
     host = HostPort(cfg, store)
     journal = Journal(state / "catalog.sqlite")
     return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(cfg, xs, xl), vtpm=StubdomBackend(cfg, xs, xl),
@@ -484,5 +499,4 @@ def open_ports(cfg: Config, progress: Callable[..., Any] | None = None) -> Ports
                  xl_streams=XlStreams(cfg, xl, store, progress))
 
 
-def checkpoint_id() -> str:
-    return secrets.token_hex(8)
+checkpoints_table = ["id", "name", "domain", "kind", "time", "size", "stored_bytes", "verified"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Config
-from .errors import XlError
+from .errors import XenStoreNotFound, XlError
 from .xenstore import XenStore
 
 XENBUS_STATES = {"0": "Unknown", "1": "Initialising", "2": "InitWait", "3": "Initialised", "4": "Connected",
@@ -27,6 +27,14 @@ def _run_states(cfg: Config) -> dict[int, str] | None:
         return None
 
 
+def _ls(xs: XenStore, path: str) -> list[str]:
+    """Children of path; [] if it is gone (domains come and go while we look)."""
+    try:
+        return xs.ls(path)
+    except XenStoreNotFound:
+        return []
+
+
 def _domid_of(path: str | None) -> int | None:
     parts = (path or "").split("/")
     if len(parts) > 3 and parts[1:3] == ["local", "domain"] and parts[3].isdigit():
@@ -34,10 +42,14 @@ def _domid_of(path: str | None) -> int | None:
     return None
 
 
-def _vtpm_rows(xs: XenStore, domid: int, names: dict[int, str]) -> list[dict[str, Any]]:
+def vtpm_links(xs: XenStore, domid: int) -> list[dict[str, Any]]:
+    """The vTPM frontends of domain ``domid``: devid, states, backend, trusted uuid and its cross-check.
+
+    ``uuid_check`` is "ok" only when libxl's trusted copy and the backend's ``uuid`` agree.
+    """
     base = f"/local/domain/{domid}/device/vtpm"
     rows = []
-    for n in sorted(xs.ls(base) if xs.exists(base) else [], key=lambda s: (not s.isdigit(), s.zfill(8))):
+    for n in sorted(_ls(xs, base), key=lambda s: (not s.isdigit(), s.zfill(8))):
         fe = f"{base}/{n}"
         trusted = f"/libxl/{domid}/device/vtpm/{n}"
         be = xs.read_or(f"{trusted}/backend") or xs.read_or(f"{fe}/backend")
@@ -56,7 +68,7 @@ def _vtpm_rows(xs: XenStore, domid: int, names: dict[int, str]) -> list[dict[str
             "devid": int(n) if n.isdigit() else n,
             "state": xs.read_or(f"{fe}/state"),
             "backend_domid": be_domid,
-            "backend_name": names.get(be_domid) if be_domid is not None else None,
+            "backend_name": xs.read_or(f"/local/domain/{be_domid}/name") if be_domid is not None else None,
             "backend_path": be,
             "backend_state": xs.read_or(f"{be}/state") if be else None,
             "uuid": uuid,
@@ -75,8 +87,8 @@ def list_domains(cfg: Config) -> list[dict[str, Any]]:
         out = []
         for d in domids:
             served_base = f"/local/domain/{d}/backend/vtpm"
-            served = sorted(int(f) for f in (xs.ls(served_base) if xs.exists(served_base) else []) if f.isdigit())
-            vtpms = _vtpm_rows(xs, d, names)
+            served = sorted(int(f) for f in _ls(xs, served_base) if f.isdigit())
+            vtpms = vtpm_links(xs, d)
             if d == 0:
                 role = "dom0"
             elif names[d] == cfg.manager:

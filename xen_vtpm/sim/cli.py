@@ -105,4 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("guest")
     p = add("memdigest", cmd_memdigest, "print the SHA-256 of GUEST's current memory")
     p.add_argument("guest")
-    sim.set_defaults(needs_config=False)
+    sim.set_defaults(func=lambda args, cfg: _help(sim), needs_config=False)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 # Marks every process the simulator starts, so `sim down` can prove none is left.
 OWNER_ENV = "XEN_VTPM_SIM_OWNER"
@@ -101,7 +101,7 @@ def owned_pids(sim_dir: str | os.PathLike) -> list[int]:
     return pids
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         if predicate():

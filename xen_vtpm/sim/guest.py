@@ -78,30 +78,34 @@ class Guest:
         self.pages = len(self.mem) // PAGE
         self.counter = 0
         self.connected: set[str] = set()
+        self.devids: list[str] = []
         self.xs = XenStore()
 
     def run(self) -> int:
         log(f"{self.name} (domid {self.domid}): {len(self.mem) >> 20} MiB memory, booting")
         self.setup_frontends()
-        while True:
-            request = self.xs.read_or(f"{self.dom_path}/control/shutdown", "") or ""
-            if request == "suspend":
-                self.suspend()
-            elif request in ("poweroff", "halt", "reboot"):
-                log(f"shutdown request {request!r}: powering off")
-                self.ack()
-                self.mem.flush()
-                return 0
-            self.connect_frontends()
-            self.scribble()
-            time.sleep(TICK)
-
-    def devices(self) -> list[str]:
-        return self.xs.ls(f"{self.dom_path}/device/vtpm") if self.xs.exists(f"{self.dom_path}/device/vtpm") else []
+        control = f"{self.dom_path}/control/shutdown"
+        # The watch doubles as the tick: it wakes us early when xl writes a request.
+        with self.xs.watch(control, "control") as watch:
+            while True:
+                if watch.wait(TICK) is not None:
+                    request = self.xs.read_or(control, "") or ""
+                    if request == "suspend":
+                        self.suspend()
+                    elif request in ("poweroff", "halt", "reboot"):
+                        log(f"shutdown request {request!r}: powering off")
+                        self.ack()
+                        self.mem.flush()
+                        return 0
+                if len(self.connected) < len(self.devids):
+                    self.connect_frontends()
+                self.scribble()
 
     def setup_frontends(self) -> None:
         """xen-tpmfront probe: ring-ref, event-channel, protocol v2, then Initialised (3)."""
-        for devid in self.devices():
+        base = f"{self.dom_path}/device/vtpm"
+        self.devids = self.xs.ls(base) if self.xs.exists(base) else []
+        for devid in self.devids:
             fe = f"{self.dom_path}/device/vtpm/{devid}"
 
             def publish(tx, fe=fe):
@@ -114,7 +118,7 @@ class Guest:
 
     def connect_frontends(self) -> None:
         """Connected (4) once the backend is Initialised/Connected with protocol v2."""
-        for devid in self.devices():
+        for devid in self.devids:
             if devid in self.connected:
                 continue
             fe = f"{self.dom_path}/device/vtpm/{devid}"

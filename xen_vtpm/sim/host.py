@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shlex
 import signal
 import socket
@@ -21,12 +22,11 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-import xen_vtpm
-
 from ..config import Config
 from ..errors import PreconditionFailed, UsageError, XenError
 from . import domains, xl
 from .domains import OWNER_ENV
+from .xlcfg import load_cfg
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
 DAEMONS = ("xenstored", "hosttpm", "ptpm")
@@ -40,9 +40,8 @@ def _dirs(sim_dir: Path) -> None:
 def _env(sim_dir: Path) -> dict[str, str]:
     env = dict(os.environ, XEN_VTPM_SIM_DIR=str(sim_dir), XENSTORED_PATH=str(sim_dir / "xenstored.sock"))
     env[OWNER_ENV] = str(sim_dir)
-    # Domain processes run `python -m xen_vtpm...`; make sure they find this package.
-    pkg_root = str(Path(xen_vtpm.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
+    # Daemons and bin/xl run `python -m xen_vtpm...`; make sure they find this package.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (xl.PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     return env
 
 
@@ -153,7 +152,8 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
         ptpm_port = _swtpm(d, "ptpm", d / "ptpm")
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
-                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs")
+                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
+                     domain_cfg_dir=d / "images")
         cfg.save(d / "config.ini")
         _write_xl(d)
         if module_available("xen_vtpm.sim.vtpmmgr"):
@@ -175,19 +175,7 @@ def exports(d: Path) -> dict[str, str]:
 
 def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
     cfg_path.write_text(text)
-    from .xlcfg import load_cfg
-    return _with_env(d, lambda: xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path)))))
-
-
-def _with_env(d: Path, fn):
-    """Run in-process xl code with the environment its spawned domains must inherit."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in _env(d).items() if k != "XENSTORED_PATH"})
-    try:
-        return fn()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path))))
 
 
 def _create_manager(d: Path, stock: bool) -> None:
@@ -211,21 +199,34 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
         vtpm = False
     if vtpm and domains.find(table, "vtpmmgr") is None:
         raise PreconditionFailed(f"sim create {name}: the vtpmmgr domain is not running; restart the host")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,50}", name):
+        raise UsageError(f"sim create: invalid domain name {name!r}; use letters, digits, '.', '_' and '-'")
+    for taken in (name, f"vtpm-{name}") if vtpm else (name,):
+        if domains.find(table, taken) is not None:
+            raise PreconditionFailed(f"sim create {name}: domain {taken} already exists; "
+                                     f"`xl destroy {taken}` first or pick another name")
     out: dict[str, Any] = {"name": name}
-    if vtpm:
-        img = d / "images" / f"vtpm-{name}.img"
-        write_image(img)
-        vtpm_uuid = str(uuidlib.uuid4())
-        out["vtpm_domid"] = _create_domain_from_cfg(
-            d, d / "images" / f"vtpm-{name}.cfg",
-            f'name="vtpm-{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
-            f'disk=["file:{img},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
-        out["vtpm_uuid"] = vtpm_uuid
-    vtpm_line = f'vtpm=["backend=vtpm-{name}"]\n' if vtpm else ""
-    out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
-                                           f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
-    if vtpm:
-        _wait_connected(d, out["domid"], name)
+    try:
+        if vtpm:
+            img = d / "images" / f"vtpm-{name}.img"
+            write_image(img)
+            vtpm_uuid = str(uuidlib.uuid4())
+            out["vtpm_domid"] = _create_domain_from_cfg(
+                d, d / "images" / f"vtpm-{name}.cfg",
+                f'name="vtpm-{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
+                f'disk=["file:{img},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
+            out["vtpm_uuid"] = vtpm_uuid
+        vtpm_line = f'vtpm=["backend=vtpm-{name}"]\n' if vtpm else ""
+        out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
+                                               f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
+        if vtpm:
+            _wait_connected(d, out["domid"], name)
+    except BaseException:
+        # Leave the host as it was: no half-built guest/vTPM pair.
+        for key in ("domid", "vtpm_domid"):
+            if key in out:
+                xl._destroy(str(d), out[key], quiet=True)
+        raise
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import mgrproto as mp
 from . import vtpmblk
 from .swtpm_engine import EngineError, SwtpmEngine
-from .vtpmmgr import TpmBack, Tpmif, read_packet, ring_socket_path
+from .tpmif import TpmBack, Tpmif, log, read_packet, ring_socket_path
 from .xlcfg import parse_disk
 
 FRONT_TIMEOUT = 10.0
@@ -37,10 +37,6 @@ CTRL_INIT = 0x02
 CTRL_SHUTDOWN = 0x03
 CTRL_SET_LOCALITY = 0x05
 TPM_FAIL = 9
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 class ManagerLink:

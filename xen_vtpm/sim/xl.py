@@ -30,6 +30,7 @@ INIT_TIMEOUT = 10.0      # LIBXL_INIT_TIMEOUT: backend must reach InitWait
 SUSPEND_TIMEOUT = 30.0   # guest must acknowledge control/shutdown=suspend
 SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_MEMORY = 128
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def sim_dir_from_env() -> str:
@@ -67,6 +68,9 @@ def spec_from_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
         vtpms.append({"devid": devid, "backend_domname": v["backend"], "uuid": v["uuid"]})
     for d in cfg.get("disk", []):
         parse_disk(str(d))
+    memory = cfg.get("memory", DEFAULT_MEMORY)
+    if not isinstance(memory, int) or not 1 <= memory <= 1 << 20:
+        raise XlConfigError(f"{cfg['name']}: memory={memory!r} must be a whole number of MiB between 1 and 1048576")
     return {"name": str(cfg["name"]), "uuid": cfg.get("uuid") or str(uuidlib.uuid4()),
             "memory": int(cfg.get("memory", DEFAULT_MEMORY)), "kernel": str(cfg.get("kernel", "")),
             "extra": str(cfg.get("extra", "")), "disk": [str(d) for d in cfg.get("disk", [])],
@@ -75,6 +79,14 @@ def spec_from_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def spec_from_json(config: dict[str, Any]) -> dict[str, Any]:
     """Inverse of libxl_config(): the JSON embedded in a save file."""
+    try:
+        return _spec_from_json(config)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise MalformedSaveFile(f"save file config is not a libxl domain config ({exc.__class__.__name__}: "
+                                f"{exc}); restore with `xl restore CFG FILE`") from None
+
+
+def _spec_from_json(config: dict[str, Any]) -> dict[str, Any]:
     c_info, b_info = config.get("c_info", {}), config.get("b_info", {})
     disks = [f"{d['pdev_path']},{d['vdev']},{'w' if d.get('readwrite', 1) else 'r'}" for d in config.get("disks", [])]
     vtpms = [{"devid": v.get("devid", i), "backend_domname": v.get("backend_domname") or str(v.get("backend_domid", 0)),
@@ -196,6 +208,8 @@ def _spawn(sim_dir: str, domid: int, spec: dict[str, Any], vtpms: list[dict[str,
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, XENSTORED_PATH=os.path.join(sim_dir, f"xenstored.sock.d{domid}"),
                XEN_VTPM_SIM_DIR=sim_dir, **{OWNER_ENV: sim_dir, DOMID_ENV: str(domid)})
+    # The domain runs `python -m xen_vtpm...`: let it find this very package.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     argv = [sys.executable, "-m", module_for(spec["kernel"]), "--sim-dir", sim_dir, "--domid", str(domid),
             "--name", spec["name"], "--config", str(cfg_file)]
     # The shell stops itself before exec'ing the domain, so nothing runs until unpause.
@@ -227,6 +241,7 @@ def create_domain(sim_dir: str, spec: dict[str, Any], paused: bool = False,
             xs.introduce(domid, 0x1000 + domid, 1)
             if module_for(spec["kernel"]) == "xen_vtpm.sim.guest":
                 mem = memory_path(sim_dir, domid)
+                _update(sim_dir, domid, memfile=str(mem))   # recorded first, so a failure cleans it up
                 with open(mem, "wb+") as fh:
                     fh.truncate(spec["memory"] << 20)
                     if fill_memory is not None:
@@ -237,7 +252,6 @@ def create_domain(sim_dir: str, spec: dict[str, Any], paused: bool = False,
                             # A failed reader's traceback may still hold a view; then GC unmaps it.
                             with contextlib.suppress(BufferError):
                                 mm.close()
-                _update(sim_dir, domid, memfile=str(mem))
             pid = _spawn(sim_dir, domid, spec, vtpms)
             _update(sim_dir, domid, pid=pid)
             for v in vtpms:
@@ -327,6 +341,8 @@ def shutdown(sim_dir: str, ident: str) -> None:
 
 def state_flags(dom: dict[str, Any]) -> str:
     st = domains.proc_state(dom["pid"]) if dom.get("pid") else None
+    if not dom.get("pid"):
+        return "--p---"        # still being built: paused until devices are attached
     if st in (None, "Z", "X"):
         return "----c-"
     if st in ("T", "t"):
@@ -387,8 +403,8 @@ def _suspend(sim_dir: str, dom: dict[str, Any]) -> None:
                       "unpause it first")
     with xenstore(sim_dir) as xs:
         xs.write(node, "suspend")
-        acked = xs.wait_for(lambda: not xs.read_or(node, ""), [node], SUSPEND_TIMEOUT)
-        if not acked:
+        acked = xs.wait_for(lambda: not xs.read_or(node, "") or not domains.is_alive(pid), [node], SUSPEND_TIMEOUT)
+        if not acked and domains.is_alive(pid):
             xs.write(node, "")
             raise XlError(f"libxl: error: {dom['name']}: guest did not acknowledge the suspend request "
                           f"within {SUSPEND_TIMEOUT:g} s")
@@ -603,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - like xl: one line, never a traceback
+        if os.environ.get("XEN_VTPM_DEBUG"):
+            raise
+        _err(f"xl: unexpected error: {exc.__class__.__name__}: {exc} (rerun with XEN_VTPM_DEBUG=1)")
+        return 1
 
 
 if __name__ == "__main__":
