@@ -131,7 +131,8 @@ def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
                          "state and rolls its vTPM back; add --yes to confirm")
     secret = _secret(args.auth_file)
     return _run(args, cfg, lambda c: c.rollback(args.domain, args.checkpoint, auth_secret=secret,
-                                                safety_checkpoint=not args.no_safety_checkpoint))
+                                                safety_checkpoint=not args.no_safety_checkpoint,
+                                                paused=args.paused))
 
 
 def cmd_delete(args: argparse.Namespace, cfg: Config) -> int:
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--auth-file", metavar="F", help="file holding the rollback secret")
     sp.add_argument("--no-safety-checkpoint", action="store_true",
                     help="do not checkpoint the current state first (the rollback cannot be undone)")
+    sp.add_argument("--paused", action="store_true", help="leave the restored guest paused")
     sp.add_argument("--yes", action="store_true", help="confirm")
     sp.set_defaults(func=cmd_rollback)
     sp = sub.add_parser("delete", help="delete a checkpoint and free what nothing else uses")

@@ -136,7 +136,7 @@ class Coordinator:
 
     # --- rollback ----------------------------------------------------------------
     def rollback(self, domain: str, checkpoint: str, *, auth_secret: bytes | None,
-                 safety_checkpoint: bool = True) -> dict:
+                 safety_checkpoint: bool = True, paused: bool = False) -> dict:
         self.recover()
         guest = self._guest(domain)
         with self.p.lock(guest.uuid, guest.name):
@@ -156,7 +156,7 @@ class Coordinator:
             if safety_checkpoint:
                 safety = self._snapshot_locked(guest, None, kind="pre-rollback")
             op = self.p.journal.begin("rollback", guest.uuid, guest=guest.name, checkpoint=ckpt["id"],
-                                      vtpm=guest.vtpm.backend, safety=safety and safety["id"])
+                                      vtpm=guest.vtpm.backend, safety=safety and safety["id"], paused=paused)
             self._rollback_forward(op, ckpt)
             result = {"domain": guest.name, "rolled_back_to": ckpt["id"], "name": ckpt["name"],
                       "safety_checkpoint": safety and safety["id"]}
@@ -184,7 +184,8 @@ class Coordinator:
         step("put-back-vtpm", lambda: self.p.vtpm.put_back(vt, capture))
         step("start-vtpm", lambda: self.p.vtpm.start_verified(vt))
         step("restore-guest", lambda: self.p.xl_streams.restore_from(ckpt["id"], guest_name, paused=True))
-        step("unpause-guest", lambda: self.p.xl.unpause(guest_name))
+        if not op.params.get("paused"):
+            step("unpause-guest", lambda: self.p.xl.unpause(guest_name))
         self._finish(op, action="rollback", vm=guest_name, checkpoint=ckpt["id"])
 
     # --- save / restore ----------------------------------------------------------

@@ -68,7 +68,13 @@ class Guests:
             raise IntegrityError(f"{name}: vTPM {link['devid']} identity check failed ({link['uuid_check']}); "
                                  "the backend uuid disagrees with libxl's trusted copy — investigate before "
                                  "snapshotting")
-        ref = VtpmRef(guest=name, devid=link["devid"], backend=link["backend_name"], uuid=link["uuid"])
+        # The vTPM's identity at the manager is the UUID of the stub domain's own link to it,
+        # not the guest's device uuid (facts §2.4).
+        mgr_links = vtpm_links(self.xs, link["backend_domid"]) if link["backend_domid"] is not None else []
+        if len(mgr_links) != 1 or mgr_links[0]["uuid_check"] != "ok":
+            raise PreconditionFailed(f"{link['backend_name']}: the vTPM stub domain has no single verified link "
+                                     "to the vTPM manager; check `xen-vtpm list`")
+        ref = VtpmRef(guest=name, devid=link["devid"], backend=link["backend_name"], uuid=mgr_links[0]["uuid"])
         return Guest(name=name, domid=domid, uuid=vm_uuid, vtpm=ref, paused=self.is_paused(name))
 
     def vtpm_by_backend(self, backend: str) -> VtpmRef | None:

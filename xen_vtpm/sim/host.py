@@ -26,7 +26,7 @@ from ..config import Config
 from ..errors import PreconditionFailed, UsageError, XenError
 from . import domains, xl
 from .domains import OWNER_ENV
-from .xlcfg import load_cfg
+from ..xlcfg import load_cfg
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
 DAEMONS = ("xenstored", "hosttpm", "ptpm")

@@ -27,7 +27,7 @@ from . import mgrproto as mp
 from . import vtpmblk
 from .swtpm_engine import EngineError, SwtpmEngine
 from .tpmif import TpmBack, Tpmif, log, read_packet, ring_socket_path
-from .xlcfg import parse_disk
+from ..xlcfg import disk_target
 
 FRONT_TIMEOUT = 10.0
 MAX_COMMAND = 4096
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sim_dir = Path(args.sim_dir)
     cfg = json.loads(Path(args.config).read_text())
-    image = Path(parse_disk(cfg["disk"][0])["target"])
+    image = Path(disk_target(cfg))
     tcti_file = sim_dir / "run" / f"{args.name}.tcti"
     tcti_file.unlink(missing_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

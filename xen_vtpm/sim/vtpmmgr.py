@@ -24,7 +24,7 @@ from ..errors import XenStoreError
 from . import mgrproto as mp
 from .mgrdisk import FLAG_ADMIN, FLAG_CHECKPOINT, FLAG_OPEN, DiskError, Entry, MgrDisk, PtpmSealer
 from .tpmif import RingServer, TpmBack, Tpmif, log, ring_socket_path
-from .xlcfg import parse_disk
+from ..xlcfg import disk_target
 
 
 # --- the manager ---------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_dir = Path(args.sim_dir)
     extra = str(cfg.get("extra", "")).split()
     checkpoints = "checkpoint=0" not in extra
-    image = Path(parse_disk(cfg["disk"][0])["target"])
+    image = Path(disk_target(cfg))
     log(f"vtpmmgr: starting (domid {args.domid}, disk {image.name})")
     tcti = (sim_dir / "run" / "ptpm.tcti").read_text().strip()
     disk = MgrDisk(image, PtpmSealer(tcti))

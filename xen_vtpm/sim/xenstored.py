@@ -290,6 +290,8 @@ class Xenstored:
 
     # --- connections --------------------------------------------------------
     def _accept(self, listener: socket.socket, domid: int) -> None:
+        if listener.fileno() < 0:  # closed by a RELEASE handled earlier in this same select() batch
+            return
         try:
             sock, _ = listener.accept()
         except BlockingIOError:

@@ -24,7 +24,7 @@ from ..xenstore import XenStore
 from . import domains
 from .domains import DOMID_ENV, OWNER_ENV
 from .guest import memory_path
-from .xlcfg import load_cfg, parse_disk, parse_vtpm
+from ..xlcfg import load_cfg, parse_disk, parse_vtpm
 
 INIT_TIMEOUT = 10.0      # LIBXL_INIT_TIMEOUT: backend must reach InitWait
 SUSPEND_TIMEOUT = 30.0   # guest must acknowledge control/shutdown=suspend

@@ -11,7 +11,7 @@ import re
 import uuid as uuidlib
 from typing import Any
 
-from ..errors import XlConfigError
+from .errors import XlConfigError
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r]+)
@@ -214,3 +214,11 @@ def parse_vtpm(spec: str) -> dict[str, str | None]:
     if not out["backend"]:
         raise XlConfigError(f"vtpm spec {spec!r}: backend= is required")
     return out
+
+
+def disk_target(cfg: dict[str, Any]) -> str:
+    """The image behind a stub domain's first disk (the vTPM's `hda`)."""
+    disks = cfg.get("disk") or []
+    if not disks:
+        raise XlConfigError(f"{cfg.get('name', 'config')}: no disk= entry; a vTPM stub domain needs its image as hda")
+    return parse_disk(disks[0])["target"]
