@@ -246,8 +246,7 @@ class StubdomBackend:
         self.xl.unpause(ref.backend)
 
     def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
-        slots = self.sd.slot_fingerprints(self._image(ref))
-        return (slots[0] or "", slots[1] or "")
+        return self._slot_hashes(self._image(ref).read_bytes())
 
     def capture(self, ref: VtpmRef, checkpoint_id: str) -> VtpmCapture:
         """Manager copy + image copy while the vTPM is paused; they must name the same slot."""
@@ -268,11 +267,7 @@ class StubdomBackend:
                            slot_hashes=self._slot_hashes(image))
 
     def _slot_hashes(self, image: bytes) -> tuple[str, str]:
-        import tempfile
-        with tempfile.NamedTemporaryFile(dir=Path(self.cfg.state_dir) / "tmp") as fh:
-            fh.write(image)
-            fh.flush()
-            slots = self.sd.slot_fingerprints(fh.name)
+        slots = self.sd.slot_fingerprints(image)
         return (slots[0] or "", slots[1] or "")
 
     def stop(self, ref: VtpmRef) -> None:

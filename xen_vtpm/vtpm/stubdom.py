@@ -146,17 +146,21 @@ class ManagerClient:
 
 # --- the vTPM disk image -----------------------------------------------------------------------
 
-def slot_fingerprints(image: str | os.PathLike) -> tuple[str | None, str | None]:
-    """Hex SHA-1 of the blob in slot 0 (byte 0) and slot 1 (byte size/2); None for an empty slot."""
+def slot_fingerprints(image: str | os.PathLike | bytes) -> tuple[str | None, str | None]:
+    """Hex SHA-1 of the blob in slot 0 (byte 0) and slot 1 (byte size/2); None for an empty slot.
+
+    `image` is the image file or a copy of its bytes (a checkpoint holds the copy)."""
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        with open(image, "rb") as fh:
+            image = fh.read()
+    data = memoryview(image)
+    half = len(data) // 2
     out: list[str | None] = []
-    with open(image, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        for offset in (0, size // 2):
-            fh.seek(offset)
-            head = fh.read(4)
-            length = struct.unpack(">I", head)[0] if len(head) == 4 else 0
-            blob = fh.read(length) if 0 < length <= size // 2 - 4 else b""
-            out.append(hashlib.sha1(blob).hexdigest() if blob and len(blob) == length else None)
+    for offset in (0, half):
+        head = bytes(data[offset:offset + 4])
+        length = struct.unpack(">I", head)[0] if len(head) == 4 else 0
+        blob = data[offset + 4:offset + 4 + length] if 0 < length <= half - 4 else b""
+        out.append(hashlib.sha1(blob).hexdigest() if len(blob) == length and length else None)
     return out[0], out[1]
 
 
