@@ -23,7 +23,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import (AuthorizationDenied, CheckpointNotFound, IntegrityError, NoCheckpointFeature,
+from .errors import (CheckpointNotFound, IntegrityError, Locked, NoCheckpointFeature,
                      PreconditionFailed, XenVtpmError)
 from .journal import Operation
 from .vtpm.base import VtpmCapture, VtpmRef
@@ -64,6 +64,7 @@ class Coordinator:
             raise NoCheckpointFeature(
                 f"{vt.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), so a per-VM "
                 "snapshot cannot be rolled back; use `xen-vtpm save` (guarded), or see docs/protocol.md")
+        self._check_can_suspend(guest)
         self.p.vtpm.check_single_consumer(vt)
         self.p.store.check_writable()
         ckpt_id = str(uuidlib.uuid4())
@@ -77,14 +78,8 @@ class Coordinator:
         try:
             self.p.journal.step(op, "guest-save")
             save_info = self.p.xl_streams.save_to(guest.name, writer, leave_paused=True)
-            self.p.journal.step(op, "vtpm-pause")
-            self.p.vtpm.pause(vt)
-            self.p.journal.step(op, "manager-checkpoint", manager_checkpoint=ckpt_id)
-            capture = self.p.vtpm.capture(vt, ckpt_id)
-            self.p.journal.step(op, "resume")
-            self.p.vtpm.unpause(vt)
-            if not guest.paused:
-                self.p.xl.unpause(guest.name)
+            capture = self._capture_vtpm(op, vt, ckpt_id)
+            self.p.xl.unpause(guest.name)
             pause_window = time.monotonic() - t0
         except BaseException:
             self._undo_snapshot(op, writer)
@@ -95,6 +90,32 @@ class Coordinator:
         manifest = self._commit(op, writer, action=kind, vm=guest.name, checkpoint=ckpt_id)
         return {"id": ckpt_id, "name": name, "domain": guest.name, "vm_uuid": guest.uuid,
                 "vtpm_uuid": vt.uuid, "pause_window_s": round(pause_window, 4), **manifest}
+
+    def _capture_vtpm(self, op: Operation, vt: VtpmRef, ckpt_id: str) -> VtpmCapture:
+        """I3: the guest is suspended; pause its vTPM so no command moves the pair while we copy it."""
+        self.p.journal.step(op, "vtpm-pause")
+        self.p.vtpm.pause(vt)
+        self.p.journal.step(op, "manager-checkpoint", manager_checkpoint=ckpt_id)
+        capture = (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
+                   else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
+        self.p.journal.step(op, "resume")
+        self.p.vtpm.unpause(vt)
+        return capture
+
+    def _step_once(self, op: Operation, name: str, action: Callable[[], Any]) -> None:
+        """Journal `name` unless an earlier run of this op did, then act: every action is
+        idempotent, so recover can re-run a sequence from its last journaled step."""
+        if not op.reached(name):
+            self.p.journal.step(op, name)
+        action()
+
+    @staticmethod
+    def _check_can_suspend(guest: Guest) -> None:
+        """I3 needs the guest to suspend itself (it then sends TPM2_Shutdown(STATE) to its vTPM);
+        a paused guest cannot answer the request and `xl save` would only time out."""
+        if guest.paused:
+            raise PreconditionFailed(f"{guest.name}: the guest is paused and cannot suspend itself; "
+                                     f"`xl unpause {guest.name}` first")
 
     def _commit(self, op: Operation, writer: Any, *, action: str, vm: str, checkpoint: str) -> dict:
         """Commit the manifest, then advance the counter-bound head, then log.
@@ -109,7 +130,8 @@ class Coordinator:
     def _finish(self, op: Operation, *, action: str, vm: str, checkpoint: str | None,
                 outcome: str = "done") -> None:
         """Log, then move the counter-bound head: the increment anchors the audit record too."""
-        self.p.journal.step(op, "advance-head")
+        if not op.reached("advance-head"):
+            self.p.journal.step(op, "advance-head")
         self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok")
         self.p.host.advance()
         self.p.journal.finish(op, outcome)
@@ -171,21 +193,20 @@ class Coordinator:
         last journaled one."""
         guest_name = op.params["guest"]
         vt = self.p.guests.vtpm_ref_for(ckpt)
-        done = {name for name, _ in op.steps}
-
-        def step(name: str, action: Callable[[], Any]) -> None:
-            if name not in done:
-                self.p.journal.step(op, name)
-            action()
 
         capture = self.p.store.vtpm_capture(ckpt["id"])
-        step("destroy-guest", lambda: self.p.guests.exists(guest_name) and self.p.xl.destroy(guest_name))
-        step("stop-vtpm", lambda: self.p.vtpm.stop(vt))
-        step("put-back-vtpm", lambda: self.p.vtpm.put_back(vt, capture))
-        step("start-vtpm", lambda: self.p.vtpm.start_verified(vt))
-        step("restore-guest", lambda: self.p.xl_streams.restore_from(ckpt["id"], guest_name, paused=True))
+        self._step_once(op, "destroy-guest", lambda: self.p.guests.exists(guest_name) and self.p.xl.destroy(guest_name))
+        self._step_once(op, "stop-vtpm", lambda: self.p.vtpm.stop(vt))
+        self._step_once(op, "put-back-vtpm", lambda: self.p.vtpm.put_back(vt, capture))
+        self._step_once(op, "start-vtpm", lambda: self.p.vtpm.start_verified(vt))
+        def restore_guest() -> None:
+            if self.p.guests.exists(guest_name):  # a restore a crash cut short: start it over
+                self.p.xl.destroy(guest_name)
+            self.p.xl_streams.restore_from(ckpt["id"], guest_name, paused=True)
+
+        self._step_once(op, "restore-guest", restore_guest)
         if not op.params.get("paused"):
-            step("unpause-guest", lambda: self.p.xl.unpause(guest_name))
+            self._step_once(op, "unpause-guest", lambda: self.p.xl.unpause(guest_name))
         self._finish(op, action="rollback", vm=guest_name, checkpoint=ckpt["id"])
 
     # --- save / restore ----------------------------------------------------------
@@ -197,6 +218,7 @@ class Coordinator:
         with self.p.lock(guest.uuid, guest.name):
             self.p.host.check_fresh()
             vt = guest.vtpm
+            self._check_can_suspend(guest)
             self.p.vtpm.check_single_consumer(vt)
             self.p.store.check_writable()
             ckpt_id = str(uuidlib.uuid4())
@@ -208,23 +230,25 @@ class Coordinator:
             try:
                 self.p.journal.step(op, "guest-save")
                 digest = self.p.xl_streams.save_to_file(guest.name, path)
-                self.p.journal.step(op, "vtpm-pause")
-                self.p.vtpm.pause(vt)
-                self.p.journal.step(op, "manager-checkpoint", manager_checkpoint=ckpt_id)
-                capture = (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
-                           else self.p.vtpm.capture_fingerprint(vt))
-                self.p.journal.step(op, "resume")
-                self.p.vtpm.unpause(vt)
+                capture = self._capture_vtpm(op, vt, ckpt_id)
+                self.p.journal.step(op, "commit")
+                writer.set_vtpm(capture)
+                writer.set_meta(save_file_digest=digest, save_file=path)
+                summary = writer.commit()
             except BaseException:
                 self._undo_snapshot(op, writer)
                 raise
-            # Past this point the save image and the vTPM capture are a pair: destroy as xl save does.
-            self.p.journal.step(op, "destroy-guest")
-            self.p.xl.destroy(guest.name)
-            writer.set_vtpm(capture)
-            writer.set_meta(save_file_digest=digest, save_file=path)
-            summary = self._commit(op, writer, action="save", vm=guest.name, checkpoint=ckpt_id)
+            # The save image and the vTPM capture are now a committed pair: end the guest as xl save does.
+            self._finish_save(op)
             return {"id": ckpt_id, "name": name, "domain": guest.name, "file": path, **summary}
+
+    def _finish_save(self, op: Operation) -> None:
+        guest = op.params["guest"]
+        if not op.reached("destroy-guest"):
+            self.p.journal.step(op, "destroy-guest")
+        if self.p.guests.exists(guest):
+            self.p.xl.destroy(guest)
+        self._finish(op, action="save", vm=guest, checkpoint=op.params["checkpoint"])
 
     def restore(self, path: str, *, paused: bool = False) -> dict:
         self.recover()
@@ -246,25 +270,32 @@ class Coordinator:
             vt = self.p.guests.vtpm_ref_for(ckpt)
             capture = self.p.store.vtpm_capture(ckpt["id"])
             current = self.p.vtpm.fingerprint(vt)
-            moved = capture.manager_hash not in current
+            # Every vTPM write replaces one slot, so any change of either slot means it moved on
+            # (the captured H may survive in the other slot for one more write).
+            moved = tuple(current) != tuple(capture.slot_hashes)
             if moved and capture.manager_checkpoint is None:
                 raise PreconditionFailed(
                     f"{vt.backend}: the vTPM advanced since {path} was saved and the stock manager cannot "
                     "roll it back; restoring would give the guest a vTPM that does not match its memory")
             op = self.p.journal.begin("restore", ckpt["vm_uuid"], guest=ckpt["vm_name"], checkpoint=ckpt["id"],
-                                      vtpm=vt.backend, path=path, moved=moved)
-            if moved:
-                self.p.journal.step(op, "stop-vtpm")
-                self.p.vtpm.stop(vt)
-                self.p.journal.step(op, "put-back-vtpm")
-                self.p.vtpm.put_back(vt, capture)
-                self.p.journal.step(op, "start-vtpm")
-                self.p.vtpm.start_verified(vt)
-            self.p.journal.step(op, "restore-guest")
-            self.p.xl.restore(path, paused=paused)
-            self._finish(op, action="restore", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
+                                      vtpm=vt.backend, path=path, moved=moved, paused=paused)
+            self._restore_forward(op, ckpt)
             return {"domain": ckpt["vm_name"], "checkpoint": ckpt["id"], "vtpm_restored": moved,
                     "paused": paused}
+
+    def _restore_forward(self, op: Operation, ckpt: dict) -> None:
+        """Put the vTPM pair back if it moved on, then `xl restore`; idempotent for recover."""
+        guest = op.params["guest"]
+
+        if op.params["moved"]:
+            vt = self.p.guests.vtpm_ref_for(ckpt)
+            capture = self.p.store.vtpm_capture(ckpt["id"])
+            self._step_once(op, "stop-vtpm", lambda: self.p.vtpm.stop(vt))
+            self._step_once(op, "put-back-vtpm", lambda: self.p.vtpm.put_back(vt, capture))
+            self._step_once(op, "start-vtpm", lambda: self.p.vtpm.start_verified(vt))
+        self._step_once(op, "restore-guest", lambda: self.p.guests.exists(guest)
+             or self.p.xl.restore(op.params["path"], paused=op.params["paused"]))
+        self._finish(op, action="restore", vm=guest, checkpoint=ckpt["id"])
 
     # --- delete / verify ---------------------------------------------------------
     def delete(self, checkpoint: str) -> dict:
@@ -299,65 +330,48 @@ class Coordinator:
         report = []
         self.p.store.recover()
         for op in self.p.journal.unfinished():
-            with self.p.lock(op.vm, op.params.get("guest", op.vm)):
-                report.append(self._recover_one(op))
+            lock = self.p.lock(op.vm, op.params.get("guest", op.vm))
+            try:
+                lock.__enter__()
+            except Locked:
+                continue  # its command is alive and holds the lock: not ours to touch
+            try:
+                if op.op_id in {o.op_id for o in self.p.journal.unfinished()}:  # it may have finished meanwhile
+                    report.append(self._recover_one(op))
+            finally:
+                lock.__exit__()
         self.p.host.recover_head()
         return report
 
     def _recover_one(self, op: Operation) -> dict:
-        last = op.last_step
-        if op.reached("advance-head"):
-            # Everything but the counter-bound head had happened.
-            self.p.host.advance()
-            self.p.journal.finish(op, "done (recovered)")
-            outcome = "finished"
-        elif op.kind in ("snapshot", "pre-rollback", "save") and not op.reached("destroy-guest"):
-            if op.reached("commit") and self.p.store.is_committed(op.params["checkpoint"]):
-                self.p.host.advance()
-                self.p.journal.finish(op, "done (recovered)")
+        """Decide per operation kind: before its point of no return undo, after it finish."""
+        last, vm, ckpt_id = op.last_step, op.params.get("guest", op.vm), op.params.get("checkpoint")
+        committed = ckpt_id is not None and op.kind in ("snapshot", "pre-rollback", "save") \
+            and self.p.store.is_committed(ckpt_id)
+        if op.kind in ("snapshot", "pre-rollback") or (op.kind == "save" and not committed):
+            if committed:
+                self._finish(op, action=op.kind, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
                 outcome = "finished"
             else:
                 self._undo_snapshot(op, None)
                 outcome = "undone"
         elif op.kind == "save":
-            # The save image and the vTPM capture are a pair; finish as xl save does.
-            if self.p.guests.exists(op.params["guest"]):
-                self.p.xl.destroy(op.params["guest"])
-            self._undo_snapshot(op, None) if not self.p.store.is_committed(op.params["checkpoint"]) else None
-            self.p.journal.finish(op, "undone after destroy (re-run save)")
-            outcome = "undone"
+            self._finish_save(op)
+            outcome = "finished"
         elif op.kind == "rollback":
-            ckpt = self.p.store.resolve(op.params["checkpoint"])
-            self._rollback_forward(op, ckpt)
+            self._rollback_forward(op, self.p.store.resolve(ckpt_id))
             outcome = "finished"
         elif op.kind == "restore":
-            ckpt = self.p.store.resolve(op.params["checkpoint"])
-            vt = self.p.guests.vtpm_ref_for(ckpt)
-            if op.params.get("moved") and not op.reached("restore-guest"):
-                self.p.vtpm.stop(vt)
-                self.p.vtpm.put_back(vt, self.p.store.vtpm_capture(ckpt["id"]))
-                self.p.vtpm.start_verified(vt)
-            if not self.p.guests.exists(op.params["guest"]):
-                self.p.xl.restore(op.params["path"], paused=True)
-            self.p.host.advance()
-            self.p.journal.finish(op, "done (recovered)")
+            self._restore_forward(op, self.p.store.resolve(ckpt_id))
             outcome = "finished"
         elif op.kind == "delete":
-            self.p.store.delete(op.params["checkpoint"], missing_ok=True)
+            self.p.store.delete(ckpt_id, missing_ok=True)
             if op.params.get("manager_checkpoint"):
                 self.p.vtpm.discard(op.params["manager_checkpoint"])
-            self.p.host.advance()
-            self.p.journal.finish(op, "done (recovered)")
+            self._finish(op, action="delete", vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
             outcome = "finished"
         else:
             self.p.journal.finish(op, f"abandoned (unknown kind {op.kind})")
             outcome = "abandoned"
-        self.p.audit.append(action=f"recover {op.kind}", vm=op.params.get("guest", op.vm),
-                            checkpoint=op.params.get("checkpoint"), result=f"{outcome} at {last}")
-        return {"op": op.op_id, "kind": op.kind, "vm": op.params.get("guest", op.vm), "last_step": last,
-                "outcome": outcome}
-
-    def require_rollback_secret(self, secret: bytes | None) -> None:
-        if secret is None:
-            raise AuthorizationDenied("rollback: a rollback secret is provisioned on this host; "
-                                      "pass --auth-file F")
+        self.p.audit.append(action=f"recover {op.kind}", vm=vm, checkpoint=ckpt_id, result=f"{outcome} at {last}")
+        return {"op": op.op_id, "kind": op.kind, "vm": vm, "last_step": last, "outcome": outcome}

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__, hashing
 from .config import Config
-from .errors import (CheckpointNotFound, DomainNotFound, IntegrityError, PreconditionFailed, StorageError,
+from .errors import (DomainNotFound, IntegrityError, PreconditionFailed, StorageError,
                      UsageError, XlError)
 from .journal import Journal
 from .locks import VmLock
