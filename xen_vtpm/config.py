@@ -99,14 +99,18 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp + rename) so a crash never leaves half a config."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         parser = configparser.ConfigParser(interpolation=None)
         parser[SECTION] = self.to_mapping()
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            parser.write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self.path = path
+        write_ini(Path(path), parser)
+        self.path = Path(path)
+
+
+def write_ini(path: Path, parser: configparser.ConfigParser) -> None:
+    """Temp file, fsync, rename: a crash leaves the old config or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        parser.write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import audit, catalog_head
-from .config import DEFAULT_CONFIG_PATH, SECTION, Config
+from .config import DEFAULT_CONFIG_PATH, SECTION, Config, write_ini
 from .errors import (
     AuthorizationDenied, IntegrityError, PreconditionFailed, UsageError, XenVtpmError,
 )
@@ -207,13 +207,7 @@ def _write_config(cfg: Config, path: Path) -> bool:
         return False
     for k, v in wanted.items():
         parser.set(SECTION, k, v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        parser.write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_ini(path, parser)
     return True
 
 

@@ -8,8 +8,6 @@ and stops itself until xl resumes or destroys it).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import mmap
 import os
 import random
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import domain_args
 from ..xenstore import XenStore
 
 PAGE = 4096
@@ -170,14 +169,7 @@ class Guest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="xen_vtpm.sim.guest")
-    p.add_argument("--sim-dir", required=True)
-    p.add_argument("--domid", type=int, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--config", required=True)
-    args = p.parse_args(argv)
-    with open(args.config, encoding="utf-8") as fh:
-        config = json.load(fh)
+    args, config = domain_args.parse("xen_vtpm.sim.guest", argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     return Guest(args.sim_dir, args.domid, args.name, config).run()
 

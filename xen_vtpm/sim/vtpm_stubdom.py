@@ -14,8 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import selectors
 import signal
 import socket
@@ -27,6 +25,7 @@ from . import mgrproto as mp
 from . import vtpmblk
 from .swtpm_engine import EngineError, SwtpmEngine
 from .tpmif import TpmBack, Tpmif, log, read_packet, ring_socket_path
+from . import domain_args
 from ..xlcfg import disk_target
 
 FRONT_TIMEOUT = 10.0
@@ -236,16 +235,10 @@ def write_tcti(path: Path, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vtpm-stubdom")
-    ap.add_argument("--sim-dir", required=True)
-    ap.add_argument("--domid", type=int, required=True)
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--config", required=True)
-    args = ap.parse_args(argv)
+    args, cfg = domain_args.parse("vtpm-stubdom", argv)
     from ..xenstore import XenStore
 
-    sim_dir = Path(args.sim_dir)
-    cfg = json.loads(Path(args.config).read_text())
+    sim_dir = args.sim_dir
     image = Path(disk_target(cfg))
     tcti_file = sim_dir / "run" / f"{args.name}.tcti"
     tcti_file.unlink(missing_ok=True)

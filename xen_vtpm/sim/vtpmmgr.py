@@ -11,8 +11,6 @@ extension of DESIGN §4 / docs/protocol.md.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import signal
 import sys
 import threading
@@ -20,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import domain_args
 from ..errors import XenStoreError
 from . import mgrproto as mp
 from .mgrdisk import FLAG_ADMIN, FLAG_CHECKPOINT, FLAG_OPEN, DiskError, Entry, MgrDisk, PtpmSealer
@@ -248,16 +247,10 @@ class RequestWatcher(threading.Thread):
 # --- process entry ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vtpmmgr")
-    ap.add_argument("--sim-dir", required=True)
-    ap.add_argument("--domid", type=int, required=True)
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--config", required=True)
-    args = ap.parse_args(argv)
+    args, cfg = domain_args.parse("vtpmmgr", argv)
     from ..xenstore import XenStore
 
-    cfg = json.loads(Path(args.config).read_text())
-    sim_dir = Path(args.sim_dir)
+    sim_dir = args.sim_dir
     extra = str(cfg.get("extra", "")).split()
     checkpoints = "checkpoint=0" not in extra
     image = Path(disk_target(cfg))

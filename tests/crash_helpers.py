@@ -1,0 +1,352 @@
+"""Crash-at-every-step harness: find the journaled steps, kill the tool there, check the host after recover.
+
+The step list comes from the coordinator's source (the literal step name of every ``journal.step`` /
+``_step_once`` call), following ``self._x(...)`` calls from each sequence's entry method, so a new
+step is covered without editing the tests; ``test_crash_recover`` cross-checks it against the op_steps a
+clean run really records.
+
+The VM/vTPM pair is tracked by two values that must move together: a marker the test writes into the
+guest's memory (bytes a guest would write; the simulated guest's own scribbling never touches them) and
+PCR 16 of its vTPM, extended with a fresh value at the same time.  After recover the (marker, PCR 16)
+pair read back must be one of the pairs the sequence allows — old or new, never one half of each, never
+the zero PCR of a vTPM that came up fresh.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import time
+from pathlib import Path
+from typing import Iterable
+
+from sim_fixture import SimHost
+from xen_vtpm import coordinator
+from xen_vtpm.sim import domains
+
+# Where each sequence's steps start in coordinator.py.  recover/_undo_snapshot are the repair paths,
+# not steps of the sequence itself.
+ENTRY = {"snapshot": "_snapshot_locked", "pre-rollback": "_snapshot_locked", "rollback": "_rollback_forward",
+         "save": "save", "restore": "restore", "delete": "delete"}
+NOT_FOLLOWED = {"recover", "_recover_one", "_undo_snapshot"}
+
+# The store's own crash points (xen_vtpm/store/writer.py, repository.py) a snapshot / a delete passes.
+STORE_POINTS = {"snapshot": ("write.journaled", "write.pack-published", "write.manifest-published",
+                             "write.committed"),
+                "delete": ("delete.committed", "delete.unlinked-one")}
+
+MARK_OFFSET = 7 * 4096 + 2048     # the guest scribbles only the first 48 bytes of a page
+MARK_LEN = 32
+GUEST = "guest1"
+CONNECT_TIMEOUT = 30.0
+
+
+# --- step discovery ------------------------------------------------------------------
+def _step_literal(call: ast.Call) -> str | None:
+    """The step name of journal.step(op, "x"), self._step_once(op, "x", ...) and the like."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if "step" not in name:
+        return None
+    return next((a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)), None)
+
+
+def coordinator_steps() -> dict[str, list[str]]:
+    """kind -> journaled step names in source order, read from coordinator.py."""
+    tree = ast.parse(Path(coordinator.__file__).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Coordinator")
+    methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+
+    def walk(name: str, seen: set[str]) -> list[str]:
+        if name in seen or name in NOT_FOLLOWED or name not in methods:
+            return []
+        seen.add(name)
+        found: list[str] = []
+        calls = sorted((n for n in ast.walk(methods[name]) if isinstance(n, ast.Call)),
+                       key=lambda n: (n.lineno, n.col_offset))
+        for call in calls:
+            literal = _step_literal(call)
+            if literal is not None:
+                found.append(literal)
+            f = call.func
+            if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self"
+                    and f.attr not in ENTRY.values()):
+                found.extend(walk(f.attr, seen))
+        return found
+
+    result = {}
+    for kind, entry in ENTRY.items():
+        steps = walk(entry, set())
+        result[kind] = list(dict.fromkeys(steps))
+    return result
+
+
+def recorded_steps(state_dir: Path) -> dict[str, list[list[str]]]:
+    """kind -> the step lists of every finished operation in the journal (op_steps)."""
+    db = sqlite3.connect(f"file:{state_dir / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        out: dict[str, list[list[str]]] = {}
+        for op_id, kind in db.execute("SELECT op_id, kind FROM op_journal ORDER BY op_id"):
+            steps = [s for (s,) in db.execute("SELECT step FROM op_steps WHERE op_id=? ORDER BY seq", (op_id,))]
+            out.setdefault(kind, []).append(steps)
+        return out
+    finally:
+        db.close()
+
+
+# --- the VM/vTPM pair --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    marker: bytes
+    pcr16: str
+
+    def __str__(self) -> str:
+        return f"(mem {self.marker[:4].hex()}…, pcr16 {self.pcr16[:12]}…)"
+
+
+def memfile(sim: SimHost, name: str = GUEST) -> Path:
+    dom = domains.find(domains.snapshot(sim.dir), name)
+    assert dom is not None and dom.get("memfile"), f"{name}: no such guest on the simulated host"
+    return Path(dom["memfile"])
+
+
+def tcti(sim: SimHost, name: str = GUEST) -> str:
+    """The TCTI the guest's vTPM stub domain published (what `xen-vtpm sim tcti` prints, without a process)."""
+    dom = domains.find(domains.snapshot(sim.dir), name)
+    assert dom is not None and dom.get("vtpms"), f"{name}: no such guest with a vTPM"
+    return (sim.dir / "run" / f"{dom['vtpms'][0]['backend_domname']}.tcti").read_text().strip()
+
+
+def read_pcr16(sim: SimHost, name: str = GUEST) -> str:
+    out = sim.run(["tpm2_pcrread", "-T", tcti(sim, name), "sha256:16"]).stdout
+    m = re.search(r"16\s*:\s*0x([0-9A-Fa-f]{64})", out)
+    assert m, f"tpm2_pcrread printed no PCR 16: {out!r}"
+    return m.group(1).lower()
+
+
+def read_pair(sim: SimHost, name: str = GUEST) -> Pair:
+    with open(memfile(sim, name), "rb") as fh:
+        fh.seek(MARK_OFFSET)
+        marker = fh.read(MARK_LEN)
+    return Pair(marker, read_pcr16(sim, name))
+
+
+def new_state(sim: SimHost, name: str = GUEST) -> Pair:
+    """Move both halves of the pair on: a new memory marker and a new PCR 16 value."""
+    marker = secrets.token_bytes(MARK_LEN)
+    with open(memfile(sim, name), "r+b") as fh:
+        fh.seek(MARK_OFFSET)
+        fh.write(marker)
+    sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), f"16:sha256={secrets.token_hex(32)}"])
+    pair = read_pair(sim, name)
+    assert pair.marker == marker
+    return pair
+
+
+def advance_vtpm_nv(sim: SimHost, name: str = GUEST, index: str = "0x1500020") -> None:
+    """Change the vTPM's persistent state (its disk image) without its guest: define + bump an NV counter."""
+    t = tcti(sim, name)
+    sim.run(["tpm2_nvdefine", "-T", t, index, "-s", "8", "-a", "ownerread|ownerwrite|nt=counter"],
+            check=False)
+    sim.run(["tpm2_nvincrement", "-T", t, index, "-C", "o"])
+
+
+# --- running the tool ----------------------------------------------------------------------
+def crash(sim: SimHost, *argv: str, at: str | None = None, store_at: str | None = None) -> None:
+    """Run xen-vtpm with a crash point; it must have died by SIGKILL there (else the case proves nothing)."""
+    env = {"XEN_VTPM_CRASH_AT": at or "", "XEN_VTPM_STORE_CRASH_AT": store_at or ""}
+    proc = sim.run([*sim_tool_argv(), *argv], check=False, env=env, timeout=120)
+    assert proc.returncode == -9, (f"{' '.join(argv)} with crash point {at or store_at} exited "
+                                   f"{proc.returncode} instead of being killed there: {proc.stderr.strip()}")
+
+
+def sim_tool_argv() -> list[str]:
+    import sys
+    return [sys.executable, "-m", "xen_vtpm"]
+
+
+def recover(sim: SimHost) -> list[dict]:
+    proc = sim.tool("--json", "recover", check=False, timeout=120)
+    assert proc.returncode == 0, f"recover exited {proc.returncode}: {proc.stderr.strip()}"
+    return json.loads(proc.stdout or "[]")
+
+
+def tool_json(sim: SimHost, *argv: str) -> object:
+    return json.loads(sim.tool("--json", *argv).stdout)
+
+
+def checkpoint_ids(sim: SimHost) -> dict[str, str]:
+    """name -> id of every checkpoint."""
+    return {c["name"]: c["id"] for c in tool_json(sim, "checkpoints")}
+
+
+def last_op(sim: SimHost) -> dict:
+    db = sqlite3.connect(f"file:{state_dir(sim) / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        op_id, kind, params = db.execute(
+            "SELECT op_id, kind, params FROM op_journal ORDER BY op_id DESC LIMIT 1").fetchone()
+        return {"op_id": op_id, "kind": kind, **json.loads(params)}
+    finally:
+        db.close()
+
+
+def state_dir(sim: SimHost) -> Path:
+    return sim.dir / "state"
+
+
+# --- the checks after recover ------------------------------------------------------------
+def xl_rows(sim: SimHost) -> dict[str, str]:
+    """name -> state column of `xl list`."""
+    rows = {}
+    for line in sim.xl("list").stdout.splitlines()[1:]:
+        parts = line.split()
+        rows[parts[0]] = parts[4]
+    return rows
+
+
+def wait_connected(sim: SimHost, name: str) -> dict:
+    """The guest's vTPM frontend and backend reach Connected (4) with a verified UUID; returns its row."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        rows = {r["name"]: r for r in tool_json(sim, "list")}
+        row = rows.get(name)
+        links = row["vtpms"] if row else []
+        if len(links) == 1 and links[0]["state"] == "4" and links[0]["backend_state"] == "4":
+            return row
+        assert time.monotonic() < deadline, f"{name}: vTPM link never reached Connected: {row}"
+        time.sleep(0.1)
+
+
+def vtpm_boot_ok(sim: SimHost, backend: str, domid: int) -> str:
+    """The running vTPM instance's boot (the console after its own 'starting' line) loaded its state."""
+    log = (sim.dir / "logs" / f"guest-{backend}.log").read_text(errors="replace")
+    starts = [m for m in re.finditer(r"vTPM stub domain \S+ \(domid (\d+)\) starting", log)]
+    assert starts, f"{backend}: no boot on its console"
+    last = starts[-1]
+    assert int(last.group(1)) == domid, f"{backend}: the console's last boot is domid {last.group(1)}, running {domid}"
+    boot = log[last.end():]
+    assert "NVM Storage Checksum failed!" not in boot, f"{backend}: came up fresh (checksum failed)"
+    assert "VTPM_LoadHashKey failed" not in boot, f"{backend}: came up fresh (no key for its state)"
+    m = re.search(r"Read (\d+) bytes from NVM persistent storage", boot)
+    assert m, f"{backend}: no 'Read <n> bytes from NVM persistent storage' after its last start"
+    return m.group(0)
+
+
+def no_unfinished_ops(sim: SimHost) -> None:
+    db = sqlite3.connect(f"file:{state_dir(sim) / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        left = db.execute("SELECT op_id, kind FROM op_journal WHERE finished IS NULL").fetchall()
+        store_left = db.execute("SELECT id, op, checkpoint FROM journal").fetchall()
+        packs = {n for (n,) in db.execute("SELECT name FROM packs")}
+        ckpts = {i for (i,) in db.execute("SELECT id FROM checkpoints")}
+    finally:
+        db.close()
+    assert not left, f"journal still has unfinished operations after recover: {left}"
+    assert not store_left, f"store journal still has entries after recover: {store_left}"
+    sd = state_dir(sim)
+    pack_files = {p.name[:-len(".pack")] for p in (sd / "packs").glob("*.pack")}
+    manifest_files = {p.name[:-len(".manifest")] for p in (sd / "manifests").glob("*.manifest")}
+    assert pack_files == packs, f"packs on disk {sorted(pack_files ^ packs)} disagree with the catalog"
+    assert manifest_files == ckpts, f"manifests on disk {sorted(manifest_files ^ ckpts)} disagree with the catalog"
+    tmp_files = [p.name for d in ("packs", "manifests") for p in (sd / d).glob("*.tmp")]
+    assert not tmp_files, f"temporary store files left: {tmp_files}"
+    fifos = [p.name for p in (sd / "tmp").iterdir() if stat.S_ISFIFO(p.lstat().st_mode)] if (sd / "tmp").is_dir() else []
+    assert not fifos, f"fifos left in state_dir/tmp: {fifos}"
+
+
+def no_stray_processes(sim: SimHost) -> None:
+    """Every process of the host belongs to a domain `xl list` shows or to a host daemon."""
+    table = domains.snapshot(sim.dir)["domains"]
+    listed = set(xl_rows(sim))
+    leaders = set()
+    for dom in table.values():
+        assert dom["name"] in listed, f"{dom['name']}: in the domain table but not in `xl list`"
+        if dom.get("pid"):
+            assert domains.is_alive(dom["pid"]), f"{dom['name']}: its process {dom['pid']} is gone"
+            leaders.add(dom["pid"])
+    for pidfile in (sim.dir / "run").glob("*.pid"):
+        leaders.add(int(pidfile.read_text().strip()))
+    stray = []
+    for pid in domains.owned_pids(sim.dir):
+        try:
+            sid = os.getsid(pid)
+        except ProcessLookupError:
+            continue
+        if pid not in leaders and sid not in leaders:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stray.append(f"{pid}: {cmd[:120]}")
+    assert not stray, f"processes left beyond the host's domains: {stray}"
+
+
+def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
+    """Probe: does the vtpmmgr still hold this checkpoint entry?  (A discard that succeeds: the probe
+    removes a leaked entry, which is fine since the test then fails.)"""
+    from xen_vtpm.config import Config
+    from xen_vtpm.errors import ManagerError
+    from xen_vtpm.vtpm.stubdom import ManagerClient
+    with ManagerClient(Config.load(sim.config)) as mgr:
+        try:
+            mgr.discard(checkpoint_id)
+        except ManagerError as exc:
+            assert "unknown checkpoint" in str(exc), str(exc)
+            return False
+    return True
+
+
+def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool | None = True,
+               paused: bool = False) -> str:
+    """All the after-recover checks; returns the name of the allowed state the pair is in, or 'absent'.
+
+    guest_expected: True (must run), False (must be gone), None (either)."""
+    no_unfinished_ops(sim)
+    rows = xl_rows(sim)
+    backend = f"vtpm-{GUEST}"
+    assert backend in rows, f"{backend}: the vTPM stub domain is not running after recover"
+    for name, state in rows.items():
+        if "p" in state and not (name == GUEST and paused):
+            raise AssertionError(f"{name}: left paused ({state}) after recover")
+    assert "p" not in rows[backend]
+    table = domains.snapshot(sim.dir)["domains"]
+    vtpm_boot_ok(sim, backend, next(d["domid"] for d in table.values() if d["name"] == backend))
+    present = GUEST in rows
+    if guest_expected is not None:
+        assert present == guest_expected, f"{GUEST}: {'running' if present else 'gone'} after recover"
+    if present:
+        if paused:
+            assert "p" in rows[GUEST], f"{GUEST}: was paused before, runs after recover"
+        row = wait_connected(sim, GUEST)
+        assert row["vtpms"][0]["uuid_check"] == "ok"
+        assert row["vtpms"][0]["backend_name"] == backend
+        pair = read_pair(sim)
+        assert pair.pcr16 != "0" * 64, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
+        matches = [k for k, v in allowed.items() if v == pair]
+        assert matches, (f"{GUEST}: VM/vTPM pair {pair} is none of the allowed states "
+                         f"{ {k: str(v) for k, v in allowed.items()} } (mixed or fresh)")
+        outcome = matches[0]
+    else:
+        outcome = "absent"
+    sim.tool("verify", "--all")
+    sim.tool("audit", "--verify")
+    no_stray_processes(sim)
+    return outcome
+
+
+def prime_vtpm(sim: SimHost) -> None:
+    """A clean snapshot + rollback, so the running vTPM booted from stored state (its first boot is
+    fresh by design); the crash cases then check every later boot loaded its state."""
+    sim.tool("snapshot", GUEST, "--name", "prime")
+    sim.tool("rollback", GUEST, "prime", "--yes", "--no-safety-checkpoint")
+    sim.tool("delete", "prime")
+
+
+def table(rows: Iterable[tuple[str, str, str]]) -> str:
+    rows = list(rows)
+    w = [max(len(r[i]) for r in rows + [("sequence", "step", "outcome")]) for i in range(3)]
+    lines = [f"{'sequence':<{w[0]}}  {'step':<{w[1]}}  outcome", f"{'-' * w[0]}  {'-' * w[1]}  {'-' * 7}"]
+    lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
