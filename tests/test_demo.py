@@ -1,5 +1,7 @@
 """`xen-vtpm demo` as a smoke test of the whole product on a simulated host.
 
+Test names are short on purpose: the host's Unix sockets live under tmp_path.
+
 The demo starts its host under $TMPDIR; pointing TMPDIR at tmp_path lets the
 tests prove that no process of that host survives (every simulated process
 carries the owner marker of its host directory in its environment).
@@ -42,7 +44,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
-def test_demo_text_shows_each_step_and_leaves_nothing(tmp_path):
+def test_demo_text(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -70,7 +72,7 @@ def test_demo_text_shows_each_step_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the demo's temporary directory was not removed"
 
 
-def test_demo_json_summary_and_quiet(tmp_path):
+def test_demo_json(tmp_path):
     proc = _run(tmp_path, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)   # nothing but the summary on stdout
@@ -87,7 +89,7 @@ def test_demo_json_summary_and_quiet(tmp_path):
     assert _left_behind(tmp_path) == []
 
 
-def test_demo_interrupted_leaves_nothing_running(tmp_path):
+def test_demo_sigint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm", "demo"], env=_demo_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

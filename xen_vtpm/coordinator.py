@@ -103,9 +103,15 @@ class Coordinator:
         return capture
 
     def _step_once(self, op: Operation, name: str, action: Callable[[], Any]) -> None:
-        """Journal `name` unless an earlier run of this op did, then act: every action is
-        idempotent, so recover can re-run a sequence from its last journaled step."""
-        if not op.reached(name):
+        """Journal and run a step; when recover resumes an op, skip the steps that completed.
+
+        A step is journaled only after the previous one's action returned, so every step before
+        the resume point is done; the resume point itself may not be, and is re-run (actions are
+        idempotent).  Steps after it run as new."""
+        if op.reached(name):
+            if name != op.resume_point:
+                return
+        else:
             self.p.journal.step(op, name)
         action()
 
@@ -257,6 +263,9 @@ class Coordinator:
             raise PreconditionFailed(f"{path}: the saved guest has no vTPM; use `xl restore` directly")
         digest = self.p.xl_streams.digest(path)
         ckpt = self.p.store.find_by_save_digest(digest)
+        if ckpt is None and self.p.store.has_save_bindings(header.config):
+            raise IntegrityError(f"{path}: differs from every file `xen-vtpm save` wrote for this VM (truncated "
+                                 "or modified since); restore an intact copy of the save file")
         if ckpt is None:
             raise CheckpointNotFound(
                 f"{path}: no xen-vtpm save binding for this file (digest {digest[:16]}…); it was not saved "

@@ -252,8 +252,9 @@ def _sigterm_as_exit() -> Iterator[None]:
 def run(json_mode: bool = False, quiet: bool = False) -> int:
     from . import cli
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="xen-vtpm-demo-", ignore_cleanup_errors=True) as tmp, _sigterm_as_exit():
-        demo = Demo(Path(tmp) / "host", json_mode, quiet)
+    # The host lives right in the temporary directory: Unix socket paths in it must stay short.
+    with tempfile.TemporaryDirectory(prefix="xvtpm-demo-", ignore_cleanup_errors=True) as tmp, _sigterm_as_exit():
+        demo = Demo(Path(tmp), json_mode, quiet)
         try:
             demo.run()
         finally:

@@ -48,6 +48,8 @@ class Operation:
     vm: str
     params: dict[str, Any]
     steps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # The last step journaled before a crash: steps before it completed, it may not have.
+    resume_point: str | None = None
 
     @property
     def last_step(self) -> str | None:
@@ -110,6 +112,7 @@ class Journal:
             for step, data in self.db.execute(
                     "SELECT step, data FROM op_steps WHERE op_id=? ORDER BY seq", (op_id,)):
                 op.steps.append((step, json.loads(data)))
+            op.resume_point = op.last_step
             ops.append(op)
         return ops
 

@@ -425,6 +425,13 @@ class Store:
                 return info
         return None
 
+    def has_save_bindings(self, xl_config: dict) -> bool:
+        """Whether `xen-vtpm save` bound any file for the VM an xl save header names."""
+        c_info = xl_config.get("c_info") or {}
+        vm_uuid, vm_name = c_info.get("uuid"), c_info.get("name")
+        return any((c["vm_uuid"] == vm_uuid or c["vm_name"] == vm_name) and self._describe(c)["kind"] == "save"
+                   for c in self.repo.list_checkpoints())
+
     def catalog_digest(self) -> bytes:
         return self.repo.catalog_digest()
 

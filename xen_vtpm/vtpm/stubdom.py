@@ -141,7 +141,13 @@ class ManagerClient:
         return self.submit("restore", checkpoint, vtpm_uuid, timeout)
 
     def discard(self, checkpoint: str, vtpm_uuid: str | None = None, timeout: float | None = None) -> str:
-        return self.submit("discard", checkpoint, vtpm_uuid, timeout)
+        """Idempotent: an entry that is already gone counts as discarded, so recover can repeat it."""
+        try:
+            return self.submit("discard", checkpoint, vtpm_uuid, timeout)
+        except ManagerError as exc:
+            if f"unknown checkpoint {_canonical(checkpoint, 'checkpoint id')}" in str(exc):
+                return ""
+            raise
 
 
 # --- the vTPM disk image -----------------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""Crash at every journaled step: SIGKILL the tool there, run `xen-vtpm recover`, check the host.
+
+For each sequence (snapshot, rollback with its pre-rollback safety snapshot, save, restore, delete) and
+each step the coordinator journals (found in its source, see crash_helpers), plus the store's internal
+crash points during a snapshot and a delete, one case:
+
+1. move the VM/vTPM pair on (memory marker + PCR 16) so old and new states differ,
+2. run the command with XEN_VTPM_CRASH_AT=kind:step (or XEN_VTPM_STORE_CRASH_AT) and require that it
+   really died by SIGKILL there,
+3. `xen-vtpm recover`, then crash_helpers.check_host: the pair is one allowed state (old or new, never
+   mixed or fresh), the vTPM's last boot loaded its state, nothing paused/leaked, verify + audit pass,
+4. if recover kept a checkpoint / save file, prove it holds the right pair by using it.
+
+One simulated host per sequence type; recover leaves it consistent, so the next step runs on it.
+`-m crash_full` is not needed: the full matrix runs in the default suite (see docs/reliability.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+import crash_helpers as ch
+from crash_helpers import GUEST
+from sim_fixture import start_sim_host, stop_sim_host
+
+STEPS = ch.coordinator_steps()
+RESULTS: list[tuple[str, str, str]] = []
+
+# (sequence, step) -> bug reference in the lead's bug list; such cases run as xfail(strict=True).
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+
+
+def cases(kind: str, points: list[str], store: bool = False) -> list:
+    out = []
+    for point in points:
+        label = f"store:{point}" if store else point
+        marks = []
+        bug = KNOWN_BUGS.get((kind, label))
+        if bug:
+            marks.append(pytest.mark.xfail(strict=True, reason=bug))
+        out.append(pytest.param(label, id=f"{kind}:{label}", marks=marks))
+    return out
+
+
+def crash_point(kind: str, label: str) -> dict[str, str]:
+    if label.startswith("store:"):
+        return {"store_at": label[len("store:"):]}
+    return {"at": f"{kind}:{label}"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_table():
+    yield
+    if RESULTS:
+        text = ch.table(RESULTS)
+        target = os.environ.get("XEN_VTPM_CRASH_TABLE")
+        if target:
+            Path(target).write_text(text + "\n")
+        print("\n" + text)
+
+
+def new_host(tmp_path_factory) -> ch.SimHost:
+    sim = start_sim_host(tmp_path_factory.mktemp("crash") / "h")
+    try:
+        sim.tool("init")
+        sim.create_guest(GUEST, memory=16)
+        ch.prime_vtpm(sim)
+    except BaseException:
+        stop_sim_host(sim)
+        raise
+    return sim
+
+
+class HostHolder:
+    """One simulated host per sequence type, reused across its steps.  A case that fails may leave the
+    host wedged (that is what it found); the next case then gets a fresh host instead of a cascade."""
+
+    def __init__(self, factory, setup=None) -> None:
+        self.factory, self.setup = factory, setup
+        self.sim: ch.SimHost | None = None
+        self.broken = False
+        self.extra: dict = {}
+
+    @contextlib.contextmanager
+    def case(self):
+        if self.sim is not None and self.broken:
+            self.close()
+        if self.sim is None:
+            self.sim = new_host(self.factory)
+            self.broken = False
+            self.extra = self.setup(self.sim) if self.setup else {}
+        try:
+            yield self.sim
+        except BaseException:
+            self.broken = True
+            raise
+
+    def close(self) -> None:
+        if self.sim is not None:
+            sim, self.sim = self.sim, None
+            stop_sim_host(sim)
+
+
+@pytest.fixture(scope="class")
+def host(request, tmp_path_factory):
+    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None))
+    try:
+        yield holder
+    finally:
+        holder.close()
+
+
+def record(kind: str, label: str, outcome: str) -> None:
+    RESULTS.append((kind, label, outcome))
+
+
+def rolls_back_to(sim: ch.SimHost, checkpoint: str, expected: ch.Pair) -> None:
+    """A checkpoint recover kept must hold exactly the pair it was taken of."""
+    ch.new_state(sim)
+    sim.tool("rollback", GUEST, checkpoint, "--yes", "--no-safety-checkpoint")
+    assert ch.check_host(sim, {"checkpoint": expected}) == "checkpoint"
+
+
+def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
+    """The step list parsed from coordinator.py is exactly what clean runs journal (op_steps)."""
+    sim = new_host(tmp_path_factory)
+    try:
+        sim.tool("snapshot", GUEST, "--name", "t")
+        sim.tool("rollback", GUEST, "t", "--yes")
+        save = tmp_path / "g.save"
+        sim.tool("save", GUEST, str(save))
+        ch.advance_vtpm_nv(sim)           # the vTPM moves on: restore must put it back (all its steps)
+        sim.tool("restore", str(save))
+        sim.tool("delete", "t")
+        seen = ch.recorded_steps(ch.state_dir(sim))
+    finally:
+        stop_sim_host(sim)
+    for kind, steps in STEPS.items():
+        assert seen.get(kind), f"no clean {kind} was journaled"
+        assert seen[kind][-1] == steps, f"{kind}: journal recorded {seen[kind][-1]}, source lists {steps}"
+    assert set(seen) == set(STEPS), f"journaled kinds {sorted(seen)} vs covered {sorted(STEPS)}"
+
+
+class TestSnapshot:
+    @pytest.mark.parametrize("label", cases("snapshot", STEPS["snapshot"])
+                             + cases("snapshot", list(ch.STORE_POINTS["snapshot"]), store=True))
+    def test_crash(self, host, label):
+        with host.case() as sim:
+            cur = ch.new_state(sim)
+            name = "c-" + label.replace(":", "-").replace(".", "-")
+            ch.crash(sim, "snapshot", GUEST, "--name", name, **crash_point("snapshot", label))
+            op = ch.last_op(sim)
+            assert op["kind"] == "snapshot"
+            ch.recover(sim)
+            assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+            ids = ch.checkpoint_ids(sim)
+            if name in ids:
+                assert ids[name] == op["checkpoint"]
+                rolls_back_to(sim, name, cur)
+                sim.tool("delete", name)
+                outcome = "finished: checkpoint kept, rolls back to its pair"
+            else:
+                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                outcome = "undone: no checkpoint, manager entry gone"
+            record("snapshot", label, f"ok — {outcome}")
+
+    def test_checks_catch_an_unrecovered_crash(self, host):
+        """Negative control: without recover, the checks must see the crash (paused domains, open op)."""
+        with host.case() as sim:
+            ch.new_state(sim)
+            ch.crash(sim, "snapshot", GUEST, "--name", "unrecovered", at="snapshot:resume")
+            with pytest.raises(AssertionError, match="unfinished operations"):
+                ch.no_unfinished_ops(sim)
+            with pytest.raises(AssertionError, match="left paused"):
+                ch.check_host(sim, {})
+            ch.recover(sim)
+
+
+class TestRollback:
+    @staticmethod
+    def setup_host(sim: ch.SimHost) -> dict:
+        pair = ch.new_state(sim)
+        sim.tool("snapshot", GUEST, "--name", "target")
+        return {"target": pair}
+
+    @pytest.mark.parametrize("label", cases("pre-rollback", STEPS["pre-rollback"]))
+    def test_crash_in_safety_snapshot(self, host, label):
+        with host.case() as sim:
+            target = host.extra["target"]
+            cur = ch.new_state(sim)
+            before = set(ch.checkpoint_ids(sim))
+            ch.crash(sim, "rollback", GUEST, "target", "--yes", **crash_point("pre-rollback", label))
+            op = ch.last_op(sim)
+            assert op["kind"] == "pre-rollback"
+            ch.recover(sim)
+            # The rollback itself never began: the VM must still be in its old state.
+            assert ch.check_host(sim, {"old": cur, "target": target}) == "old"
+            kept = {n: i for n, i in ch.checkpoint_ids(sim).items() if n not in before}
+            if kept:
+                assert list(kept.values()) == [op["checkpoint"]]
+                rolls_back_to(sim, op["checkpoint"], cur)
+                sim.tool("delete", op["checkpoint"])
+                outcome = "old state; safety checkpoint kept, rolls back to its pair"
+            else:
+                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                outcome = "old state; safety checkpoint undone"
+            record("pre-rollback", label, f"ok — {outcome}")
+
+    @pytest.mark.parametrize("label", cases("rollback", STEPS["rollback"]))
+    def test_crash(self, host, label):
+        with host.case() as sim:
+            target = host.extra["target"]
+            cur = ch.new_state(sim)
+            ch.crash(sim, "rollback", GUEST, "target", "--yes", "--no-safety-checkpoint",
+                     **crash_point("rollback", label))
+            assert ch.last_op(sim)["kind"] == "rollback"
+            ch.recover(sim)
+            state = ch.check_host(sim, {"old": cur, "new": target})
+            record("rollback", label, "ok — " + {"new": "rolled forward to the checkpoint",
+                                                 "old": "undone: old state kept"}[state])
+
+
+class TestSave:
+    @pytest.mark.parametrize("label", cases("save", STEPS["save"]))
+    def test_crash(self, host, tmp_path, label):
+        with host.case() as sim:
+            cur = ch.new_state(sim)
+            path = tmp_path / f"save-{label}.xl"
+            ch.crash(sim, "save", GUEST, str(path), **crash_point("save", label))
+            op = ch.last_op(sim)
+            assert op["kind"] == "save"
+            ch.recover(sim)
+            state = ch.check_host(sim, {"old": cur}, guest_expected=None)
+            if state == "absent":
+                # Finished as xl save: the file and its binding must give back exactly the saved pair.
+                assert path.is_file(), f"{GUEST} is gone but {path.name} does not exist"
+                restored = sim.tool("restore", str(path), check=False)
+                assert restored.returncode == 0, f"guest gone, save file not restorable: {restored.stderr.strip()}"
+                assert ch.check_host(sim, {"saved": cur}) == "saved"
+                outcome = "finished: guest saved, restore gives its pair back"
+            else:
+                if op["checkpoint"] not in ch.checkpoint_ids(sim).values():
+                    assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                outcome = "undone: guest runs on in its old state"
+            record("save", label, f"ok — {outcome}")
+
+
+class TestRestore:
+    @pytest.mark.parametrize("label", cases("restore", STEPS["restore"]))
+    def test_crash(self, host, tmp_path, label):
+        with host.case() as sim:
+            saved = ch.new_state(sim)
+            path = tmp_path / f"restore-{label}.xl"
+            sim.tool("save", GUEST, str(path))
+            # The vTPM moves on without its guest (a PCR and its disk image), so restore must put it back.
+            ch.advance_vtpm_nv(sim)
+            sim.run(["tpm2_pcrextend", "-T", ch.tcti(sim, GUEST), "16:sha256=" + "5a" * 32])
+            ch.crash(sim, "restore", str(path), **crash_point("restore", label))
+            assert ch.last_op(sim)["kind"] == "restore"
+            ch.recover(sim)
+            state = ch.check_host(sim, {"saved": saved}, guest_expected=None)
+            if state == "absent":
+                sim.tool("restore", str(path))
+                assert ch.check_host(sim, {"saved": saved}) == "saved"
+                outcome = "undone: guest not restored, the save file still restores"
+            else:
+                outcome = "finished: guest restored with its saved pair"
+            record("restore", label, f"ok — {outcome}")
+
+
+class TestDelete:
+    @pytest.mark.parametrize("label", cases("delete", STEPS["delete"])
+                             + cases("delete", list(ch.STORE_POINTS["delete"]), store=True))
+    def test_crash(self, host, label):
+        with host.case() as sim:
+            taken = ch.new_state(sim)
+            name = "d-" + label.replace(":", "-").replace(".", "-")
+            sim.tool("snapshot", GUEST, "--name", name)
+            ckpt = ch.checkpoint_ids(sim)[name]
+            cur = ch.new_state(sim)
+            ch.crash(sim, "delete", name, **crash_point("delete", label))
+            assert ch.last_op(sim)["kind"] == "delete"
+            ch.recover(sim)
+            assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+            if name in ch.checkpoint_ids(sim):
+                rolls_back_to(sim, name, taken)
+                sim.tool("delete", name)
+                outcome = "undone: checkpoint kept, rolls back to its pair"
+            else:
+                assert not ch.manager_knows(sim, ckpt), "manager checkpoint entry leaked"
+                outcome = "finished: checkpoint and manager entry gone"
+            record("delete", label, f"ok — {outcome}")

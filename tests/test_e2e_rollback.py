@@ -1,0 +1,123 @@
+"""End to end on the simulated host: snapshot + rollback bring back the guest's memory and its vTPM.
+
+The guest side is a real TPM client (tpm2-pytss ESAPI) talking to the guest's vTPM stub domain; the
+tool is the `xen-vtpm` command.  The memory the tool captured is known exactly from the recording `xl`
+(e2e_helpers), so "memory at the snapshot" is a byte-for-byte fact, not an assumption.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from xen_vtpm.sim import domains
+
+from e2e_helpers import (GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
+                         tpm_state)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    with e2e_host(tmp_path_factory.mktemp("rb")) as h:
+        provision_guest_tpm(h.tcti())
+        yield h
+
+
+def _changed_memory(host, than: str) -> str:
+    """Pause the guest for a stable reading; it must differ from `than` (the guest keeps writing)."""
+    host.xl("pause", GUEST)
+    try:
+        now = host.memdigest()
+    finally:
+        host.xl("unpause", GUEST)
+    assert now != than, "guest memory did not change after the snapshot; the test would prove nothing"
+    return now
+
+
+def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
+    at_snapshot = tpm_state(host.tcti())
+    snap = host.snapshot("rb-s1")
+    mem_at_snapshot = saved_memory_digest(host.last_save_record())
+
+    # The guest moves on: memory and every observed vTPM object change.
+    advanced = advance_guest_tpm(host.tcti(), b"after rb-s1")
+    _changed_memory(host, mem_at_snapshot)
+    before = host.domids()
+
+    result = host.tool_json("rollback", GUEST, "rb-s1", "--yes", "--paused")
+    assert result["rolled_back_to"] == snap["id"]
+    mem_before_rollback = saved_memory_digest(host.last_save_record())  # the safety checkpoint's capture
+    assert mem_before_rollback != mem_at_snapshot
+
+    after = host.domids()
+    assert after[GUEST] != before[GUEST] and after[f"vtpm-{GUEST}"] != before[f"vtpm-{GUEST}"], \
+        "rollback must re-create the guest and its vTPM stub domain"
+    assert host.is_paused(GUEST)
+    assert host.memdigest() == mem_at_snapshot
+    assert tpm_state(host.tcti()) == at_snapshot
+
+    # The safety checkpoint holds the state the rollback discarded; rolling back to it returns there.
+    safety = result["safety_checkpoint"]
+    assert safety, result
+    listed = {c["id"]: c for c in host.tool_json("checkpoints", GUEST)}
+    assert listed[safety]["kind"] == "pre-rollback"
+    host.xl("unpause", GUEST)  # a paused guest cannot suspend for the next safety checkpoint
+    host.tool_json("rollback", GUEST, safety, "--yes", "--paused")
+    assert host.is_paused(GUEST)
+    assert host.memdigest() == mem_before_rollback
+    assert tpm_state(host.tcti()) == advanced
+    host.xl("unpause", GUEST)
+
+    host.tool("verify", "--all")
+    host.tool("audit", "--verify")
+
+
+def test_rollback_without_safety_checkpoint_leaves_the_guest_running(host):
+    at_snapshot = tpm_state(host.tcti())
+    host.snapshot("rb-s2")
+    advance_guest_tpm(host.tcti(), b"after rb-s2")
+    ids = host.checkpoint_ids()
+
+    host.tool("rollback", GUEST, "rb-s2", "--yes", "--no-safety-checkpoint")
+    assert not host.is_paused(GUEST)
+    assert tpm_state(host.tcti()) == at_snapshot
+    assert host.checkpoint_ids() == ids, "--no-safety-checkpoint must not store a checkpoint"
+
+
+def _untouched(host):
+    """Domain ids (nothing re-created), vTPM image slots (no TPM command, no put-back) and its state."""
+    fingerprints = host.slot_fingerprints()
+    return host.domids(), fingerprints, host.checkpoint_ids()
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    (["rollback", "nosuch", "rb-s1", "--yes"], 3, "nosuch"),
+    (["snapshot", "nosuch"], 3, "nosuch"),
+    (["save", "nosuch", "/nonexistent/f"], 3, "nosuch"),
+    (["rollback", GUEST, "no-such-checkpoint", "--yes"], 3, "no-such-checkpoint"),
+    (["verify", "no-such-checkpoint"], 3, "no-such-checkpoint"),
+    (["delete", "no-such-checkpoint"], 3, "no-such-checkpoint"),
+    (["rollback", GUEST, "rb-s1"], 2, "--yes"),
+    (["rollback", GUEST], 2, "rollback"),
+    (["snapshot", GUEST, "--name", "rb-s1"], 2, "rb-s1"),   # names are unique within a domain
+])
+def test_bad_input_is_refused_and_changes_nothing(host, argv, code, words):
+    if not any(c["name"] == "rb-s1" for c in host.tool_json("checkpoints", GUEST)):
+        host.snapshot("rb-s1")
+    before = _untouched(host)
+    line = host.fails(code, *argv)
+    assert words in line
+    assert _untouched(host) == before
+
+
+def test_xenstore_down_gives_exit_9(tmp_path):
+    with e2e_host(tmp_path) as h:
+        h.snapshot("x1")
+        pid = int((h.dir / "run" / "xenstored.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        assert domains.wait_until(lambda: not domains.is_alive(pid), 10), "xenstored did not stop"
+        for argv in (["snapshot", GUEST, "--name", "x2"], ["rollback", GUEST, "x1", "--yes"], ["list"]):
+            line = h.fails(9, *argv)
+            assert "xenstore" in line.lower(), line
+

@@ -1,0 +1,139 @@
+"""End to end: `xen-vtpm save` / `restore` keep the guest memory and its vTPM a matching pair.
+
+With the checkpoint-capable manager a vTPM that moved on after the save is put back; one that did not
+is left running as it is.  With the stock manager (no checkpoint extension) save/restore stays guarded
+(a vTPM that moved on makes restore refuse, and no guest is started) and per-VM snapshots and rollbacks
+are refused.  Broken save files are refused before anything is touched.
+"""
+from __future__ import annotations
+
+import pytest
+
+from e2e_helpers import (GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
+                         tpm_state)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    with e2e_host(tmp_path_factory.mktemp("sr")) as h:
+        provision_guest_tpm(h.tcti())
+        yield h
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    with e2e_host(tmp_path_factory.mktemp("stock"), stock_manager=True) as h:
+        provision_guest_tpm(h.tcti())
+        yield h
+
+
+def _save(host, path) -> dict:
+    """Save the guest; it is gone afterwards, as with `xl save`, its vTPM stub domain still runs."""
+    result = host.tool_json("save", GUEST, str(path))
+    domids = host.domids()
+    assert GUEST not in domids and f"vtpm-{GUEST}" in domids
+    return result
+
+
+def test_restore_puts_back_a_vtpm_that_moved_on(host, tmp_path):
+    at_save = tpm_state(host.tcti())
+    save_file = tmp_path / "guest1.save"
+    _save(host, save_file)
+    mem_at_save = saved_memory_digest(save_file)
+
+    advance_guest_tpm(host.vtpm_tcti(), b"after save")   # e.g. the vTPM served someone meanwhile
+
+    result = host.tool_json("restore", str(save_file), "--paused")
+    assert result["vtpm_restored"] is True
+    assert host.is_paused(GUEST)
+    assert host.memdigest() == mem_at_save
+    assert tpm_state(host.tcti()) == at_save
+    host.xl("unpause", GUEST)
+
+
+def test_restore_leaves_an_unchanged_vtpm_alone(host, tmp_path):
+    at_save = tpm_state(host.tcti())
+    save_file = tmp_path / "guest1.save"
+    _save(host, save_file)
+    mem_at_save = saved_memory_digest(save_file)
+    vtpm_domid = host.domids()[f"vtpm-{GUEST}"]
+    slots = host.slot_fingerprints()
+
+    result = host.tool_json("restore", str(save_file), "--paused")
+    assert result["vtpm_restored"] is False
+    assert host.slot_fingerprints() == slots
+    assert host.domids()[f"vtpm-{GUEST}"] == vtpm_domid, "an unchanged vTPM must not be re-created"
+    assert host.memdigest() == mem_at_save
+    host.xl("unpause", GUEST)
+    assert not host.is_paused(GUEST)
+    assert tpm_state(host.tcti()) == at_save
+    host.tool("verify", "--all")
+
+
+@pytest.fixture(scope="module")
+def saved_guest(host, tmp_path_factory):
+    """guest1 saved to a file (so not running) for the broken-file cases; restored afterwards."""
+    good = tmp_path_factory.mktemp("saved") / "good.save"
+    _save(host, good)
+    yield good
+    host.tool("restore", str(good))
+
+
+@pytest.mark.parametrize("damage", ["truncated-mid-stream", "truncated-header", "wrong-magic"])
+def test_restore_of_a_broken_save_file_is_refused(host, saved_guest, tmp_path, damage):
+    data = saved_guest.read_bytes()
+    bad = tmp_path / f"{damage}.save"
+    bad.write_bytes({"truncated-mid-stream": data[:len(data) // 2],
+                     "truncated-header": data[:100],
+                     "wrong-magic": b"XXXX" + data[4:]}[damage])
+    before = host.domids()
+    slots = host.slot_fingerprints()
+    host.fails(5, "restore", str(bad))
+    assert host.domids() == before and host.slot_fingerprints() == slots
+    assert GUEST not in host.domids()
+
+
+# --- stock manager ----------------------------------------------------------------------------
+
+def test_stock_manager_refuses_snapshot_and_rollback(stock, tmp_path):
+    before = stock.domids()
+    line = stock.fails(4, "snapshot", GUEST, "--name", "st1")
+    assert "stock" in line, line
+    assert stock.domids() == before and not stock.is_paused(GUEST)
+
+    # A save leaves a checkpoint behind; rolling the running guest back to it is still refused.
+    save_file = tmp_path / "guest1.save"
+    ckpt = _save(stock, save_file)["id"]
+    stock.tool("restore", str(save_file))
+    before = stock.domids()
+    slots = stock.slot_fingerprints()
+    line = stock.fails(4, "rollback", GUEST, ckpt, "--yes")
+    assert "stock" in line, line
+    assert stock.domids() == before and stock.slot_fingerprints() == slots
+
+
+def test_stock_manager_save_restore_with_unchanged_vtpm(stock, tmp_path):
+    at_save = tpm_state(stock.tcti())
+    save_file = tmp_path / "guest1.save"
+    _save(stock, save_file)
+    mem_at_save = saved_memory_digest(save_file)
+
+    result = stock.tool_json("restore", str(save_file), "--paused")
+    assert result["vtpm_restored"] is False
+    assert stock.memdigest() == mem_at_save
+    stock.xl("unpause", GUEST)
+    assert tpm_state(stock.tcti()) == at_save
+
+
+def test_stock_manager_refuses_restore_when_the_vtpm_moved_on(stock, tmp_path):
+    save_file = tmp_path / "guest1.save"
+    _save(stock, save_file)
+    moved = advance_guest_tpm(stock.vtpm_tcti(), b"after save")
+    before = stock.domids()
+    slots = stock.slot_fingerprints()
+
+    line = stock.fails(4, "restore", str(save_file))
+    assert "stock" in line or "advanced" in line, line
+    assert GUEST not in stock.domids(), "the guest must not be started against a vTPM that moved on"
+    assert stock.domids() == before and stock.slot_fingerprints() == slots
+    assert tpm_state(stock.vtpm_tcti()) == moved
