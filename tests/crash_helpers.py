@@ -290,11 +290,24 @@ def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
     from xen_vtpm.vtpm.stubdom import ManagerClient
     with ManagerClient(Config.load(sim.config)) as mgr:
         try:
-            mgr.discard(checkpoint_id)
+            mgr.submit("discard", checkpoint_id)     # raw request: discard() treats unknown as done
         except ManagerError as exc:
             assert "unknown checkpoint" in str(exc), str(exc)
             return False
     return True
+
+
+def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str]:
+    """The vTPM stub runs, loaded its state at its last boot; nothing is paused but a guest paused before."""
+    rows = xl_rows(sim)
+    backend = f"vtpm-{GUEST}"
+    assert backend in rows, f"{backend}: the vTPM stub domain is not running after recover"
+    for name, state in rows.items():
+        if "p" in state and not (name == GUEST and guest_paused):
+            raise AssertionError(f"{name}: left paused ({state}) after recover")
+    table = domains.snapshot(sim.dir)["domains"]
+    vtpm_boot_ok(sim, backend, next(d["domid"] for d in table.values() if d["name"] == backend))
+    return rows
 
 
 def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool | None = True,
@@ -303,24 +316,19 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
 
     guest_expected: True (must run), False (must be gone), None (either)."""
     no_unfinished_ops(sim)
-    rows = xl_rows(sim)
-    backend = f"vtpm-{GUEST}"
-    assert backend in rows, f"{backend}: the vTPM stub domain is not running after recover"
-    for name, state in rows.items():
-        if "p" in state and not (name == GUEST and paused):
-            raise AssertionError(f"{name}: left paused ({state}) after recover")
-    assert "p" not in rows[backend]
-    table = domains.snapshot(sim.dir)["domains"]
-    vtpm_boot_ok(sim, backend, next(d["domid"] for d in table.values() if d["name"] == backend))
+    rows = no_paused_domains(sim, paused)
     present = GUEST in rows
     if guest_expected is not None:
         assert present == guest_expected, f"{GUEST}: {'running' if present else 'gone'} after recover"
     if present:
         if paused:
+            # A paused guest has not run its frontend yet: its device must still name the live vTPM.
             assert "p" in rows[GUEST], f"{GUEST}: was paused before, runs after recover"
-        row = wait_connected(sim, GUEST)
-        assert row["vtpms"][0]["uuid_check"] == "ok"
-        assert row["vtpms"][0]["backend_name"] == backend
+            row = next(r for r in tool_json(sim, "list") if r["name"] == GUEST)
+        else:
+            row = wait_connected(sim, GUEST)
+        assert len(row["vtpms"]) == 1 and row["vtpms"][0]["uuid_check"] == "ok", row
+        assert row["vtpms"][0]["backend_name"] == f"vtpm-{GUEST}", row
         pair = read_pair(sim)
         assert pair.pcr16 != "0" * 64, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
         matches = [k for k, v in allowed.items() if v == pair]

@@ -175,7 +175,7 @@ class TestSnapshot:
             with pytest.raises(AssertionError, match="unfinished operations"):
                 ch.no_unfinished_ops(sim)
             with pytest.raises(AssertionError, match="left paused"):
-                ch.check_host(sim, {})
+                ch.no_paused_domains(sim)
             ch.recover(sim)
 
 
@@ -249,8 +249,10 @@ class TestSave:
 
 
 class TestRestore:
-    @pytest.mark.parametrize("label", cases("restore", STEPS["restore"]))
-    def test_crash(self, host, tmp_path, label):
+    @pytest.mark.parametrize("label", cases("restore", STEPS["restore"]) + cases("restore --paused", STEPS["restore"]))
+    def test_crash(self, host, tmp_path, request, label):
+        paused = "--paused" in request.node.callspec.id
+        kind = "restore --paused" if paused else "restore"
         with host.case() as sim:
             saved = ch.new_state(sim)
             path = tmp_path / f"restore-{label}.xl"
@@ -258,17 +260,21 @@ class TestRestore:
             # The vTPM moves on without its guest (a PCR and its disk image), so restore must put it back.
             ch.advance_vtpm_nv(sim)
             sim.run(["tpm2_pcrextend", "-T", ch.tcti(sim, GUEST), "16:sha256=" + "5a" * 32])
-            ch.crash(sim, "restore", str(path), **crash_point("restore", label))
+            flags = ["--paused"] if paused else []
+            ch.crash(sim, "restore", str(path), *flags, **crash_point("restore", label))
             assert ch.last_op(sim)["kind"] == "restore"
             ch.recover(sim)
-            state = ch.check_host(sim, {"saved": saved}, guest_expected=None)
+            state = ch.check_host(sim, {"saved": saved}, guest_expected=None, paused=paused)
             if state == "absent":
-                sim.tool("restore", str(path))
-                assert ch.check_host(sim, {"saved": saved}) == "saved"
+                sim.tool("restore", str(path), *flags)
+                assert ch.check_host(sim, {"saved": saved}, paused=paused) == "saved"
                 outcome = "undone: guest not restored, the save file still restores"
             else:
-                outcome = "finished: guest restored with its saved pair"
-            record("restore", label, f"ok — {outcome}")
+                outcome = "finished: guest restored with its saved pair" + (", paused" if paused else "")
+            if paused:
+                sim.xl("unpause", GUEST)
+                ch.wait_connected(sim, GUEST)
+            record(kind, label, f"ok — {outcome}")
 
 
 class TestDelete:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid as uuidlib
 
 import pytest
@@ -71,7 +72,7 @@ def test_paused_manager_times_out_and_the_request_is_withdrawn(lab):
     home = f"/local/domain/{lab.mgr.info().domid}"
     assert lab.xs.ls(f"{home}/control/vtpmmgr/request") == []
     with pytest.raises(ManagerError, match="unknown checkpoint"):
-        lab.mgr.discard(ckpt)                       # the withdrawn request never ran
+        lab.mgr.submit("discard", ckpt)             # the withdrawn request never ran (raw: discard() is idempotent)
     digest = lab.mgr.checkpoint(dom.uuid, ckpt)
     assert digest in stubdom.slot_fingerprints(dom.image)
     assert lab.mgr.discard(ckpt) == digest
@@ -114,3 +115,15 @@ def test_console_status_words():
     failed = stubdom.ConsoleStatus("checksum-failed")
     assert failed.fresh and not failed.loaded and failed.reason == "NVM Storage Checksum failed!"
     assert stubdom.ConsoleStatus("none").reason == "no load marker on the console"
+
+
+def test_discard_is_idempotent_but_other_refusals_still_raise(lab):
+    dom = lab.create("vtpm-t9")
+    _populate(lab, dom)
+    lab.sim.xl("pause", dom.name)
+    ckpt = str(uuidlib.uuid4())
+    lab.mgr.checkpoint(dom.uuid, ckpt)
+    assert re.fullmatch(r"[0-9a-f]{40}", lab.mgr.discard(ckpt))
+    assert lab.mgr.discard(ckpt) == ""              # already gone: done, so recover may repeat it
+    with pytest.raises(ManagerError, match="unknown checkpoint"):
+        lab.mgr.restore(dom.uuid, ckpt)             # the entry really is gone
