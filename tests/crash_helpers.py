@@ -35,9 +35,10 @@ ENTRY = {"snapshot": "_snapshot_locked", "pre-rollback": "_snapshot_locked", "ro
          "save": "save", "restore": "restore", "delete": "delete"}
 NOT_FOLLOWED = {"recover", "_recover_one", "_undo_snapshot"}
 
-# The store's own crash points (xen_vtpm/store/writer.py, repository.py) a snapshot / a delete passes.
-STORE_POINTS = {"snapshot": ("write.journaled", "write.pack-published", "write.manifest-published",
-                             "write.committed"),
+# The store's own crash points (xen_vtpm/store/writer.py, repository.py) that a checkpoint write (snapshot,
+# safety snapshot, save) and a delete pass.
+_WRITE_POINTS = ("write.journaled", "write.pack-published", "write.manifest-published", "write.committed")
+STORE_POINTS = {"snapshot": _WRITE_POINTS, "pre-rollback": _WRITE_POINTS, "save": _WRITE_POINTS,
                 "delete": ("delete.committed", "delete.unlinked-one")}
 
 MARK_OFFSET = 7 * 4096 + 2048     # the guest scribbles only the first 48 bytes of a page
@@ -169,10 +170,19 @@ def sim_tool_argv() -> list[str]:
     return [sys.executable, "-m", "xen_vtpm"]
 
 
-def recover(sim: SimHost) -> list[dict]:
+def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> int:
+    """`xen-vtpm recover`, first killed at each of `kill_at` in turn (while it still gets that far);
+    the last run must finish.  Returns how many runs were killed."""
+    kills = 0
+    for point in kill_at:
+        proc = sim.run([*sim_tool_argv(), "recover"], check=False, env={"XEN_VTPM_CRASH_AT": point}, timeout=120)
+        if proc.returncode == 0:
+            break                       # recover finished without journaling that step
+        assert proc.returncode == -9, f"recover (crash point {point}) exited {proc.returncode}: {proc.stderr.strip()}"
+        kills += 1
     proc = sim.tool("--json", "recover", check=False, timeout=120)
     assert proc.returncode == 0, f"recover exited {proc.returncode}: {proc.stderr.strip()}"
-    return json.loads(proc.stdout or "[]")
+    return kills
 
 
 def tool_json(sim: SimHost, *argv: str) -> object:
@@ -256,6 +266,8 @@ def no_unfinished_ops(sim: SimHost) -> None:
     assert not tmp_files, f"temporary store files left: {tmp_files}"
     fifos = [p.name for p in (sd / "tmp").iterdir() if stat.S_ISFIFO(p.lstat().st_mode)] if (sd / "tmp").is_dir() else []
     assert not fifos, f"fifos left in state_dir/tmp: {fifos}"
+    half_written = [p.name for p in (sim.dir / "images").glob("*.xen-vtpm.tmp")]
+    assert not half_written, f"half-written vTPM images left: {half_written}"
 
 
 def no_stray_processes(sim: SimHost) -> None:

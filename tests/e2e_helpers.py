@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import sqlite3
 import stat
 import subprocess
@@ -45,12 +46,15 @@ records={records}
 if [ "$1" = save ]; then
     shift
     flags=
-    while [ $# -gt 2 ]; do flags="$flags $1"; shift; done
+    while [ $# -gt 0 ] && [ "${{1#-}}" != "$1" ]; do flags="$flags $1"; shift; done
+    dom=$1
+    out=$2
+    shift 2
     n=$(ls "$records" | wc -l)
     rec="$records/save-$(printf %04d "$n")"
-    "$real" save $flags "$1" "$rec.part" || exit $?
+    "$real" save $flags "$dom" "$rec.part" "$@" || exit $?
     mv "$rec.part" "$rec"
-    cat "$rec" > "$2" || exit 1
+    cat "$rec" > "$out" || exit 1
     exit 0
 fi
 exec "$real" "$@"
@@ -87,9 +91,8 @@ class E2EHost:
         return self.state_dir / "catalog.sqlite"
 
     # -- the tool
-    def tool(self, *args: str, expect: int = 0, timeout: float = 120,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "xen_vtpm", *args], env=dict(self.env, **(env or {})),
+    def tool(self, *args: str, expect: int = 0, timeout: float = 120) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "xen_vtpm", *args], env=self.env,
                               capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == expect, (f"xen-vtpm {' '.join(args)}: exit {proc.returncode}, expected {expect}\n"
                                            f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
@@ -112,8 +115,8 @@ class E2EHost:
             return {row[0] for row in db.execute("SELECT id FROM checkpoints")}
 
     # -- xl and the simulated domains
-    def xl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.sim.xl(*args, check=check)
+    def xl(self, *args: str) -> subprocess.CompletedProcess:
+        return self.sim.xl(*args)
 
     def domids(self) -> dict[str, int]:
         rows = self.xl("list").stdout.splitlines()[1:]
@@ -162,7 +165,8 @@ def _install_recording_xl(sim: SimHost, where: Path) -> tuple[Path, Path]:
     records = where / "saves"
     records.mkdir()
     wrapper = where / "xl"
-    wrapper.write_text(_XL_WRAPPER.format(real=sim.dir / "bin" / "xl", records=records))
+    wrapper.write_text(_XL_WRAPPER.format(real=shlex.quote(str(sim.dir / "bin" / "xl")),
+                                          records=shlex.quote(str(records))))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     text = sim.config.read_text()
     lines = [f"xl = {wrapper}" if ln.startswith("xl =") else ln for ln in text.splitlines()]
@@ -173,8 +177,7 @@ def _install_recording_xl(sim: SimHost, where: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None,
-             guest: bool = True) -> Iterator[E2EHost]:
+def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None) -> Iterator[E2EHost]:
     """An initialised simulated host with guest1 running; always taken down."""
     sim = start_sim_host(base / "h", stock_manager=stock_manager)
     try:
@@ -183,8 +186,7 @@ def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None 
         config, records = _install_recording_xl(sim, tooldir)
         host = E2EHost(sim=sim, env=dict(sim.env, XEN_VTPM_CONFIG=str(config)), records=records)
         host.tool("init", *(["--rollback-auth-file", str(auth_file)] if auth_file else []))
-        if guest:
-            host.tool("sim", "create", GUEST, "--memory", str(GUEST_MIB))
+        host.tool("sim", "create", GUEST, "--memory", str(GUEST_MIB))
         yield host
     finally:
         stop_sim_host(sim)

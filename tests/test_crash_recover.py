@@ -12,7 +12,9 @@ crash points during a snapshot and a delete, one case:
 4. if recover kept a checkpoint / save file, prove it holds the right pair by using it.
 
 One simulated host per sequence type; recover leaves it consistent, so the next step runs on it.
-`-m crash_full` is not needed: the full matrix runs in the default suite (see docs/reliability.md).
+The default run takes a representative subset (first and last step of each sequence, its points of no
+return, one store point, one chain of killed recovers); `pytest -m crash_full` runs the whole matrix
+(register the marker in pyproject.toml).  XEN_VTPM_CRASH_TABLE=FILE writes the outcome table there.
 """
 from __future__ import annotations
 
@@ -26,29 +28,58 @@ import crash_helpers as ch
 from crash_helpers import GUEST
 from sim_fixture import start_sim_host, stop_sim_host
 
+pytestmark = pytest.mark.crash_full       # `-m crash_full` selects this module and lifts FULL_ONLY
+
 STEPS = ch.coordinator_steps()
 RESULTS: list[tuple[str, str, str]] = []
+KILLED_RECOVER = "+recover-killed"
 
-# (sequence, step) -> bug reference in the lead's bug list; such cases run as xfail(strict=True).
+# (sequence, label) -> bug reference in the lead's bug list; such cases run as xfail(strict=True).
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
+# The default run takes a representative subset; `-m crash_full` runs the whole matrix.
+FULL_ONLY = pytest.mark.skipif("'crash_full' not in config.getoption('markexpr')",
+                               reason="full crash matrix: run with -m crash_full")
+NO_RETURN = ("commit", "destroy-guest")
+REPRESENTATIVE_STORE = ("write.committed", "delete.committed")
 
-def cases(kind: str, points: list[str], store: bool = False) -> list:
-    out = []
-    for point in points:
-        label = f"store:{point}" if store else point
-        marks = []
-        bug = KNOWN_BUGS.get((kind, label))
+
+def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | None = None,
+          extra: tuple = ()) -> list:
+    """One case per journaled step of `kind` (and per store crash point if `store`); `chained` adds, per
+    step, a case whose recover is itself killed at every later step before a last, clean recover."""
+    seq = seq or kind
+    steps = STEPS[kind]
+    labels = [(s, s in (steps[0], steps[-1]) or s in NO_RETURN) for s in steps]
+    if store:
+        labels += [(f"store:{p}", p in REPRESENTATIVE_STORE) for p in ch.STORE_POINTS[kind]]
+    if chained:
+        labels += [(s + KILLED_RECOVER, kind == "rollback" and s == steps[0]) for s in steps[:-1]]
+    params = []
+    for label, representative in labels:
+        marks = [] if representative else [FULL_ONLY]
+        bug = KNOWN_BUGS.get((seq, label))
         if bug:
             marks.append(pytest.mark.xfail(strict=True, reason=bug))
-        out.append(pytest.param(label, id=f"{kind}:{label}", marks=marks))
-    return out
+        params.append(pytest.param(label, *extra, id=f"{seq}:{label}", marks=marks))
+    return params
 
 
-def crash_point(kind: str, label: str) -> dict[str, str]:
-    if label.startswith("store:"):
-        return {"store_at": label[len("store:"):]}
-    return {"at": f"{kind}:{label}"}
+def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tuple[dict, str]:
+    """Kill `xen-vtpm ARGV` at the label's crash point, then recover; returns the crashed op and a note."""
+    base = label.removesuffix(KILLED_RECOVER)
+    if base.startswith("store:"):
+        ch.crash(sim, *argv, store_at=base[len("store:"):])
+    else:
+        ch.crash(sim, *argv, at=f"{kind}:{base}")
+    op = ch.last_op(sim)
+    assert op["kind"] == kind, f"the last journaled op is a {op['kind']}, expected {kind}"
+    if base == label:
+        ch.recover(sim)
+        return op, ""
+    later = STEPS[kind][STEPS[kind].index(base) + 1:]
+    kills = ch.recover(sim, kill_at=[f"{kind}:{s}" for s in later])
+    return op, f" (recover itself killed {kills}x first)"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,16 +176,12 @@ def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
 
 
 class TestSnapshot:
-    @pytest.mark.parametrize("label", cases("snapshot", STEPS["snapshot"])
-                             + cases("snapshot", list(ch.STORE_POINTS["snapshot"]), store=True))
+    @pytest.mark.parametrize("label", cases("snapshot", store=True))
     def test_crash(self, host, label):
         with host.case() as sim:
             cur = ch.new_state(sim)
-            name = "c-" + label.replace(":", "-").replace(".", "-")
-            ch.crash(sim, "snapshot", GUEST, "--name", name, **crash_point("snapshot", label))
-            op = ch.last_op(sim)
-            assert op["kind"] == "snapshot"
-            ch.recover(sim)
+            name = "c-" + label.replace(":", "-").replace(".", "-").replace("+", "-")
+            op, note = crash_and_recover(sim, "snapshot", label, "snapshot", GUEST, "--name", name)
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             ids = ch.checkpoint_ids(sim)
             if name in ids:
@@ -165,7 +192,7 @@ class TestSnapshot:
             else:
                 assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
                 outcome = "undone: no checkpoint, manager entry gone"
-            record("snapshot", label, f"ok — {outcome}")
+            record("snapshot", label, f"ok — {outcome}{note}")
 
     def test_checks_catch_an_unrecovered_crash(self, host):
         """Negative control: without recover, the checks must see the crash (paused domains, open op)."""
@@ -186,16 +213,13 @@ class TestRollback:
         sim.tool("snapshot", GUEST, "--name", "target")
         return {"target": pair}
 
-    @pytest.mark.parametrize("label", cases("pre-rollback", STEPS["pre-rollback"]))
+    @pytest.mark.parametrize("label", cases("pre-rollback", store=True))
     def test_crash_in_safety_snapshot(self, host, label):
         with host.case() as sim:
             target = host.extra["target"]
             cur = ch.new_state(sim)
             before = set(ch.checkpoint_ids(sim))
-            ch.crash(sim, "rollback", GUEST, "target", "--yes", **crash_point("pre-rollback", label))
-            op = ch.last_op(sim)
-            assert op["kind"] == "pre-rollback"
-            ch.recover(sim)
+            op, note = crash_and_recover(sim, "pre-rollback", label, "rollback", GUEST, "target", "--yes")
             # The rollback itself never began: the VM must still be in its old state.
             assert ch.check_host(sim, {"old": cur, "target": target}) == "old"
             kept = {n: i for n, i in ch.checkpoint_ids(sim).items() if n not in before}
@@ -207,32 +231,27 @@ class TestRollback:
             else:
                 assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
                 outcome = "old state; safety checkpoint undone"
-            record("pre-rollback", label, f"ok — {outcome}")
+            record("pre-rollback", label, f"ok — {outcome}{note}")
 
-    @pytest.mark.parametrize("label", cases("rollback", STEPS["rollback"]))
+    @pytest.mark.parametrize("label", cases("rollback"))
     def test_crash(self, host, label):
         with host.case() as sim:
             target = host.extra["target"]
             cur = ch.new_state(sim)
-            ch.crash(sim, "rollback", GUEST, "target", "--yes", "--no-safety-checkpoint",
-                     **crash_point("rollback", label))
-            assert ch.last_op(sim)["kind"] == "rollback"
-            ch.recover(sim)
+            _, note = crash_and_recover(sim, "rollback", label, "rollback", GUEST, "target", "--yes",
+                                        "--no-safety-checkpoint")
             state = ch.check_host(sim, {"old": cur, "new": target})
             record("rollback", label, "ok — " + {"new": "rolled forward to the checkpoint",
-                                                 "old": "undone: old state kept"}[state])
+                                                 "old": "undone: old state kept"}[state] + note)
 
 
 class TestSave:
-    @pytest.mark.parametrize("label", cases("save", STEPS["save"]))
+    @pytest.mark.parametrize("label", cases("save", store=True))
     def test_crash(self, host, tmp_path, label):
         with host.case() as sim:
             cur = ch.new_state(sim)
-            path = tmp_path / f"save-{label}.xl"
-            ch.crash(sim, "save", GUEST, str(path), **crash_point("save", label))
-            op = ch.last_op(sim)
-            assert op["kind"] == "save"
-            ch.recover(sim)
+            path = tmp_path / "guest.save"
+            op, note = crash_and_recover(sim, "save", label, "save", GUEST, str(path))
             state = ch.check_host(sim, {"old": cur}, guest_expected=None)
             if state == "absent":
                 # Finished as xl save: the file and its binding must give back exactly the saved pair.
@@ -245,25 +264,22 @@ class TestSave:
                 if op["checkpoint"] not in ch.checkpoint_ids(sim).values():
                     assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
                 outcome = "undone: guest runs on in its old state"
-            record("save", label, f"ok — {outcome}")
+            record("save", label, f"ok — {outcome}{note}")
 
 
 class TestRestore:
-    @pytest.mark.parametrize("label", cases("restore", STEPS["restore"]) + cases("restore --paused", STEPS["restore"]))
-    def test_crash(self, host, tmp_path, request, label):
-        paused = "--paused" in request.node.callspec.id
-        kind = "restore --paused" if paused else "restore"
+    @pytest.mark.parametrize("label,paused", cases("restore", extra=(False,))
+                             + cases("restore", chained=False, seq="restore --paused", extra=(True,)))
+    def test_crash(self, host, tmp_path, label, paused):
         with host.case() as sim:
             saved = ch.new_state(sim)
-            path = tmp_path / f"restore-{label}.xl"
+            path = tmp_path / "guest.save"
             sim.tool("save", GUEST, str(path))
             # The vTPM moves on without its guest (a PCR and its disk image), so restore must put it back.
             ch.advance_vtpm_nv(sim)
             sim.run(["tpm2_pcrextend", "-T", ch.tcti(sim, GUEST), "16:sha256=" + "5a" * 32])
             flags = ["--paused"] if paused else []
-            ch.crash(sim, "restore", str(path), *flags, **crash_point("restore", label))
-            assert ch.last_op(sim)["kind"] == "restore"
-            ch.recover(sim)
+            _, note = crash_and_recover(sim, "restore", label, "restore", str(path), *flags)
             state = ch.check_host(sim, {"saved": saved}, guest_expected=None, paused=paused)
             if state == "absent":
                 sim.tool("restore", str(path), *flags)
@@ -274,22 +290,19 @@ class TestRestore:
             if paused:
                 sim.xl("unpause", GUEST)
                 ch.wait_connected(sim, GUEST)
-            record(kind, label, f"ok — {outcome}")
+            record("restore --paused" if paused else "restore", label, f"ok — {outcome}{note}")
 
 
 class TestDelete:
-    @pytest.mark.parametrize("label", cases("delete", STEPS["delete"])
-                             + cases("delete", list(ch.STORE_POINTS["delete"]), store=True))
+    @pytest.mark.parametrize("label", cases("delete", store=True))
     def test_crash(self, host, label):
         with host.case() as sim:
             taken = ch.new_state(sim)
-            name = "d-" + label.replace(":", "-").replace(".", "-")
+            name = "d-" + label.replace(":", "-").replace(".", "-").replace("+", "-")
             sim.tool("snapshot", GUEST, "--name", name)
             ckpt = ch.checkpoint_ids(sim)[name]
             cur = ch.new_state(sim)
-            ch.crash(sim, "delete", name, **crash_point("delete", label))
-            assert ch.last_op(sim)["kind"] == "delete"
-            ch.recover(sim)
+            _, note = crash_and_recover(sim, "delete", label, "delete", name)
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             if name in ch.checkpoint_ids(sim):
                 rolls_back_to(sim, name, taken)
@@ -298,4 +311,4 @@ class TestDelete:
             else:
                 assert not ch.manager_knows(sim, ckpt), "manager checkpoint entry leaked"
                 outcome = "finished: checkpoint and manager entry gone"
-            record("delete", label, f"ok — {outcome}")
+            record("delete", label, f"ok — {outcome}{note}")

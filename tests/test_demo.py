@@ -108,5 +108,23 @@ def test_demo_sigint(tmp_path):
             proc.wait()
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    assert "== stopping the simulated host" in rest
+    assert "== stopped the simulated host" in rest
     assert _left_behind(tmp_path) == []
+
+
+def test_demo_pipe_closed(tmp_path):
+    """`xen-vtpm demo | head -3`: the reader goes away early; the host must still come down."""
+    proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm", "demo"], env=_demo_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(3):
+            proc.stdout.readline()
+        proc.stdout.close()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert _left_behind(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []

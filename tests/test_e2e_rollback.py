@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -24,15 +25,28 @@ def host(tmp_path_factory):
         yield h
 
 
-def _changed_memory(host, than: str) -> str:
-    """Pause the guest for a stable reading; it must differ from `than` (the guest keeps writing)."""
-    host.xl("pause", GUEST)
-    try:
-        now = host.memdigest()
-    finally:
+@pytest.fixture(autouse=True)
+def guest_running_after(host):
+    """A failed test must not leave guest1 paused for the next one (a paused guest cannot be snapshotted)."""
+    yield
+    if GUEST in host.domids() and host.is_paused(GUEST):
         host.xl("unpause", GUEST)
-    assert now != than, "guest memory did not change after the snapshot; the test would prove nothing"
-    return now
+
+
+def _changed_memory(host, than: str) -> str:
+    """The guest's memory once it differs from `than` (the running guest keeps rewriting pages; paused
+    for each reading so the digest is of one consistent image).  A bounded wait, not a timing claim."""
+    deadline = time.monotonic() + 30
+    while True:
+        host.xl("pause", GUEST)
+        try:
+            now = host.memdigest()
+        finally:
+            host.xl("unpause", GUEST)
+        if now != than:
+            return now
+        assert time.monotonic() < deadline, "guest memory never changed after the snapshot"
+        time.sleep(0.1)
 
 
 def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
@@ -109,6 +123,18 @@ def test_bad_input_is_refused_and_changes_nothing(host, argv, code, words):
     line = host.fails(code, *argv)
     assert words in line
     assert _untouched(host) == before
+
+
+def test_paused_guest_cannot_be_snapshotted(host):
+    """It could not answer the suspend request (and send TPM2_Shutdown(STATE) to its vTPM)."""
+    host.xl("pause", GUEST)
+    try:
+        before = _untouched(host)
+        line = host.fails(4, "snapshot", GUEST, "--name", "rb-paused")
+        assert "paused" in line, line
+        assert _untouched(host) == before and host.is_paused(GUEST)
+    finally:
+        host.xl("unpause", GUEST)
 
 
 def test_xenstore_down_gives_exit_9(tmp_path):

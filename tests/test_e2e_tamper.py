@@ -102,10 +102,8 @@ def tamper_manifest_file(host: E2EHost, ckpt: str) -> Callable[[], None]:
 
 
 def tamper_catalog_name(host: E2EHost, ckpt: str) -> Callable[[], None]:
-    with contextlib.closing(_db(host)) as db:
-        (name,) = db.execute("SELECT name FROM checkpoints WHERE id = ?", (ckpt,)).fetchone()
-    return _update_row(host, "UPDATE checkpoints SET name = name || '-renamed' WHERE id = ?",
-                       f"UPDATE checkpoints SET name = '{name}' WHERE id = ?", (ckpt,))
+    return _update_row(host, "UPDATE checkpoints SET name = name || '-x' WHERE id = ?",
+                       "UPDATE checkpoints SET name = substr(name, 1, length(name) - 2) WHERE id = ?", (ckpt,))
 
 
 def tamper_catalog_manifest(host: E2EHost, ckpt: str) -> Callable[[], None]:

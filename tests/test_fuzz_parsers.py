@@ -29,9 +29,11 @@ import fz_savestream  # noqa: E402
 import fz_vtpmblk  # noqa: E402
 import fz_xenstored_wire  # noqa: E402
 import fz_xl_header  # noqa: E402
+import fz_xlcfg  # noqa: E402
 import live_xenstored  # noqa: E402
 
-from xen_vtpm.errors import XenStoreError  # noqa: E402
+from xen_vtpm import xlcfg  # noqa: E402
+from xen_vtpm.errors import XenStoreError, XlConfigError  # noqa: E402
 from xen_vtpm.sim import mgrproto as mp  # noqa: E402
 from xen_vtpm.sim.savestream import PAGE_SIZE, read_save, write_save  # noqa: E402
 from xen_vtpm.sim.xenstored import Op, encode  # noqa: E402
@@ -40,7 +42,8 @@ from xen_vtpm.xenstore import XenStore  # noqa: E402
 from xs_fixture import start_xenstored  # noqa: E402
 
 TARGETS = {"xl-header": fz_xl_header, "savestream": fz_savestream, "xenstored-wire": fz_xenstored_wire,
-           "manifest": fz_manifest, "pack": fz_pack, "mgrproto": fz_mgrproto, "vtpmblk": fz_vtpmblk}
+           "manifest": fz_manifest, "pack": fz_pack, "mgrproto": fz_mgrproto, "vtpmblk": fz_vtpmblk,
+           "xlcfg": fz_xlcfg}
 HANG = 10   # seconds: a guard against an endless loop on one input, far above any parser's need
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -112,14 +115,14 @@ def test_real_writer_output_is_accepted(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TARGETS)
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=300)
 @given(data=st.binary(max_size=512))
 def test_random_bytes(name: str, data: bytes) -> None:
     run_check(TARGETS[name], data)
 
 
 @pytest.mark.parametrize("name", TARGETS)
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=600)
 @given(which=st.integers(0, 63), edits=EDITS)
 def test_mutated_real_input(name: str, which: int, edits) -> None:
     seeds = seeds_of(name)
@@ -176,9 +179,10 @@ def test_vtpmblk_slot_round_trip_and_hash_mismatch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("field", ["checkpoint", "uuid"])
 def test_manager_request_with_newline_after_uuid_is_a_request_error(field: str) -> None:
-    # Found by fuzzing mgrproto (committed version): `^...$` with re.match accepted "<uuid>\n",
-    # then uuid.UUID() raised a bare ValueError that vtpmmgr's request loop does not catch: the
-    # request was marked done and never answered.  Fixed by its owner (fullmatch).
+    # Regression: in the first committed mgrproto, `^...$` with re.match accepted "<uuid>\n", then
+    # uuid.UUID() raised a bare ValueError that vtpmmgr's request loop does not catch: the request
+    # was marked done and never answered.  fz_mgrproto finds it (and the request id variant) on
+    # that version; its owner had already switched to fullmatch.
     fields = {"state": "submitted", "op": "restore", "checkpoint": fz_mgrproto.CKPT, "uuid": fz_mgrproto.VTPM}
     fields[field] += "\n"
     with pytest.raises(mp.RequestError):
@@ -186,13 +190,48 @@ def test_manager_request_with_newline_after_uuid_is_a_request_error(field: str) 
     assert not mp.valid_request_id("req1\n")
 
 
+# KNOWN BUGS in xen_vtpm/xlcfg.py (owner: sim-host helper / lead), found by fz_xlcfg.py; these three
+# tests (and test_random_bytes[xlcfg] / test_mutated_real_input[xlcfg]) fail until it is fixed.
+
+def test_xl_cfg_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    # KNOWN BUG: load_cfg opens the file as strict UTF-8 and catches only OSError, so one byte
+    # 0xff in a cfg file escapes as UnicodeDecodeError (exit 1 with a traceback, not exit 9).
+    # Found by atheris on its first mutated input.
+    cfg = tmp_path / "guest.cfg"
+    cfg.write_bytes(b'name="guest\xff1"\n')
+    with pytest.raises(XlConfigError):
+        xlcfg.load_cfg(str(cfg))
+
+
+def test_xl_cfg_huge_number_is_a_config_error() -> None:
+    # KNOWN BUG: int() refuses more than 4300 digits (Python's int_max_str_digits) with a bare
+    # ValueError, which parse_cfg does not turn into XlConfigError.
+    with pytest.raises(XlConfigError):
+        xlcfg.parse_cfg("memory = " + "1" * 5000 + "\n")
+
+
+@pytest.mark.parametrize("parse, text", [
+    (xlcfg.parse_cfg, 'x = 1 "a\\nb"\n'),                     # escaped newline in a string token
+    (xlcfg.parse_cfg, "x = 1 " + "y" * 100_000 + "\n"),          # a huge identifier
+    (xlcfg.parse_vtpm, "backend=" + "v" * 2000 + ",bad"),         # a huge spec, echoed whole
+    (xlcfg.parse_disk, "a,b,c,d" + "e" * 2000),
+    (xlcfg.parse_vtpm, "backend=a,uuid=" + "z" * 2000),
+])
+def test_xl_cfg_error_message_is_one_bounded_line(parse, text: str) -> None:
+    # KNOWN BUG: _Parser.fail() prints the offending token raw and parse_vtpm/parse_disk echo the
+    # whole spec, so hostile text makes a multi-line or unbounded (log-flooding) error message.
+    # The 4th case was found by atheris once the first three bugs were patched in a scratch copy.
+    with pytest.raises(XlConfigError) as err:
+        parse(text)
+    message = str(err.value)
+    assert "\n" not in message and len(message) <= 1024, message[:200]
+
+
 # --- the live daemon over its socket -------------------------------------------------------------
 
 def test_live_xenstored_keeps_serving_well_formed_clients() -> None:
     # A fixed packet budget (not a duration), so the run is the same on a slow machine.
-    # race_domain_connects=False: reconnecting to a domain socket while a RELEASE may be in
-    # flight hits the known crash reproduced by the test below; this test covers the rest.
-    stats = live_xenstored.run(seconds=120, seed=1, packets=20000, race_domain_connects=False)
+    stats = live_xenstored.run(seconds=120, seed=1, packets=20000)
     assert stats["findings"] == [], stats["findings"]
     assert stats["packets"] == 20000 and stats["probes"] >= 20000 // live_xenstored.PROBE_EVERY
 
@@ -202,10 +241,10 @@ def _stopped(pid: int) -> bool:
 
 
 def test_xenstored_survives_a_connect_to_a_domain_it_is_releasing(tmp_path: Path) -> None:
-    # KNOWN BUG, found by fuzz/live_xenstored.py; owner: xenstore helper (xen_vtpm/sim/xenstored.py).
+    # Regression: found by fuzz/live_xenstored.py in its first seconds (fixed in xenstored.py).
     # When one select() batch holds both a RELEASE request and a pending connection on that
-    # domain's socket, RELEASE closes the listener and the loop then calls accept() on it:
-    # OSError EBADF escapes serve_forever and the daemon exits (every domain loses XenStore).
+    # domain's socket, RELEASE closes the listener and the loop then called accept() on it:
+    # OSError EBADF escaped serve_forever and the daemon exited (every domain lost XenStore).
     # Deterministic here: the daemon is stopped while both events are queued.
     sock, stop = start_xenstored(tmp_path)
     try:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import cli
+from .config import Config
 from .errors import XenVtpmError
 
 GUEST = "guest1"
@@ -63,10 +65,9 @@ class Demo:
     # --- the tool, as a user runs it --------------------------------------------
     def tool(self, *argv: str, expect: int | None = 0, show: bool = True, bars: bool = False) -> tuple[int, str, str]:
         """Run `xen-vtpm ARGV` in-process.  With bars, stderr stays on the terminal for progress bars."""
-        from . import cli
         if show:
             self.say(f"   $ xen-vtpm {shlex.join(argv)}")
-        flags = ["--config", str(self.config)] if argv[0] != "sim" else []
+        flags = ["--config", str(self.config)]   # `sim` commands ignore it
         if bars and not self.narrate:
             flags.append("-q")
         out, err = io.StringIO(), io.StringIO()
@@ -88,7 +89,6 @@ class Demo:
     def xl(self, *argv: str) -> None:
         """The host's own xl (from the config), as an administrator would run it."""
         self.say(f"   $ xl {shlex.join(argv)}")
-        from .config import Config
         proc = subprocess.run([Config.load(self.config).xl, *argv], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise DemoError(f"demo: `xl {shlex.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}", 9)
@@ -131,6 +131,7 @@ class Demo:
         self.step(1, "start a throwaway simulated Xen host and provision the tool")
         self.say(f"   $ xen-vtpm sim up --dir {self.sim_dir}")
         self.tool("-q", "sim", "up", "--dir", str(self.sim_dir), show=False)
+        self.say(f"   (each `xen-vtpm` command below runs with --config {self.config})")
         self.tool("init")
 
         self.step(2, f"create {GUEST} ({MEMORY_MIB} MiB) with its vTPM stub domain vtpm-{GUEST}")
@@ -233,6 +234,20 @@ def _flip_byte(pack: Path) -> int:
     return offset
 
 
+def _take_down(sim_dir: Path) -> int:
+    """`xen-vtpm sim down`, shielded from a second Ctrl-C or SIGTERM so it always completes."""
+    try:
+        old = [(sig, signal.signal(sig, signal.SIG_IGN)) for sig in (signal.SIGINT, signal.SIGTERM)]
+    except ValueError:  # not the main thread: signals cannot reach us here anyway
+        old = []
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cli.main(["-q", "sim", "down", "--dir", str(sim_dir)])
+    finally:
+        for sig, handler in old:
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit so the host is taken down as on Ctrl-C."""
@@ -250,7 +265,6 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 def run(json_mode: bool = False, quiet: bool = False) -> int:
-    from . import cli
     t0 = time.monotonic()
     # The host lives right in the temporary directory: Unix socket paths in it must stay short.
     with tempfile.TemporaryDirectory(prefix="xvtpm-demo-", ignore_cleanup_errors=True) as tmp, _sigterm_as_exit():
@@ -258,9 +272,9 @@ def run(json_mode: bool = False, quiet: bool = False) -> int:
         try:
             demo.run()
         finally:
-            demo.say("== stopping the simulated host")
-            with contextlib.redirect_stdout(io.StringIO()):
-                down_rc = cli.main(["-q", "sim", "down", "--dir", str(demo.sim_dir)])
+            down_rc = _take_down(demo.sim_dir)
+            with contextlib.suppress(OSError):   # e.g. stdout was a pipe that closed: the host is down anyway
+                demo.say("== stopped the simulated host")
         demo.check("simulated host stopped, no process left", down_rc == 0, f"sim down exit {down_rc}")
     failed = [c["check"] for c in demo.checks if not c["ok"]]
     elapsed = time.monotonic() - t0
