@@ -7,7 +7,8 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-uti
                 build-essential pkg-config python3-dev python3-venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test fuzz bench clean
+FUZZ_SECONDS ?= 20
 
 setup: $(STAMP)
 
@@ -20,7 +21,7 @@ $(STAMP): setup.py pyproject.toml cext/build_hashing.py cext/hashing.c cext/hash
 	fi
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,fuzz]'
 	touch $(STAMP)
 
 demo: setup
@@ -29,9 +30,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (9 targets); findings go to fuzz-findings/.
+fuzz: setup
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
 bench: setup
 	$(PY) bench/hashing.py
 	$(PY) bench/tpm_ops.py
+	$(PY) bench/snapshot.py --sizes 1
 
 clean:
 	rm -rf build *.egg-info xen_vtpm/_hashing*.so xen_vtpm/_hashing.c

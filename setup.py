@@ -14,6 +14,7 @@ setup(
         "cryptography>=41",
         "tpm2-pytss>=2.1",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "bench": ["blake3>=0.4"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "bench": ["blake3>=0.4"],
+                    "fuzz": ["atheris>=2.3"]},
     entry_points={"console_scripts": ["xen-vtpm=xen_vtpm.cli:main"]},
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import random
@@ -45,11 +46,7 @@ INPUT_TIMEOUT = 10       # seconds one input may take before it counts as a hang
 
 
 def have_atheris() -> bool:
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("atheris") is not None
 
 
 def _stat(text: str, name: str) -> int | None:

@@ -100,7 +100,8 @@ def test_rollback_without_safety_checkpoint_leaves_the_guest_running(host):
 
 
 def _untouched(host):
-    """Domain ids (nothing re-created), vTPM image slots (no TPM command, no put-back) and its state."""
+    """Domain ids (nothing re-created), vTPM image slots (any TPM command or put-back rewrites them)
+    and the stored checkpoints (nothing added)."""
     fingerprints = host.slot_fingerprints()
     return host.domids(), fingerprints, host.checkpoint_ids()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import signal
 import socket
 import sys
@@ -190,13 +189,11 @@ def test_manager_request_with_newline_after_uuid_is_a_request_error(field: str) 
     assert not mp.valid_request_id("req1\n")
 
 
-# KNOWN BUGS in xen_vtpm/xlcfg.py (owner: sim-host helper / lead), found by fz_xlcfg.py; these three
-# tests (and test_random_bytes[xlcfg] / test_mutated_real_input[xlcfg]) fail until it is fixed.
+# Regressions: bugs fz_xlcfg.py found in xen_vtpm/xlcfg.py (all fixed).
 
 def test_xl_cfg_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
-    # KNOWN BUG: load_cfg opens the file as strict UTF-8 and catches only OSError, so one byte
-    # 0xff in a cfg file escapes as UnicodeDecodeError (exit 1 with a traceback, not exit 9).
-    # Found by atheris on its first mutated input.
+    # One byte 0xff in a cfg file escaped as UnicodeDecodeError (exit 1 with a traceback, not
+    # exit 9). Found by atheris on its first mutated input.
     cfg = tmp_path / "guest.cfg"
     cfg.write_bytes(b'name="guest\xff1"\n')
     with pytest.raises(XlConfigError):
@@ -204,8 +201,7 @@ def test_xl_cfg_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_xl_cfg_huge_number_is_a_config_error() -> None:
-    # KNOWN BUG: int() refuses more than 4300 digits (Python's int_max_str_digits) with a bare
-    # ValueError, which parse_cfg does not turn into XlConfigError.
+    # int() refuses more than 4300 digits (Python's int_max_str_digits) with a bare ValueError.
     with pytest.raises(XlConfigError):
         xlcfg.parse_cfg("memory = " + "1" * 5000 + "\n")
 
@@ -218,9 +214,8 @@ def test_xl_cfg_huge_number_is_a_config_error() -> None:
     (xlcfg.parse_vtpm, "backend=a,uuid=" + "z" * 2000),
 ])
 def test_xl_cfg_error_message_is_one_bounded_line(parse, text: str) -> None:
-    # KNOWN BUG: _Parser.fail() prints the offending token raw and parse_vtpm/parse_disk echo the
-    # whole spec, so hostile text makes a multi-line or unbounded (log-flooding) error message.
-    # The 4th case was found by atheris once the first three bugs were patched in a scratch copy.
+    # The parser printed the offending token raw and parse_vtpm/parse_disk echoed the whole spec, so
+    # hostile text made a multi-line or unbounded (log-flooding) error message.
     with pytest.raises(XlConfigError) as err:
         parse(text)
     message = str(err.value)

@@ -23,6 +23,16 @@ _TOKEN = re.compile(r"""
   | (?P<op>\+=|[=\[\],;])
 """, re.VERBOSE)
 
+# Longer numbers are not configs, and int() refuses over ~4300 digits anyway.
+_MAX_NUMBER_DIGITS = 32
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value quoted in an error: one line, bounded, whatever the input held."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'", "0": "\0"}
 
 
@@ -39,8 +49,8 @@ def _tokens(text: str, filename: str) -> list[tuple[str, Any, int]]:
         if not m:
             bad = text[pos:].split("\n", 1)[0][:20]
             if bad[:1] in "\"'":
-                raise XlConfigError(f"{filename}:{line}: config parsing error: unterminated string {bad!r}")
-            raise XlConfigError(f"{filename}:{line}: config parsing error near `{bad}': unexpected character")
+                raise XlConfigError(f"{filename}:{line}: config parsing error: unterminated string {_show(bad)}")
+            raise XlConfigError(f"{filename}:{line}: config parsing error near {_show(bad)}: unexpected character")
         kind = m.lastgroup
         tok = m.group()
         if kind == "nl":
@@ -49,6 +59,8 @@ def _tokens(text: str, filename: str) -> list[tuple[str, Any, int]]:
         elif kind == "str":
             out.append(("str", _unquote(tok), line))
         elif kind == "num":
+            if len(tok) > _MAX_NUMBER_DIGITS:
+                raise XlConfigError(f"{filename}:{line}: config parsing error: number {_show(tok, 20)} is too long")
             value: Any = int(tok, 16) if tok[:2].lower() == "0x" else (float(tok) if "." in tok else int(tok))
             out.append(("num", value, line))
         elif kind == "ident":
@@ -75,8 +87,8 @@ class _Parser:
         return tok
 
     def fail(self, tok: tuple[str, Any, int], cause: str) -> XlConfigError:
-        near = "end of file" if tok[0] == "eof" else ("newline" if tok[1] == "\n" else str(tok[1]))
-        return XlConfigError(f"{self.filename}:{tok[2]}: config parsing error near `{near}': {cause}")
+        near = "end of file" if tok[0] == "eof" else ("newline" if tok[1] == "\n" else _show(tok[1]))
+        return XlConfigError(f"{self.filename}:{tok[2]}: config parsing error near {near}: {cause}")
 
     def skip_newlines(self) -> None:
         while self.peek()[0] == "sep" and self.peek()[1] == "\n":
@@ -149,6 +161,9 @@ def load_cfg(path: str) -> dict[str, Any]:
             text = fh.read()
     except OSError as exc:
         raise XlConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise XlConfigError(f"{path}: not a text config file (byte {exc.start} is not UTF-8); "
+                            "check that FILE is an xl cfg") from None
     return parse_cfg(text, path)
 
 
@@ -156,7 +171,7 @@ def _canonical_uuid(text: str, what: str) -> str:
     try:
         return str(uuidlib.UUID(text))
     except ValueError:
-        raise XlConfigError(f"{what}: invalid uuid {text!r}") from None
+        raise XlConfigError(f"{what}: invalid uuid {_show(text)}") from None
 
 
 _DISK_PREFIXES = ("tap:aio:", "tap2:aio:", "tap:", "file:", "phy:", "aio:", "raw:", "qcow:", "qcow2:", "vhd:")
@@ -182,7 +197,7 @@ def parse_disk(spec: str) -> dict[str, str]:
     if target is not None:
         names.remove("target")
     if len(positional) > len(names):
-        raise XlConfigError(f"disk spec {spec!r}: too many positional parameters")
+        raise XlConfigError(f"disk spec {_show(spec)}: too many positional parameters")
     for name, val in zip(names, positional):
         if name == "target":
             target = val
@@ -196,10 +211,10 @@ def parse_disk(spec: str) -> dict[str, str]:
                 target = target[len(prefix):]
                 break
     if not target or not vdev:
-        raise XlConfigError(f"disk spec {spec!r}: needs a target and a vdev, e.g. \"file:/img,hda,w\"")
+        raise XlConfigError(f"disk spec {_show(spec)}: needs a target and a vdev, e.g. \"file:/img,hda,w\"")
     access = {"w": "rw", "rw": "rw", "r": "ro", "ro": "ro"}.get(access)
     if access is None:
-        raise XlConfigError(f"disk spec {spec!r}: access must be r, ro, w or rw")
+        raise XlConfigError(f"disk spec {_show(spec)}: access must be r, ro, w or rw")
     return {"target": target, "vdev": vdev, "access": access}
 
 
@@ -209,10 +224,10 @@ def parse_vtpm(spec: str) -> dict[str, str | None]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         key, sep, val = part.partition("=")
         if not sep or key not in ("backend", "uuid"):
-            raise XlConfigError(f"vtpm spec {spec!r}: invalid parameter {part!r} (only backend= and uuid=)")
-        out[key] = _canonical_uuid(val, f"vtpm spec {spec!r}") if key == "uuid" else val
+            raise XlConfigError(f"vtpm spec {_show(spec)}: invalid parameter {_show(part)} (only backend= and uuid=)")
+        out[key] = _canonical_uuid(val, f"vtpm spec {_show(spec)}") if key == "uuid" else val
     if not out["backend"]:
-        raise XlConfigError(f"vtpm spec {spec!r}: backend= is required")
+        raise XlConfigError(f"vtpm spec {_show(spec)}: backend= is required")
     return out
 
 
