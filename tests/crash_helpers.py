@@ -21,6 +21,7 @@ import re
 import secrets
 import sqlite3
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -44,6 +45,7 @@ STORE_POINTS = {"snapshot": _WRITE_POINTS, "pre-rollback": _WRITE_POINTS, "save"
 MARK_OFFSET = 7 * 4096 + 2048     # the guest scribbles only the first 48 bytes of a page
 MARK_LEN = 32
 GUEST = "guest1"
+BYSTANDER = "bystander"        # a second guest on the host: recover of guest1's op must not touch it
 CONNECT_TIMEOUT = 30.0
 
 
@@ -118,8 +120,14 @@ def memfile(sim: SimHost, name: str = GUEST) -> Path:
 
 def tcti(sim: SimHost, name: str = GUEST) -> str:
     """The TCTI the vTPM stub domain of guest `name` published (what `xen-vtpm sim tcti` prints); it
-    also answers while the guest itself is saved away."""
-    return (sim.dir / "run" / f"vtpm-{name}.tcti").read_text().strip()
+    also answers while the guest itself is saved away.  A stub that just booted publishes it once it
+    serves, so wait for the file."""
+    path = sim.dir / "run" / f"vtpm-{name}.tcti"
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"vtpm-{name}: never published its TCTI ({path.name})"
+        time.sleep(0.05)
+    return path.read_text().strip()
 
 
 def read_pcr16(sim: SimHost, name: str = GUEST) -> str:
@@ -166,7 +174,6 @@ def crash(sim: SimHost, *argv: str, at: str | None = None, store_at: str | None 
 
 
 def sim_tool_argv() -> list[str]:
-    import sys
     return [sys.executable, "-m", "xen_vtpm"]
 
 
@@ -349,15 +356,31 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
         outcome = matches[0]
     else:
         outcome = "absent"
+    bystander_untouched(sim)
     sim.tool("verify", "--all")
     sim.tool("audit", "--verify")
     no_stray_processes(sim)
     return outcome
 
 
-def prime_vtpm(sim: SimHost) -> None:
-    """A clean snapshot + rollback, so the running vTPM booted from stored state (its first boot is
-    fresh by design); the crash cases then check every later boot loaded its state."""
+_bystanders: dict[Path, Pair] = {}
+
+
+def bystander_untouched(sim: SimHost) -> None:
+    """The other guest still runs, connected to its vTPM, with the pair it had before any crash."""
+    expected = _bystanders.get(sim.dir)
+    if expected is None:
+        return
+    wait_connected(sim, BYSTANDER)
+    assert read_pair(sim, BYSTANDER) == expected, f"{BYSTANDER}: its VM/vTPM pair changed"
+
+
+def prime_host(sim: SimHost) -> None:
+    """guest1 and a bystander guest; guest1 gets a clean snapshot + rollback so its running vTPM
+    booted from stored state (a first boot is fresh by design), then every later boot must load."""
+    sim.create_guest(GUEST, memory=16)
+    sim.create_guest(BYSTANDER, memory=16)
+    _bystanders[sim.dir] = new_state(sim, BYSTANDER)
     sim.tool("snapshot", GUEST, "--name", "prime")
     sim.tool("rollback", GUEST, "prime", "--yes", "--no-safety-checkpoint")
     sim.tool("delete", "prime")

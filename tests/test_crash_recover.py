@@ -97,8 +97,7 @@ def new_host(tmp_path_factory) -> ch.SimHost:
     sim = start_sim_host(tmp_path_factory.mktemp("crash") / "h")
     try:
         sim.tool("init")
-        sim.create_guest(GUEST, memory=16)
-        ch.prime_vtpm(sim)
+        ch.prime_host(sim)
     except BaseException:
         stop_sim_host(sim)
         raise

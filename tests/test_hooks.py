@@ -1,6 +1,7 @@
 """Routing of the xl wrapper: which commands xen-vtpm takes over, refuses, or passes through."""
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,21 @@ def test_real_xl_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XEN_VTPM_HOOK_SELF", str(me))
     with pytest.raises(XlError, match="real xl was not found"):
         hooks.real_xl("xl")
+
+
+def test_real_xl_skips_a_wrapper_copy_even_when_not_called_through_it(tmp_path, monkeypatch):
+    """`xen-vtpm snapshot` run directly with the wrapper first in PATH must still reach the real xl."""
+    wrap, real = tmp_path / "wrap", tmp_path / "real"
+    wrap.mkdir(), real.mkdir()
+    (wrap / "xl").write_text((Path(hooks.__file__).parents[1] / "xl-hooks" / "xl").read_text())
+    (wrap / "xl").chmod(0o755)
+    real_xl = _script(real / "xl")
+    monkeypatch.setenv("PATH", f"{wrap}{os.pathsep}{real}")
+    monkeypatch.delenv("XEN_VTPM_HOOK_SELF", raising=False)
+    assert hooks.real_xl("xl") == str(real_xl)
+
+
+@pytest.mark.parametrize("argv", [["save", "-D", "guest1", "/s/x"], ["restore", "-e", "/s/guest1.save"]])
+def test_options_the_wrapper_cannot_honour_are_refused_not_dropped(argv):
+    with pytest.raises(UsageError, match="not supported by the xen-vtpm wrapper"):
+        route(*argv)

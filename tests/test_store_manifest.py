@@ -52,7 +52,8 @@ def test_every_single_byte_flip_and_truncation_is_rejected():
 
 
 @pytest.mark.parametrize("mutate, what", [
-    (lambda b: b[:8] + b"\x02\x00" + b[10:], "unsupported version"),
+    (lambda b: b[:8] + b"\x01\x00" + b[10:], "unsupported version 1"),   # format 1: ids over plaintext
+    (lambda b: b[:8] + b"\x03\x00" + b[10:], "unsupported version 3"),
     (lambda b: b"XXXXXXXX" + b[8:], "bad magic"),
     (lambda b: b + b"\x00", "trailing bytes"),
     (lambda b: b.replace(b'{"domid":5,"name":"guest1"}', b'{"name":"guest1","domid":5}'), "canonical JSON"),

@@ -19,7 +19,7 @@ from .errors import UsageError, XenVtpmError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 with usage; keep it one line
-        raise UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+        raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
 def _emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str] | None = None) -> None:

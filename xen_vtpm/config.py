@@ -36,7 +36,8 @@ class Config:
     counter_index: int = 0x01500016
     manager: str = "vtpmmgr"         # name of the vTPM manager domain
     manager_timeout: float = 30.0
-    log_dir: Path = Path("/var/log/xen")  # xenconsoled --log=guest writes guest-<name>.log here
+    # `xenconsoled --log=guest` writes guest-<name>.log to its --log-dir, /var/log/xen/console by default.
+    log_dir: Path = Path("/var/log/xen/console")
     # Where the xl cfg files of the vTPM stub domains live (<name>.cfg): a rollback has to
     # re-create a vTPM stub domain exactly as the administrator defined it.
     domain_cfg_dir: Path = Path("/etc/xen")

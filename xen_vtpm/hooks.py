@@ -15,9 +15,9 @@ from pathlib import Path
 from .config import Config
 from .errors import MalformedSaveFile, PreconditionFailed, UsageError, XlError
 
-# xl options that take a value, per command (xl_cmdtable.c); flags not listed take none.
-_SAVE_FLAGS = {"-c", "-p", "-D"}
-_RESTORE_FLAGS = {"-p", "-e", "-d", "-V", "-A", "-F", "-c"}
+# Flags the wrapper understands for a guest with a vTPM; any other is refused rather than dropped.
+_SAVE_FLAGS = {"-c", "-p"}
+_RESTORE_FLAGS = {"-p"}
 
 
 @dataclass
@@ -75,12 +75,24 @@ def route(argv: list[str], *, has_vtpm_domain, has_vtpm_file) -> Route:
         if pos and has_vtpm_domain(pos[0]):
             raise PreconditionFailed(
                 f"{pos[0]}: live migration of a guest with a vTPM is not supported yet (the vTPM manager's "
-                "secrets cannot follow it until pool support exists); use `xen-vtpm save` + copy + `restore`")
+                "secrets cannot follow it to another host until pool support exists)")
     return Route("passthrough")
 
 
+def _is_wrapper(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        return b"xen-vtpm" in head and b"xl-hook" in head
+    except OSError:
+        return False
+
+
 def real_xl(configured: str) -> str:
-    """The real xl binary: the configured one, unless that is this wrapper itself."""
+    """The real xl binary: the configured one, unless that is the xen-vtpm wrapper.
+
+    With the wrapper first in PATH a bare `xl` would reach it again, and it refuses the
+    very `xl save -p` a snapshot needs, so both the wrapper and xen-vtpm resolve past it."""
     me = os.environ.get("XEN_VTPM_HOOK_SELF")
     me_real = Path(me).resolve() if me else None
     candidates = [configured] if os.sep in configured else []
@@ -88,7 +100,7 @@ def real_xl(configured: str) -> str:
         candidates.append(os.path.join(d, Path(configured).name))
     for c in candidates:
         found = shutil.which(c)
-        if found and (me_real is None or Path(found).resolve() != me_real):
+        if found and Path(found).resolve() != me_real and not _is_wrapper(found):
             return found
     raise XlError(f"{configured}: the real xl was not found (only the xen-vtpm wrapper is in PATH); "
                   "set `xl =` in the xen-vtpm config to its full path")

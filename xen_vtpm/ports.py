@@ -7,6 +7,7 @@ free of sockets, processes and file formats.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .config import Config
-from .errors import DomainNotFound, IntegrityError, PreconditionFailed, StorageError, UsageError
+from .errors import DomainNotFound, IntegrityError, PreconditionFailed, StorageError, UsageError, XlError
 from .journal import Journal
 from .locks import VmLock
 from .topology import vtpm_links
@@ -390,6 +391,9 @@ def open_ports(cfg: Config, progress: Callable[..., Any] | None = None) -> Ports
         raise PreconditionFailed(f"{state}: state dir missing; run `xen-vtpm init` first")
     if stat.S_IMODE(state.stat().st_mode) & 0o077:
         raise StorageError(f"{state}: state dir is accessible to other users; `chmod 700 {state}`")
+    from .hooks import real_xl
+    with contextlib.suppress(XlError):  # no xl at all: commands that need it say so when they run it
+        cfg.xl = real_xl(cfg.xl)
     xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
     xl = Xl(cfg)
     from . import provision

@@ -1,25 +1,181 @@
-"""`xl save` / `xl restore` wired to the checkpoint store through fifos: no temporary full image.
+"""`xl save` / `xl restore` wired to the checkpoint store, with no plaintext image on disk.
 
-The store reads the save stream as xl writes it (and feeds xl restore as it reads),
-so a snapshot makes one pass over guest memory.
+Snapshot: `xl save` writes a fifo; a thread tees it, encrypted, into a spool file at disk
+speed, and the store ingests from the spool as it grows.  ``start_save`` returns as soon as
+`xl save` has finished, so the guest's pause ends at disk speed while ingestion goes on; the
+caller waits for it (``SaveIngest.wait``) before committing.  Rollback: the store feeds
+`xl restore` through a fifo, decrypting ahead of the writes.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import secrets
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import hashing
 from .config import Config
 from .errors import XlError
+from .store.fsio import storage_error
 from .xl import SaveHeader, Xl, read_save_header
+
+_BLOCK = 4 << 20
+_PIPE_SIZE = 1 << 20          # fewer wake-ups per GiB than the default 64 KiB pipe
+_F_SETPIPE_SZ = 1031
+_SPOOL_SUFFIX = ".spool"
+
+
+def _nameless_file(directory: Path) -> int:
+    """A 0600 file with no name (O_TMPFILE): it disappears with its last descriptor, crash included."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise storage_error(exc, directory, "creating the snapshot spool") from None
+    # A file system without O_TMPFILE: a named file unlinked at once; a crash between the two
+    # calls leaves a *.spool that XlStreams.sweep_spools removes (its key died with the process).
+    path = directory / f"{secrets.token_hex(8)}{_SPOOL_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise storage_error(exc, path, "creating the snapshot spool") from None
+    with contextlib.suppress(FileNotFoundError):   # a concurrent sweep may have beaten us to it
+        path.unlink()
+    return fd
+
+
+class _Spool:
+    """A temp file one thread appends to while another reads behind it, encrypted with a key that
+    exists only in this process (AES-256-CTR; the file is private and short-lived, so secrecy is
+    what it needs), so no guest memory rests on disk in the clear."""
+
+    def __init__(self, directory: Path) -> None:
+        self._where = directory
+        self._fd: int | None = _nameless_file(directory)
+        key, nonce = os.urandom(32), os.urandom(16)
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+        self._dec = Cipher(algorithms.AES(key), modes.CTR(nonce)).decryptor()
+        self._cond = threading.Condition()
+        self._size = 0
+        self._ended = False        # the writer stopped: at EOF (``_complete``) or on an error
+        self._complete = False
+        self._cancelled = False
+
+    def fill(self, source: BinaryIO) -> int:
+        """Append ``source`` to EOF; returns the byte count."""
+        buf, out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
+        view, out_view = memoryview(buf), memoryview(out)
+        try:
+            while not self._cancelled:
+                n = source.readinto(buf)
+                if not n:
+                    self._complete = True
+                    break
+                self._enc.update_into(view[:n], out)
+                self._write_all(out_view[:n])
+                with self._cond:
+                    self._size += n
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+        return self._size
+
+    def _write_all(self, data: memoryview) -> None:
+        assert self._fd is not None
+        while data:
+            try:
+                data = data[os.write(self._fd, data):]
+            except OSError as exc:
+                raise storage_error(exc, self._where, "writing the snapshot spool") from None
+
+    def blocks(self) -> Iterator[memoryview]:
+        """The plaintext, block by block, as it arrives; each block is valid until the next."""
+        buf, out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
+        pos = 0
+        while True:
+            with self._cond:
+                while pos == self._size and not self._ended and not self._cancelled:
+                    self._cond.wait()
+                if self._cancelled:
+                    raise XlError("snapshot cancelled while the store was ingesting the guest memory")
+                size = self._size
+            if pos == size:
+                if not self._complete:
+                    raise XlError("the guest memory stream from `xl save` broke off; see the error above")
+                return
+            assert self._fd is not None
+            want = min(size - pos, _BLOCK)
+            try:
+                n = os.preadv(self._fd, [memoryview(buf)[:want]], pos)
+            except OSError as exc:
+                raise storage_error(exc, self._where, "reading the snapshot spool") from None
+            if n <= 0:
+                raise XlError(f"{self._where}: the snapshot spool is shorter than what was written to it")
+            self._dec.update_into(memoryview(buf)[:n], out)
+            pos += n
+            yield memoryview(out)[:n]
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Frees the file (it has no name); only once no thread uses it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class SaveIngest:
+    """The store's side of a snapshot's memory stream, still running after `xl save` returned.
+
+    Call ``wait()`` before committing the writer, or ``cancel()`` (then abort the writer) on any
+    failure; both free the spool and may be called more than once."""
+
+    def __init__(self, spool: _Spool, writer: Any, bar: Any) -> None:
+        self._spool, self._bar = spool, bar
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(writer,), name="store-ingest", daemon=True)
+        self._thread.start()
+
+    def _run(self, writer: Any) -> None:
+        try:
+            record = writer.add_stream("memory", self._spool.blocks(),
+                                       progress=self._bar.update if self._bar is not None else None)
+            self._outcome["bytes"] = record.length
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._outcome["error"] = exc
+
+    def wait(self) -> dict:
+        """Block until the whole stream is in the writer; raises what ingestion raised."""
+        self._end()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return {"bytes": self._outcome["bytes"]}
+
+    def cancel(self) -> None:
+        self._spool.cancel()
+        self._end()
+
+    def _end(self) -> None:
+        self._thread.join()
+        self._spool.close()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class XlStreams:
-    """`xl save`/`xl restore` wired to the store through fifos: no temporary full image."""
+    """`xl save`/`xl restore` wired to the store; the only file is the encrypted, nameless spool."""
 
     def __init__(self, cfg: Config, xl: Xl, store: Any, progress: Callable[..., Any] | None) -> None:
         self.cfg, self.xl, self.store, self.progress = cfg, xl, store, progress
@@ -43,39 +199,79 @@ class XlStreams:
             fd = os.open(path, (os.O_WRONLY if for_reader else os.O_RDONLY) | os.O_NONBLOCK)
             os.close(fd)
 
-    def save_to(self, guest: str, writer: Any, *, leave_paused: bool) -> dict:
+    @staticmethod
+    def _grow_pipe(fh: Any) -> None:
+        with contextlib.suppress(OSError):   # above pipe-max-size for an unprivileged user: keep the default
+            fcntl.fcntl(fh.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+
+    def sweep_spools(self) -> int:
+        """Remove spools a crash left under a name (only on file systems without O_TMPFILE).
+        Safe beside live snapshots: a spool's owner reads and writes it through its descriptor."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.tmp.glob(f"*{_SPOOL_SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def start_save(self, guest: str, writer: Any, *, leave_paused: bool) -> SaveIngest:
+        """Run `xl save` into the spool and return once it has finished; the store keeps ingesting."""
+        self.sweep_spools()
         with self._fifo() as fifo:
-            result: dict[str, Any] = {}
-
-            def run_xl() -> None:
-                try:
-                    self.xl.save(guest, str(fifo), leave_paused=leave_paused)
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                    result["error"] = exc
-                    self._unblock(fifo, for_reader=True)
-
-            t = threading.Thread(target=run_xl, name="xl-save", daemon=True)
-            t.start()
+            spool = _Spool(self.tmp)
+            ingest = SaveIngest(spool, writer, self._open_bar("snapshot: guest memory", None))
             try:
-                with open(fifo, "rb", buffering=0) as fh:
-                    with self._bar("snapshot: guest memory") as bar:
-                        record = writer.add_stream("memory", fh, progress=bar)
-            finally:
-                t.join()
-            if "error" in result:
-                raise result["error"]
-            return {"bytes": record.length}
+                self._save_into(guest, fifo, spool, leave_paused)
+            except BaseException:
+                ingest.cancel()
+                raise
+            return ingest
+
+    def _save_into(self, guest: str, fifo: Path, spool: _Spool, leave_paused: bool) -> None:
+        result: dict[str, Any] = {}
+
+        def run_xl() -> None:
+            try:
+                self.xl.save(guest, str(fifo), leave_paused=leave_paused)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                result["error"] = exc
+                self._unblock(fifo, for_reader=True)
+
+        t = threading.Thread(target=run_xl, name="xl-save", daemon=True)
+        t.start()
+        try:
+            with open(fifo, "rb", buffering=0) as fh:
+                self._grow_pipe(fh)
+                spool.fill(fh)
+        finally:
+            t.join()
+        if "error" in result:
+            raise result["error"]
+
+    def save_to(self, guest: str, writer: Any, *, leave_paused: bool) -> dict:
+        """``start_save`` and wait for the store too (the pause then covers ingestion)."""
+        ingest = self.start_save(guest, writer, leave_paused=leave_paused)
+        return ingest.wait()
 
     def restore_from(self, checkpoint_id: str, guest: str, *, paused: bool) -> None:
+        """Feed a checkpoint ``Repository.verify`` has checked into `xl restore` (GCM tags only)."""
         with self._fifo() as fifo:
             result: dict[str, Any] = {}
 
             def feed() -> None:
                 try:
-                    with self.store.repo.open_checkpoint(checkpoint_id) as reader, open(fifo, "wb") as out:
-                        with self._bar("rollback: guest memory", reader.manifest) as bar:
-                            for block in reader.stream("memory", progress=bar):
+                    with self.store.repo.open_checkpoint(checkpoint_id) as reader, \
+                            open(fifo, "wb", buffering=_PIPE_SIZE) as out:
+                        self._grow_pipe(out)
+                        bar = self._open_bar("rollback: guest memory", reader.manifest)
+                        try:
+                            for block in reader.stream("memory", progress=bar.update if bar else None,
+                                                       full_check=False):
                                 out.write(block)
+                        finally:
+                            if bar is not None:
+                                bar.close()
                 except BrokenPipeError:
                     result["error"] = XlError(f"{guest}: xl restore stopped reading the stream early")
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread
@@ -105,16 +301,10 @@ class XlStreams:
     def digest(path: str) -> str:
         return hashing.tree_hash(path).hex()
 
-    @contextlib.contextmanager
-    def _bar(self, label: str, manifest: Any = None) -> Iterator[Callable[[int], None] | None]:
+    def _open_bar(self, label: str, manifest: Any) -> Any:
         if self.progress is None:
-            yield None
-            return
+            return None
         total = None
         if manifest is not None:
             total = next((s.length for s in manifest.streams if s.name == "memory"), None)
-        bar = self.progress(label, total)
-        try:
-            yield bar.update
-        finally:
-            bar.close()
+        return self.progress(label, total)

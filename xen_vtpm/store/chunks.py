@@ -1,14 +1,16 @@
 """Chunk identity and encryption: keyed ids, AES-256-GCM bound to the id.
 
-The id is HMAC-SHA256(chunk_id key, plaintext): equal plaintexts dedup, yet
-without the key an id says nothing about the content (an unkeyed hash would
-let anyone confirm a guess of a memory page).  The id is the GCM associated
-data, so a ciphertext moved under another id fails authentication, and on
-read the id is recomputed from the plaintext, so a consistent swap of id and
-ciphertext is caught too.
+The id is HMAC-SHA256(chunk_id key, SHA-256(plaintext)): a PRF of a collision-resistant
+digest, so equal plaintexts dedup, yet without the key an id says nothing about the content
+(an unkeyed hash would let anyone confirm a guess of a memory page).  Keying the digest rather
+than the plaintext lets the writer reuse the SHA-256 the chunking engine already computed.
+The id is the GCM associated data, so a ciphertext moved under another id fails
+authentication; a full verify also recomputes the id from the plaintext, which catches a
+consistent swap of id and ciphertext too.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from typing import Any
@@ -30,8 +32,12 @@ class ChunkCipher:
         self._id_key = bytes(keys.chunk_id)
         self._aead = AESGCM(bytes(keys.chunk_enc))
 
+    def id_of_digest(self, sha256: bytes) -> bytes:
+        """The id of a chunk whose SHA-256 is ``sha256``."""
+        return hmac.digest(self._id_key, sha256, "sha256")
+
     def chunk_id(self, plaintext: bytes) -> bytes:
-        return hmac.digest(self._id_key, plaintext, "sha256")
+        return self.id_of_digest(hashlib.sha256(plaintext).digest())
 
     def seal(self, chunk_id: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
         """Return (nonce, ciphertext||tag).  Random nonces: each distinct chunk is sealed once
@@ -40,14 +46,17 @@ class ChunkCipher:
         nonce = os.urandom(NONCE_SIZE)
         return nonce, self._aead.encrypt(nonce, plaintext, chunk_id)
 
-    def open(self, chunk_id: bytes, nonce: bytes, sealed: bytes, where: str) -> bytes:
-        """Decrypt and check the id; ``where`` names the chunk in the error message."""
+    def decrypt(self, chunk_id: bytes, nonce: bytes, sealed: bytes, where: str) -> bytes:
+        """Decrypt and check the GCM tag only (the id is the associated data); ``where`` names
+        the chunk in the error message."""
         try:
-            plaintext = self._aead.decrypt(nonce, sealed, chunk_id)
+            return self._aead.decrypt(nonce, sealed, chunk_id)
         except InvalidTag:
             raise IntegrityError(f"{where}: chunk {chunk_id.hex()[:16]} fails authentication (GCM tag); "
                                  "the stored data was altered or swapped — do not use this checkpoint") from None
-        if not hmac.compare_digest(self.chunk_id(plaintext), chunk_id):
+
+    def check_id(self, chunk_id: bytes, sha256: bytes, where: str) -> None:
+        """Raise unless ``sha256`` (of a decrypted plaintext) gives ``chunk_id``."""
+        if not hmac.compare_digest(self.id_of_digest(sha256), chunk_id):
             raise IntegrityError(f"{where}: chunk {chunk_id.hex()[:16]} content does not match its id; "
                                  "the store was altered — do not use this checkpoint")
-        return plaintext

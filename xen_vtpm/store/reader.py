@@ -3,22 +3,32 @@
 Opening checks the manifest MAC, that the catalog copy equals the manifest file and that the
 catalog row agrees with the manifest.  Each chunk is checked (entry header, GCM tag with the id
 as associated data, id recomputed from the plaintext, length) before it is yielded; the
-stream's length and tree root are compared at its end.  A consumer that must not act on
-unverified data verifies first (``Repository.verify``) and then streams.
+stream root is compared at its end.  A consumer that must not act on unverified data verifies
+first (``Repository.verify``) and then streams with ``full_check=False``: the GCM tag alone
+then authenticates each chunk under its id, which skips the SHA-256 pass.
+
+Chunks are located one batch at a time and decrypted on worker threads a few batches ahead of
+the consumer, so memory stays bounded by the batches in flight, whatever the checkpoint's size.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import IntegrityError, UsageError
 from .fsio import storage_error
-from .manifest import Manifest, StreamRecord, decode
+from .manifest import Manifest, StreamRecord, StreamRoot, decode
 from .packs import PackReader
 
 if TYPE_CHECKING:
     from .repository import Repository
+
+_BATCH = 256       # chunks located per catalog query and decrypted per job
+_AHEAD = 3         # batches in flight: two decrypting (both cores), one ready for the consumer
 
 
 class CheckpointReader:
@@ -30,9 +40,9 @@ class CheckpointReader:
         self.checkpoint_id = checkpoint_id
         self.label = f"checkpoint {checkpoint_id}"
         self._packs = PackReader(repo.pack_dir)
+        self._pack_lock = threading.Lock()   # PackReader caches descriptors in a dict
         try:
             self.manifest = self._load_manifest()
-            self._places = self._load_places()
         except BaseException:
             self.close()
             raise
@@ -77,41 +87,69 @@ class CheckpointReader:
                                      f"({a!r}); the catalog was altered — do not use this checkpoint")
         return manifest
 
-    def _load_places(self) -> dict[bytes, tuple[str, int, int, int]]:
-        rows = self._repo.catalog.query(
-            "SELECT c.id, c.pack, c.offset, c.length, c.plain_len FROM refs r JOIN chunks c ON c.id = r.chunk "
-            "WHERE r.checkpoint=?", (self.checkpoint_id,))
+    _PLACES = ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len FROM refs r JOIN chunks c ON c.id = r.chunk "
+               "WHERE r.checkpoint=?")
+
+    def _places_of(self, ids: list[bytes]) -> dict[bytes, tuple[str, int, int, int]]:
+        rows = self._repo.catalog.query(f"{self._PLACES} AND r.chunk IN ({','.join('?' * len(ids))})",
+                                        (self.checkpoint_id, *ids))
         return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in rows}
 
-    def chunk(self, chunk_id: bytes, length: int, where: str) -> bytes:
-        """One verified plaintext chunk."""
-        place = self._places.get(chunk_id)
-        if place is None:
-            raise IntegrityError(f"{where}: chunk {chunk_id.hex()[:16]} is not in the catalog for this "
-                                 "checkpoint; the catalog was altered — do not use this checkpoint")
-        pack, offset, sealed_len, plain_len = place
-        nonce, sealed = self._packs.read_entry(pack, offset, sealed_len, chunk_id, where)
-        data = self._repo.cipher.open(chunk_id, nonce, sealed, where)
-        if len(data) != length or plain_len != length:
-            raise IntegrityError(f"{where}: chunk {chunk_id.hex()[:16]} has length {len(data)}, the manifest "
-                                 f"says {length}; do not use this checkpoint")
-        return data
+    def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple[str, int, int, int] | None]],
+                    full_check: bool) -> list[tuple[bytes, bytes | None]]:
+        """Decrypt a batch (on a worker thread): [(plaintext, its SHA-256 or None)]."""
+        cipher, out = self._repo.cipher, []
+        for cid, length, where, place in jobs:
+            if place is None:
+                raise IntegrityError(f"{where}: chunk {cid.hex()[:16]} is not in the catalog for this "
+                                     "checkpoint; the catalog was altered — do not use this checkpoint")
+            pack, offset, sealed_len, plain_len = place
+            with self._pack_lock:
+                nonce, sealed = self._packs.read_entry(pack, offset, sealed_len, cid, where)
+            data = cipher.decrypt(cid, nonce, sealed, where)
+            digest = None
+            if full_check:
+                digest = hashlib.sha256(data).digest()
+                cipher.check_id(cid, digest, where)
+            if len(data) != length or plain_len != length:
+                raise IntegrityError(f"{where}: chunk {cid.hex()[:16]} has length {len(data)}, the manifest "
+                                     f"says {length}; do not use this checkpoint")
+            out.append((data, digest))
+        return out
 
-    def stream(self, name: str, progress: Callable[[int], Any] | None = None) -> Iterator[bytes]:
-        """Yield the plaintext of stream ``name`` chunk by chunk, each verified before it is yielded."""
+    def stream(self, name: str, progress: Callable[[int], Any] | None = None, *,
+               full_check: bool = True) -> Iterator[bytes]:
+        """Yield the plaintext of stream ``name`` chunk by chunk, each authenticated before it is
+        yielded.  ``full_check`` also recomputes every id and the stream root; pass False only for
+        a checkpoint ``Repository.verify`` has just checked (the GCM tags still authenticate)."""
         record = self._record(name)
-        from .. import hashing
-        tree = hashing.StreamTreeHash()
         where = f"{self.label} stream {name}"
-        for i, (cid, length) in enumerate(record.chunks):
-            data = self.chunk(cid, length, f"{where} chunk {i}")
-            tree.update(data)
+        root = StreamRoot()
+        chunks = record.chunks
+        with ThreadPoolExecutor(2, thread_name_prefix="open") as pool:
+            pending: collections.deque = collections.deque()
+            for start in range(0, len(chunks), _BATCH):
+                part = [chunks[i] for i in range(start, min(start + _BATCH, len(chunks)))]
+                places = self._places_of(list({cid for cid, _ in part}))
+                jobs = [(cid, ln, f"{where} chunk {start + k}", places.get(cid)) for k, (cid, ln) in enumerate(part)]
+                pending.append(pool.submit(self._open_batch, jobs, full_check))
+                if len(pending) >= _AHEAD:
+                    yield from self._deliver(pending.popleft().result(), root, progress)
+            while pending:
+                yield from self._deliver(pending.popleft().result(), root, progress)
+        if full_check and not hmac.compare_digest(root.digest(), record.tree_root):
+            raise IntegrityError(f"{where}: stream root mismatch (chunks reordered or replaced); "
+                                 "do not use this checkpoint")
+
+    @staticmethod
+    def _deliver(opened: list[tuple[bytes, bytes | None]], root: StreamRoot,
+                 progress: Callable[[int], Any] | None) -> Iterator[bytes]:
+        for data, digest in opened:
+            if digest is not None:
+                root.add(digest, len(data))
             if progress is not None:
                 progress(len(data))
             yield data
-        if not hmac.compare_digest(tree.digest(), record.tree_root):
-            raise IntegrityError(f"{where}: tree root mismatch (chunks reordered or replaced); "
-                                 "do not use this checkpoint")
 
     def read_blob(self, name: str) -> bytes:
         record = self._record(name)
@@ -128,7 +166,11 @@ class CheckpointReader:
             raise UsageError(f"{self.label}: no stream {name!r} (has: {have})") from None
 
     def pack_names(self) -> set[str]:
-        return {place[0] for place in self._places.values()}
+        return {r[0] for r in self._repo.catalog.query(
+            "SELECT DISTINCT c.pack FROM refs r JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?",
+            (self.checkpoint_id,))}
 
     def placements(self) -> dict[bytes, tuple[str, int, int, int]]:
-        return dict(self._places)
+        """Every chunk of this checkpoint: id -> (pack, entry offset, sealed length, plaintext length)."""
+        return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in self._repo.catalog.query(self._PLACES,
+                                                                                          (self.checkpoint_id,))}

@@ -10,18 +10,23 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from .. import __version__
 from ..errors import PreconditionFailed, UsageError
 from .faults import crashpoint
 from .fsio import write_atomic
-from .manifest import Manifest, StreamRecord, encode
+from .chunks import TAG_SIZE
+from .manifest import CHUNK_ENTRY, ChunkList, Manifest, StreamRecord, StreamRoot, encode
 from .packs import ENTRY, PackWriter, new_pack_name
 
 if TYPE_CHECKING:
     from .repository import Repository
 
+_BATCH = 256          # chunks per catalog lookup and per sealing job (SQLite allows 999 parameters)
+_BATCH_BYTES = 512 << 10   # ... or fewer: a writer waiting on its input has stored all but ~1 MiB of it
+_PENDING = -1         # a chunk claimed by this write whose sealed copy is not in a pack yet
 _META_FIELDS = {"vtpm_uuid", "manager_checkpoint", "slot_hashes", "counter", "created", "tool_version",
                 "save_header", "extra"}
 
@@ -37,7 +42,8 @@ class CheckpointWriter:
         self._lock = lock
         self._created: list[str] = []          # state-dir-relative files this write may have made
         self._streams: list[StreamRecord] = []
-        self._new: dict[bytes, tuple[str, int, int, int]] = {}   # id -> (pack, offset, sealed len, plain len)
+        self._new: dict[bytes, int] = {}        # id -> _place(pack index, entry offset, plain len)
+        self._pack_names: list[str] = []        # pack index -> name
         self._packs: list[tuple[str, int, int, int]] = []         # (name, size, entries, live bytes)
         self._pack: PackWriter | None = None
         self._pack_live = 0
@@ -82,38 +88,74 @@ class CheckpointWriter:
             raise UsageError(f"checkpoint {self.checkpoint_id}: stream name {name!r} is empty or used twice")
         from .. import hashing  # the C engine; imported late so listing and deleting work without it
         min_size, avg_size, max_size = self._repo.chunk_sizes
-        engine = hashing.ChunkAndTree(min_size=min_size, avg_size=avg_size, max_size=max_size)
+        engine = hashing.Chunker(min_size=min_size, avg_size=avg_size, max_size=max_size)
         pieces = engine.consume(source) if hasattr(source, "readinto") else _feed_all(engine, source)
-        chunks: list[tuple[bytes, int]] = []
-        length = 0
-        for chunk in pieces:
-            chunks.append(self._put(chunk.data))
-            length += chunk.length
-            if progress is not None:
-                progress(chunk.length)
-        record = StreamRecord(name=name, kind=kind, length=length, tree_root=engine.digest(), sha256=sha256,
-                              chunks=tuple(chunks))
+        id_of = self._repo.cipher.id_of_digest
+        root = StreamRoot()
+        entries = bytearray()
+        batch: list[tuple[bytes, bytes]] = []
+        length = batch_bytes = 0
+        # One sealing job in flight (AES-GCM releases the GIL) while this thread chunks the next batch.
+        with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
+            sealing: Future | None = None
+            for chunk in pieces:
+                cid = id_of(chunk.digest)
+                root.add(chunk.digest, chunk.length)
+                entries += CHUNK_ENTRY.pack(cid, chunk.length)
+                batch.append((cid, chunk.data))
+                length += chunk.length
+                batch_bytes += chunk.length
+                if len(batch) == _BATCH or batch_bytes >= _BATCH_BYTES:
+                    sealing = self._store_batch(pool, sealing, batch, progress)
+                    batch, batch_bytes = [], 0
+            sealing = self._store_batch(pool, sealing, batch, progress)
+            if sealing is not None:
+                self._append_sealed(sealing.result())
+        record = StreamRecord(name=name, kind=kind, length=length, tree_root=root.digest(), sha256=sha256,
+                              chunks=ChunkList(entries))
         self._streams.append(record)
         return record
 
-    def _put(self, data: bytes) -> tuple[bytes, int]:
-        cipher = self._repo.cipher
-        cid = cipher.chunk_id(data)
-        if cid not in self._new and not self._repo.has_chunk(cid):
-            nonce, sealed = cipher.seal(cid, data)
+    def _store_batch(self, pool: ThreadPoolExecutor, sealing: Future | None, batch: list[tuple[bytes, bytes]],
+                     progress: Callable[[int], Any] | None) -> Future | None:
+        """Queue the batch's new chunks for sealing, then append the previous batch's sealed chunks."""
+        fresh = self._fresh(batch)
+        nxt = pool.submit(_seal_all, self._repo.cipher, fresh) if fresh else None
+        if sealing is not None:
+            self._append_sealed(sealing.result())
+        if progress is not None and batch:
+            progress(sum(len(data) for _, data in batch))
+        return nxt
+
+    def _fresh(self, batch: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The chunks of ``batch`` neither this write nor the catalog holds yet (one query)."""
+        ids = list({cid for cid, _ in batch if cid not in self._new})
+        if not ids:
+            return []
+        known = {bytes(r[0]) for r in self._repo.catalog.query(
+            f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))}
+        fresh = []
+        for cid, data in batch:
+            if cid not in known and cid not in self._new:
+                self._new[cid] = _PENDING   # claimed now, so a repeat in the next batch is skipped
+                fresh.append((cid, data))
+        return fresh
+
+    def _append_sealed(self, sealed_chunks: list[tuple[bytes, bytes, bytes, int]]) -> None:
+        for cid, nonce, sealed, plain in sealed_chunks:
             pack = self._pack or self._start_pack()
             offset = pack.add(cid, nonce, sealed)
-            self._new[cid] = (pack.name, offset, len(sealed), len(data))
+            self._new[cid] = _place(len(self._pack_names) - 1, offset, plain)
             self._pack_live += ENTRY.size + len(sealed)
             if pack.size >= self._repo.pack_target:
                 self._finish_pack()
-        return cid, len(data)
 
     # --- packs ---------------------------------------------------------------------
     def _start_pack(self) -> PackWriter:
         name = new_pack_name()
         self._note_files(f"packs/{name}.pack", f"packs/{name}.pack.tmp")
         self._pack = PackWriter(self._repo.pack_dir, name)
+        self._pack_names.append(name)
         self._pack_live = 0
         return self._pack
 
@@ -164,27 +206,37 @@ class CheckpointWriter:
         live = {name: live for name, _, _, live in self._packs}
         db.executemany("INSERT INTO packs (name, size, entries, live_bytes) VALUES (?,?,?,?)",
                        [(name, size, entries, live) for name, size, entries, live in self._packs])
-        referenced = {cid for rec in manifest.streams for cid, _ in rec.chunks}
-        inserted: set[bytes] = set()
+        ids = list(self._new)
+        raced: set[bytes] = set()   # a concurrent checkpoint committed the same chunk first
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i:i + _BATCH]
+            raced.update(bytes(r[0]) for r in db.execute(
+                f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part))
         stored = 0
-        for cid, (pack, offset, length, plain) in self._new.items():
-            cur = db.execute("INSERT OR IGNORE INTO chunks (id, pack, offset, length, plain_len, refcount) "
-                             "VALUES (?,?,?,?,?,1)", (cid, pack, offset, length, plain))
-            if cur.rowcount == 1:
-                inserted.add(cid)
-                stored += ENTRY.size + length
-            else:  # a concurrent checkpoint committed the same chunk first: our copy is dead weight
-                live[pack] -= ENTRY.size + length
+        rows = []
+        for cid, place in self._new.items():
+            pack_index, offset, plain = _unplace(place)
+            pack, sealed_len = self._pack_names[pack_index], plain + TAG_SIZE
+            if cid in raced:            # our copy is dead weight
+                live[pack] -= ENTRY.size + sealed_len
+            else:
+                rows.append((cid, pack, offset, sealed_len, plain))
+                stored += ENTRY.size + sealed_len
+        db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount) VALUES (?,?,?,?,?,1)",
+                       rows)
         db.executemany("UPDATE packs SET live_bytes=? WHERE name=?", [(v, k) for k, v in live.items()])
-        for cid in referenced - inserted:
-            if db.execute("UPDATE chunks SET refcount=refcount+1 WHERE id=?", (cid,)).rowcount != 1:
-                raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: chunk {cid.hex()[:16]} vanished "
-                                         "during the write (concurrent delete); retry the snapshot")
         db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
                    "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
                                                manifest.created_us, manifest.size, stored, data))
-        db.executemany("INSERT INTO refs (checkpoint, chunk) VALUES (?,?)",
-                       [(self.checkpoint_id, cid) for cid in referenced])
+        try:
+            db.executemany("INSERT OR IGNORE INTO refs (checkpoint, chunk) VALUES (?,?)",
+                           ((self.checkpoint_id, cid) for rec in manifest.streams for cid, _ in rec.chunks))
+        except sqlite3.IntegrityError:   # the foreign key: a chunk we counted on is gone
+            raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: a chunk vanished during the write "
+                                     "(concurrent delete); retry the snapshot") from None
+        # Recount every chunk this checkpoint uses: keeps refcount = count(refs) without a Python set.
+        db.execute("UPDATE chunks SET refcount = (SELECT count(*) FROM refs r WHERE r.chunk = chunks.id) "
+                   "WHERE id IN (SELECT chunk FROM refs WHERE checkpoint=?)", (self.checkpoint_id,))
         return stored
 
     def _manifest(self) -> Manifest:
@@ -213,6 +265,20 @@ class CheckpointWriter:
     def _check_open(self) -> None:
         if not self._open:
             raise UsageError(f"checkpoint {self.checkpoint_id}: writer already committed or aborted")
+
+
+def _place(pack_index: int, offset: int, plain: int) -> int:
+    """Where a new chunk went, as one int (a tuple per chunk costs ~4x the memory)."""
+    return (pack_index << 64) | (plain << 32) | offset
+
+
+def _unplace(place: int) -> tuple[int, int, int]:
+    """(pack index, entry offset, plain len)"""
+    return place >> 64, place & 0xFFFFFFFF, (place >> 32) & 0xFFFFFFFF
+
+
+def _seal_all(cipher: Any, chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes, int]]:
+    return [(cid, *cipher.seal(cid, data), len(data)) for cid, data in chunks]
 
 
 def _feed_all(engine: Any, blocks: Iterable[bytes]) -> Iterator[Any]:
