@@ -7,7 +7,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-uti
                 build-essential pkg-config python3-dev python3-venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz bench clean
+.PHONY: setup demo test crash fuzz bench clean
 FUZZ_SECONDS ?= 20
 
 setup: $(STAMP)
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The rest of the crash-at-every-step matrix (make test runs a representative subset).
+crash: setup
+	$(PY) -m pytest -q -m crash_full tests/test_crash_recover.py
 
 # Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (9 targets); findings go to fuzz-findings/.
 fuzz: setup
