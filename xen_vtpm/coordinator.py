@@ -18,6 +18,7 @@ Rules that shape every sequence (facts §11.2):
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ class Guest:
     uuid: str
     vtpm: VtpmRef
     paused: bool
+
+
+def _default_name(kind: str, ckpt_id: str) -> str:
+    # The id suffix keeps two checkpoints taken within one second apart.
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt_id[:6]}"
 
 
 class Coordinator:
@@ -68,7 +74,7 @@ class Coordinator:
         self.p.vtpm.check_single_consumer(vt)
         self.p.store.check_writable()
         ckpt_id = str(uuidlib.uuid4())
-        name = name or time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+        name = name or _default_name(kind, ckpt_id)
         self.p.store.check_name_free(guest.uuid, name)
         op = self.p.journal.begin(kind, guest.uuid, guest=guest.name, checkpoint=ckpt_id, name=name,
                                   vtpm=vt.backend, guest_was_paused=guest.paused)
@@ -169,9 +175,9 @@ class Coordinator:
         guest = self._guest(domain)
         with self.p.lock(guest.uuid, guest.name):
             self.p.host.check_fresh()
-            ckpt = self._checkpoint(checkpoint, vm_uuid=guest.uuid)
             # Everything is verified before anything running is touched.
-            self.p.store.verify(ckpt["id"])
+            self._verify_logged(self.p.store.row(checkpoint, vm_uuid=guest.uuid), "rollback")
+            ckpt = self._checkpoint(checkpoint, vm_uuid=guest.uuid)
             if ckpt["vtpm_uuid"] != guest.vtpm.uuid:
                 raise IntegrityError(f"checkpoint {ckpt['name']}: belongs to vTPM {ckpt['vtpm_uuid']}, "
                                      f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
@@ -228,7 +234,7 @@ class Coordinator:
             self.p.vtpm.check_single_consumer(vt)
             self.p.store.check_writable()
             ckpt_id = str(uuidlib.uuid4())
-            name = time.strftime("save-%Y%m%d-%H%M%S")
+            name = _default_name("save", ckpt_id)
             op = self.p.journal.begin("save", guest.uuid, guest=guest.name, checkpoint=ckpt_id, name=name,
                                       vtpm=vt.backend, path=path, guest_was_paused=guest.paused)
             writer = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
@@ -272,7 +278,7 @@ class Coordinator:
                 "by `xen-vtpm save` or was modified; `xl restore` it directly if you accept the vTPM's current state")
         with self.p.lock(ckpt["vm_uuid"], ckpt["vm_name"]):
             self.p.host.check_fresh()
-            self.p.store.verify(ckpt["id"])
+            self._verify_logged(ckpt, "restore")
             if self.p.guests.exists(ckpt["vm_name"]):
                 raise PreconditionFailed(f"{ckpt['vm_name']}: a domain with this name is running; "
                                          "destroy or rename it before restoring its save file")
@@ -330,8 +336,20 @@ class Coordinator:
 
     def verify(self, checkpoint: str | None) -> list[dict]:
         self.p.host.check_fresh()
-        ids = [self._checkpoint(checkpoint)["id"]] if checkpoint else [c["id"] for c in self.p.store.list()]
-        return [self.p.store.verify(i) for i in ids]
+        # Catalog rows only: opening a manifest already checks its MAC, which must be logged too.
+        rows = [self.p.store.row(checkpoint)] if checkpoint else self.p.store.list()
+        return [self._verify_logged(row, "verify") for row in rows]
+
+    def _verify_logged(self, ckpt: dict, action: str) -> dict:
+        """Verify a checkpoint; a failed integrity check is a security event, so it is logged
+        (best effort: the audit table may be what was tampered with)."""
+        try:
+            return self.p.store.verify(ckpt["id"])
+        except IntegrityError as exc:
+            with contextlib.suppress(XenVtpmError):
+                self.p.audit.append(action=action, vm=ckpt.get("vm_name"), checkpoint=ckpt["id"],
+                                    result=f"refused: {exc}"[:500])
+            raise
 
     # --- recover -----------------------------------------------------------------
     def recover(self) -> list[dict]:

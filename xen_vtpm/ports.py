@@ -13,7 +13,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import __version__
 from .config import Config
@@ -269,6 +269,10 @@ class Store:
                     kind=extra.get("kind"), vtpm_backend=extra.get("vtpm_backend"),
                     save_file_digest=extra.get("save_file_digest"))
 
+    def row(self, ref: str, vm_uuid: str | None = None) -> dict:
+        """The catalog row of a checkpoint, without opening (and so checking) its manifest."""
+        return self.repo.resolve(ref, vm_uuid=vm_uuid)
+
     def resolve(self, ref: str, vm_uuid: str | None = None) -> dict:
         return self._describe(self.repo.resolve(ref, vm_uuid=vm_uuid))
 
@@ -313,19 +317,29 @@ class Store:
         return VtpmCapture(image=image, manager_checkpoint=m.manager_checkpoint or None,
                            manager_hash=dict(m.extra).get("manager_hash"), slot_hashes=hashes[:2])
 
-    def find_by_save_digest(self, digest: str) -> dict | None:
+    def _save_bindings(self) -> Iterator[dict]:
+        """Described `save` checkpoints; a damaged manifest is raised only after the intact ones,
+        so one tampered checkpoint does not hide every other binding (nor pass for a miss)."""
+        damaged: IntegrityError | None = None
         for row in self.repo.list_checkpoints():
-            info = self._describe(row)
-            if info["kind"] == "save" and info["save_file_digest"] == digest:
-                return info
-        return None
+            try:
+                info = self._describe(row)
+            except IntegrityError as exc:
+                damaged = damaged or exc
+                continue
+            if info["kind"] == "save":
+                yield info
+        if damaged is not None:
+            raise damaged
+
+    def find_by_save_digest(self, digest: str) -> dict | None:
+        return next((b for b in self._save_bindings() if b["save_file_digest"] == digest), None)
 
     def has_save_bindings(self, xl_config: dict) -> bool:
         """Whether `xen-vtpm save` bound any file for the VM an xl save header names."""
         c_info = xl_config.get("c_info") or {}
-        vm_uuid, vm_name = c_info.get("uuid"), c_info.get("name")
-        return any((c["vm_uuid"] == vm_uuid or c["vm_name"] == vm_name) and self._describe(c)["kind"] == "save"
-                   for c in self.repo.list_checkpoints())
+        return any(b["vm_uuid"] == c_info.get("uuid") or b["vm_name"] == c_info.get("name")
+                   for b in self._save_bindings())
 
     def catalog_digest(self) -> bytes:
         return self.repo.catalog_digest()

@@ -206,34 +206,37 @@ class CheckpointWriter:
         live = {name: live for name, _, _, live in self._packs}
         db.executemany("INSERT INTO packs (name, size, entries, live_bytes) VALUES (?,?,?,?)",
                        [(name, size, entries, live) for name, size, entries, live in self._packs])
-        ids = list(self._new)
+        ids = sorted(self._new)   # B-tree inserts in key order touch each page once: ~3x faster
         raced: set[bytes] = set()   # a concurrent checkpoint committed the same chunk first
         for i in range(0, len(ids), _BATCH):
             part = ids[i:i + _BATCH]
             raced.update(bytes(r[0]) for r in db.execute(
                 f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part))
         stored = 0
-        rows = []
-        for cid, place in self._new.items():
-            pack_index, offset, plain = _unplace(place)
-            pack, sealed_len = self._pack_names[pack_index], plain + TAG_SIZE
-            if cid in raced:            # our copy is dead weight
-                live[pack] -= ENTRY.size + sealed_len
-            else:
-                rows.append((cid, pack, offset, sealed_len, plain))
-                stored += ENTRY.size + sealed_len
-        rows.sort()   # B-tree inserts in key order touch each page once: ~3x faster than random order
+
+        def rows() -> Iterator[tuple[bytes, str, int, int, int]]:
+            nonlocal stored
+            for cid in ids:
+                pack_index, offset, plain = _unplace(self._new[cid])
+                pack, sealed_len = self._pack_names[pack_index], plain + TAG_SIZE
+                if cid in raced:        # our copy is dead weight
+                    live[pack] -= ENTRY.size + sealed_len
+                else:
+                    stored += ENTRY.size + sealed_len
+                    yield cid, pack, offset, sealed_len, plain
+
         db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount) VALUES (?,?,?,?,?,1)",
-                       rows)
-        del rows
+                       rows())
+        del ids
         db.executemany("UPDATE packs SET live_bytes=? WHERE name=?", [(v, k) for k, v in live.items()])
         db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
                    "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
                                                manifest.created_us, manifest.size, stored, data))
-        used = sorted({cid for rec in manifest.streams for cid, _ in rec.chunks})
+        used = sorted(cid for rec in manifest.streams for cid, _ in rec.chunks)   # repeats included
+        distinct = (cid for i, cid in enumerate(used) if i == 0 or used[i - 1] != cid)
         try:
             db.executemany("INSERT INTO refs (checkpoint, chunk) VALUES (?,?)",
-                           ((self.checkpoint_id, cid) for cid in used))
+                           ((self.checkpoint_id, cid) for cid in distinct))
         except sqlite3.IntegrityError:   # the foreign key: a chunk we counted on is gone
             raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: a chunk vanished during the write "
                                      "(concurrent delete); retry the snapshot") from None
