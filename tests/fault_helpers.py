@@ -140,6 +140,8 @@ def state_on_tmpfs(sim: SimHost, size_bytes: int) -> Iterator[Path]:
         _umount(state)
         shutil.rmtree(aside, ignore_errors=True)
         if kept.is_dir():
+            shutil.rmtree(state)
+            state.mkdir(mode=0o700)
             _swap_contents(kept, state)
             shutil.rmtree(kept)
 

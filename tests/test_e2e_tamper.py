@@ -158,6 +158,11 @@ def test_tampered_checkpoint_is_refused_and_nothing_changes(host, tamper):
             after, next_slots = _observe(host)
             assert after == dict(before, slots=slots), f"{group} changed the running VM or its vTPM"
             slots = next_slots
+        # Each refusal is a security event: all four are in the audit log, which still verifies.
+        refusals = [r for r in host.tool_json("audit")
+                    if r["checkpoint"] == ckpt and r["result"].startswith("refused")]
+        assert [r["action"] for r in refusals] == ["verify", "verify", "rollback", "rollback"], refusals
+        host.tool("audit", "--verify")
     finally:
         undo()
         if GUEST in host.domids() and host.is_paused(GUEST):

@@ -97,7 +97,9 @@ def test_spool_is_encrypted_and_nameless(tmp_path):
         assert os.fstat(spool._fd).st_mode & 0o777 == 0o600
         on_disk = os.pread(spool._fd, len(data) + 1, 0)
         assert len(on_disk) == len(data) and MARK[:64] not in on_disk
+        assert os.fstat(spool._fd).st_blocks > 0
         assert b"".join(bytes(b) for b in spool.blocks()) == data
+        assert os.fstat(spool._fd).st_blocks * 512 <= 4096       # consumed: punched out (but a partial page)
     finally:
         spool.close()
 
