@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -118,8 +120,13 @@ class Journal:
 
 
 def _crash_point(name: str) -> None:
-    """Fault injection for the crash-at-every-step tests: XEN_VTPM_CRASH_AT=kind:step
-    makes the process SIGKILL itself right after journaling that step, i.e. before
-    its side effect — exactly the window recovery has to handle."""
+    """Fault injection, right after a step is journaled and before its side effect — exactly
+    the window recovery has to handle:
+    XEN_VTPM_CRASH_AT=kind:step makes the process SIGKILL itself there (tool crash tests);
+    XEN_VTPM_FAULT_AT=kind:step with XEN_VTPM_FAULT_CMD=argv runs that command there and
+    carries on (component-failure tests: kill xenstored, a vTPM, the manager, the TPM)."""
     if os.environ.get("XEN_VTPM_CRASH_AT") == name:
         os.kill(os.getpid(), 9)
+    if os.environ.get("XEN_VTPM_FAULT_AT") == name:
+        subprocess.run(shlex.split(os.environ.get("XEN_VTPM_FAULT_CMD", "")), timeout=60, check=False,
+                       stdin=subprocess.DEVNULL)
