@@ -67,3 +67,20 @@ def test_lock_excludes_a_second_holder_and_is_freed_when_the_holder_dies(tmp_pat
         holder.join()
     with VmLock(tmp_path, "vm-1", "guest1"):       # killed holder: the kernel dropped the lock
         pass
+
+
+def test_fault_hook_runs_its_command_at_the_step_then_carries_on(tmp_path):
+    db, marker = tmp_path / "catalog.sqlite", tmp_path / "ran"
+    code = textwrap.dedent(f"""
+        from xen_vtpm.journal import Journal
+        j = Journal({str(db)!r})
+        op = j.begin("snapshot", "vm-1")
+        j.step(op, "guest-save")
+        import os; print("marker before vtpm-pause:", os.path.exists({str(marker)!r}))
+        j.step(op, "vtpm-pause")
+        print("marker after:", os.path.exists({str(marker)!r}))
+    """)
+    env = dict(os.environ, XEN_VTPM_FAULT_AT="snapshot:vtpm-pause", XEN_VTPM_FAULT_CMD=f"touch {marker}")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["marker before vtpm-pause: False", "marker after: True"]
