@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from tpm_fixture import fresh_cache, host_cfg, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm import catalog_head, provision
+from xen_vtpm import catalog_head, hosttpm, provision
 from xen_vtpm.catalog_head import Head, check_fresh
 from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected
 from xen_vtpm.keys import derive_keys
@@ -42,10 +42,10 @@ def test_advance_bumps_counter_once_and_rewrites_head(host_cfg):
     provision.init(host_cfg)
     host = provision.open_host(host_cfg)
     before = host.counter_read()
-    increments = host.tpm.ops["NV_Increment"]
+    increments = hosttpm.OPS["NV_Increment"]
     head = catalog_head.advance(host, catalog_digest=b"c" * 32)
     assert head.counter == before + 1 == host.counter_read()
-    assert host.tpm.ops["NV_Increment"] == increments + 1
+    assert hosttpm.OPS["NV_Increment"] == increments + 1
     conn = catalog_head.connect(host_cfg.state_dir)
     assert catalog_head.read(conn, host.keys) == (head, None)
     conn.close()

@@ -57,11 +57,13 @@ def usable_again(sim) -> None:
 
 
 def test_disk_full_during_snapshot(sim):
+    """No room for the guest's save image (the spool in state_dir/tmp, the first big write)."""
     cur = fill_guest_memory(sim)
     room = fh.state_usage(sim) + (3 << 20)          # far less than the 16 MiB of random memory
     with fh.state_on_tmpfs(sim, room) as state:
         proc = sim.tool("snapshot", GUEST, "--name", "full", check=False, timeout=120)
         err = fh.assert_one_line_error(proc, (10,), "snapshot on a full disk")
+        print(f"\ndisk full: exit {proc.returncode}: {err}")
         assert "disk full" in err or "No space left" in err, err
         after_fault(sim, cur, "full")
         assert fh.is_mounted(state)
@@ -75,7 +77,8 @@ def test_file_size_limit_during_snapshot(sim):
     limit = max(p.stat().st_size for p in ch.state_dir(sim).rglob("*") if p.is_file()) + (1 << 20)
     proc = sim.run(["prlimit", f"--fsize={limit}", *ch.sim_tool_argv(), "snapshot", GUEST, "--name", "limited"],
                    check=False, timeout=120)
-    fh.assert_one_line_error(proc, (10,), "snapshot under a file-size limit")
+    err = fh.assert_one_line_error(proc, (10,), "snapshot under a file-size limit")
+    print(f"\nfile-size limit: exit {proc.returncode}: {err}")
     after_fault(sim, cur, "limited")
     usable_again(sim)
 
@@ -85,8 +88,57 @@ def test_read_only_state_dir(sim):
     state = ch.state_dir(sim)
     with fh.read_only(state):
         proc = sim.tool("snapshot", GUEST, "--name", "ro", check=False, timeout=120)
-        fh.assert_one_line_error(proc, (10,), "snapshot with a read-only state dir")
+        err = fh.assert_one_line_error(proc, (10,), "snapshot with a read-only state dir")
+        print(f"\nread-only: exit {proc.returncode}: {err}")
         fh.guest_and_vtpm_running(sim)
         assert ch.read_pair(sim) == cur
     after_fault(sim, cur, "ro")
+    usable_again(sim)
+
+
+def test_torn_wal_of_a_snapshot_commit(sim):
+    """Power cut while the catalog commit of a snapshot was written: the tool died there (store crash
+    point after the commit) and the WAL's last frame is cut in half, as an unfinished sector write
+    leaves it.  SQLite drops the torn transaction; recover must leave a consistent pair and store."""
+    cur = ch.new_state(sim)
+    ch.crash(sim, "snapshot", GUEST, "--name", "torn", store_at="write.committed")
+    op = ch.last_op(sim)
+    wal = ch.state_dir(sim) / "catalog.sqlite-wal"
+    size = wal.stat().st_size
+    assert size > 4096, f"no WAL left by the killed commit ({size} bytes)"
+    os.truncate(wal, size - 2000)
+    ch.recover(sim)
+    assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+    ids = ch.checkpoint_ids(sim)
+    if "torn" in ids:
+        ch.new_state(sim)
+        sim.tool("rollback", GUEST, "torn", "--yes", "--no-safety-checkpoint")
+        assert ch.check_host(sim, {"taken": cur}) == "taken"
+        sim.tool("delete", "torn")
+    else:
+        assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+    usable_again(sim)
+
+
+def test_truncated_catalog(sim):
+    """catalog.sqlite cut in half: every command refuses in one line (exit 10 or 5), touches no
+    domain; with the admin's copy of the catalog put back, the host works again."""
+    cur = ch.new_state(sim)
+    state = ch.state_dir(sim)
+    catalog = state / "catalog.sqlite"
+    assert not (state / "catalog.sqlite-wal").exists(), "a WAL is left: the copy below would be stale"
+    backup = catalog.read_bytes()
+    os.truncate(catalog, len(backup) // 2)
+    try:
+        for argv in (["verify", "--all"], ["snapshot", GUEST, "--name", "cut"], ["recover"]):
+            proc = sim.tool(*argv, check=False, timeout=120)
+            err = fh.assert_one_line_error(proc, (10, 5), f"{argv[0]} on a truncated catalog")
+            assert "catalog" in err, err
+            fh.guest_and_vtpm_running(sim)
+            assert ch.read_pair(sim) == cur
+    finally:
+        for extra in ("catalog.sqlite-wal", "catalog.sqlite-shm"):
+            (state / extra).unlink(missing_ok=True)
+        catalog.write_bytes(backup)
+    after_fault(sim, cur, "cut")
     usable_again(sim)

@@ -21,6 +21,7 @@ from xen_vtpm.errors import IntegrityError, XlError
 from xen_vtpm.hashing import PyChunker
 from xen_vtpm.store.manifest import ROOT_LABEL
 from xen_vtpm.store.packs import ENTRY
+from xen_vtpm import xlstreams
 from xen_vtpm.xlstreams import SaveIngest, XlStreams, _Spool
 
 DATA = guest_memory(3 << 20, seed=77)
@@ -84,6 +85,33 @@ def test_save_returns_while_the_store_has_not_read_a_byte(env):
     w.commit()
     assert read_all(repo, w.checkpoint_id) == DATA
     assert _open_fds() <= fds                                 # the spool's descriptor is closed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a priority back needs CAP_SYS_NICE")
+def test_ingestion_yields_the_cpu_until_the_guest_runs(env):
+    state, repo = env
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    if base >= 19:
+        pytest.skip("the test process already runs at the lowest priority")
+    w = repo.begin_checkpoint("vm-1", "guest1", name="nice")
+    seen = {}
+
+    class Recording(GatedWriter):
+        def add_stream(self, name, source, progress=None):
+            seen["paused"] = os.getpriority(os.PRIO_PROCESS, 0)
+            self.started.set()
+            self.go.wait()
+            seen["running"] = os.getpriority(os.PRIO_PROCESS, 0)
+            return self.w.add_stream(name, source, progress=progress)
+
+    gated = Recording(w)
+    ingest = _streams(state, DATA).start_save("guest1", gated, leave_paused=True)
+    gated.started.wait()
+    xlstreams._restore_priority()      # what ingest.wait() does first, once the guest runs
+    gated.go.set()
+    assert ingest.wait() == {"bytes": len(DATA)}
+    w.abort()
+    assert seen == {"paused": 19, "running": base}
 
 
 def test_spool_is_encrypted_and_nameless(tmp_path):

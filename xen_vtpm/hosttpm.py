@@ -120,6 +120,11 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# TPM commands sent by this process, by name (connections are short-lived; benchmarks and tests
+# count across them).
+OPS: collections.Counter[str] = collections.Counter()
+
+
 class HostTpm:
     """One connection to the host TPM; use as a context manager."""
 
@@ -128,7 +133,6 @@ class HostTpm:
         self.bank, self.pcr_list = parse_pcrs(pcrs)
         self.pcr_spec = f"{self.bank}:{','.join(map(str, self.pcr_list))}"
         self.primary_handle = primary_handle
-        self.ops: collections.Counter[str] = collections.Counter()
         self._primary: ESYS_TR | None = None
         self._nv: dict[int, ESYS_TR] = {}
         try:
@@ -155,7 +159,7 @@ class HostTpm:
         self.ctx = None
 
     def _run(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        self.ops[name] += 1
+        OPS[name] += 1
         try:
             return fn(*args, **kw)
         except TSS2_Exception as exc:

@@ -4,17 +4,18 @@ State dir layout owned here: ``sealed/hostkey.json`` (the host key sealed to the
 PCR policy), ``sealed/rollback.json`` (optional rollback authorization object),
 and the ``head``/``audit`` tables of ``catalog.sqlite``.
 
-One TPM connection and one unseal per process: a swtpm socket serves one client
-at a time, and unsealing costs a policy session plus a load — so ``open_host``
-caches the connection and the derived keys until ``close_all`` (run at exit).
+One unseal per process (it costs a policy session plus a load): ``open_host`` caches
+the derived keys.  The TPM itself is used in short ``tpm_session``s under the host lock,
+so concurrent commands take turns on it instead of flushing each other's objects.
 """
 from __future__ import annotations
 
-import atexit
 import configparser
+import contextlib
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import audit, catalog_head
 from .config import DEFAULT_CONFIG_PATH, SECTION, Config, write_ini
@@ -22,6 +23,7 @@ from .errors import (
     AuthorizationDenied, IntegrityError, PreconditionFailed, UsageError, XenVtpmError,
 )
 from .hosttpm import HostTpm, SealedBlob, auth_value
+from .locks import HostLock
 from .keys import SubKeys, derive_keys
 
 HOSTKEY = Path("sealed") / "hostkey.json"
@@ -33,37 +35,42 @@ _CONFIG_KEYS = ("state_dir", "tcti", "pcrs", "counter_index", "primary_handle")
 class Host:
     """The unsealed host: sub-keys plus the TPM counter, for one command."""
 
-    def __init__(self, cfg: Config, tpm: HostTpm, keys: SubKeys) -> None:
+    def __init__(self, cfg: Config, keys: SubKeys) -> None:
         self.cfg = cfg
-        self.tpm = tpm
         self.keys = keys
         self.state_dir = Path(cfg.state_dir)
 
     def counter_read(self) -> int:
-        return self.tpm.counter_read(self.cfg.counter_index)
+        with tpm_session(self.cfg) as tpm:
+            return tpm.counter_read(self.cfg.counter_index)
 
     def counter_increment(self) -> int:
-        return self.tpm.counter_increment(self.cfg.counter_index)
+        with tpm_session(self.cfg) as tpm:
+            return tpm.counter_increment(self.cfg.counter_index)
 
     # Thin conveniences so the coordinator needs one object for freshness and the audit log.
+    # Each holds the host lock, so no other command's head advance runs in between.
     def check_fresh(self) -> str:
         """'fresh' or 'pending' (a crash interrupted a change; advance/recover_head finish it)."""
-        conn = catalog_head.connect(self.state_dir)
-        try:
-            current, pending = catalog_head.read(conn, self.keys)
-            return catalog_head.check_fresh(current, self.counter_read(), pending)
-        finally:
-            conn.close()
+        with tpm_session(self.cfg):
+            conn = catalog_head.connect(self.state_dir)
+            try:
+                current, pending = catalog_head.read(conn, self.keys)
+                return catalog_head.check_fresh(current, self.counter_read(), pending)
+            finally:
+                conn.close()
 
     def advance(self, catalog_digest: bytes | None = None) -> catalog_head.Head:
-        return catalog_head.advance(self, catalog_digest)
+        with tpm_session(self.cfg):
+            return catalog_head.advance(self, catalog_digest)
 
     def recover_head(self) -> catalog_head.Head:
-        conn = catalog_head.connect(self.state_dir)
-        try:
-            return catalog_head.settle(self, conn)
-        finally:
-            conn.close()
+        with tpm_session(self.cfg):
+            conn = catalog_head.connect(self.state_dir)
+            try:
+                return catalog_head.settle(self, conn)
+            finally:
+                conn.close()
 
     def audit(self, action: str, **fields: Any) -> dict[str, Any]:
         """Append an audit record; do it *before* advance() to anchor it under the counter."""
@@ -76,7 +83,8 @@ class Host:
             return "not-required"
         if secret is None:
             raise AuthorizationDenied("rollback: this host requires the rollback secret; pass it with --auth-file")
-        self.tpm.unseal(SealedBlob.load(path), "rollback authorization", auth=auth_value(secret))
+        with tpm_session(self.cfg) as tpm:
+            tpm.unseal(SealedBlob.load(path), "rollback authorization", auth=auth_value(secret))
         return "authorized"
 
 
@@ -84,25 +92,31 @@ _tpms: dict[tuple[str, str, int], HostTpm] = {}
 _hosts: dict[tuple[str, str, str, int], Host] = {}
 
 
-def _tpm(cfg: Config) -> HostTpm:
-    key = (cfg.tcti, cfg.pcrs, cfg.primary_handle)
-    if key not in _tpms:
-        _tpms[key] = HostTpm(cfg.tcti, cfg.pcrs, cfg.primary_handle)
-    return _tpms[key]
+@contextlib.contextmanager
+def tpm_session(cfg: Config) -> Iterator[HostTpm]:
+    """The host TPM for a short sequence of commands, under the host lock (see locks.HostLock).
+
+    Nested sessions share the outer connection; the outermost one closes it, flushing what it
+    loaded, so no TPM object outlives the lock that protects it."""
+    with HostLock(Path(cfg.state_dir)):
+        key = (cfg.tcti, cfg.pcrs, cfg.primary_handle)
+        outer = key not in _tpms
+        if outer:
+            _tpms[key] = HostTpm(cfg.tcti, cfg.pcrs, cfg.primary_handle)
+        try:
+            yield _tpms[key]
+        finally:
+            if outer:
+                _tpms.pop(key).close()
 
 
 def close_all() -> None:
-    """Drop cached keys and close TPM connections (the next open_host unseals again)."""
+    """Drop cached keys (the next open_host unseals again)."""
     _hosts.clear()
-    while _tpms:
-        _tpms.popitem()[1].close()
-
-
-atexit.register(close_all)
 
 
 def open_host(cfg: Config) -> Host:
-    """Connect to the TPM and unseal the host key once for this process."""
+    """Unseal the host key once for this process (the TPM is held only while unsealing)."""
     path = Path(cfg.state_dir) / HOSTKEY
     if not path.exists():
         raise PreconditionFailed(f"{cfg.state_dir}: host not provisioned (no sealed host key); run `xen-vtpm init`")
@@ -112,8 +126,8 @@ def open_host(cfg: Config) -> Host:
 def _unsealed(cfg: Config, blob_path: Path) -> Host:
     key = (str(cfg.state_dir), cfg.tcti, cfg.pcrs, cfg.counter_index)
     if key not in _hosts:
-        tpm = _tpm(cfg)
-        _hosts[key] = Host(cfg, tpm, derive_keys(tpm.unseal(SealedBlob.load(blob_path), "host key")))
+        with tpm_session(cfg) as tpm:
+            _hosts[key] = Host(cfg, derive_keys(tpm.unseal(SealedBlob.load(blob_path), "host key")))
     return _hosts[key]
 
 
@@ -134,11 +148,20 @@ def _read_secret(path: str) -> bytes:
 def init(cfg: Config, rollback_auth_file: str | None = None) -> dict[str, Any]:
     """Provision the state dir, host key, counter and head; idempotent."""
     secret = _read_secret(rollback_auth_file) if rollback_auth_file else None
-    tpm = _tpm(cfg)  # TpmUnreachable here, before anything on disk changes
     state_dir = Path(cfg.state_dir)
-    actions: list[str] = []
-    if not state_dir.exists():
-        actions.append(f"created state dir {state_dir}")
+    created = not state_dir.exists()
+    try:
+        with tpm_session(cfg) as tpm:  # TpmUnreachable here, before anything but the lock file exists
+            return _init(cfg, tpm, secret, created)
+    except XenVtpmError:
+        if created:  # leave no half-made state dir behind
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+
+
+def _init(cfg: Config, tpm: HostTpm, secret: bytes | None, created: bool) -> dict[str, Any]:
+    state_dir = Path(cfg.state_dir)
+    actions: list[str] = [f"created state dir {state_dir}"] if created else []
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
 
@@ -223,11 +246,18 @@ def status(cfg: Config) -> dict[str, Any]:
         "tpm": f"unknown ({cfg.tcti})", "pcr_policy": "n/a", "counter": None,
         "catalog_head": "none", "audit_chain": "n/a",
     }
+    # The host lock lives in the state dir; without one there is no xen-vtpm state to guard,
+    # and status must not create the directory.
     try:
-        tpm = _tpm(cfg)
+        with (tpm_session(cfg) if state_dir.exists() else HostTpm(cfg.tcti, cfg.pcrs, cfg.primary_handle)) as tpm:
+            return _status(cfg, tpm, out)
     except XenVtpmError as exc:
         out["tpm"] = f"unreachable: {exc}"
         return out
+
+
+def _status(cfg: Config, tpm: HostTpm, out: dict[str, Any]) -> dict[str, Any]:
+    state_dir = Path(cfg.state_dir)
     out["tpm"] = f"reachable ({cfg.tcti})"
     try:
         exists = tpm.counter_exists(cfg.counter_index)

@@ -227,7 +227,6 @@ class CheckpointWriter:
 
         db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount) VALUES (?,?,?,?,?,1)",
                        rows())
-        del ids
         db.executemany("UPDATE packs SET live_bytes=? WHERE name=?", [(v, k) for k, v in live.items()])
         db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
                    "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
