@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything xen-vtpm creates (state dir, packs, manifests, the catalog and its WAL, locks,
+    # fifos) is for root only; one umask covers every writer, SQLite's included.
+    os.umask(0o077)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

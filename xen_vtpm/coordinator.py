@@ -148,8 +148,10 @@ class Coordinator:
         self.p.host.advance()
         self.p.journal.finish(op, outcome)
 
-    def _undo_snapshot(self, op: Operation, writer: Any | None) -> None:
-        """Best effort, every action idempotent: used right after a failure and by recover."""
+    def _undo_snapshot(self, op: Operation, writer: Any | None) -> bool:
+        """Every action idempotent: used right after a failure and by recover.  If any action
+        fails (a component is down), the op stays unfinished, so recover — which every later
+        command runs first — retries it once the component is back; False then."""
         data = op.params
         vt = self.p.guests.vtpm_by_backend(data["vtpm"])
         errors = []
@@ -164,9 +166,12 @@ class Coordinator:
                 action()
             except XenVtpmError as exc:  # keep undoing the rest; report the first problem
                 errors.append(exc)
-        self.p.journal.finish(op, "undone" if not errors else f"undone with errors: {errors[0]}")
-        self.p.audit.append(action=op.kind, vm=data["guest"], checkpoint=data["checkpoint"],
-                            result="failed; undone")
+        if not errors:
+            self.p.journal.finish(op, "undone")
+        with contextlib.suppress(XenVtpmError):  # the failure being undone is what the caller must see
+            self.p.audit.append(action=op.kind, vm=data["guest"], checkpoint=data["checkpoint"],
+                                result="failed; undone" if not errors else f"failed; undo incomplete: {errors[0]}"[:500])
+        return not errors
 
     # --- rollback ----------------------------------------------------------------
     def rollback(self, domain: str, checkpoint: str, *, auth_secret: bytes | None,
@@ -175,9 +180,18 @@ class Coordinator:
         guest = self._guest(domain)
         with self.p.lock(guest.uuid, guest.name):
             self.p.host.check_fresh()
-            # Everything is verified before anything running is touched.
-            self._verify_logged(self.p.store.row(checkpoint, vm_uuid=guest.uuid), "rollback")
-            ckpt = self._checkpoint(checkpoint, vm_uuid=guest.uuid)
+            # Everything is verified before anything running is touched.  The catalog's vm_uuid
+            # column is not authenticated, so an id that does not resolve for this VM is still
+            # verified; the verified manifest then says whose it is.
+            try:
+                row = self.p.store.row(checkpoint, vm_uuid=guest.uuid)
+            except CheckpointNotFound:
+                row = self.p.store.row(checkpoint)
+            self._verify_logged(row, "rollback")
+            ckpt = self.p.store.resolve(row["id"])
+            if ckpt["vm_uuid"] != guest.uuid:
+                raise PreconditionFailed(f"checkpoint {ckpt['name']}: belongs to VM {ckpt['vm_name']} "
+                                         f"({ckpt['vm_uuid']}), not to {guest.name}; name a checkpoint of {guest.name}")
             if ckpt["vtpm_uuid"] != guest.vtpm.uuid:
                 raise IntegrityError(f"checkpoint {ckpt['name']}: belongs to vTPM {ckpt['vtpm_uuid']}, "
                                      f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
@@ -380,8 +394,7 @@ class Coordinator:
                 self._finish(op, action=op.kind, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
                 outcome = "finished"
             else:
-                self._undo_snapshot(op, None)
-                outcome = "undone"
+                outcome = "undone" if self._undo_snapshot(op, None) else "undo incomplete (retried by the next recover)"
         elif op.kind == "save":
             self._finish_save(op)
             outcome = "finished"

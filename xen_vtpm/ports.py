@@ -265,7 +265,9 @@ class Store:
         with self.repo.open_checkpoint(row["id"]) as reader:
             m = reader.manifest
         extra = dict(m.extra)
-        return dict(row, vtpm_uuid=m.vtpm_uuid, manager_checkpoint=m.manager_checkpoint or None,
+        # Identity from the MAC'd manifest, never from the catalog row.
+        return dict(row, id=m.checkpoint_id, name=m.name, vm_uuid=m.vm_uuid, vm_name=m.vm_name,
+                    vtpm_uuid=m.vtpm_uuid, manager_checkpoint=m.manager_checkpoint or None,
                     kind=extra.get("kind"), vtpm_backend=extra.get("vtpm_backend"),
                     save_file_digest=extra.get("save_file_digest"))
 
