@@ -179,11 +179,14 @@ def verify(cfg: Config) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
+    """Text table; a long result (a refusal names the failed check) is cut here, `--json` has it whole."""
+    from .cli import render_table
     if not rows:
         return "(no audit records)"
-    cols = ("seq", "time", "user", "action", "vm", "checkpoint", "result", "counter", "detail")
-    cells = [[("-" if r.get(c) in (None, "") else str(r[c])) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
+    cols = ("seq", "time", "user", "action", "vm", "checkpoint", "counter", "result", "detail")
+    shown = [dict(r, result=_cut(r.get("result")), detail=_cut(r.get("detail"))) for r in rows]
+    return render_table(shown, cols)
+
+
+def _cut(text: Any, limit: int = 60) -> Any:
+    return text if not isinstance(text, str) or len(text) <= limit else text[:limit - 1] + "…"
