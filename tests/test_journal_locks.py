@@ -7,20 +7,22 @@ import textwrap
 
 import pytest
 
-from xen_vtpm.errors import Locked
+from xen_vtpm.errors import IntegrityError, Locked
 from xen_vtpm.journal import Journal
 from xen_vtpm.locks import VmLock
 
+KEY = bytes(range(32))
+
 
 def test_steps_survive_a_reopen_and_finished_ops_disappear(tmp_path):
-    j = Journal(tmp_path / "catalog.sqlite")
+    j = Journal(tmp_path / "catalog.sqlite", KEY)
     op = j.begin("snapshot", "vm-1", guest="g1", checkpoint="c1")
     j.step(op, "guest-save")
     j.step(op, "vtpm-pause", extra=1)
     done = j.begin("delete", "vm-2", checkpoint="c2")
     j.finish(done, "done")
     j.close()
-    again = Journal(tmp_path / "catalog.sqlite").unfinished()
+    again = Journal(tmp_path / "catalog.sqlite", KEY).unfinished()
     assert [(o.kind, o.vm, o.last_step) for o in again] == [("snapshot", "vm-1", "vtpm-pause")]
     assert again[0].params == {"guest": "g1", "checkpoint": "c1"}
     assert again[0].data("vtpm-pause") == {"extra": 1}
@@ -31,7 +33,7 @@ def test_crash_point_kills_right_after_the_step_is_durable(tmp_path):
     db = tmp_path / "catalog.sqlite"
     code = textwrap.dedent(f"""
         from xen_vtpm.journal import Journal
-        j = Journal({str(db)!r})
+        j = Journal({str(db)!r}, {KEY!r})
         op = j.begin("snapshot", "vm-1")
         j.step(op, "guest-save")
         j.step(op, "vtpm-pause")
@@ -40,7 +42,7 @@ def test_crash_point_kills_right_after_the_step_is_durable(tmp_path):
     env = dict(os.environ, XEN_VTPM_CRASH_AT="snapshot:guest-save")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == -9 and "not reached" not in proc.stdout
-    (op,) = Journal(db).unfinished()
+    (op,) = Journal(db, KEY).unfinished()
     assert op.last_step == "guest-save"
 
 
@@ -73,7 +75,7 @@ def test_fault_hook_runs_its_command_at_the_step_then_carries_on(tmp_path):
     db, marker = tmp_path / "catalog.sqlite", tmp_path / "ran"
     code = textwrap.dedent(f"""
         from xen_vtpm.journal import Journal
-        j = Journal({str(db)!r})
+        j = Journal({str(db)!r}, {KEY!r})
         op = j.begin("snapshot", "vm-1")
         j.step(op, "guest-save")
         import os; print("marker before vtpm-pause:", os.path.exists({str(marker)!r}))
@@ -84,3 +86,48 @@ def test_fault_hook_runs_its_command_at_the_step_then_carries_on(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["marker before vtpm-pause: False", "marker after: True"]
+
+
+def _tamper(db, sql, *args):
+    import sqlite3
+    con = sqlite3.connect(db)
+    con.execute(sql, args)
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("forge", [
+    # a rollback op an attacker inserted, with a MAC made under another key
+    lambda j, db: _tamper(db, "INSERT INTO op_journal(kind, vm, started, params, mac) VALUES "
+                              "('rollback', 'vm-1', 0, '{\"checkpoint\": \"old\"}', ?)", b"\0" * 32),
+    # an unfinished op's parameters edited (point it at another checkpoint)
+    lambda j, db: _tamper(db, "UPDATE op_journal SET params = '{\"checkpoint\": \"old\"}' WHERE finished IS NULL"),
+    # a step inserted into an unfinished op
+    lambda j, db: _tamper(db, "INSERT INTO op_steps(op_id, seq, step, data, at, mac) "
+                              "SELECT op_id, 2, 'destroy-guest', '{}', 0, x'00' FROM op_journal WHERE finished IS NULL"),
+    # a step removed from the middle of an unfinished op
+    lambda j, db: _tamper(db, "DELETE FROM op_steps WHERE seq = 0 AND op_id IN "
+                              "(SELECT op_id FROM op_journal WHERE finished IS NULL)"),
+    # a finished rollback marked unfinished so that recover would run it again
+    lambda j, db: _tamper(db, "UPDATE op_journal SET finished = NULL WHERE kind = 'rollback'"),
+], ids=["forged-op", "edited-params", "forged-step", "removed-step", "unfinished-again"])
+def test_recover_refuses_a_forged_or_edited_journal(tmp_path, forge):
+    db = tmp_path / "catalog.sqlite"
+    j = Journal(db, KEY)
+    done = j.begin("rollback", "vm-1", checkpoint="c0", guest="g1")
+    j.step(done, "destroy-guest")
+    j.finish(done, "done")
+    live = j.begin("snapshot", "vm-1", checkpoint="c1", guest="g1")
+    j.step(live, "guest-save")
+    j.step(live, "vtpm-pause")
+    assert [o.op_id for o in j.unfinished()] == [live.op_id]
+    forge(j, db)
+    with pytest.raises(IntegrityError, match="journal .*(MAC|edited|removed)"):
+        Journal(db, KEY).unfinished()
+
+
+def test_another_hosts_key_cannot_read_the_journal_as_valid(tmp_path):
+    j = Journal(tmp_path / "catalog.sqlite", KEY)
+    j.step(j.begin("snapshot", "vm-1"), "guest-save")
+    with pytest.raises(IntegrityError, match="fails its MAC"):
+        Journal(tmp_path / "catalog.sqlite", bytes(32)).unfinished()

@@ -399,6 +399,7 @@ class Coordinator:
             self._finish_save(op)
             outcome = "finished"
         elif op.kind == "rollback":
+            self._verify_logged(self.p.store.row(ckpt_id), "recover rollback")  # again: the store may have changed
             self._rollback_forward(op, self.p.store.resolve(ckpt_id))
             outcome = "finished"
         elif op.kind == "restore":

@@ -10,6 +10,8 @@ undo.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import shlex
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from .errors import IntegrityError, StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS op_journal (
@@ -30,7 +32,9 @@ CREATE TABLE IF NOT EXISTS op_journal (
     started  REAL NOT NULL,
     finished REAL,
     outcome  TEXT,
-    params   TEXT NOT NULL
+    params   TEXT NOT NULL,
+    mac      BLOB NOT NULL,
+    fin_mac  BLOB
 );
 CREATE TABLE IF NOT EXISTS op_steps (
     op_id INTEGER NOT NULL REFERENCES op_journal(op_id),
@@ -38,6 +42,7 @@ CREATE TABLE IF NOT EXISTS op_steps (
     step  TEXT NOT NULL,
     data  TEXT NOT NULL,
     at    REAL NOT NULL,
+    mac   BLOB NOT NULL,
     PRIMARY KEY (op_id, seq)
 );
 """
@@ -68,8 +73,12 @@ class Operation:
 
 
 class Journal:
-    def __init__(self, db_path: Path) -> None:
+    """`mac_key` authenticates every row: recover acts on the journal (it can destroy a guest
+    and roll it forward to a checkpoint), so a row an attacker wrote must never be obeyed."""
+
+    def __init__(self, db_path: Path, mac_key: bytes) -> None:
         self.db_path = Path(db_path)
+        self.mac_key = mac_key
         try:
             self.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
@@ -91,32 +100,59 @@ class Journal:
             raise StorageError(f"{self.db_path}: journal write failed ({exc}); "
                                "free space in the state dir, then run `xen-vtpm recover`") from None
 
+    def _mac(self, *fields: Any) -> bytes:
+        return hmac.new(self.mac_key, json.dumps(fields).encode(), hashlib.sha256).digest()
+
     def begin(self, kind: str, vm: str, **params: Any) -> Operation:
-        cur = self._write("INSERT INTO op_journal(kind, vm, started, params) VALUES (?,?,?,?)",
-                          (kind, vm, time.time(), json.dumps(params, sort_keys=True)))
-        return Operation(cur.lastrowid, kind, vm, params)
+        text = json.dumps(params, sort_keys=True)
+        self._write("BEGIN IMMEDIATE", ())  # the id is part of the MAC: insert and MAC in one transaction
+        try:
+            op_id = self._write("INSERT INTO op_journal(kind, vm, started, params, mac) VALUES (?,?,?,?,?)",
+                                (kind, vm, time.time(), text, b"")).lastrowid
+            self._write("UPDATE op_journal SET mac=? WHERE op_id=?", (self._mac("op", op_id, kind, vm, text), op_id))
+            self._write("COMMIT", ())
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return Operation(op_id, kind, vm, params)
 
     def step(self, op: Operation, step: str, **data: Any) -> None:
-        self._write("INSERT INTO op_steps(op_id, seq, step, data, at) VALUES (?,?,?,?,?)",
-                    (op.op_id, len(op.steps), step, json.dumps(data, sort_keys=True), time.time()))
+        seq, text = len(op.steps), json.dumps(data, sort_keys=True)
+        self._write("INSERT INTO op_steps(op_id, seq, step, data, at, mac) VALUES (?,?,?,?,?,?)",
+                    (op.op_id, seq, step, text, time.time(), self._mac("step", op.op_id, seq, step, text)))
         op.steps.append((step, data))
         _crash_point(f"{op.kind}:{step}")
 
     def finish(self, op: Operation, outcome: str) -> None:
-        self._write("UPDATE op_journal SET finished=?, outcome=? WHERE op_id=?",
-                    (time.time(), outcome, op.op_id))
+        self._write("UPDATE op_journal SET finished=?, outcome=?, fin_mac=? WHERE op_id=?",
+                    (time.time(), outcome, self._mac("finished", op.op_id, outcome), op.op_id))
 
     def unfinished(self) -> list[Operation]:
+        """Unfinished operations, every row authenticated (IntegrityError names a forged one)."""
         ops = []
-        for op_id, kind, vm, params in self.db.execute(
-                "SELECT op_id, kind, vm, params FROM op_journal WHERE finished IS NULL ORDER BY op_id"):
+        for op_id, kind, vm, params, mac, fin_mac in self.db.execute(
+                "SELECT op_id, kind, vm, params, mac, fin_mac FROM op_journal WHERE finished IS NULL ORDER BY op_id"):
+            self._check(mac, f"operation {op_id}", "op", op_id, kind, vm, params)
+            if fin_mac is not None:  # finished once: someone cleared `finished` to have it re-run
+                raise IntegrityError(f"{self.db_path}: journal operation {op_id} was finished but is marked "
+                                     "unfinished (edited); recover will not act on it — inspect the catalog")
             op = Operation(op_id, kind, vm, json.loads(params))
-            for step, data in self.db.execute(
-                    "SELECT step, data FROM op_steps WHERE op_id=? ORDER BY seq", (op_id,)):
+            for seq, step, data, mac in self.db.execute(
+                    "SELECT seq, step, data, mac FROM op_steps WHERE op_id=? ORDER BY seq", (op_id,)):
+                self._check(mac, f"operation {op_id} step {seq}", "step", op_id, seq, step, data)
+                if seq != len(op.steps):
+                    raise IntegrityError(f"{self.db_path}: journal operation {op_id} misses step {len(op.steps)} "
+                                         "(rows removed); recover will not act on it — inspect the catalog")
                 op.steps.append((step, json.loads(data)))
             op.resume_point = op.last_step
             ops.append(op)
         return ops
+
+
+    def _check(self, mac: bytes, what: str, *fields: Any) -> None:
+        if not hmac.compare_digest(bytes(mac or b""), self._mac(*fields)):
+            raise IntegrityError(f"{self.db_path}: journal {what} fails its MAC (forged or edited); recover "
+                                 "will not act on it — inspect the catalog, restore it from a backup")
 
 
 def _crash_point(name: str) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-_LABELS = ("chunk_enc", "chunk_id", "manifest_mac", "head_mac", "audit_mac")
+_LABELS = ("chunk_enc", "chunk_id", "manifest_mac", "head_mac", "audit_mac", "journal_mac")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,7 @@ class SubKeys:
     manifest_mac: bytes = dataclasses.field(repr=False)
     head_mac: bytes = dataclasses.field(repr=False)
     audit_mac: bytes = dataclasses.field(repr=False)
+    journal_mac: bytes = dataclasses.field(repr=False)   # the coordinator's write-ahead journal
 
 
 def derive_keys(host_key: bytes) -> SubKeys:

@@ -413,9 +413,10 @@ def open_ports(cfg: Config, progress: Callable[..., Any] | None = None) -> Ports
     xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
     xl = Xl(cfg)
     from . import provision
-    store = Store(cfg, provision.open_host(cfg).keys)
+    keys = provision.open_host(cfg).keys
+    store = Store(cfg, keys)
     host = HostPort(cfg, store)
-    journal = Journal(state / "catalog.sqlite")
+    journal = Journal(state / "catalog.sqlite", keys.journal_mac)
     return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(cfg, xs, xl), vtpm=StubdomBackend(cfg, xs, xl),
                  store=store, host=host, audit=AuditPort(host), journal=journal,
                  xl_streams=XlStreams(cfg, xl, store, progress))
