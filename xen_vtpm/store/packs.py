@@ -167,8 +167,8 @@ def read_index(directory: Path, name: str) -> list[tuple[bytes, int, int]]:
             if pack_id.hex() != name:
                 raise IntegrityError(f"{where}: header names pack {pack_id.hex()}; a pack file was renamed or swapped")
             fh.seek(data_size - FOOTER.size)
-            index_off, count, _, digest, end = FOOTER.unpack(fh.read(FOOTER.size))
-            if end != END_MAGIC or index_off + count * INDEX.size + FOOTER.size != data_size \
+            index_off, count, reserved, digest, end = FOOTER.unpack(fh.read(FOOTER.size))
+            if end != END_MAGIC or reserved != 0 or index_off + count * INDEX.size + FOOTER.size != data_size \
                     or index_off < HEADER.size:
                 raise IntegrityError(f"{where}: bad or missing footer (truncated?); the store was damaged")
             fh.seek(index_off)

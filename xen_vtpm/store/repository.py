@@ -193,6 +193,12 @@ class Repository:
                 raise IntegrityError(f"{label}: catalog references chunk {cid.hex()[:16]} the manifest does not "
                                      "list; the catalog was altered")
             self._check_refcounts(checkpoint_id, label)
+            # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
+            # files no row claims, so a deleted row would turn into a deleted live pack.
+            known = {row[0] for row in self.catalog.query("SELECT name FROM packs")}
+            for pack in sorted(reader.pack_names() - known):
+                raise IntegrityError(f"{label}: pack {pack} holds chunks of this checkpoint but has no catalog "
+                                     "row; the catalog was altered — restore it before any other command")
             for pack in sorted(reader.pack_names()):
                 try:
                     index = {off: (cid, ln) for cid, off, ln in read_index(self.pack_dir, pack)}
@@ -365,6 +371,8 @@ class Repository:
         the listing that still belongs to someone is claimed in the snapshot."""
         with self.catalog.snapshot() as db:
             claimed = {f"packs/{r[0]}{SUFFIX}" for r in db.execute("SELECT name FROM packs")}
+            # A pack a chunk row points at is never garbage, even if its packs row went missing.
+            claimed |= {f"packs/{r[0]}{SUFFIX}" for r in db.execute("SELECT DISTINCT pack FROM chunks")}
             claimed |= {f"manifests/{r[0]}.manifest" for r in db.execute("SELECT id FROM checkpoints")}
             tokens = set()
             for lock, payload in db.execute("SELECT lock, payload FROM journal"):
