@@ -135,8 +135,9 @@ class Coordinator:
         The store row is written first: a crash before the head moves leaves a
         committed checkpoint that `recover` binds to the head (roll forward);
         the head is never ahead of what the catalog holds."""
-        summary = writer.commit()
-        self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
+        with self.p.host.exclusive():
+            summary = writer.commit()
+            self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
         return summary
 
     def _finish(self, op: Operation, *, action: str, vm: str, checkpoint: str | None,
@@ -260,12 +261,13 @@ class Coordinator:
                 self.p.journal.step(op, "commit")
                 writer.set_vtpm(capture)
                 writer.set_meta(save_file_digest=digest, save_file=path)
-                summary = writer.commit()
             except BaseException:
                 self._undo_snapshot(op, writer)
                 raise
-            # The save image and the vTPM capture are now a committed pair: end the guest as xl save does.
-            self._finish_save(op)
+            # Once committed, the save image and the vTPM capture are a pair: end the guest as xl save does.
+            with self.p.host.exclusive():
+                summary = writer.commit()
+                self._finish_save(op)
             return {"id": ckpt_id, "name": name, "domain": guest.name, "file": path, **summary}
 
     def _finish_save(self, op: Operation) -> None:
@@ -335,11 +337,12 @@ class Coordinator:
             op = self.p.journal.begin("delete", ckpt["vm_uuid"], guest=ckpt["vm_name"], checkpoint=ckpt["id"],
                                       manager_checkpoint=ckpt.get("manager_checkpoint"))
             self.p.journal.step(op, "delete-store")
-            freed = self.p.store.delete(ckpt["id"])
-            if ckpt.get("manager_checkpoint"):
-                self.p.journal.step(op, "discard-manager")
-                self.p.vtpm.discard(ckpt["manager_checkpoint"])
-            self._finish(op, action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
+            with self.p.host.exclusive():
+                freed = self.p.store.delete(ckpt["id"])
+                if ckpt.get("manager_checkpoint"):
+                    self.p.journal.step(op, "discard-manager")
+                    self.p.vtpm.discard(ckpt["manager_checkpoint"])
+                self._finish(op, action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
             return {"deleted": ckpt["id"], "name": ckpt["name"], "freed_bytes": freed}
 
     def checkpoints(self, domain: str | None) -> list[dict]:

@@ -358,8 +358,30 @@ class HostPort:
     def keys(self) -> Any:
         return self.host.keys
 
+    def exclusive(self) -> Any:
+        """The host lock: a catalog change and the head advance that binds it happen inside it,
+        so no freshness check ever sees one without the other."""
+        from . import provision
+        return provision.tpm_session(self.host.cfg)
+
     def check_fresh(self) -> None:
-        self.host.check_fresh()
+        """The head must match the TPM counter (no replay) and the catalog it was bound to
+        (no checkpoint rows added, removed or put back)."""
+        from . import catalog_head
+        with self.exclusive():
+            self.host.check_fresh()
+            conn = catalog_head.connect(self.host.state_dir)
+            try:
+                current, pending = catalog_head.read(conn, self.host.keys)
+            finally:
+                conn.close()
+            digest = self.store.catalog_digest()
+            bound = {h.catalog_digest for h in (current, pending) if h is not None}
+            if digest in bound or (bound == {catalog_head.GENESIS} and not self.store.list()):
+                return
+            raise IntegrityError("catalog: its checkpoint rows differ from the ones the TPM-bound head records "
+                                 "(rows added, removed or put back); if a command was interrupted run "
+                                 "`xen-vtpm recover`, otherwise restore the newest state dir")
 
     def advance(self) -> None:
         self.host.advance(self.store.catalog_digest())
