@@ -192,19 +192,29 @@ def run(args: argparse.Namespace, base: Path) -> int:
         lat: dict[str, list[float]] = {"snapshot": [], "rollback": [], "delete": []}
         samples = [soak.sample(0)]
         t_start = time.monotonic()
-        for cycle in range(1, args.cycles + 1):
-            took, _ = soak.tool("snapshot", GUEST, "--name", f"c{cycle}")
-            lat["snapshot"].append(took)
-            took, _ = soak.tool("rollback", GUEST, f"c{cycle}", "--yes")
-            lat["rollback"].append(took)
-            n, took = soak.prune(args.keep)
-            if n:
-                lat["delete"].append(took / n)
-            if cycle % args.every == 0 or cycle == args.cycles:
-                samples.append(soak.sample(cycle))
-                if not args.quiet:
-                    print(f"soak: cycle {cycle}/{args.cycles}, {time.monotonic() - t_start:.0f} s", file=sys.stderr)
+        done = 0
+        try:
+            for cycle in range(1, args.cycles + 1):
+                took, _ = soak.tool("snapshot", GUEST, "--name", f"c{cycle}")
+                lat["snapshot"].append(took)
+                took, _ = soak.tool("rollback", GUEST, f"c{cycle}", "--yes")
+                lat["rollback"].append(took)
+                n, took = soak.prune(args.keep)
+                if n:
+                    lat["delete"].append(took / n)
+                done = cycle
+                if cycle % args.every == 0 or cycle == args.cycles:
+                    samples.append(soak.sample(cycle))
+                    if not args.quiet:
+                        print(f"soak: cycle {cycle}/{args.cycles}, {time.monotonic() - t_start:.0f} s: "
+                              f"{json.dumps(samples[-1])}", file=sys.stderr)
+        except KeyboardInterrupt:  # a long soak stopped by hand still reports what it saw
+            print(f"soak: interrupted after cycle {done}", file=sys.stderr)
+            if done != samples[-1]["cycle"]:
+                samples.append(soak.sample(done))
         elapsed = time.monotonic() - t_start
+        if not done:
+            return 130
         soak.tool("verify", "--all")
         soak.tool("audit", "--verify")
     finally:
@@ -213,8 +223,8 @@ def run(args: argparse.Namespace, base: Path) -> int:
 
     print(render(samples, args.markdown))
     print()
-    print(f"{args.cycles} cycles in {elapsed:.1f} s: {args.cycles / elapsed * 60:.1f} cycles/min "
-          f"({elapsed / args.cycles:.2f} s per snapshot + rollback + prune)")
+    print(f"{done} cycles in {elapsed:.1f} s: {done / elapsed * 60:.1f} cycles/min "
+          f"({elapsed / done:.2f} s per snapshot + rollback + prune)")
     for op, values in lat.items():
         if values:
             p = percentiles(values)
@@ -229,7 +239,7 @@ def run(args: argparse.Namespace, base: Path) -> int:
         print(f"soak: FAIL: {p}", file=sys.stderr)
     if not problems:
         print(f"soak: ok, no growth from cycle {baseline['cycle']} to {samples[-1]['cycle']}")
-    return 1 if problems else 0
+    return 1 if problems else 0 if done == args.cycles else 130
 
 
 def main() -> int:

@@ -155,8 +155,6 @@ def assert_store_and_audit_verify(host: E2EHost) -> None:
 
 # --- the tests -------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="bugs CONC-1 (concurrent commands flush each other's objects on the host TPM: "
-                   "exit 8) and CONC-2 (catalog_head.advance not serialised across VMs)")
 def test_sixteen_guests_snapshotted_concurrently(host):
     before_counter, before_audit = counter(host), audit_count(host)
     with processes() as procs:

@@ -279,8 +279,6 @@ def test_state_dir_is_0700(host):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (h.state_dir / "sealed").iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="SEC-1 in the bug list: packs/, manifests/, store-locks/ 0755 and "
-                   "catalog.sqlite(-wal,-shm), *.pack(.tmp), *.manifest 0644 under umask 022")
 def test_every_state_file_0600_and_dir_0700(host):
     """Checked during the snapshot and rollback of the test above too (MODE_PROBLEMS)."""
     h, _ = host

@@ -457,15 +457,7 @@ assert len(BY_NAME) == len(ALL + ISOLATED)
 
 # Known open bugs (entries in the team's bug list, TM-n): the case must keep failing until fixed.
 XFAIL = {
-    "pack-flip-footer-reserved": "TM-1: pack footer reserved field not checked",
-    "row-checkpoints-vm_uuid": "TM-2: rollback resolves by the unauthenticated vm_uuid column before verify (exit 3)",
-    "row-checkpoints-swap-vm_uuid-other-vm": "TM-2: rollback resolves by the unauthenticated vm_uuid column (exit 3)",
     "row-checkpoints-stored_bytes": "TM-3: checkpoints.stored_bytes is neither bound nor checked",
-    "row-packs-name": "TM-4: verify ignores the packs table (chunk rows pointing at no pack row)",
-    "row-packs-delete": "TM-4: verify ignores the packs table (chunk rows pointing at no pack row)",
-    "replay-checkpoints-table-hides-newer": "TM-5: the head's catalog_digest is written but never compared",
-    "hide-newest-checkpoint-row": "TM-5: the head's catalog_digest is written but never compared",
-    "journal-forged-rollback": "TM-6: recover acts on an unauthenticated journal row (rolls guest1 back)",
 }
 
 # Cheap and representative, one per artifact family, verify only: the default suite.

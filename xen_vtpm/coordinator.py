@@ -83,10 +83,16 @@ class Coordinator:
         t0 = time.monotonic()
         try:
             self.p.journal.step(op, "guest-save")
-            save_info = self.p.xl_streams.save_to(guest.name, writer, leave_paused=True)
-            capture = self._capture_vtpm(op, vt, ckpt_id)
-            self.p.xl.unpause(guest.name)
-            pause_window = time.monotonic() - t0
+            # Returns once `xl save` has finished; the store keeps ingesting from the encrypted spool.
+            ingest = self.p.xl_streams.start_save(guest.name, writer, leave_paused=True)
+            try:
+                capture = self._capture_vtpm(op, vt, ckpt_id)
+                self.p.xl.unpause(guest.name)
+                pause_window = time.monotonic() - t0
+                save_info = ingest.wait()   # the guest runs; every byte must be in the writer before commit
+            except BaseException:
+                ingest.cancel()             # stops ingestion and frees the spool before the writer is aborted
+                raise
         except BaseException:
             self._undo_snapshot(op, writer)
             raise
@@ -373,6 +379,7 @@ class Coordinator:
         """Finish or undo every operation a crash interrupted (idempotent)."""
         report = []
         self.p.store.recover()
+        self.p.xl_streams.sweep_spools()  # a snapshot killed mid-ingest on a file system without O_TMPFILE
         for op in self.p.journal.unfinished():
             lock = self.p.lock(op.vm, op.params.get("guest", op.vm))
             try:

@@ -285,11 +285,6 @@ class XlStreams:
         if "error" in result:
             raise result["error"]
 
-    def save_to(self, guest: str, writer: Any, *, leave_paused: bool) -> dict:
-        """``start_save`` and wait for the store too (the pause then covers ingestion)."""
-        ingest = self.start_save(guest, writer, leave_paused=leave_paused)
-        return ingest.wait()
-
     def restore_from(self, checkpoint_id: str, guest: str, *, paused: bool) -> None:
         """Feed a checkpoint ``Repository.verify`` has checked into `xl restore` (GCM tags only)."""
         with self._fifo() as fifo:

@@ -67,9 +67,6 @@ class Repository:
         self.close()
 
     # --- helpers shared with writer / reader ------------------------------------------
-    def has_chunk(self, chunk_id: bytes) -> bool:
-        return bool(self.catalog.query("SELECT 1 FROM chunks WHERE id=?", (chunk_id,)))
-
     def manifest_path(self, checkpoint_id: str) -> Path:
         return self.manifest_dir / f"{checkpoint_id}.manifest"
 
