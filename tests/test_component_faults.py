@@ -37,8 +37,6 @@ RESULTS: list[tuple[str, str, str]] = []
 
 # (kind, step, component) -> open entry in the lead's bug list; such cases run as xfail(strict=True).
 KNOWN_BUGS: dict[tuple[str, str, str], str] = {
-    **{(kind, step, "xenstored"): "CF-1: a failed undo is journaled as finished; domains stay paused"
-       for kind in ("snapshot", "save") for step in ("guest-save", "vtpm-pause", "manager-checkpoint")},
     ("rollback", "restore-guest", "vtpm"): "CF-2: recover resumes at restore-guest without re-creating the vTPM",
     **{("delete", step, "vtpmmgr"): "CF-3: manager down mid-delete leaves the head behind: verify exits 5"
        for step in ("delete-store", "discard-manager")},

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import struct
@@ -103,6 +104,7 @@ def small_world(tmp_path):
         ids = {"A": h.snapshot("a")["id"]}
         advance_guest_tpm(h.tcti(), b"b")
         ids["B"] = h.snapshot("b")["id"]
+        h.tool("rollback", GUEST, ids["A"], "--yes", "--no-safety-checkpoint")   # a finished op to re-open
         save_file = tmp_path / "none.save"
         save_file.write_bytes(b"")
         shutil.copyfile(save_file, tmp_path / "pristine.save")
@@ -436,17 +438,33 @@ def _sealed_cases() -> list[Case]:
 
 
 def _journal_cases() -> list[Case]:
-    """The coordinator's journal shares the catalog: a forged unfinished rollback must not be acted on."""
+    """The coordinator's journal shares the catalog; `recover` (run first by every mutating command) acts
+    on its unfinished rows, so a forged or re-opened row must be refused, not acted on."""
     def forged_rollback(w: World) -> None:
         params = {"checkpoint": w.ids["B"], "guest": GUEST, "paused": False, "safety": None,
                   "vtpm": f"vtpm-{GUEST}"}
         (vm_uuid,) = _one(w, "SELECT vm_uuid FROM checkpoints WHERE id=?", (w.ids["B"],))
         with contextlib.closing(_db(w)) as db:
-            cur = db.execute("INSERT INTO op_journal(kind, vm, started, params) VALUES ('rollback', ?, ?, ?)",
-                             (vm_uuid, time.time(), json.dumps(params, sort_keys=True)))
-            db.execute("INSERT INTO op_steps(op_id, seq, step, data, at) VALUES (?, 0, 'destroy-guest', '{}', ?)",
-                       (cur.lastrowid, time.time()))
-    return [Case("journal-forged-rollback", forged_rollback, verify_cmd=("recover",), rollback=False)]
+            cur = db.execute("INSERT INTO op_journal(kind, vm, started, params, mac) VALUES ('rollback', ?, ?, ?, ?)",
+                             (vm_uuid, time.time(), json.dumps(params, sort_keys=True), os.urandom(32)))
+            db.execute("INSERT INTO op_steps(op_id, seq, step, data, at, mac) VALUES (?, 0, 'destroy-guest', '{}', ?, ?)",
+                       (cur.lastrowid, time.time(), os.urandom(32)))
+
+    def reopen_rollback(clear_fin_mac: bool, keep_steps: int | None = None) -> Callable[[World], None]:
+        def run(w: World) -> None:
+            (op_id,) = _one(w, "SELECT max(op_id) FROM op_journal WHERE kind='rollback'")
+            extra = ", fin_mac=NULL" if clear_fin_mac else ""
+            _sql(w, f"UPDATE op_journal SET finished=NULL, outcome=NULL{extra} WHERE op_id=?", (op_id,))
+            if keep_steps is not None:   # back to just after the first step: recover would redo the rest
+                _sql(w, "DELETE FROM op_steps WHERE op_id=? AND seq>=?", (op_id, keep_steps), expect_rows=None)
+        return run
+
+    return [Case("journal-forged-rollback", forged_rollback, verify_cmd=("recover",), rollback=False),
+            Case("journal-reopened-rollback", reopen_rollback(False), verify_cmd=("recover",), rollback=False),
+            Case("journal-reopened-rollback-no-fin-mac", reopen_rollback(True), verify_cmd=("recover",),
+                 rollback=False),
+            Case("journal-reopened-rollback-truncated-steps", reopen_rollback(True, keep_steps=1),
+                 verify_cmd=("recover",), rollback=False)]
 
 
 ALL = (_pack_cases() + _manifest_cases() + _catalog_cases() + _head_and_audit_cases() + _replay_cases()
@@ -458,6 +476,9 @@ assert len(BY_NAME) == len(ALL + ISOLATED)
 # Known open bugs (entries in the team's bug list, TM-n): the case must keep failing until fixed.
 XFAIL = {
     "row-checkpoints-stored_bytes": "TM-3: checkpoints.stored_bytes is neither bound nor checked",
+    "replay-checkpoints-table-hides-newer": "TM-7: restore looks the binding up before the freshness check (exit 3)",
+    "journal-reopened-rollback-no-fin-mac": "TM-8: an old op re-opened with fin_mac cleared looks like a crash",
+    "journal-reopened-rollback-truncated-steps": "TM-8: re-opened op with its later steps removed is redone",
 }
 
 # Cheap and representative, one per artifact family, verify only: the default suite.
