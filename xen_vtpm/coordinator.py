@@ -151,7 +151,8 @@ class Coordinator:
         """Log, then move the counter-bound head: the increment anchors the audit record too."""
         if not op.reached("advance-head"):
             self.p.journal.step(op, "advance-head")
-        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok")
+        # "op N" marks the operation ended in the anchored log: recover never runs it again.
+        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
         self.p.host.advance()
         self.p.journal.finish(op, outcome)
 
@@ -177,7 +178,8 @@ class Coordinator:
             self.p.journal.finish(op, "undone")
         with contextlib.suppress(XenVtpmError):  # the failure being undone is what the caller must see
             self.p.audit.append(action=op.kind, vm=data["guest"], checkpoint=data["checkpoint"],
-                                result="failed; undone" if not errors else f"failed; undo incomplete: {errors[0]}"[:500])
+                                result="failed; undone" if not errors else f"failed; undo incomplete: {errors[0]}"[:500],
+                                detail=f"op {op.op_id}" if not errors else "")
         return not errors
 
     # --- rollback ----------------------------------------------------------------
@@ -286,6 +288,7 @@ class Coordinator:
 
     def restore(self, path: str, *, paused: bool = False) -> dict:
         self.recover()
+        self.p.host.check_fresh()  # before the binding lookup: a hidden binding must read as tampering
         header = self.p.xl_streams.read_header(path)
         if not header.vtpms:
             raise PreconditionFailed(f"{path}: the saved guest has no vTPM; use `xl restore` directly")
@@ -380,7 +383,16 @@ class Coordinator:
         report = []
         self.p.store.recover()
         self.p.xl_streams.sweep_spools()  # a snapshot killed mid-ingest on a file system without O_TMPFILE
-        for op in self.p.journal.unfinished():
+        unfinished = self.p.journal.unfinished()
+        closed = self.p.audit.closed_ops() if unfinished else set()
+        for op in unfinished:
+            if op.op_id in closed:
+                # Its end is in the audit log: a crash right after logging it, or a finished op
+                # someone re-opened in the journal.  Either way it must not run again; only the
+                # head may still have to bind what it committed.
+                self.p.host.advance()
+                self.p.journal.finish(op, "closed (the audit log records its end)")
+                continue
             lock = self.p.lock(op.vm, op.params.get("guest", op.vm))
             try:
                 lock.__enter__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -397,8 +398,16 @@ class AuditPort:
     def __init__(self, host: HostPort) -> None:
         self.host = host
 
-    def append(self, *, action: str, vm: str | None, checkpoint: str | None, result: str) -> None:
-        self.host.host.audit(action, vm=vm, checkpoint=checkpoint, result=result)
+    def append(self, *, action: str, vm: str | None, checkpoint: str | None, result: str, detail: str = "") -> None:
+        self.host.host.audit(action, vm=vm, checkpoint=checkpoint, result=result, detail=detail)
+
+    def closed_ops(self) -> set[int]:
+        """Journal operations the (verified, MAC'd, counter-anchored) log records as ended."""
+        from . import audit
+        cfg = self.host.host.cfg
+        audit.verify(cfg)
+        return {int(m.group(1)) for r in audit.records(cfg)
+                if (m := re.fullmatch(r"op (\d+)", r.get("detail") or ""))}
 
 
 @dataclass
