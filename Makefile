@@ -30,9 +30,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The rest of the crash-at-every-step matrix (make test runs a representative subset).
+# The rest of the crash-at-every-step and tamper matrices (make test runs a representative subset).
 crash: setup
-	$(PY) -m pytest -q -m crash_full tests/test_crash_recover.py
+	$(PY) -m pytest -q -m crash_full
 
 # Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (9 targets); findings go to fuzz-findings/.
 fuzz: setup
