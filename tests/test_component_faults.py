@@ -36,11 +36,7 @@ EXIT = {"xenstored": (9,), "hosttpm": (8,), "vtpm": (9,), "vtpmmgr": (9,)}
 RESULTS: list[tuple[str, str, str]] = []
 
 # (kind, step, component) -> open entry in the lead's bug list; such cases run as xfail(strict=True).
-KNOWN_BUGS: dict[tuple[str, str, str], str] = {
-    ("rollback", "restore-guest", "vtpm"): "CF-2: recover resumes at restore-guest without re-creating the vTPM",
-    **{("delete", step, "vtpmmgr"): "CF-3: manager down mid-delete leaves the head behind: verify exits 5"
-       for step in ("delete-store", "discard-manager")},
-}
+KNOWN_BUGS: dict[tuple[str, str, str], str] = {}
 
 # The default run: per sequence, the step where each component that comes back is first needed
 # after the fault, and the dead-domain cases where the sequence most depends on that domain.

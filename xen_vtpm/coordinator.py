@@ -24,7 +24,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import (CheckpointNotFound, IntegrityError, Locked, NoCheckpointFeature,
+from .errors import (CheckpointNotFound, FreshnessError, IntegrityError, Locked, NoCheckpointFeature,
                      PreconditionFailed, XenVtpmError)
 from .journal import Operation
 from .vtpm.base import VtpmCapture, VtpmRef
@@ -237,6 +237,7 @@ class Coordinator:
         def restore_guest() -> None:
             if self.p.guests.exists(guest_name):  # a restore a crash cut short: start it over
                 self.p.xl.destroy(guest_name)
+            self.p.vtpm.start_verified(vt)  # its backend must be up (it may have died since start-vtpm)
             self.p.xl_streams.restore_from(ckpt["id"], guest_name, paused=True)
 
         self._step_once(op, "restore-guest", restore_guest)
@@ -346,13 +347,20 @@ class Coordinator:
             op = self.p.journal.begin("delete", ckpt["vm_uuid"], guest=ckpt["vm_name"], checkpoint=ckpt["id"],
                                       manager_checkpoint=ckpt.get("manager_checkpoint"))
             self.p.journal.step(op, "delete-store")
-            with self.p.host.exclusive():
-                freed = self.p.store.delete(ckpt["id"])
-                if ckpt.get("manager_checkpoint"):
-                    self.p.journal.step(op, "discard-manager")
-                    self.p.vtpm.discard(ckpt["manager_checkpoint"])
-                self._finish(op, action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
+            freed = self._delete_and_bind(ckpt["id"])
+            if ckpt.get("manager_checkpoint"):
+                self.p.journal.step(op, "discard-manager")
+                self.p.vtpm.discard(ckpt["manager_checkpoint"])
+            self._finish(op, action="delete", vm=ckpt["vm_name"], checkpoint=ckpt["id"])
             return {"deleted": ckpt["id"], "name": ckpt["name"], "freed_bytes": freed}
+
+    def _delete_and_bind(self, checkpoint_id: str) -> int:
+        """Delete from the store and bind the smaller catalog to the head at once, so a manager
+        that is down for the discard that follows leaves nothing that reads as tampering."""
+        with self.p.host.exclusive():
+            freed = self.p.store.delete(checkpoint_id, missing_ok=True)
+            self.p.host.advance()
+        return freed
 
     def checkpoints(self, domain: str | None) -> list[dict]:
         vm_uuid = None
@@ -361,7 +369,17 @@ class Coordinator:
         return self.p.store.list_described(vm_uuid)
 
     def verify(self, checkpoint: str | None) -> list[dict]:
-        self.p.host.check_fresh()
+        try:
+            self.p.host.check_fresh()
+        except (IntegrityError, FreshnessError):
+            # verify changes nothing, so it does not recover: say so if an interrupted change explains it.
+            pending = self.p.journal.unfinished()
+            if pending:
+                op = pending[0]
+                raise PreconditionFailed(f"{op.params.get('guest', op.vm)}: an interrupted {op.kind} (journal "
+                                         f"operation {op.op_id}, at {op.last_step}) must be finished first; "
+                                         "run `xen-vtpm recover`") from None
+            raise
         # Catalog rows only: opening a manifest already checks its MAC, which must be logged too.
         rows = [self.p.store.row(checkpoint)] if checkpoint else self.p.store.list()
         return [self._verify_logged(row, "verify") for row in rows]
@@ -387,10 +405,13 @@ class Coordinator:
         closed = self.p.audit.closed_ops() if unfinished else set()
         for op in unfinished:
             if op.op_id in closed:
-                # Its end is in the audit log: a crash right after logging it, or a finished op
-                # someone re-opened in the journal.  Either way it must not run again; only the
-                # head may still have to bind what it committed.
-                self.p.host.advance()
+                # Its end is in the audit log.  That is written only after the "advance-head"
+                # step, so a crash can leave exactly that; anything else was re-opened by hand.
+                if op.last_step != "advance-head":
+                    raise IntegrityError(f"journal operation {op.op_id} ({op.kind} of {op.params.get('guest')}): "
+                                         "the audit log records its end but the journal was re-opened before "
+                                         "it; recover will not run it again — inspect the catalog")
+                self.p.host.advance()  # the head may still have to bind what it committed
                 self.p.journal.finish(op, "closed (the audit log records its end)")
                 continue
             lock = self.p.lock(op.vm, op.params.get("guest", op.vm))
@@ -428,7 +449,7 @@ class Coordinator:
             self._restore_forward(op, self.p.store.resolve(ckpt_id))
             outcome = "finished"
         elif op.kind == "delete":
-            self.p.store.delete(ckpt_id, missing_ok=True)
+            self._delete_and_bind(ckpt_id)
             if op.params.get("manager_checkpoint"):
                 self.p.vtpm.discard(op.params["manager_checkpoint"])
             self._finish(op, action="delete", vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
