@@ -130,7 +130,11 @@ class StubdomBackend:
                            "a checkpoint needs exactly one consumer — detach the others first")
 
     def is_running(self, ref: VtpmRef) -> bool:
-        return self._domid(ref.backend) is not None
+        """Exists and has not crashed or begun dying (a crashed stub domain serves nothing)."""
+        if self._domid(ref.backend) is None:
+            return False
+        state = next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), "")
+        return not ({"c", "d"} & set(state))
 
     def is_paused(self, ref: VtpmRef) -> bool:
         return any(row["name"] == ref.backend and "p" in row["state"] for row in self.xl.list())
@@ -195,11 +199,9 @@ class StubdomBackend:
 
     def start_verified(self, ref: VtpmRef) -> None:
         """Create the vTPM stub domain and prove it loaded its state before anything attaches (I1)."""
-        if self.is_running(ref):
-            status = self.sd.console_status(self.cfg, ref.backend)
-            if status.loaded:
-                return
-            self.stop(ref)
+        if self.is_running(ref) and self.sd.console_status(self.cfg, ref.backend).loaded:
+            return
+        self.stop(ref)  # a crashed, dying or unproven one is destroyed and made again
         offset = self.sd.log_offset(self.cfg, ref.backend)
         self.xl.create(str(self._cfg_file(ref)))
         status = self.sd.wait_console_status(self.cfg, ref.backend, offset, self.cfg.manager_timeout)
