@@ -224,7 +224,7 @@ class Demo:
 
 
 def _flip_byte(pack: Path) -> int:
-    """Flip a byte in the first entry's sealed chunk (header 32 + entry header 48, formats-store §1)."""
+    """Flip a byte in the first entry's sealed chunk (header 32 + entry header 48, docs/formats.md, Checkpoint store §1)."""
     offset = 32 + 48 + 100
     with open(pack, "r+b") as fh:
         fh.seek(offset)
