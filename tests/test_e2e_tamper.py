@@ -26,7 +26,7 @@ def host(tmp_path_factory):
         yield h
 
 
-# --- reading the store the way docs/formats.md ("Checkpoint store") describes it ---------------------------
+# --- reading the store the way docs/formats.md, "Checkpoint store" describes it ---------------------------
 
 def _db(host: E2EHost) -> sqlite3.Connection:
     return sqlite3.connect(host.catalog, isolation_level=None)

@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL a writer or deleter at each journaled step, then recover and verify.
 
 The child process runs the real store code; ``XEN_VTPM_STORE_CRASH_AT`` makes it SIGKILL itself
-at the named step (docs/formats.md ("Checkpoint store") §4).  A second variant kills a writer while it is blocked
+at the named step (docs/formats.md, "Checkpoint store" §4).  A second variant kills a writer while it is blocked
 reading its input pipe after N bytes.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoint store: encrypted, deduplicated, tamper-evident (format: docs/formats.md ("Checkpoint store"))."""
+"""Checkpoint store: encrypted, deduplicated, tamper-evident (format: docs/formats.md, "Checkpoint store")."""
 from .manifest import Manifest, StreamRecord
 from .reader import CheckpointReader
 from .repository import Repository

@@ -1,4 +1,4 @@
-"""The store's tables in the shared SQLite catalog (schema: docs/formats.md ("Checkpoint store") §3).
+"""The store's tables in the shared SQLite catalog (schema: docs/formats.md, "Checkpoint store" §3).
 
 The file is shared with the host-TPM code (tables ``audit`` and ``head``), so this module
 touches only its own tables and keeps its schema version in ``store_meta`` rather than

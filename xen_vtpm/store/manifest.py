@@ -1,4 +1,4 @@
-"""Manifest: the versioned binary record of one checkpoint, MAC'd (docs/formats.md ("Checkpoint store") §2).
+"""Manifest: the versioned binary record of one checkpoint, MAC'd (docs/formats.md, "Checkpoint store" §2).
 
 ``encode`` is deterministic, so the MAC is over canonical bytes; ``parse`` accepts exactly what
 ``encode`` produces and turns every other input into one IntegrityError (it is fuzzed);

@@ -1,4 +1,4 @@
-"""Pack files: many sealed chunks appended to one file (format: docs/formats.md ("Checkpoint store") §1).
+"""Pack files: many sealed chunks appended to one file (format: docs/formats.md, "Checkpoint store" §1).
 
     header  32 B   magic "XVTPPACK" | version u32 | reserved u32 | pack id (16 B, = file name in hex)
     entry   48 B + n   chunk id (32) | nonce (12) | n u32 | sealed chunk (n B = plaintext + GCM tag)

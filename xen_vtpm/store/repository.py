@@ -3,7 +3,7 @@
 Layers (each testable alone): ``chunks`` (ids and AEAD), ``packs`` (file format), ``manifest``
 (record format and MAC), ``catalog`` (SQLite tables), ``writer``/``reader`` (one checkpoint).
 Files under the state dir: ``catalog.sqlite`` (shared), ``packs/<name>.pack``,
-``manifests/<checkpoint>.manifest``, ``store-locks/``.  Format: docs/formats.md ("Checkpoint store").
+``manifests/<checkpoint>.manifest``, ``store-locks/``.  Format: docs/formats.md, "Checkpoint store".
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .writer import CheckpointWriter
 DEFAULT_PACK_TARGET = 32 << 20
 # min/avg/max chunk sizes, smaller than the chunker's defaults: guests dirty memory in runs of
 # pages and a changed run costs about (run + avg) stored bytes; with 5% of an image rewritten in
-# 64 KiB runs, avg 16 KiB stores 8% new bytes where 64 KiB stores 15% (docs/formats.md ("Checkpoint store") §5).
+# 64 KiB runs, avg 16 KiB stores 8% new bytes where 64 KiB stores 15% (docs/formats.md, "Checkpoint store" §5).
 DEFAULT_CHUNK_SIZES = (4 << 10, 16 << 10, 64 << 10)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _STORE_FILE_RE = re.compile(r"(packs/[0-9a-f]{32}\.pack|manifests/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.manifest)(\.tmp)?")
