@@ -107,7 +107,7 @@ def test_bad_requests_get_an_error_and_change_nothing(lab):
         cases = [
             (lambda: lab.mgr.checkpoint(unknown, str(uuidlib.uuid4())), "unknown vTPM uuid"),
             (lambda: lab.mgr.restore(dom.uuid, unknown), "unknown checkpoint"),
-            (lambda: lab.mgr.discard(unknown), "unknown checkpoint"),
+            (lambda: lab.mgr.submit("discard", unknown), "unknown checkpoint"),   # raw: discard() is idempotent
             (lambda: lab.mgr.restore(dom.uuid, ckpt), "is open"),
             (lambda: lab.mgr.checkpoint(dom.uuid, ckpt), "already exists"),
             (lambda: lab.mgr.restore(ckpt, ckpt), "unknown vTPM uuid"),     # a checkpoint is not a vTPM
@@ -150,7 +150,7 @@ def test_corrupted_manager_disk_is_refused(lab):
         assert path.read_bytes() == bytes(bad)
         path.write_bytes(good)
         with pytest.raises(ManagerError, match="unknown checkpoint"):
-            lab.mgr.discard(ckpt)                           # the refused checkpoint never existed
+            lab.mgr.submit("discard", ckpt)                 # the refused checkpoint never existed
     finally:
         path.write_bytes(good)
         lab.sim.xl("unpause", dom.name)
@@ -161,7 +161,7 @@ def test_only_dom0_can_submit(lab):
     dom = lab.create("vtpm-m3")
     mgr = lab.mgr.info()
     with pytest.raises(ManagerError):              # any request leaves the request dir in place
-        lab.mgr.discard(str(uuidlib.uuid4()))
+        lab.mgr.submit("discard", str(uuidlib.uuid4()))
     domid = lab.sim.domid(dom.name)
     target = f"/local/domain/{mgr.domid}/control/vtpmmgr/request/evil"
     for as_domain in (domid, mgr.domid):
