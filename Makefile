@@ -7,7 +7,8 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-uti
                 build-essential pkg-config python3-dev python3-venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test crash fuzz bench clean
+.PHONY: setup demo test crash fuzz soak bench clean
+SOAK_CYCLES ?= 120
 FUZZ_SECONDS ?= 20
 
 setup: $(STAMP)
@@ -33,6 +34,10 @@ test: setup
 # The rest of the crash-at-every-step and tamper matrices (make test runs a representative subset).
 crash: setup
 	$(PY) -m pytest -q -m crash_full
+
+# Snapshot/rollback/delete cycles on one guest; fails on growth in fds, memory or processes.
+soak: setup
+	$(PY) bench/soak.py --cycles $(SOAK_CYCLES) --every 10
 
 # Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (9 targets); findings go to fuzz-findings/.
 fuzz: setup
