@@ -45,9 +45,8 @@ def _default_name(kind: str, ckpt_id: str) -> str:
 
 
 class Coordinator:
-    def __init__(self, ports: Any, progress: Callable[[str, int | None], Any] | None = None) -> None:
+    def __init__(self, ports: Any) -> None:
         self.p = ports
-        self.progress = progress
 
     # --- queries ---------------------------------------------------------------
     def _guest(self, domain: str) -> Guest:
@@ -136,11 +135,10 @@ class Coordinator:
                                      f"`xl unpause {guest.name}` first")
 
     def _commit(self, op: Operation, writer: Any, *, action: str, vm: str, checkpoint: str) -> dict:
-        """Commit the manifest, then advance the counter-bound head, then log.
+        """Commit the checkpoint and bind it to the head in one hold of the host lock.
 
-        The store row is written first: a crash before the head moves leaves a
-        committed checkpoint that `recover` binds to the head (roll forward);
-        the head is never ahead of what the catalog holds."""
+        A crash in between leaves a committed checkpoint that `recover` binds (roll forward);
+        no freshness check ever sees the catalog without its head."""
         with self.p.host.exclusive():
             summary = writer.commit()
             self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
