@@ -28,6 +28,13 @@ from .xl import Xl
 from .xlstreams import XlStreams
 
 
+def domid_of(xs: XenStore, name: str) -> int | None:
+    for d in xs.ls("/local/domain"):
+        if d.isdigit() and xs.read_or(f"/local/domain/{d}/name") == name:
+            return int(d)
+    return None
+
+
 # --- guests --------------------------------------------------------------------------
 class Guests:
     """Guest domains and their vTPM, read from XenStore's trusted copies."""
@@ -36,10 +43,7 @@ class Guests:
         self.cfg, self.xs, self.xl = cfg, xs, xl
 
     def _domid(self, name: str) -> int | None:
-        for d in self.xs.ls("/local/domain"):
-            if d.isdigit() and self.xs.read_or(f"/local/domain/{d}/name") == name:
-                return int(d)
-        return None
+        return domid_of(self.xs, name)
 
     def exists(self, name: str) -> bool:
         return self._domid(name) is not None
@@ -110,10 +114,7 @@ class StubdomBackend:
         return Path(disk_target(load_cfg(str(self._cfg_file(ref)))))
 
     def _domid(self, name: str) -> int | None:
-        for d in self.xs.ls("/local/domain"):
-            if d.isdigit() and self.xs.read_or(f"/local/domain/{d}/name") == name:
-                return int(d)
-        return None
+        return domid_of(self.xs, name)
 
     def supports_checkpoints(self) -> bool:
         return self.mgr.supports_checkpoints()
