@@ -478,7 +478,6 @@ assert len(BY_NAME) == len(ALL + ISOLATED)
 
 # Known open bugs (entries in the team's bug list, TM-n): the case must keep failing until fixed.
 XFAIL = {
-    "row-checkpoints-stored_bytes": "TM-3: checkpoints.stored_bytes is neither bound nor checked",
 }
 
 # Cheap and representative, one per artifact family, verify only: the default suite.

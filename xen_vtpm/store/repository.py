@@ -167,10 +167,13 @@ class Repository:
         return bool(self.catalog.query("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)))
 
     def catalog_digest(self) -> bytes:
-        """SHA-256 over every (checkpoint id, manifest MAC), for the TPM-bound catalog head."""
-        h = hashlib.sha256(b"xen-vtpm store v1\0")
-        for cid, blob in self.catalog.query("SELECT id, manifest FROM checkpoints ORDER BY id"):
-            h.update(cid.encode() + b"\0" + bytes(blob)[-32:])
+        """SHA-256 over every checkpoint row (its columns and its manifest MAC), for the TPM-bound
+        catalog head: a row added, removed or edited — even a display-only column such as
+        stored_bytes, which no manifest can hold — no longer matches the head."""
+        h = hashlib.sha256(b"xen-vtpm store v2\0")
+        for row in self.catalog.query("SELECT id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest "
+                                      "FROM checkpoints ORDER BY id"):
+            h.update(json.dumps([*row[:7], bytes(row[7])[-32:].hex()]).encode() + b"\n")
         return h.digest()
 
     # --- verify ------------------------------------------------------------------------
