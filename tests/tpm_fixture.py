@@ -43,8 +43,7 @@ def _free_port_pair() -> int:
 
 class Swtpm:
     def __init__(self, state_dir: Path) -> None:
-        if shutil.which("swtpm") is None:
-            pytest.skip("swtpm not installed (run `make setup`)")
+        assert shutil.which("swtpm"), "swtpm not installed: run `make setup` (it installs Debian's swtpm)"
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
