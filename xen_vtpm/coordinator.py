@@ -60,7 +60,7 @@ class Coordinator:
         self.recover()
         guest = self._guest(domain)
         with self.p.lock(guest.uuid, f"{guest.name}"):
-            self.p.host.check_fresh()
+            self._check_fresh("snapshot", guest.name)
             return self._snapshot_locked(guest, name, kind="snapshot")
 
     def _snapshot_locked(self, guest: Guest, name: str | None, kind: str) -> dict:
@@ -186,7 +186,7 @@ class Coordinator:
         self.recover()
         guest = self._guest(domain)
         with self.p.lock(guest.uuid, guest.name):
-            self.p.host.check_fresh()
+            self._check_fresh("rollback", guest.name, checkpoint)
             # Everything is verified before anything running is touched.  The catalog's vm_uuid
             # column is not authenticated, so an id that does not resolve for this VM is still
             # verified; the verified manifest then says whose it is.
@@ -250,7 +250,7 @@ class Coordinator:
         self.recover()
         guest = self._guest(domain)
         with self.p.lock(guest.uuid, guest.name):
-            self.p.host.check_fresh()
+            self._check_fresh("save", guest.name)
             vt = guest.vtpm
             self._check_can_suspend(guest)
             self.p.vtpm.check_single_consumer(vt)
@@ -287,7 +287,7 @@ class Coordinator:
 
     def restore(self, path: str, *, paused: bool = False) -> dict:
         self.recover()
-        self.p.host.check_fresh()  # before the binding lookup: a hidden binding must read as tampering
+        self._check_fresh("restore", None, path)  # before the binding lookup: a hidden binding is tampering
         header = self.p.xl_streams.read_header(path)
         if not header.vtpms:
             raise PreconditionFailed(f"{path}: the saved guest has no vTPM; use `xl restore` directly")
@@ -301,7 +301,7 @@ class Coordinator:
                 f"{path}: no xen-vtpm save binding for this file (digest {digest[:16]}…); it was not saved "
                 "by `xen-vtpm save` or was modified; `xl restore` it directly if you accept the vTPM's current state")
         with self.p.lock(ckpt["vm_uuid"], ckpt["vm_name"]):
-            self.p.host.check_fresh()
+            self._check_fresh("restore", ckpt["vm_name"], ckpt["id"])
             self._verify_logged(ckpt, "restore")
             if self.p.guests.exists(ckpt["vm_name"]):
                 raise PreconditionFailed(f"{ckpt['vm_name']}: a domain with this name is running; "
@@ -341,7 +341,7 @@ class Coordinator:
         self.recover()
         ckpt = self._checkpoint(checkpoint)
         with self.p.lock(ckpt["vm_uuid"], ckpt["vm_name"]):
-            self.p.host.check_fresh()
+            self._check_fresh("delete", ckpt["vm_name"], ckpt["id"])
             op = self.p.journal.begin("delete", ckpt["vm_uuid"], guest=ckpt["vm_name"], checkpoint=ckpt["id"],
                                       manager_checkpoint=ckpt.get("manager_checkpoint"))
             self.p.journal.step(op, "delete-store")
@@ -368,7 +368,7 @@ class Coordinator:
 
     def verify(self, checkpoint: str | None) -> list[dict]:
         try:
-            self.p.host.check_fresh()
+            self._check_fresh("verify", None, checkpoint)
         except (IntegrityError, FreshnessError):
             # verify changes nothing, so it does not recover: say so if an interrupted change explains it.
             pending = self.p.journal.unfinished()
@@ -381,6 +381,16 @@ class Coordinator:
         # Catalog rows only: opening a manifest already checks its MAC, which must be logged too.
         rows = [self.p.store.row(checkpoint)] if checkpoint else self.p.store.list()
         return [self._verify_logged(row, "verify") for row in rows]
+
+    def _check_fresh(self, action: str, vm: str | None, checkpoint: str | None = None) -> None:
+        """Freshness against the TPM counter and the bound catalog; damage found here is a
+        security event like a failed verify, so it is logged (best effort, as there)."""
+        try:
+            self.p.host.check_fresh()
+        except IntegrityError as exc:
+            with contextlib.suppress(XenVtpmError):
+                self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result=f"refused: {exc}"[:500])
+            raise
 
     def _verify_logged(self, ckpt: dict, action: str) -> dict:
         """Verify a checkpoint; a failed integrity check is a security event, so it is logged
