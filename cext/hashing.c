@@ -477,19 +477,25 @@ static int run_job(EVP_MD_CTX *ctx, xjob *j)
 }
 
 /* Called with mu held; runs one queued job in the calling thread.  Returns 0 if none was queued. */
-static int help_one_locked(xv_stream *s)
+/* Run a claimed job outside the lock (called and returning with s->mu held). */
+static void run_claimed_locked(xv_stream *s, EVP_MD_CTX *ctx, xjob *j)
 {
-    xjob *j = claim_locked(s);
-    if (!j)
-        return 0;
     pthread_mutex_unlock(&s->mu);
-    int rc = run_job(s->ctx, j);
+    int rc = run_job(ctx, j);
     pthread_mutex_lock(&s->mu);
     j->state = J_DONE;
     if (rc)
         s->err = rc;
     if (s->waiters)
         pthread_cond_broadcast(&s->done_cv);
+}
+
+static int help_one_locked(xv_stream *s)
+{
+    xjob *j = claim_locked(s);
+    if (!j)
+        return 0;
+    run_claimed_locked(s, s->ctx, j);
     return 1;
 }
 
@@ -509,14 +515,7 @@ static void *stream_worker(void *arg)
             pthread_cond_wait(&s->work_cv, &s->mu);
             continue;
         }
-        pthread_mutex_unlock(&s->mu);
-        int rc = run_job(ctx, j);
-        pthread_mutex_lock(&s->mu);
-        j->state = J_DONE;
-        if (rc)
-            s->err = rc;
-        if (s->waiters)
-            pthread_cond_broadcast(&s->done_cv);
+        run_claimed_locked(s, ctx, j);
     }
     pthread_mutex_unlock(&s->mu);
     EVP_MD_CTX_free(ctx);

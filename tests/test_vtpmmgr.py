@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim_fixture import sim_host_module  # noqa: F401
-from test_vtpm_stubdom import VtpmLab, _populate
+from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
 from xen_vtpm.errors import ManagerError, XenStorePermission
 from xen_vtpm.sim import mgrproto as mp
 from xen_vtpm.vtpm import stubdom
@@ -62,13 +62,6 @@ def test_request_parsing_fuzz(fields):
 
 # --- on a simulated host -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lab(sim_host_module):  # noqa: F811
-    lab = VtpmLab(sim_host_module)
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def _mgr_image(lab: VtpmLab) -> bytes:

@@ -263,7 +263,7 @@ class StreamTreeHash(_Stream):
         return self._root()
 
 
-class ChunkAndTree(_Stream):
+class ChunkAndTree(Chunker):
     """One pass over a stream yields its chunks and its Merkle root (``== tree_hash`` of the bytes).
 
     Both share one buffer and one pool of threads, so a fifo from ``xl save`` is read exactly once.
@@ -273,17 +273,8 @@ class ChunkAndTree(_Stream):
                  avg_size: int = DEFAULT_AVG, max_size: int = DEFAULT_MAX, *,
                  threads: int | None = None) -> None:
         _check_chunk_sizes(min_size, avg_size, max_size)
-        super().__init__("ChunkAndTree", chunking=True, sizes=(min_size, avg_size, max_size), tree=True,
+        _Stream.__init__(self, "ChunkAndTree", chunking=True, sizes=(min_size, avg_size, max_size), tree=True,
                          leaf_size=_check_leaf(leaf_size), threads=threads)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Chunk]:
-        return self._feed(data)
-
-    def finish(self) -> list[Chunk]:
-        return self._finish()
-
-    def consume(self, f: BinaryIO | int) -> Iterator[Chunk]:
-        return self._consume(f)
 
     def digest(self) -> bytes:
         """The Merkle root; valid after ``finish()`` (or after ``consume`` is exhausted)."""
