@@ -10,7 +10,7 @@ ffi.cdef((HERE / "hashing.h").read_text())
 ffi.set_source(
     "xen_vtpm._hashing",
     '#include <stdint.h>\n#include <stddef.h>\n#include "hashing.h"',
-    sources=[str(HERE / "hashing.c")],
+    sources=[str(HERE / "hashing.c"), str(HERE / "sha256_lanes.c")],
     include_dirs=[str(HERE)],
     libraries=["crypto", "pthread"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],

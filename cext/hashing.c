@@ -1,9 +1,6 @@
 /* State hashing: SHA-256 Merkle root over fixed leaves, and content-defined chunking with per-chunk
- * SHA-256, both spread over all cores.  Constructions: docs/formats.md, "State hashing".
- *
- * Speed notes (measured, see docs/performance.md): SHA-256 (SHA-NI) is ~40% slower when its input
- * streams from DRAM because its serial dependency chain keeps few loads in flight, so every digest
- * loop prefetches the next 1 KiB while hashing the current one. */
+ * SHA-256, both spread over all cores, and on each core over several messages at once
+ * (sha256_lanes.c).  Constructions: docs/formats.md, "State hashing". */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -21,7 +18,6 @@
 
 #include "hashing.h"
 
-#define STEP 1024u                   /* prefetch distance and update granularity */
 #define WINDOW (16u << 20)           /* bytes one tree worker maps at a time: bounds RSS */
 #define SPACE_MAX ((size_t)1 << 20)  /* bytes a stream accepts per commit */
 #define LEAF_MIN 64u
@@ -66,25 +62,13 @@ void xv_gear_table(uint64_t *out)
 
 /* ---------------------------------------------------------------- digests */
 
-/* SHA-256 of (prefix byte, if >= 0) || p[0..n), prefetching one STEP ahead. */
+/* SHA-256 of (prefix byte, if >= 0) || p[0..n): the small node and root messages.  Leaves and
+ * chunks, the bulk of the bytes, go through xv_sha256_batch. */
 static int digest(EVP_MD_CTX *ctx, int prefix, const unsigned char *p, size_t n, unsigned char *out)
 {
-    if (EVP_DigestInit_ex(ctx, g_md, NULL) != 1)
-        return XV_ECRYPTO;
-    if (prefix >= 0) {
-        unsigned char b = (unsigned char)prefix;
-        if (EVP_DigestUpdate(ctx, &b, 1) != 1)
-            return XV_ECRYPTO;
-    }
-    size_t off = 0;
-    for (; off + STEP <= n; off += STEP) {
-        if (off + 2 * STEP <= n)
-            for (unsigned k = 0; k < STEP; k += 64)
-                __builtin_prefetch(p + off + STEP + k, 0, 3);
-        if (EVP_DigestUpdate(ctx, p + off, STEP) != 1)
-            return XV_ECRYPTO;
-    }
-    if (off < n && EVP_DigestUpdate(ctx, p + off, n - off) != 1)
+    unsigned char b = (unsigned char)prefix;
+    if (EVP_DigestInit_ex(ctx, g_md, NULL) != 1 || (prefix >= 0 && EVP_DigestUpdate(ctx, &b, 1) != 1) ||
+        EVP_DigestUpdate(ctx, p, n) != 1)
         return XV_ECRYPTO;
     return EVP_DigestFinal_ex(ctx, out, NULL) == 1 ? XV_OK : XV_ECRYPTO;
 }
@@ -224,17 +208,25 @@ static void tree_fail(tree_t *t, int rc)
     atomic_compare_exchange_strong(&t->err, &zero, rc);
 }
 
+enum { LEAF_BATCH = 64 };
+
 static int block_root(EVP_MD_CTX *ctx, const unsigned char *p, uint64_t bytes, uint32_t leaf,
                       unsigned char *out)
 {
     mstack st;
-    unsigned char h[32];
+    const unsigned char *lp[LEAF_BATCH];
+    size_t ll[LEAF_BATCH];
+    unsigned char h[LEAF_BATCH][32];
     st.top = 0;
-    for (uint64_t off = 0; off < bytes; off += leaf) {
-        size_t k = bytes - off < leaf ? (size_t)(bytes - off) : leaf;
-        int rc = digest(ctx, 0x00, p + off, k, h);
-        if (!rc)
-            rc = ms_push(ctx, &st, h, 1);
+    for (uint64_t off = 0; off < bytes;) {
+        size_t n = 0;
+        for (; n < LEAF_BATCH && off < bytes; n++, off += leaf) {
+            lp[n] = p + off;
+            ll[n] = bytes - off < leaf ? (size_t)(bytes - off) : leaf;
+        }
+        int rc = xv_sha256_batch(n, lp, ll, 0x00, h[0]);
+        for (size_t i = 0; i < n && !rc; i++)
+            rc = ms_push(ctx, &st, h[i], 1);
         if (rc)
             return rc;
     }
@@ -453,7 +445,10 @@ static size_t cdc_cut(const xv_stream *s, const unsigned char *p, size_t n)
     return end;
 }
 
-static xjob *claim_locked(xv_stream *s)
+enum { CLAIM_MAX = 4 };   /* one batch fills the SHA-256 lanes */
+
+/* Claims the oldest queued jobs of one kind (they share a prefix, so they hash as one batch). */
+static int claim_locked(xv_stream *s, xjob **out)
 {
     xq *q = NULL;
     int c = s->cq.claim < s->cq.add, l = s->lq.claim < s->lq.add;
@@ -463,62 +458,64 @@ static xjob *claim_locked(xv_stream *s)
         q = &s->cq;
     else if (l)
         q = &s->lq;
-    if (!q)
-        return NULL;
-    xjob *j = &q->j[q->claim++ % q->cap];
-    j->state = J_CLAIMED;
-    s->unclaimed -= j->len;
-    return j;
+    int n = 0;
+    while (q && n < CLAIM_MAX && q->claim < q->add) {
+        xjob *j = &q->j[q->claim++ % q->cap];
+        j->state = J_CLAIMED;
+        s->unclaimed -= j->len;
+        out[n++] = j;
+    }
+    return n;
 }
 
-static int run_job(EVP_MD_CTX *ctx, xjob *j)
+/* Run claimed jobs outside the lock (called and returning with s->mu held). */
+static void run_claimed_locked(xv_stream *s, xjob **jobs, int n)
 {
-    return digest(ctx, j->kind == JOB_LEAF ? 0x00 : -1, j->p, j->len, j->digest);
-}
-
-/* Called with mu held; runs one queued job in the calling thread.  Returns 0 if none was queued. */
-/* Run a claimed job outside the lock (called and returning with s->mu held). */
-static void run_claimed_locked(xv_stream *s, EVP_MD_CTX *ctx, xjob *j)
-{
+    const unsigned char *p[CLAIM_MAX];
+    size_t len[CLAIM_MAX];
+    unsigned char dig[CLAIM_MAX][32];
+    for (int i = 0; i < n; i++) {
+        p[i] = jobs[i]->p;
+        len[i] = jobs[i]->len;
+    }
+    int prefix = jobs[0]->kind == JOB_LEAF ? 0x00 : -1;
     pthread_mutex_unlock(&s->mu);
-    int rc = run_job(ctx, j);
+    int rc = xv_sha256_batch((size_t)n, p, len, prefix, dig[0]);
     pthread_mutex_lock(&s->mu);
-    j->state = J_DONE;
+    for (int i = 0; i < n; i++) {
+        memcpy(jobs[i]->digest, dig[i], 32);
+        jobs[i]->state = J_DONE;
+    }
     if (rc)
         s->err = rc;
     if (s->waiters)
         pthread_cond_broadcast(&s->done_cv);
 }
 
+/* Called with mu held; runs queued jobs in the calling thread.  Returns 0 if none was queued. */
 static int help_one_locked(xv_stream *s)
 {
-    xjob *j = claim_locked(s);
-    if (!j)
-        return 0;
-    run_claimed_locked(s, s->ctx, j);
-    return 1;
+    xjob *j[CLAIM_MAX];
+    int n = claim_locked(s, j);
+    if (n)
+        run_claimed_locked(s, j, n);
+    return n;
 }
 
 static void *stream_worker(void *arg)
 {
     xv_stream *s = arg;
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     pthread_mutex_lock(&s->mu);
-    if (!ctx) {
-        /* The caller runs every job it waits for, so a missing worker only costs speed. */
-        pthread_mutex_unlock(&s->mu);
-        return NULL;
-    }
     while (!s->stop) {
-        xjob *j = claim_locked(s);
-        if (!j) {
+        xjob *j[CLAIM_MAX];
+        int n = claim_locked(s, j);
+        if (!n) {
             pthread_cond_wait(&s->work_cv, &s->mu);
             continue;
         }
-        run_claimed_locked(s, ctx, j);
+        run_claimed_locked(s, j, n);
     }
     pthread_mutex_unlock(&s->mu);
-    EVP_MD_CTX_free(ctx);
     return NULL;
 }
 

@@ -26,6 +26,12 @@ int xv_tree_hash_buf(const unsigned char *data, uint64_t len, uint32_t leaf_size
 int xv_tree_hash_fd(int fd, uint64_t len, uint32_t leaf_size, int nthreads, unsigned char *out,
                     int *err_errno);
 
+/* SHA-256 of n messages, each the prefix byte (if prefix >= 0) then p[i][0..len[i]), into out[32*i]:
+ * several at once on one core where the CPU allows (sha256_lanes.c). */
+int xv_sha256_batch(size_t n, const unsigned char *const *p, const size_t *len, int prefix,
+                    unsigned char *out);
+const char *xv_sha256_engine(void);
+
 /* The 256-entry gear table of the content-defined chunker. */
 void xv_gear_table(uint64_t *out);
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO, NamedTuple
 
 from ._hashing import ffi, lib
 from .errors import HashSourceError
 
 __all__ = [
-    "Chunk", "Chunker", "ChunkAndTree", "StreamTreeHash", "tree_hash",
+    "Chunk", "Chunker", "ChunkAndTree", "StreamTreeHash", "tree_hash", "sha256_many", "SHA256_ENGINE",
     "PyChunker", "PyStreamTreeHash", "py_tree_hash", "gear_table",
     "DEFAULT_LEAF", "DEFAULT_MIN", "DEFAULT_AVG", "DEFAULT_MAX",
 ]
@@ -80,6 +80,24 @@ def _raise_for(rc: int, what: str, err_errno: int = 0) -> None:
     if rc == lib.XV_ESTATE:
         raise ValueError(f"{what}: already finished; start a new one")
     raise RuntimeError(f"{what}: hashing engine failed (code {rc}); this is a bug, please report it")
+
+
+SHA256_ENGINE: str = ffi.string(lib.xv_sha256_engine()).decode()
+"""How the C code computes SHA-256 here: "sha-ni, 4 lanes" or "libcrypto"."""
+
+# --------------------------------------------------------------------------- SHA-256 of many messages
+
+def sha256_many(messages: Sequence[bytes | bytearray | memoryview], prefix: int | None = None) -> list[bytes]:
+    """SHA-256 of each message (preceded by the byte ``prefix``, if given), several at once per core."""
+    if prefix is not None and not 0 <= prefix <= 255:
+        raise ValueError(f"sha256_many: prefix must be a byte value, not {prefix}")
+    keep = [ffi.from_buffer(m) for m in messages]
+    out = ffi.new("unsigned char[]", 32 * len(keep) or 1)
+    rc = lib.xv_sha256_batch(len(keep), ffi.new("const unsigned char *[]", keep),
+                             ffi.new("size_t[]", [len(b) for b in keep]), -1 if prefix is None else prefix, out)
+    _raise_for(rc, "sha256_many")
+    digest = ffi.buffer(out)
+    return [bytes(digest[32 * i:32 * i + 32]) for i in range(len(keep))]
 
 
 # --------------------------------------------------------------------------- tree hash
