@@ -54,6 +54,7 @@ if [ "$1" = save ]; then
     rec="$records/save-$(printf %04d "$n")"
     "$real" save $flags "$dom" "$rec.part" "$@" || exit $?
     mv "$rec.part" "$rec"
+    printf '%s\n' "$out" >> "$records.targets"
     cat "$rec" > "$out" || exit 1
     exit 0
 fi
@@ -151,6 +152,18 @@ class E2EHost:
         recs = sorted(p for p in self.records.iterdir() if not p.name.endswith(".part"))
         assert recs, "no xl save stream was recorded"
         return recs[-1]
+
+    def last_save_target(self) -> str:
+        """Where the tool told `xl save` to write, last time (its spool, or the save file)."""
+        return Path(f"{self.records}.targets").read_text().splitlines()[-1]
+
+    def with_config(self, where: Path, **keys: object) -> "E2EHost":
+        """The same host, the tool run with some config keys changed."""
+        lines = [ln for ln in Path(self.env["XEN_VTPM_CONFIG"]).read_text().splitlines()
+                 if ln.split("=")[0].strip() not in keys]
+        config = where / "xen-vtpm.conf"
+        config.write_text("\n".join([*lines, *(f"{k} = {v}" for k, v in keys.items())]) + "\n")
+        return E2EHost(sim=self.sim, env=dict(self.env, XEN_VTPM_CONFIG=str(config)), records=self.records)
 
 
 def saved_memory_digest(save_file: Path, mib: int = GUEST_MIB) -> str:

@@ -41,8 +41,8 @@ KNOWN_BUGS: dict[tuple[str, str, str], str] = {}
 # The default run: per sequence, the step where each component that comes back is first needed
 # after the fault, and the dead-domain cases where the sequence most depends on that domain.
 REPRESENTATIVE = {
-    ("snapshot", "vtpm-pause", "xenstored"), ("snapshot", "manager-checkpoint", "hosttpm"),
-    ("snapshot", "manager-checkpoint", "vtpmmgr"), ("snapshot", "vtpm-pause", "vtpm"),
+    ("snapshot", "guest-save", "xenstored"), ("snapshot", "manager-checkpoint", "hosttpm"),
+    ("snapshot", "manager-checkpoint", "vtpmmgr"), ("snapshot", "manager-checkpoint", "vtpm"),
     ("rollback", "start-vtpm", "xenstored"), ("rollback", "advance-head", "hosttpm"),
     ("save", "destroy-guest", "xenstored"), ("restore", "restore-guest", "hosttpm"),
     ("delete", "discard-manager", "vtpmmgr"),

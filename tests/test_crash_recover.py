@@ -196,22 +196,22 @@ class TestSnapshot:
 
     def test_next_command_recovers_first(self, host):
         """No explicit recover: the admin just runs the next command, which must recover first
-        (here the crash left guest1 and its vTPM paused, which a snapshot would otherwise refuse)."""
+        (here the crash left guest1 paused, which a snapshot would otherwise refuse)."""
         with host.case() as sim:
             cur = ch.new_state(sim)
-            ch.crash(sim, "snapshot", GUEST, "--name", "crashed", at="snapshot:resume")
+            ch.crash(sim, "snapshot", GUEST, "--name", "crashed", at="snapshot:manager-checkpoint")
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             assert "crashed" not in ch.checkpoint_ids(sim)
             rolls_back_to(sim, "next", cur)
             sim.tool("delete", "next")
-            record("snapshot, then snapshot", "resume", "ok — the next snapshot undid the crashed one first")
+            record("snapshot, then snapshot", "manager-checkpoint", "ok — the next snapshot undid the crashed one first")
 
     def test_checks_catch_an_unrecovered_crash(self, host):
         """Negative control: without recover, the checks must see the crash (paused domains, open op)."""
         with host.case() as sim:
             ch.new_state(sim)
-            ch.crash(sim, "snapshot", GUEST, "--name", "unrecovered", at="snapshot:resume")
+            ch.crash(sim, "snapshot", GUEST, "--name", "unrecovered", at="snapshot:manager-checkpoint")
             with pytest.raises(AssertionError, match="unfinished operations"):
                 ch.no_unfinished_ops(sim)
             with pytest.raises(AssertionError, match="left paused"):

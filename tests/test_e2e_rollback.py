@@ -53,6 +53,7 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
     at_snapshot = tpm_state(host.tcti())
     snap = host.snapshot("rb-s1")
     mem_at_snapshot = saved_memory_digest(host.last_save_record())
+    assert host.last_save_target().startswith("/proc/"), "a small guest is spooled in RAM"
 
     # The guest moves on: memory and every observed vTPM object change.
     advanced = advance_guest_tpm(host.tcti(), b"after rb-s1")
@@ -85,6 +86,22 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
 
     host.tool("verify", "--all")
     host.tool("audit", "--verify")
+
+
+def test_a_guest_over_the_ram_budget_goes_through_the_encrypted_disk_spool(host, tmp_path):
+    disk = host.with_config(tmp_path, spool_ram_mib=0)
+    at_snapshot = tpm_state(host.tcti())
+    disk.snapshot("rb-disk")
+    assert disk.last_save_target().endswith(".fifo")
+    mem_at_snapshot = saved_memory_digest(host.last_save_record())
+    advance_guest_tpm(host.tcti(), b"after rb-disk")
+    _changed_memory(host, mem_at_snapshot)
+
+    disk.tool_json("rollback", GUEST, "rb-disk", "--yes", "--paused", "--no-safety-checkpoint")
+    assert host.memdigest() == mem_at_snapshot
+    assert tpm_state(host.tcti()) == at_snapshot
+    host.xl("unpause", GUEST)
+    disk.tool("delete", "rb-disk")
 
 
 def test_rollback_without_safety_checkpoint_leaves_the_guest_running(host):

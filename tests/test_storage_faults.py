@@ -56,12 +56,25 @@ def usable_again(sim) -> None:
     sim.tool("delete", "after-fault")
 
 
-def test_disk_full_during_snapshot(sim):
-    """No room for the guest's save image (the spool in state_dir/tmp, the first big write)."""
+def _spool_config(sim, where, spool_ram_mib: int):
+    config = where / "spool.ini"
+    config.write_text(sim.config.read_text().replace("spool_ram_mib = -1", f"spool_ram_mib = {spool_ram_mib}"))
+    assert f"spool_ram_mib = {spool_ram_mib}" in config.read_text()
+    return config
+
+
+SPOOLS = pytest.mark.parametrize("spool_ram_mib", [-1, 0], ids=["memory-spool", "disk-spool"])
+
+
+@SPOOLS
+def test_disk_full_during_snapshot(sim, tmp_path, spool_ram_mib):
+    """No room for the guest's memory in the store: with the spool in RAM the pack writes fail,
+    with the spool on disk (state_dir/tmp) the spool is the first big write that fails."""
     cur = fill_guest_memory(sim)
     room = fh.state_usage(sim) + (3 << 20)          # far less than the 16 MiB of random memory
+    config = _spool_config(sim, tmp_path, spool_ram_mib)
     with fh.state_on_tmpfs(sim, room) as state:
-        proc = sim.tool("snapshot", GUEST, "--name", "full", check=False, timeout=120)
+        proc = sim.tool("--config", str(config), "snapshot", GUEST, "--name", "full", check=False, timeout=120)
         err = fh.assert_one_line_error(proc, (10,), "snapshot on a full disk")
         print(f"\ndisk full: exit {proc.returncode}: {err}")
         assert "disk full" in err or "No space left" in err, err
@@ -71,12 +84,15 @@ def test_disk_full_during_snapshot(sim):
     usable_again(sim)
 
 
-def test_file_size_limit_during_snapshot(sim):
-    """RLIMIT_FSIZE on the tool: its writes beyond the limit fail with EFBIG (Python ignores SIGXFSZ)."""
+@SPOOLS
+def test_file_size_limit_during_snapshot(sim, tmp_path, spool_ram_mib):
+    """RLIMIT_FSIZE on the tool: its writes beyond the limit fail with EFBIG (Python ignores SIGXFSZ).
+    `xl save` inherits it: writing the in-memory spool fails in `xl`, which is still a storage error."""
     cur = fill_guest_memory(sim)
     limit = max(p.stat().st_size for p in ch.state_dir(sim).rglob("*") if p.is_file()) + (1 << 20)
-    proc = sim.run(["prlimit", f"--fsize={limit}", *ch.sim_tool_argv(), "snapshot", GUEST, "--name", "limited"],
-                   check=False, timeout=120)
+    config = _spool_config(sim, tmp_path, spool_ram_mib)
+    proc = sim.run(["prlimit", f"--fsize={limit}", *ch.sim_tool_argv(), "--config", str(config),
+                    "snapshot", GUEST, "--name", "limited"], check=False, timeout=120)
     err = fh.assert_one_line_error(proc, (10,), "snapshot under a file-size limit")
     print(f"\nfile-size limit: exit {proc.returncode}: {err}")
     after_fault(sim, cur, "limited")

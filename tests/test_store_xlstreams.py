@@ -22,7 +22,7 @@ from xen_vtpm.hashing import PyChunker
 from xen_vtpm.store.manifest import ROOT_LABEL
 from xen_vtpm.store.packs import ENTRY
 from xen_vtpm import xlstreams
-from xen_vtpm.xlstreams import SaveIngest, XlStreams, _Spool
+from xen_vtpm.xlstreams import SaveIngest, XlStreams, _DiskSpool
 
 DATA = guest_memory(3 << 20, seed=77)
 MARK = b"PLAINTEXT-MARKER" * 256          # 4 KiB that must never reach the disk in the clear
@@ -33,9 +33,11 @@ class StandInXl:
 
     def __init__(self, data: bytes, fail_after: int | None = None) -> None:
         self.data, self.fail_after = data, fail_after
+        self.files: list[str] = []
 
     def save(self, guest: str, file: str, cfg: object = None, checkpoint: bool = False,
              leave_paused: bool = False) -> None:
+        self.files.append(file)
         with open(file, "wb") as out:
             out.write(self.data[:self.fail_after])
         if self.fail_after is not None:
@@ -62,8 +64,8 @@ def env(tmp_path):
     repo.close()
 
 
-def _streams(state, data: bytes, fail_after: int | None = None) -> XlStreams:
-    return XlStreams(Config(state_dir=state), StandInXl(data, fail_after), None, None)
+def _streams(state, data: bytes, fail_after: int | None = None, ram_mib: int = -1) -> XlStreams:
+    return XlStreams(Config(state_dir=state, spool_ram_mib=ram_mib), StandInXl(data, fail_after), None, None)
 
 
 def _open_fds() -> set[str]:
@@ -115,7 +117,7 @@ def test_ingestion_yields_the_cpu_until_the_guest_runs(env):
 
 
 def test_spool_is_encrypted_and_nameless(tmp_path):
-    spool = _Spool(tmp_path)
+    spool = _DiskSpool(tmp_path)
     try:
         data = MARK * 600 + os.urandom(5000)                  # several blocks, an odd tail
         assert spool.fill(io.BytesIO(data)) == len(data)
@@ -161,7 +163,7 @@ def test_cancel_stops_ingestion_and_frees_the_spool(env):
 
 
 def test_a_broken_stream_never_commits_as_complete(tmp_path):
-    spool = _Spool(tmp_path)
+    spool = _DiskSpool(tmp_path)
 
     class Broken(io.RawIOBase):
         def readinto(self, buf):
@@ -235,3 +237,45 @@ def test_restore_pass_yields_the_same_bytes(env):
         seen = []
         assert b"".join(r.stream("memory", progress=seen.append, full_check=False)) == DATA
         assert sum(seen) == len(DATA)
+
+
+# --------------------------------------------------------------------------- the spool in RAM
+
+def test_an_image_that_fits_the_budget_is_spooled_in_memory(env):
+    state, repo = env
+    fds = _open_fds()
+    streams = _streams(state, DATA, ram_mib=64)
+    w = repo.begin_checkpoint("vm-1", "guest1", name="in-ram")
+    gated = GatedWriter(w)
+    ingest = streams.start_save("guest1", gated, leave_paused=True, expected_bytes=len(DATA))
+    # `xl save` wrote into our unnamed memory file, reopened through /proc; nothing has a name on disk.
+    assert streams.xl.files == [f"/proc/{os.getpid()}/fd/{streams.xl.files[0].rsplit('/', 1)[1]}"]
+    assert os.readlink(streams.xl.files[0]).startswith("/memfd:xen-vtpm-spool")
+    assert not gated.go.is_set() and not (state / "tmp").exists()
+    gated.go.set()
+    assert ingest.wait() == {"bytes": len(DATA)}
+    w.commit()
+    assert read_all(repo, w.checkpoint_id) == DATA
+    assert _open_fds() <= fds
+
+
+@pytest.mark.parametrize("ram_mib, expected", [(0, len(DATA)), (8, 64 << 20), (64, 0)])
+def test_an_image_over_the_budget_or_of_unknown_size_goes_to_the_encrypted_disk_spool(env, ram_mib, expected):
+    state, repo = env
+    streams = _streams(state, DATA, ram_mib=ram_mib)
+    w = repo.begin_checkpoint("vm-1", "guest1", name="on-disk")
+    assert streams.start_save("guest1", w, leave_paused=True, expected_bytes=expected).wait() == {"bytes": len(DATA)}
+    w.commit()
+    assert streams.xl.files[0].startswith(f"{state}/tmp/") and streams.xl.files[0].endswith(".fifo")
+    assert read_all(repo, w.checkpoint_id) == DATA
+
+
+def test_xl_failure_with_the_memory_spool_frees_it(env):
+    state, repo = env
+    fds = _open_fds()
+    w = repo.begin_checkpoint("vm-1", "guest1", name="broken-ram")
+    with pytest.raises(XlError, match="stand-in"):
+        _streams(state, DATA, fail_after=len(DATA) // 2, ram_mib=64).start_save(
+            "guest1", w, leave_paused=True, expected_bytes=len(DATA))
+    w.abort()
+    assert _open_fds() <= fds and repo.list_checkpoints() == [] and os.listdir(state / "packs") == []

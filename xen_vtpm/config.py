@@ -41,6 +41,10 @@ class Config:
     # Where the xl cfg files of the vTPM stub domains live (<name>.cfg): a rollback has to
     # re-create a vTPM stub domain exactly as the administrator defined it.
     domain_cfg_dir: Path = Path("/etc/xen")
+    # RAM a snapshot's spool may take (MiB): an image that fits goes to memory, which keeps the
+    # guest's pause as short as a bare `xl save`; a larger one goes to an encrypted file on disk.
+    # -1: half of MemAvailable at the time; 0: always disk.
+    spool_ram_mib: int = -1
 
     @classmethod
     def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> "Config":

@@ -37,6 +37,7 @@ class Guest:
     uuid: str
     vtpm: VtpmRef
     paused: bool
+    mem_mib: int = 0       # `xl list`'s Mem: sizes the snapshot spool
 
 
 def _default_name(kind: str, ckpt_id: str) -> str:
@@ -83,7 +84,8 @@ class Coordinator:
         try:
             self.p.journal.step(op, "guest-save")
             # Returns once `xl save` has finished; the store keeps ingesting from the encrypted spool.
-            ingest = self.p.xl_streams.start_save(guest.name, writer, leave_paused=True)
+            ingest = self.p.xl_streams.start_save(guest.name, writer, leave_paused=True,
+                                                  expected_bytes=guest.mem_mib << 20)
             try:
                 capture = self._capture_vtpm(op, vt, ckpt_id)
                 self.p.xl.unpause(guest.name)
@@ -103,15 +105,15 @@ class Coordinator:
                 "vtpm_uuid": vt.uuid, "pause_window_s": round(pause_window, 4), **manifest}
 
     def _capture_vtpm(self, op: Operation, vt: VtpmRef, ckpt_id: str) -> VtpmCapture:
-        """I3: the guest is suspended; pause its vTPM so no command moves the pair while we copy it."""
-        self.p.journal.step(op, "vtpm-pause")
-        self.p.vtpm.pause(vt)
+        """I3: capture the vTPM while its guest is suspended.
+
+        The stub domain is not paused as well: its only consumer (checked before the save) is the
+        suspended guest, whose frontend finished its last command (TPM2_Shutdown) while suspending,
+        so nothing can move the pair; ``capture`` still checks that the manager's copy names a slot
+        of the image it read.  Pausing it would cost two `xl` calls inside the guest's pause window."""
         self.p.journal.step(op, "manager-checkpoint", manager_checkpoint=ckpt_id)
-        capture = (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
-                   else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
-        self.p.journal.step(op, "resume")
-        self.p.vtpm.unpause(vt)
-        return capture
+        return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
+                else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
 
     def _step_once(self, op: Operation, name: str, action: Callable[[], Any]) -> None:
         """Journal and run a step; when recover resumes an op, skip the steps that completed.
@@ -159,10 +161,8 @@ class Coordinator:
         fails (a component is down), the op stays unfinished, so recover — which every later
         command runs first — retries it once the component is back; False then."""
         data = op.params
-        vt = self.p.guests.vtpm_by_backend(data["vtpm"])
         errors = []
         for action in (
-            lambda: vt and self.p.vtpm.is_running(vt) and self.p.vtpm.is_paused(vt) and self.p.vtpm.unpause(vt),
             lambda: (not data.get("guest_was_paused") and self.p.guests.exists(data["guest"])
                      and self.p.guests.is_paused(data["guest"]) and self.p.xl.unpause(data["guest"])),
             lambda: op.reached("manager-checkpoint") and self.p.vtpm.discard(data["checkpoint"]),

@@ -48,8 +48,11 @@ class Guests:
     def exists(self, name: str) -> bool:
         return self._domid(name) is not None
 
+    def _row(self, name: str) -> dict:
+        return next((row for row in self.xl.list() if row["name"] == name), {"state": "", "mem": 0})
+
     def is_paused(self, name: str) -> bool:
-        return any(row["name"] == name and "p" in row["state"] for row in self.xl.list())
+        return "p" in self._row(name)["state"]
 
     def find(self, domain: str) -> Any:
         from .coordinator import Guest
@@ -78,7 +81,8 @@ class Guests:
             raise PreconditionFailed(f"{link['backend_name']}: the vTPM stub domain has no single verified link "
                                      "to the vTPM manager; check `xen-vtpm list`")
         ref = VtpmRef(guest=name, devid=link["devid"], backend=link["backend_name"], uuid=mgr_links[0]["uuid"])
-        return Guest(name=name, domid=domid, uuid=vm_uuid, vtpm=ref, paused=self.is_paused(name))
+        row = self._row(name)
+        return Guest(name=name, domid=domid, uuid=vm_uuid, vtpm=ref, paused="p" in row["state"], mem_mib=row["mem"])
 
     def vtpm_by_backend(self, backend: str) -> VtpmRef | None:
         return VtpmRef(guest="", devid=0, backend=backend, uuid="") if backend else None
@@ -136,15 +140,6 @@ class StubdomBackend:
             return False
         state = next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), "")
         return not ({"c", "d"} & set(state))
-
-    def is_paused(self, ref: VtpmRef) -> bool:
-        return any(row["name"] == ref.backend and "p" in row["state"] for row in self.xl.list())
-
-    def pause(self, ref: VtpmRef) -> None:
-        self.xl.pause(ref.backend)
-
-    def unpause(self, ref: VtpmRef) -> None:
-        self.xl.unpause(ref.backend)
 
     def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
         return self._slot_hashes(self._image(ref).read_bytes())

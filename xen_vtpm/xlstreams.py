@@ -1,9 +1,11 @@
 """`xl save` / `xl restore` wired to the checkpoint store, with no plaintext image on disk.
 
-Snapshot: `xl save` writes a fifo; a thread tees it, encrypted, into a spool file at disk
-speed, and the store ingests from the spool as it grows.  ``start_save`` returns as soon as
-`xl save` has finished, so the guest's pause ends at disk speed while ingestion goes on; the
-caller waits for it (``SaveIngest.wait``) before committing.  Rollback: the store feeds
+Snapshot: `xl save` writes into a spool the store ingests from.  When the image fits the RAM
+budget the spool is an unnamed memory file `xl save` writes directly (the pause then costs what
+a bare `xl save` costs); otherwise `xl save` writes a fifo and a thread tees it, encrypted, into
+an unnamed file on disk, which the store reads as it grows.  ``start_save`` returns as soon as
+`xl save` has finished, so the guest's pause never waits for ingestion; the caller waits for
+it (``SaveIngest.wait``) before committing.  Rollback: the store feeds
 `xl restore` through a fifo, decrypting ahead of the writes.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import secrets
 import threading
 from pathlib import Path
@@ -22,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import hashing
 from .config import Config
-from .errors import XlError
+from .errors import StorageError, XlError
 from .store.fsio import storage_error
 from .xl import SaveHeader, Xl, read_save_header
 
@@ -63,50 +66,21 @@ def _nameless_file(directory: Path) -> int:
 
 
 class _Spool:
-    """A temp file one thread appends to while another reads behind it, encrypted with a key that
-    exists only in this process (AES-256-CTR; the file is private and short-lived, so secrecy is
-    what it needs), so no guest memory rests on disk in the clear."""
+    """A file one side appends to while the store reads behind it; consumed ranges are punched out,
+    so a spool the store keeps up with costs neither space nor write-back."""
 
-    def __init__(self, directory: Path) -> None:
-        self._where = directory
-        self._fd: int | None = _nameless_file(directory)
-        key, nonce = os.urandom(32), os.urandom(16)
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
-        self._dec = Cipher(algorithms.AES(key), modes.CTR(nonce)).decryptor()
+    def __init__(self, fd: int, where: str) -> None:
+        self._fd: int | None = fd
+        self._where = where
         self._cond = threading.Condition()
         self._size = 0
         self._ended = False        # the writer stopped: at EOF (``_complete``) or on an error
         self._complete = False
         self._cancelled = False
 
-    def fill(self, source: BinaryIO) -> int:
-        """Append ``source`` to EOF; returns the byte count."""
-        buf, out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
-        view, out_view = memoryview(buf), memoryview(out)
-        try:
-            while not self._cancelled:
-                n = source.readinto(buf)
-                if not n:
-                    self._complete = True
-                    break
-                self._enc.update_into(view[:n], out)
-                self._write_all(out_view[:n])
-                with self._cond:
-                    self._size += n
-                    self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._ended = True
-                self._cond.notify_all()
-        return self._size
-
-    def _write_all(self, data: memoryview) -> None:
-        assert self._fd is not None
-        while data:
-            try:
-                data = data[os.write(self._fd, data):]
-            except OSError as exc:
-                raise storage_error(exc, self._where, "writing the snapshot spool") from None
+    def _plain(self, data: memoryview, out: bytearray) -> memoryview:
+        """What was written, from what the file holds."""
+        return data
 
     def blocks(self) -> Iterator[memoryview]:
         """The plaintext, block by block, as it arrives; each block is valid until the next."""
@@ -129,14 +103,18 @@ class _Spool:
             try:
                 n = os.preadv(self._fd, [memoryview(buf)[:want]], pos)
             except OSError as exc:
-                raise storage_error(exc, self._where, "reading the snapshot spool") from None
+                raise storage_error(exc, Path(self._where), "reading the snapshot spool") from None
             if n <= 0:
                 raise XlError(f"{self._where}: the snapshot spool is shorter than what was written to it")
-            self._dec.update_into(memoryview(buf)[:n], out)
-            yield memoryview(out)[:n]
-            # Consumed: free it, so a spool the store keeps up with costs neither disk writes nor space.
+            yield self._plain(memoryview(buf)[:n], out)
             punch = punch and _punch_hole(self._fd, pos, n)
             pos += n
+
+    def _grew(self, size: int, *, ended: bool = False, complete: bool = False) -> None:
+        with self._cond:
+            self._size = size
+            self._ended, self._complete = ended, complete
+            self._cond.notify_all()
 
     def cancel(self) -> None:
         with self._cond:
@@ -148,6 +126,75 @@ class _Spool:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class _MemorySpool(_Spool):
+    """The image in RAM: `xl save` writes straight into an unnamed memory file, so the guest's pause
+    costs what a bare `xl save` to a file costs, and no byte of the image touches a disk."""
+
+    def __init__(self) -> None:
+        super().__init__(os.memfd_create("xen-vtpm-spool", os.MFD_CLOEXEC), "the in-memory snapshot spool")
+
+    @property
+    def path(self) -> str:
+        """A name `xl save` can open (our descriptor, reopened through /proc)."""
+        return f"/proc/{os.getpid()}/fd/{self._fd}"
+
+    def check_within_file_size_limit(self) -> None:
+        """`xl save` inherits our RLIMIT_FSIZE, and the spool is our storage: a spool that reached the
+        limit is a storage failure (exit 10), whatever words `xl` found for it."""
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if self._fd is not None and limit != resource.RLIM_INFINITY and os.fstat(self._fd).st_size >= limit:
+            raise StorageError(f"{self._where}: the guest memory reached the file-size limit ({limit} bytes, "
+                               "RLIMIT_FSIZE) of this process; raise the limit (`ulimit -f`) and retry")
+
+    def written(self, complete: bool) -> None:
+        """`xl save` returned: the store may read all it wrote."""
+        assert self._fd is not None
+        self._grew(os.fstat(self._fd).st_size, ended=True, complete=complete)
+
+
+class _DiskSpool(_Spool):
+    """A nameless file on disk fed from the `xl save` fifo, encrypted with a key that exists only in
+    this process (AES-256-CTR; the file is private and short-lived, so secrecy is what it needs),
+    so no guest memory rests on disk in the clear."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(_nameless_file(directory), str(directory))
+        key, nonce = os.urandom(32), os.urandom(16)
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+        self._dec = Cipher(algorithms.AES(key), modes.CTR(nonce)).decryptor()
+
+    def fill(self, source: BinaryIO) -> int:
+        """Append ``source`` to EOF; returns the byte count."""
+        buf, out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
+        view, out_view = memoryview(buf), memoryview(out)
+        size, complete = 0, False
+        try:
+            while not self._cancelled:
+                n = source.readinto(buf)
+                if not n:
+                    complete = True
+                    break
+                self._enc.update_into(view[:n], out)
+                self._write_all(out_view[:n])
+                size += n
+                self._grew(size)
+        finally:
+            self._grew(size, ended=True, complete=complete)
+        return size
+
+    def _write_all(self, data: memoryview) -> None:
+        assert self._fd is not None
+        while data:
+            try:
+                data = data[os.write(self._fd, data):]
+            except OSError as exc:
+                raise storage_error(exc, Path(self._where), "writing the snapshot spool") from None
+
+    def _plain(self, data: memoryview, out: bytearray) -> memoryview:
+        self._dec.update_into(data, out)
+        return memoryview(out)[:len(data)]
 
 
 def _restore_priority() -> None:
@@ -251,11 +298,16 @@ class XlStreams:
                     removed += 1
         return removed
 
-    def start_save(self, guest: str, writer: Any, *, leave_paused: bool) -> SaveIngest:
-        """Run `xl save` into the spool and return once it has finished; the store keeps ingesting."""
+    def start_save(self, guest: str, writer: Any, *, leave_paused: bool, expected_bytes: int = 0) -> SaveIngest:
+        """Run `xl save` into a spool and return once it has finished; the store keeps ingesting.
+
+        The spool is in RAM when an image of ``expected_bytes`` fits the budget (`spool_ram_mib`),
+        else an encrypted file on disk fed through a fifo (bounded memory, slower pause)."""
         self.sweep_spools()
+        if 0 < expected_bytes and expected_bytes + (expected_bytes >> 6) + (16 << 20) <= self._ram_budget():
+            return self._save_to_memory(guest, writer, leave_paused)
         with self._fifo() as fifo:
-            spool = _Spool(self.tmp)
+            spool = _DiskSpool(self.tmp)
             ingest = SaveIngest(spool, writer, self._open_bar("snapshot: guest memory", None))
             try:
                 self._save_into(guest, fifo, spool, leave_paused)
@@ -264,7 +316,34 @@ class XlStreams:
                 raise
             return ingest
 
-    def _save_into(self, guest: str, fifo: Path, spool: _Spool, leave_paused: bool) -> None:
+    def _ram_budget(self) -> int:
+        """Bytes of RAM a spool may take: `spool_ram_mib`, or by default half of what is available."""
+        if self.cfg.spool_ram_mib >= 0:
+            return self.cfg.spool_ram_mib << 20
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+            return (kib << 10) // 2
+        return 0
+
+    def _save_to_memory(self, guest: str, writer: Any, leave_paused: bool) -> SaveIngest:
+        spool = _MemorySpool()
+        ingest = SaveIngest(spool, writer, self._open_bar("snapshot: guest memory", None))
+        try:
+            self.xl.save(guest, spool.path, leave_paused=leave_paused)
+        except XlError:
+            try:
+                spool.check_within_file_size_limit()
+            finally:
+                ingest.cancel()
+            raise
+        except BaseException:
+            ingest.cancel()
+            raise
+        spool.written(complete=True)
+        return ingest
+
+    def _save_into(self, guest: str, fifo: Path, spool: _DiskSpool, leave_paused: bool) -> None:
         result: dict[str, Any] = {}
 
         def run_xl() -> None:
