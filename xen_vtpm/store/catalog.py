@@ -12,7 +12,7 @@ import contextlib
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import IntegrityError, PreconditionFailed
 from .fsio import storage_error
@@ -121,8 +121,14 @@ class Catalog:
                 self.db.execute("COMMIT")
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return list(self.rows(sql, args))
+
+    def rows(self, sql: str, args: tuple = ()) -> Iterator[tuple]:
+        """Like ``query``, a few hundred rows at a time (for results that grow with a guest's size)."""
         try:
-            return self.db.execute(sql, args).fetchall()
+            cur = self.db.execute(sql, args)
+            while batch := cur.fetchmany(512):
+                yield from batch
         except sqlite3.OperationalError as exc:
             if "decode" in str(exc):   # a text column holding bytes no writer of ours produced
                 raise IntegrityError(f"{self.path}: catalog holds a malformed value ({exc}); the catalog was "
@@ -130,6 +136,31 @@ class Catalog:
             raise storage_error(exc, self.path, "reading the catalog") from None
         except sqlite3.Error as exc:
             raise storage_error(exc, self.path, "reading the catalog") from None
+
+    def compare_refs(self, checkpoint_id: str, ids: Iterable[bytes]) -> tuple[int, bytes | None, bytes | None]:
+        """Compare the chunks a manifest lists (``ids``, repeats allowed) with a checkpoint's references:
+        (distinct ids, the smallest id not referenced, the smallest reference not in ``ids``).
+
+        The ids pass through a temporary table (the temp database, never the catalog file), so
+        memory does not grow with the guest's size."""
+        try:
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id BLOB PRIMARY KEY) WITHOUT ROWID")
+            self.db.execute("SAVEPOINT compare_refs")
+            try:
+                self.db.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?)", ((i,) for i in ids))
+                count = self.db.execute("SELECT count(*) FROM temp.listed").fetchone()[0]
+                unreferenced = self.db.execute(
+                    "SELECT min(id) FROM temp.listed WHERE id NOT IN (SELECT chunk FROM refs WHERE checkpoint=?)",
+                    (checkpoint_id,)).fetchone()[0]
+                unlisted = self.db.execute(
+                    "SELECT min(chunk) FROM refs WHERE checkpoint=? AND chunk NOT IN (SELECT id FROM temp.listed)",
+                    (checkpoint_id,)).fetchone()[0]
+            finally:
+                self.db.execute("ROLLBACK TO compare_refs")
+                self.db.execute("RELEASE compare_refs")
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, "comparing a manifest with the catalog") from None
+        return count, unreferenced and bytes(unreferenced), unlisted and bytes(unlisted)
 
     # --- journal -----------------------------------------------------------------
     def journal_add(self, op: str, checkpoint: str, lock: str, payload: dict[str, Any],

@@ -41,7 +41,7 @@ class CheckpointReader:
         self.label = f"checkpoint {checkpoint_id}"
         self._packs = PackReader(repo.pack_dir)
         self._pack_lock = threading.Lock()   # PackReader caches descriptors in a dict
-        self._placements: dict[bytes, tuple[str, int, int, int]] | None = None
+        self._refs_checked = False
         try:
             self.manifest = self._load_manifest()
         except BaseException:
@@ -91,13 +91,16 @@ class CheckpointReader:
     _PLACES = ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len FROM refs r JOIN chunks c ON c.id = r.chunk "
                "WHERE r.checkpoint=?")
 
+    def refs_checked(self) -> None:
+        """The caller compared this checkpoint's references with its manifest as sets: reads need
+        not look each reference up again."""
+        self._refs_checked = True
+
     def _places_of(self, ids: list[bytes], with_refs: bool) -> dict[bytes, tuple[str, int, int, int]]:
         """Where the chunks are; ``with_refs`` also requires this checkpoint's reference to each
         (a full check; a verified checkpoint skips that second lookup per chunk)."""
-        if self._placements is not None:     # verify loaded them all already: no query per batch
-            return {cid: self._placements[cid] for cid in ids if cid in self._placements}
         marks = ",".join("?" * len(ids))
-        if with_refs:
+        if with_refs and not self._refs_checked:
             rows = self._repo.catalog.query(f"{self._PLACES} AND r.chunk IN ({marks})", (self.checkpoint_id, *ids))
         else:
             rows = self._repo.catalog.query(
@@ -181,10 +184,3 @@ class CheckpointReader:
             "SELECT DISTINCT c.pack FROM refs r JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?",
             (self.checkpoint_id,))}
 
-    def placements(self) -> dict[bytes, tuple[str, int, int, int]]:
-        """Every chunk of this checkpoint: id -> (pack, entry offset, sealed length, plaintext length).
-        Kept (read-only) for this reader's streams, which then need no lookups of their own."""
-        if self._placements is None:
-            self._placements = {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in self._repo.catalog.query(
-                self._PLACES, (self.checkpoint_id,))}
-        return self._placements

@@ -178,20 +178,19 @@ class Repository:
 
     # --- verify ------------------------------------------------------------------------
     def verify(self, checkpoint_id: str) -> dict[str, Any]:
-        """Check every MAC, tag and digest of one checkpoint, reading all of it; changes nothing."""
+        """Check every MAC, tag and digest of one checkpoint, reading all of it; changes nothing.
+        Memory stays bounded: the catalog answers the set comparisons and is read per pack and per batch."""
         info = self._row(checkpoint_id)
         with self.open_checkpoint(checkpoint_id) as reader:
             label = reader.label
-            places = reader.placements()
-            wanted = {cid for rec in reader.manifest.streams for cid, _ in rec.chunks}
-            if wanted - places.keys():
-                cid = min(wanted - places.keys())
-                raise IntegrityError(f"{label}: chunk {cid.hex()[:16]} of the manifest has no catalog reference; "
-                                     "the catalog was altered — do not use this checkpoint")
-            if places.keys() - wanted:
-                cid = min(places.keys() - wanted)
-                raise IntegrityError(f"{label}: catalog references chunk {cid.hex()[:16]} the manifest does not "
-                                     "list; the catalog was altered")
+            listed = (cid for rec in reader.manifest.streams for cid, _ in rec.chunks)
+            count, unreferenced, unlisted = self.catalog.compare_refs(checkpoint_id, listed)
+            if unreferenced:
+                raise IntegrityError(f"{label}: chunk {unreferenced.hex()[:16]} of the manifest has no catalog "
+                                     "reference; the catalog was altered — do not use this checkpoint")
+            if unlisted:
+                raise IntegrityError(f"{label}: catalog references chunk {unlisted.hex()[:16]} the manifest does "
+                                     "not list; the catalog was altered")
             self._check_refcounts(checkpoint_id, label)
             # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
             # files no row claims, so a deleted row would turn into a deleted live pack.
@@ -199,15 +198,20 @@ class Repository:
             for pack in sorted(reader.pack_names() - known):
                 raise IntegrityError(f"{label}: pack {pack} holds chunks of this checkpoint but has no catalog "
                                      "row; the catalog was altered — restore it before any other command")
-            for pack in sorted(reader.pack_names()):
-                try:
-                    index = {off: (cid, ln) for cid, off, ln in read_index(self.pack_dir, pack)}
-                except IntegrityError as exc:
-                    raise IntegrityError(f"{label}: {exc}") from None
-                for cid, (p, off, ln, _) in places.items():
-                    if p == pack and index.get(off) != (cid, ln):
-                        raise IntegrityError(f"{label}: pack {pack} index has no entry for chunk {cid.hex()[:16]} "
-                                             f"at offset {off}; the catalog or the pack was altered")
+            pack, index = None, {}
+            for name, cid, off, ln in self.catalog.rows(
+                    "SELECT c.pack, c.id, c.offset, c.length FROM refs r JOIN chunks c ON c.id = r.chunk "
+                    "WHERE r.checkpoint=? ORDER BY c.pack", (checkpoint_id,)):
+                if name != pack:   # one pack's index in memory at a time
+                    pack = name
+                    try:
+                        index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack)}
+                    except IntegrityError as exc:
+                        raise IntegrityError(f"{label}: {exc}") from None
+                if index.get(off) != (bytes(cid), ln):
+                    raise IntegrityError(f"{label}: pack {pack} index has no entry for chunk {bytes(cid).hex()[:16]} "
+                                         f"at offset {off}; the catalog or the pack was altered")
+            reader.refs_checked()
             for record in reader.manifest.streams:
                 if record.kind == "blob":
                     reader.read_blob(record.name)
@@ -215,17 +219,17 @@ class Repository:
                     for _ in reader.stream(record.name):
                         pass
             return {"id": checkpoint_id, "name": info["name"], "vm_name": info["vm_name"],
-                    "streams": len(reader.manifest.streams), "chunks": len(wanted), "size": info["size"],
+                    "streams": len(reader.manifest.streams), "chunks": count, "size": info["size"],
                     "packs": len(reader.pack_names()), "status": "ok"}
 
     def _check_refcounts(self, checkpoint_id: str, label: str) -> None:
         rows = self.catalog.query(
-            "SELECT c.id, c.refcount, (SELECT count(*) FROM refs r2 WHERE r2.chunk = c.id) "
-            "FROM refs r JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?", (checkpoint_id,))
+            "SELECT c.id, c.refcount, (SELECT count(*) FROM refs r2 WHERE r2.chunk = c.id) AS actual "
+            "FROM refs r JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=? AND c.refcount != actual LIMIT 1",
+            (checkpoint_id,))
         for cid, refcount, actual in rows:
-            if refcount != actual:
-                raise IntegrityError(f"{label}: chunk {bytes(cid).hex()[:16]} refcount {refcount} but {actual} "
-                                     "checkpoints use it; the catalog was altered")
+            raise IntegrityError(f"{label}: chunk {bytes(cid).hex()[:16]} refcount {refcount} but {actual} "
+                                 "checkpoints use it; the catalog was altered")
 
     # --- delete ------------------------------------------------------------------------
     def delete(self, checkpoint_id: str, missing_ok: bool = False) -> int:

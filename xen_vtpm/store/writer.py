@@ -20,13 +20,13 @@ from .fsio import write_atomic
 from .chunks import TAG_SIZE
 from .manifest import CHUNK_ENTRY, ChunkList, Manifest, StreamRecord, StreamRoot, encode
 from .packs import ENTRY, PackWriter, new_pack_name
+from .pending import PendingChunks
 
 if TYPE_CHECKING:
     from .repository import Repository
 
 _BATCH = 256          # chunks per catalog lookup and per sealing job (SQLite allows 999 parameters)
 _BATCH_BYTES = 512 << 10   # ... or fewer: a writer waiting on its input has stored all but ~1 MiB of it
-_PENDING = -1         # a chunk claimed by this write whose sealed copy is not in a pack yet
 _META_FIELDS = {"vtpm_uuid", "manager_checkpoint", "slot_hashes", "counter", "created", "tool_version",
                 "save_header", "extra"}
 
@@ -42,7 +42,7 @@ class CheckpointWriter:
         self._lock = lock
         self._created: list[str] = []          # state-dir-relative files this write may have made
         self._streams: list[StreamRecord] = []
-        self._new: dict[bytes, int] = {}        # id -> _place(pack index, entry offset, plain len)
+        self._new = PendingChunks(repo.catalog)
         self._pack_names: list[str] = []        # pack index -> name
         self._packs: list[tuple[str, int, int, int]] = []         # (name, size, entries, live bytes)
         self._pack: PackWriter | None = None
@@ -128,27 +128,26 @@ class CheckpointWriter:
         return nxt
 
     def _fresh(self, batch: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """The chunks of ``batch`` neither this write nor the catalog holds yet (one query)."""
-        ids = list({cid for cid, _ in batch if cid not in self._new})
-        if not ids:
-            return []
-        known = {bytes(r[0]) for r in self._repo.catalog.query(
-            f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))}
-        fresh = []
+        """The chunks of ``batch`` neither this write nor the catalog holds yet (claimed now, so a
+        repeat in a later batch is skipped)."""
+        fresh = self._new.claim_unknown(list({cid for cid, _ in batch}))
+        out = []
         for cid, data in batch:
-            if cid not in known and cid not in self._new:
-                self._new[cid] = _PENDING   # claimed now, so a repeat in the next batch is skipped
-                fresh.append((cid, data))
-        return fresh
+            if cid in fresh:
+                fresh.discard(cid)
+                out.append((cid, data))
+        return out
 
     def _append_sealed(self, sealed_chunks: list[tuple[bytes, bytes, bytes, int]]) -> None:
+        placed = []
         for cid, nonce, sealed, plain in sealed_chunks:
             pack = self._pack or self._start_pack()
             offset = pack.add(cid, nonce, sealed)
-            self._new[cid] = _place(len(self._pack_names) - 1, offset, plain)
+            placed.append((cid, len(self._pack_names) - 1, offset, plain))
             self._pack_live += ENTRY.size + len(sealed)
             if pack.size >= self._repo.pack_target:
                 self._finish_pack()
+        self._new.place(placed)
 
     # --- packs ---------------------------------------------------------------------
     def _start_pack(self) -> PackWriter:
@@ -182,6 +181,7 @@ class CheckpointWriter:
         if self._pack is not None:
             self._finish_pack()
         manifest = self._manifest()
+        self._new.use(cid for rec in manifest.streams for cid, _ in rec.chunks)
         data = encode(manifest, self._repo.mac_key)
         manifest_rel = f"manifests/{self.checkpoint_id}.manifest"
         self._note_files(manifest_rel, manifest_rel + ".tmp")
@@ -194,6 +194,7 @@ class CheckpointWriter:
                 in_transaction(db)
         crashpoint("write.committed")
         self._open = False
+        self._new.drop()
         self._lock.release()
         self.stored_bytes = stored
         return manifest
@@ -206,24 +207,18 @@ class CheckpointWriter:
         live = {name: live for name, _, _, live in self._packs}
         db.executemany("INSERT INTO packs (name, size, entries, live_bytes) VALUES (?,?,?,?)",
                        [(name, size, entries, live) for name, size, entries, live in self._packs])
-        ids = sorted(self._new)   # B-tree inserts in key order touch each page once: ~3x faster
-        raced: set[bytes] = set()   # a concurrent checkpoint committed the same chunk first
-        for i in range(0, len(ids), _BATCH):
-            part = ids[i:i + _BATCH]
-            raced.update(bytes(r[0]) for r in db.execute(
-                f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part))
+        raced = set()   # a concurrent checkpoint committed the same chunk first: our copy is dead weight
+        for cid, pack_index, plain in self._new.raced(db):
+            raced.add(cid)
+            live[self._pack_names[pack_index]] -= ENTRY.size + plain + TAG_SIZE
         stored = 0
 
         def rows() -> Iterator[tuple[bytes, str, int, int, int]]:
             nonlocal stored
-            for cid in ids:
-                pack_index, offset, plain = _unplace(self._new[cid])
-                pack, sealed_len = self._pack_names[pack_index], plain + TAG_SIZE
-                if cid in raced:        # our copy is dead weight
-                    live[pack] -= ENTRY.size + sealed_len
-                else:
-                    stored += ENTRY.size + sealed_len
-                    yield cid, pack, offset, sealed_len, plain
+            for cid, pack_index, offset, plain in self._new.placed(db):
+                if cid not in raced:
+                    stored += ENTRY.size + plain + TAG_SIZE
+                    yield cid, self._pack_names[pack_index], offset, plain + TAG_SIZE, plain
 
         db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount) VALUES (?,?,?,?,?,1)",
                        rows())
@@ -231,11 +226,8 @@ class CheckpointWriter:
         db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
                    "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
                                                manifest.created_us, manifest.size, stored, data))
-        used = sorted(cid for rec in manifest.streams for cid, _ in rec.chunks)   # repeats included
-        distinct = (cid for i, cid in enumerate(used) if i == 0 or used[i - 1] != cid)
         try:
-            db.executemany("INSERT INTO refs (checkpoint, chunk) VALUES (?,?)",
-                           ((self.checkpoint_id, cid) for cid in distinct))
+            self._new.insert_refs(db, self.checkpoint_id)
         except sqlite3.IntegrityError:   # the foreign key: a chunk we counted on is gone
             raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: a chunk vanished during the write "
                                      "(concurrent delete); retry the snapshot") from None
@@ -262,6 +254,7 @@ class CheckpointWriter:
         if self._pack is not None:
             self._pack.discard()
             self._pack = None
+        self._new.drop()
         self._repo.undo_files(self._created)
         with self._repo.catalog.transaction() as db:
             db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
@@ -270,16 +263,6 @@ class CheckpointWriter:
     def _check_open(self) -> None:
         if not self._open:
             raise UsageError(f"checkpoint {self.checkpoint_id}: writer already committed or aborted")
-
-
-def _place(pack_index: int, offset: int, plain: int) -> int:
-    """Where a new chunk went, as one int (a tuple per chunk costs ~4x the memory)."""
-    return (pack_index << 64) | (plain << 32) | offset
-
-
-def _unplace(place: int) -> tuple[int, int, int]:
-    """(pack index, entry offset, plain len)"""
-    return place >> 64, place & 0xFFFFFFFF, (place >> 32) & 0xFFFFFFFF
 
 
 def _seal_all(cipher: Any, chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes, int]]:

@@ -1,0 +1,93 @@
+"""The chunks one checkpoint write adds, and the ids it uses, until its commit.
+
+Their number grows with the guest (about 57,000 per GiB), so they are not Python objects but rows of
+two temporary tables on the catalog's connection: SQLite keeps them in its temp database (a bounded
+page cache, spilling to an unnamed temp file), which disappears with the connection, crash included.
+"""
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from typing import Iterable, Iterator
+
+from .fsio import storage_error
+
+_TEMP_CACHE_KIB = 8192   # the temp database's page cache: what these tables may cost in RAM
+
+
+class PendingChunks:
+    """New chunks (claimed, then placed in a pack) and the ids the manifest uses."""
+
+    def __init__(self, catalog) -> None:
+        self._catalog = catalog
+        self._db: sqlite3.Connection = catalog.db
+        tag = secrets.token_hex(6)
+        self._new, self._used = f"temp.new_{tag}", f"temp.used_{tag}"
+        self._run(f"PRAGMA temp.cache_size=-{_TEMP_CACHE_KIB}")
+        self._run(f"CREATE TEMP TABLE new_{tag} (id BLOB PRIMARY KEY, pack INTEGER, offset INTEGER, "
+                  "plain INTEGER) WITHOUT ROWID")
+        self._run(f"CREATE TEMP TABLE used_{tag} (id BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self._catalog.path, "keeping the new chunks of a write") from None
+
+    def _many(self, sql: str, rows: Iterable[tuple]) -> None:
+        # One temp-database transaction per call, not one per row; a savepoint nests in the caller's.
+        try:
+            self._db.execute("SAVEPOINT pending")
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK TO pending")
+                raise
+            finally:
+                self._db.execute("RELEASE pending")
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self._catalog.path, "keeping the new chunks of a write") from None
+
+    def claim_unknown(self, ids: list[bytes]) -> set[bytes]:
+        """Claim, and return, those of ``ids`` neither the catalog nor this write holds yet."""
+        marks = ",".join("?" * len(ids))
+        known = {bytes(r[0]) for r in self._run(
+            f"SELECT id FROM chunks WHERE id IN ({marks}) UNION ALL SELECT id FROM {self._new} WHERE id IN ({marks})",
+            (*ids, *ids))}
+        fresh = set(ids) - known
+        self._many(f"INSERT INTO {self._new} (id) VALUES (?)", ((cid,) for cid in fresh))
+        return fresh
+
+    def place(self, placed: list[tuple[bytes, int, int, int]]) -> None:
+        """(id, pack index, entry offset, plaintext length) of chunks now sealed into a pack."""
+        self._many(f"UPDATE {self._new} SET pack=?, offset=?, plain=? WHERE id=?",
+                   ((pack, offset, plain, cid) for cid, pack, offset, plain in placed))
+
+    def use(self, ids: Iterable[bytes]) -> None:
+        """The manifest's chunk ids (repeats fold)."""
+        self._many(f"INSERT OR IGNORE INTO {self._used} VALUES (?)", ((cid,) for cid in ids))
+
+    # --- at commit, inside the catalog transaction ---------------------------------------------
+    def raced(self, db: sqlite3.Connection) -> list[tuple[bytes, int, int]]:
+        """(id, pack index, plaintext length) of new chunks another checkpoint committed first."""
+        return [(bytes(r[0]), r[1], r[2]) for r in db.execute(
+            f"SELECT n.id, n.pack, n.plain FROM {self._new} n JOIN chunks c ON c.id = n.id")]
+
+    def placed(self, db: sqlite3.Connection) -> Iterator[tuple[bytes, int, int, int]]:
+        """Every new chunk in id order (B-tree inserts in key order touch each page once)."""
+        cur = db.execute(f"SELECT id, pack, offset, plain FROM {self._new} ORDER BY id")
+        while rows := cur.fetchmany(512):
+            for cid, pack, offset, plain in rows:
+                if pack is None:
+                    raise AssertionError("a claimed chunk was never placed in a pack")
+                yield bytes(cid), pack, offset, plain
+
+    def insert_refs(self, db: sqlite3.Connection, checkpoint_id: str) -> None:
+        db.execute(f"INSERT INTO refs (checkpoint, chunk) SELECT ?, id FROM {self._used}", (checkpoint_id,))
+
+    def drop(self) -> None:
+        for table in (self._new, self._used):
+            try:
+                self._db.execute(f"DROP TABLE IF EXISTS {table}")
+            except sqlite3.Error:
+                pass   # the connection is closing or broken: its temp database goes with it
