@@ -49,7 +49,7 @@ class PackWriter:
         self.name = name
         self.path = pack_path(directory, name)
         self._tmp = temp_path(directory, name)
-        self._index: list[bytes] = []
+        self._index = bytearray()   # packed INDEX records, in entry order
         self._header = HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(name))
         try:
             self._fh = open(self._tmp, "xb", buffering=1 << 20)
@@ -66,19 +66,19 @@ class PackWriter:
             self._fh.write(sealed)
         except OSError as exc:
             raise storage_error(exc, self._tmp, "writing pack") from None
-        self._index.append(INDEX.pack(chunk_id, offset, len(sealed)))
+        self._index += INDEX.pack(chunk_id, offset, len(sealed))
         self.size += ENTRY.size + len(sealed)
         return offset
 
     @property
     def entries(self) -> int:
-        return len(self._index)
+        return len(self._index) // INDEX.size
 
     def finish(self) -> int:
         """Write index and footer, fsync, rename into place; return the final file size."""
-        index = b"".join(self._index)
+        index = self._index
         digest = hashlib.sha256(self._header + index).digest()
-        footer = FOOTER.pack(self.size, len(self._index), 0, digest, END_MAGIC)
+        footer = FOOTER.pack(self.size, self.entries, 0, digest, END_MAGIC)
         try:
             self._fh.write(index)
             self._fh.write(footer)
