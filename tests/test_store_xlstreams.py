@@ -279,3 +279,31 @@ def test_xl_failure_with_the_memory_spool_frees_it(env):
             "guest1", w, leave_paused=True, expected_bytes=len(DATA))
     w.abort()
     assert _open_fds() <= fds and repo.list_checkpoints() == [] and os.listdir(state / "packs") == []
+
+
+@pytest.mark.parametrize("ram_mib", [64, 0], ids=["memory-spool", "disk-spool"])
+def test_the_snapshot_progress_bar_has_a_total(env, ram_mib):
+    """A bar that only counts bytes says nothing about the time left: it gets the image's size (RAM
+    spool: exact, once `xl save` is done) or the guest's memory size (disk spool: known before)."""
+    state, repo = env
+    bars = []
+
+    class Bar:
+        def __init__(self, label, total):
+            self.label, self.total, self.done = label, total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+
+    streams = XlStreams(Config(state_dir=state, spool_ram_mib=ram_mib), StandInXl(DATA), None, Bar)
+    w = repo.begin_checkpoint("vm-1", "guest1", name="bar")
+    guest_memory_size = len(DATA) + (1 << 20)      # the image is not exactly the guest's memory
+    assert streams.start_save("guest1", w, leave_paused=True,
+                              expected_bytes=guest_memory_size).wait() == {"bytes": len(DATA)}
+    w.commit()
+    [bar] = bars
+    assert bar.total == (len(DATA) if ram_mib else guest_memory_size) and bar.done == len(DATA)

@@ -148,6 +148,10 @@ class _MemorySpool(_Spool):
             raise StorageError(f"{self._where}: the guest memory reached the file-size limit ({limit} bytes, "
                                "RLIMIT_FSIZE) of this process; raise the limit (`ulimit -f`) and retry")
 
+    @property
+    def size(self) -> int:
+        return self._size
+
     def written(self, complete: bool) -> None:
         """`xl save` returned: the store may read all it wrote."""
         assert self._fd is not None
@@ -308,7 +312,8 @@ class XlStreams:
             return self._save_to_memory(guest, writer, leave_paused)
         with self._fifo() as fifo:
             spool = _DiskSpool(self.tmp)
-            ingest = SaveIngest(spool, writer, self._open_bar("snapshot: guest memory", None))
+            # The image is about the guest's memory: a bar with that total, not just a byte count.
+            ingest = SaveIngest(spool, writer, self._open_bar("snapshot: guest memory", None, expected_bytes or None))
             try:
                 self._save_into(guest, fifo, spool, leave_paused)
             except BaseException:
@@ -328,7 +333,8 @@ class XlStreams:
 
     def _save_to_memory(self, guest: str, writer: Any, leave_paused: bool) -> SaveIngest:
         spool = _MemorySpool()
-        ingest = SaveIngest(spool, writer, self._open_bar("snapshot: guest memory", None))
+        bar = self._open_bar("snapshot: guest memory", None)
+        ingest = SaveIngest(spool, writer, bar)
         try:
             self.xl.save(guest, spool.path, leave_paused=leave_paused)
         except XlError:
@@ -341,6 +347,8 @@ class XlStreams:
             ingest.cancel()
             raise
         spool.written(complete=True)
+        if bar is not None:
+            bar.total = spool.size   # known exactly before ingestion starts
         return ingest
 
     def _save_into(self, guest: str, fifo: Path, spool: _DiskSpool, leave_paused: bool) -> None:
@@ -411,10 +419,9 @@ class XlStreams:
     def digest(path: str) -> str:
         return hashing.tree_hash(path).hex()
 
-    def _open_bar(self, label: str, manifest: Any) -> Any:
+    def _open_bar(self, label: str, manifest: Any, total: int | None = None) -> Any:
         if self.progress is None:
             return None
-        total = None
         if manifest is not None:
             total = next((s.length for s in manifest.streams if s.name == "memory"), None)
         return self.progress(label, total)
