@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from test_store_helpers import guest_memory, open_repo, randbytes, read_all, store_files, write_checkpoint
+from test_store_helpers import (guest_memory, open_repo, randbytes, read_all, rewrite_pages, store_files,
+                                write_checkpoint)
 from xen_vtpm.errors import IntegrityError
 
 TESTS = Path(__file__).resolve().parent
@@ -26,13 +27,16 @@ CHILD = r"""
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from pathlib import Path
-from test_store_helpers import open_repo, guest_memory, write_checkpoint
+from test_store_helpers import open_repo, guest_memory, randbytes, rewrite_pages, write_checkpoint
 from xen_vtpm.errors import XenVtpmError
 state, op, arg = Path(sys.argv[3]), sys.argv[4], sys.argv[5]
 try:
     repo = open_repo(state, pack_target=int(sys.argv[6]))
     if op == "write":
         print(write_checkpoint(repo, guest_memory(int(arg), seed=77), name="new"), flush=True)
+    elif op == "write-delta":   # B's memory with 5% of its pages rewritten: delta chunks against B
+        data = rewrite_pages(guest_memory(1 << 20, seed=61) + randbytes(1 << 20, seed=63), 0.05, seed=78)
+        print(write_checkpoint(repo, data, name="new"), flush=True)
     elif op == "write-stdin":
         with repo.begin_checkpoint("vm-1", "guest1", name="piped") as w:
             w.add_stream("memory", sys.stdin.buffer)
@@ -103,9 +107,12 @@ def consistent(state: Path) -> list[str]:
         ids = [r["id"] for r in repo.list_checkpoints()]
         assert store_files(state) == packs | {f"manifests/{i}.manifest" for i in ids}
         assert not [p for p in (state / "store-locks").iterdir() if p.name != "store.lock"]
+        # refcount = references + delta chunks using it as a base; nothing unused is kept.
         assert repo.catalog.query("SELECT count(*) FROM chunks c WHERE refcount != "
-                                  "(SELECT count(*) FROM refs r WHERE r.chunk = c.id)") == [(0,)]
-        assert repo.catalog.query("SELECT count(*) FROM chunks WHERE id NOT IN (SELECT chunk FROM refs)") == [(0,)]
+                                  "(SELECT count(*) FROM refs r WHERE r.chunk = c.id) "
+                                  "+ (SELECT count(*) FROM deps d WHERE d.base = c.id)") == [(0,)]
+        assert repo.catalog.query("SELECT count(*) FROM chunks WHERE id NOT IN (SELECT chunk FROM refs) "
+                                  "AND id NOT IN (SELECT base FROM deps)") == [(0,)]
         for i in ids:
             assert repo.verify(i)["status"] == "ok"
         return ids
@@ -133,6 +140,65 @@ def test_kill_during_write(store, point, committed):
             assert read_all(repo, new) == guest_memory(5 << 20, seed=77)
     else:
         assert "new" not in names
+
+
+# --- delta chunks: a checkpoint C = B with 5% of its pages rewritten is mostly deltas against B ---
+# (the child's "write-delta" builds the same bytes)
+DELTA = rewrite_pages(P + R, 0.05, seed=78)
+
+
+def _deltas(state: Path) -> int:
+    with open_repo(state) as repo:
+        return repo.catalog.query("SELECT count(*) FROM chunks WHERE delta != 0")[0][0]
+
+
+@pytest.mark.parametrize("point, committed", [
+    ("write.journaled", False),
+    ("write.pack-published", False),
+    ("write.manifest-published", False),
+    ("write.committed", True),
+])
+def test_kill_during_delta_write(store, point, committed):
+    state, (a, b) = store
+    before = _deltas(state)   # B's chunk straddling P|R is already a delta against A's P|Q
+    proc = child(state, "write-delta", "", crash_at=point, pack_target=1 << 20)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    ids = consistent(state)
+    assert (len(ids) == 3) == committed and (_deltas(state) > before + 5) == committed
+    if committed:
+        with open_repo(state) as repo:
+            assert read_all(repo, repo.resolve("new", vm_uuid="vm-1")["id"]) == DELTA
+
+
+@pytest.fixture
+def delta_store(store):
+    state, (a, b) = store
+    before = _deltas(state)
+    with open_repo(state, pack_target=1 << 20) as repo:
+        c = write_checkpoint(repo, DELTA, name="c")
+    assert _deltas(state) > before + 5
+    return state, (a, b, c)
+
+
+@pytest.mark.parametrize("victim, point", [
+    ("a", "delete.committed"), ("a", "delete.unlinked-one"),          # A's pack holds bases of C: compacted
+    ("a", "compact.pack-published"), ("a", "compact.committed"),
+    ("b", "delete.committed"), ("b", "delete.unlinked-one"),          # C's parent
+    ("c", "delete.committed"), ("c", "delete.unlinked-one"),          # the deltas release their bases
+])
+def test_kill_during_delete_with_delta_chunks(delta_store, victim, point):
+    state, ids = delta_store
+    data = dict(zip("abc", (P + Q, P + R, DELTA)))
+    proc = child(state, "delete", ids["abc".index(victim)], crash_at=point)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = [i for n, i in zip("abc", ids) if n != victim]
+    assert sorted(consistent(state)) == sorted(left)
+    with open_repo(state) as repo:
+        for n, i in zip("abc", ids):
+            if n != victim:
+                assert read_all(repo, i) == data[n]
 
 
 @pytest.mark.parametrize("point", ["delete.committed", "delete.unlinked-one",

@@ -25,6 +25,16 @@ def guest_memory(n: int, seed: int = 1) -> bytes:
     return bytes(out)
 
 
+def rewrite_pages(data: bytes, fraction: float, seed: int, page: int = 4096) -> bytes:
+    """Rewrite ``fraction`` of the 4 KiB pages, chosen one by one anywhere in the image."""
+    rnd = random.Random(seed)
+    out = bytearray(data)
+    pages = len(out) // page
+    for p in rnd.sample(range(pages), int(pages * fraction)):
+        out[p * page:(p + 1) * page] = rnd.randbytes(page)
+    return bytes(out)
+
+
 def open_repo(state_dir: Path, **kw) -> Repository:
     return Repository(state_dir, KEYS, **kw)
 

@@ -10,6 +10,7 @@ import pytest
 from test_store_helpers import (KEYS, guest_memory, open_repo, randbytes, read_all, store_files,
                                 write_checkpoint)
 from xen_vtpm.errors import CheckpointNotFound, UsageError
+from xen_vtpm.store.catalog import SCHEMA_VERSION
 from xen_vtpm.store.packs import read_index
 
 
@@ -89,8 +90,10 @@ def test_dedup_second_checkpoint_after_5_percent_change(repo, capsys):
     # A guest's working set dirties memory in runs (heap, page cache); 16 pages = 64 KiB per run.
     clustered = _change(base, 16, seed=12)
     second = write_checkpoint(repo, bytes(clustered), name="two")
-    # Worst case for content-defined chunks: single pages scattered uniformly (reported, not a target).
-    scattered = write_checkpoint(repo, bytes(_change(base, 1, seed=13)), name="three")
+    # Worst case for content-defined chunks: single pages scattered uniformly; delta chunks against
+    # the parent ("two") keep it small too.
+    scattered_data = bytes(_change(base, 1, seed=13))
+    scattered = write_checkpoint(repo, scattered_data, name="three")
     rows = {r["id"]: r for r in repo.list_checkpoints()}
     ratio = rows[second]["stored_bytes"] / size
     with capsys.disabled():
@@ -98,7 +101,9 @@ def test_dedup_second_checkpoint_after_5_percent_change(repo, capsys):
               f"single scattered pages -> {rows[scattered]['stored_bytes'] / size:.1%}; "
               f"1st checkpoint {rows[first]['stored_bytes'] / size:.1%}")
     assert ratio <= 0.10
+    assert rows[scattered]["stored_bytes"] / size <= 0.10
     assert read_all(repo, second) == bytes(clustered)
+    assert read_all(repo, scattered) == scattered_data
 
 
 def test_listing_resolve_and_names(repo):
@@ -133,9 +138,10 @@ def test_delete_frees_space_and_others_still_verify(repo, tmp_path):
         repo.verify(a)
     assert repo.verify(b)["status"] == "ok" and repo.verify(c)["status"] == "ok"
     assert read_all(repo, b) == shared + randbytes(1 << 20, seed=23)
-    # Chunk refcounts still equal the references, and no pack is dead weight.
+    # Chunk refcounts still equal the references (+ dependent deltas), and no pack is dead weight.
     assert repo.catalog.query("SELECT count(*) FROM chunks c WHERE refcount != "
-                              "(SELECT count(*) FROM refs r WHERE r.chunk = c.id)") == [(0,)]
+                              "(SELECT count(*) FROM refs r WHERE r.chunk = c.id) "
+                              "+ (SELECT count(*) FROM deps d WHERE d.base = c.id)") == [(0,)]
     assert repo.catalog.query("SELECT count(*) FROM packs WHERE live_bytes < 0.5 * size") == [(0,)]
     repo.delete(b)
     repo.delete(c)
@@ -171,7 +177,7 @@ def test_reopen_and_catalog_shared_with_other_tables(tmp_path):
     repo.close()
     again = open_repo(state)
     assert again.catalog.query("PRAGMA journal_mode") == [("wal",)]
-    assert again.catalog.query("SELECT value FROM store_meta WHERE key='schema_version'") == [("1",)]
+    assert again.catalog.query("SELECT value FROM store_meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
     assert again.verify(cid)["status"] == "ok"
     digest = again.catalog_digest()
     again.delete(cid)

@@ -16,7 +16,8 @@ The default suite runs the cheap `CORE` cases with `verify --all` only; the full
 (every case, every command) is marked `crash_full` (`make crash`).
 
 The damage a case does is chosen so that it lands in what the target checkpoint needs: a chunk "own"
-to A (refcount 1), the pack holding it, A's manifest.  Pure bookkeeping that no read uses would not
+to A (no other checkpoint references it; B's delta chunks may still use it as a base), the pack
+holding it, A's manifest.  Pure bookkeeping that no read uses would not
 be a tamper of a checkpoint; `packs.live_bytes` is such a column and is left out on purpose.
 """
 from __future__ import annotations
@@ -142,9 +143,11 @@ def _chunk_ids(w: World, key: str, stream: str = "memory") -> list[bytes]:
 
 
 def _own_chunk(w: World, key: str, stream: str = "memory") -> tuple[bytes, str, int, int]:
-    """(id, pack, entry offset, sealed length) of a chunk only checkpoint `key` uses."""
+    """(id, pack, entry offset, sealed length) of a chunk only checkpoint `key` references (a later
+    checkpoint's delta chunks may use it as a base: refcount counts those too)."""
     for cid in _chunk_ids(w, key, stream):
-        pack, off, n, refs = _one(w, "SELECT pack, offset, length, refcount FROM chunks WHERE id=?", (cid,))
+        pack, off, n, refs = _one(w, "SELECT pack, offset, length, (SELECT count(*) FROM refs r WHERE r.chunk = c.id) "
+                                  "FROM chunks c WHERE id=?", (cid,))
         if refs == 1:
             return cid, pack, off, n
     raise AssertionError(f"{key}: no chunk of {stream} is its own")
@@ -312,7 +315,7 @@ def _catalog_cases() -> list[Case]:
 
     def swap_chunk_offsets(w: World) -> None:
         own = [c for c in _chunk_ids(w, "A")
-               if _one(w, "SELECT refcount FROM chunks WHERE id=?", (c,))[0] == 1][:2]
+               if _one(w, "SELECT count(*) FROM refs WHERE chunk=?", (c,))[0] == 1][:2]
         _swap_column(w, "chunks", "id", "offset", own[0], own[1])
 
     def foreign_ref(w: World) -> None:

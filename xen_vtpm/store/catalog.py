@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 from ..errors import IntegrityError, PreconditionFailed
 from .fsio import storage_error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: delta chunks (chunks.delta, deps)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_meta (
@@ -36,9 +36,16 @@ CREATE TABLE IF NOT EXISTS chunks (
     offset    INTEGER NOT NULL,
     length    INTEGER NOT NULL,
     plain_len INTEGER NOT NULL,
-    refcount  INTEGER NOT NULL CHECK (refcount > 0)
+    refcount  INTEGER NOT NULL CHECK (refcount > 0),
+    delta     INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack);
+CREATE TABLE IF NOT EXISTS deps (
+    chunk BLOB NOT NULL REFERENCES chunks(id),
+    base  BLOB NOT NULL REFERENCES chunks(id),
+    PRIMARY KEY (chunk, base)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deps_by_base ON deps(base);
 CREATE TABLE IF NOT EXISTS checkpoints (
     id           TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -83,6 +90,9 @@ class Catalog:
                 row = self.db.execute("SELECT value FROM store_meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     self.db.execute("INSERT INTO store_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif row[0] == "1":   # version 1 had no delta chunks: every chunk is full, deps is empty
+                    self.db.execute("ALTER TABLE chunks ADD COLUMN delta INTEGER NOT NULL DEFAULT 0")
+                    self.db.execute("UPDATE store_meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
                 elif row[0] != str(SCHEMA_VERSION):
                     raise PreconditionFailed(f"{path}: store schema version {row[0]} is not the supported "
                                              f"{SCHEMA_VERSION}; use the xen-vtpm release that wrote it")

@@ -23,6 +23,7 @@ from ..errors import IntegrityError
 ID_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
+DELTA_AAD = b"delta"   # appended to the id in a delta chunk's associated data (delta.py)
 
 
 class ChunkCipher:
@@ -39,18 +40,19 @@ class ChunkCipher:
     def chunk_id(self, plaintext: bytes) -> bytes:
         return self.id_of_digest(hashlib.sha256(plaintext).digest())
 
-    def seal(self, chunk_id: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+    def seal(self, chunk_id: bytes, plaintext: bytes, delta: bool = False) -> tuple[bytes, bytes]:
         """Return (nonce, ciphertext||tag).  Random nonces: each distinct chunk is sealed once
         (dedup), so a store stays far below the 2^32 messages per key that random 96-bit
-        nonces allow."""
+        nonces allow.  ``delta``: ``plaintext`` is a delta payload (associated data id || "delta",
+        so a delta never opens as a full chunk nor a full chunk as a delta)."""
         nonce = os.urandom(NONCE_SIZE)
-        return nonce, self._aead.encrypt(nonce, plaintext, chunk_id)
+        return nonce, self._aead.encrypt(nonce, plaintext, chunk_id + DELTA_AAD if delta else chunk_id)
 
-    def decrypt(self, chunk_id: bytes, nonce: bytes, sealed: bytes, where: str) -> bytes:
+    def decrypt(self, chunk_id: bytes, nonce: bytes, sealed: bytes, where: str, delta: bool = False) -> bytes:
         """Decrypt and check the GCM tag only (the id is the associated data); ``where`` names
         the chunk in the error message."""
         try:
-            return self._aead.decrypt(nonce, sealed, chunk_id)
+            return self._aead.decrypt(nonce, sealed, chunk_id + DELTA_AAD if delta else chunk_id)
         except InvalidTag:
             raise IntegrityError(f"{where}: chunk {chunk_id.hex()[:16]} fails authentication (GCM tag); "
                                  "the stored data was altered or swapped — do not use this checkpoint") from None

@@ -22,11 +22,12 @@ class PendingChunks:
         self._catalog = catalog
         self._db: sqlite3.Connection = catalog.db
         tag = secrets.token_hex(6)
-        self._new, self._used = f"temp.new_{tag}", f"temp.used_{tag}"
+        self._new, self._used, self._deps = f"temp.new_{tag}", f"temp.used_{tag}", f"temp.deps_{tag}"
         self._run(f"PRAGMA temp.cache_size=-{_TEMP_CACHE_KIB}")
         self._run(f"CREATE TEMP TABLE new_{tag} (id BLOB PRIMARY KEY, pack INTEGER, offset INTEGER, "
-                  "plain INTEGER) WITHOUT ROWID")
+                  "plain INTEGER, sealed INTEGER, delta INTEGER) WITHOUT ROWID")
         self._run(f"CREATE TEMP TABLE used_{tag} (id BLOB PRIMARY KEY) WITHOUT ROWID")
+        self._run(f"CREATE TEMP TABLE deps_{tag} (chunk BLOB, base BLOB, PRIMARY KEY (chunk, base)) WITHOUT ROWID")
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:
@@ -58,10 +59,14 @@ class PendingChunks:
         self._many(f"INSERT INTO {self._new} (id) VALUES (?)", ((cid,) for cid in fresh))
         return fresh
 
-    def place(self, placed: list[tuple[bytes, int, int, int]]) -> None:
-        """(id, pack index, entry offset, plaintext length) of chunks now sealed into a pack."""
-        self._many(f"UPDATE {self._new} SET pack=?, offset=?, plain=? WHERE id=?",
-                   ((pack, offset, plain, cid) for cid, pack, offset, plain in placed))
+    def place(self, placed: list[tuple[bytes, int, int, int, int, list[bytes] | None]]) -> None:
+        """(id, pack index, entry offset, plaintext length, sealed length, base ids of a delta or None)
+        of chunks now sealed into a pack."""
+        self._many(f"UPDATE {self._new} SET pack=?, offset=?, plain=?, sealed=?, delta=? WHERE id=?",
+                   ((pack, offset, plain, sealed, int(bases is not None), cid)
+                    for cid, pack, offset, plain, sealed, bases in placed))
+        self._many(f"INSERT INTO {self._deps} (chunk, base) VALUES (?,?)",
+                   ((cid, base) for cid, _, _, _, _, bases in placed if bases for base in bases))
 
     def use(self, ids: Iterable[bytes]) -> None:
         """The manifest's chunk ids (repeats fold)."""
@@ -69,24 +74,41 @@ class PendingChunks:
 
     # --- at commit, inside the catalog transaction ---------------------------------------------
     def raced(self, db: sqlite3.Connection) -> list[tuple[bytes, int, int]]:
-        """(id, pack index, plaintext length) of new chunks another checkpoint committed first."""
-        return [(bytes(r[0]), r[1], r[2]) for r in db.execute(
-            f"SELECT n.id, n.pack, n.plain FROM {self._new} n JOIN chunks c ON c.id = n.id")]
+        """(id, pack index, sealed length) of new chunks another checkpoint committed first; their
+        bases are forgotten (the committed copy carries its own)."""
+        rows = [(bytes(r[0]), r[1], r[2]) for r in db.execute(
+            f"SELECT n.id, n.pack, n.sealed FROM {self._new} n JOIN chunks c ON c.id = n.id")]
+        if rows:
+            db.execute(f"DELETE FROM {self._deps} WHERE chunk IN (SELECT id FROM main.chunks)")
+        return rows
 
-    def placed(self, db: sqlite3.Connection) -> Iterator[tuple[bytes, int, int, int]]:
-        """Every new chunk in id order (B-tree inserts in key order touch each page once)."""
-        cur = db.execute(f"SELECT id, pack, offset, plain FROM {self._new} ORDER BY id")
+    def placed(self, db: sqlite3.Connection) -> Iterator[tuple[bytes, int, int, int, int, int]]:
+        """Every new chunk in id order (B-tree inserts in key order touch each page once):
+        (id, pack index, entry offset, plaintext length, sealed length, delta flag)."""
+        cur = db.execute(f"SELECT id, pack, offset, plain, sealed, delta FROM {self._new} ORDER BY id")
         while rows := cur.fetchmany(512):
-            for cid, pack, offset, plain in rows:
+            for cid, pack, offset, plain, sealed, delta in rows:
                 if pack is None:
                     raise AssertionError("a claimed chunk was never placed in a pack")
-                yield bytes(cid), pack, offset, plain
+                yield bytes(cid), pack, offset, plain, sealed, delta
 
     def insert_refs(self, db: sqlite3.Connection, checkpoint_id: str) -> None:
         db.execute(f"INSERT INTO refs (checkpoint, chunk) SELECT ?, id FROM {self._used}", (checkpoint_id,))
 
+    def insert_deps(self, db: sqlite3.Connection) -> None:
+        """The bases of the new delta chunks (after raced() and after their chunk rows)."""
+        db.execute(f"INSERT INTO deps (chunk, base) SELECT chunk, base FROM {self._deps} ORDER BY chunk, base")
+
+    def recount(self, db: sqlite3.Connection, checkpoint_id: str) -> None:
+        """refcount = references + delta chunks depending on it, for every chunk this checkpoint uses
+        and every base of its new deltas."""
+        db.execute("UPDATE chunks SET refcount = (SELECT count(*) FROM refs r WHERE r.chunk = chunks.id) "
+                   "+ (SELECT count(*) FROM deps d WHERE d.base = chunks.id) "
+                   f"WHERE id IN (SELECT chunk FROM refs WHERE checkpoint=?) OR id IN (SELECT base FROM {self._deps})",
+                   (checkpoint_id,))
+
     def drop(self) -> None:
-        for table in (self._new, self._used):
+        for table in (self._new, self._used, self._deps):
             try:
                 self._db.execute(f"DROP TABLE IF EXISTS {table}")
             except sqlite3.Error:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import IntegrityError, UsageError
+from . import delta as deltas
 from .fsio import storage_error
 from .manifest import Manifest, StreamRecord, StreamRoot, decode
 from .packs import PackReader
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 _BATCH = 256       # chunks located per catalog query and decrypted per job
 _AHEAD = 3         # batches in flight: two decrypting (both cores), one ready for the consumer
+_BASE_CACHE = 64   # decrypted bases of delta chunks (neighbouring deltas share them)
 
 
 class CheckpointReader:
@@ -42,6 +44,8 @@ class CheckpointReader:
         self._packs = PackReader(repo.pack_dir)
         self._pack_lock = threading.Lock()   # PackReader caches descriptors in a dict
         self._refs_checked = False
+        self._bases: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._base_lock = threading.Lock()
         try:
             self.manifest = self._load_manifest()
         except BaseException:
@@ -88,26 +92,70 @@ class CheckpointReader:
                                      f"({a!r}); the catalog was altered — do not use this checkpoint")
         return manifest
 
-    _PLACES = ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len FROM refs r JOIN chunks c ON c.id = r.chunk "
-               "WHERE r.checkpoint=?")
+    _PLACES = ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM refs r "
+               "JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?")
 
     def refs_checked(self) -> None:
         """The caller compared this checkpoint's references with its manifest as sets: reads need
         not look each reference up again."""
         self._refs_checked = True
 
-    def _places_of(self, ids: list[bytes], with_refs: bool) -> dict[bytes, tuple[str, int, int, int]]:
-        """Where the chunks are; ``with_refs`` also requires this checkpoint's reference to each
-        (a full check; a verified checkpoint skips that second lookup per chunk)."""
+    def _places_of(self, ids: list[bytes], with_refs: bool) -> dict[bytes, tuple]:
+        """Where the chunks are: {id: (pack, offset, sealed length, plaintext length, delta flag,
+        {base id: its place} for a delta)}.  ``with_refs`` also requires this checkpoint's reference
+        to each (a full check; a verified checkpoint skips that second lookup per chunk).  A delta's
+        bases are located by id, whichever checkpoints reference them (often only older ones)."""
         marks = ",".join("?" * len(ids))
         if with_refs and not self._refs_checked:
             rows = self._repo.catalog.query(f"{self._PLACES} AND r.chunk IN ({marks})", (self.checkpoint_id, *ids))
         else:
             rows = self._repo.catalog.query(
-                f"SELECT id, pack, offset, length, plain_len FROM chunks WHERE id IN ({marks})", tuple(ids))
-        return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in rows}
+                f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})", tuple(ids))
+        places = {bytes(r[0]): (r[1], r[2], r[3], r[4], r[5], {}) for r in rows}
+        delta_ids = [cid for cid, p in places.items() if p[4]]
+        if delta_ids:
+            marks = ",".join("?" * len(delta_ids))
+            for cid, base, *where in self._repo.catalog.query(
+                    "SELECT d.chunk, d.base, c.pack, c.offset, c.length, c.plain_len, c.delta FROM deps d "
+                    f"LEFT JOIN chunks c ON c.id = d.base WHERE d.chunk IN ({marks})", tuple(delta_ids)):
+                places[bytes(cid)][5][bytes(base)] = None if where[0] is None else tuple(where)
+        return places
 
-    def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple[str, int, int, int] | None]],
+    def _base(self, bid: bytes, place: tuple | None, cid: bytes, where: str) -> bytes:
+        """The plaintext of a delta's base (a full chunk), decrypted once for neighbouring deltas."""
+        with self._base_lock:
+            data = self._bases.get(bid)
+            if data is not None:
+                self._bases.move_to_end(bid)
+                return data
+        if place is None:
+            raise IntegrityError(f"{where}: base {bid.hex()[:16]} of delta chunk {cid.hex()[:16]} is not in the "
+                                 "catalog; the catalog was altered — do not use this checkpoint")
+        pack, offset, sealed_len, plain_len, is_delta = place
+        if is_delta:
+            raise IntegrityError(f"{where}: base {bid.hex()[:16]} of delta chunk {cid.hex()[:16]} is itself a "
+                                 "delta; the catalog was altered — do not use this checkpoint")
+        with self._pack_lock:
+            nonce, sealed = self._packs.read_entry(pack, offset, sealed_len, bid, where)
+        data = self._repo.cipher.decrypt(bid, nonce, sealed, f"{where} base")
+        if len(data) != plain_len:
+            raise IntegrityError(f"{where}: base {bid.hex()[:16]} has length {len(data)}, the catalog says "
+                                 f"{plain_len}; the catalog was altered — do not use this checkpoint")
+        with self._base_lock:
+            self._bases[bid] = data
+            while len(self._bases) > _BASE_CACHE:
+                self._bases.popitem(last=False)
+        return data
+
+    def _assemble(self, cid: bytes, payload: bytes, length: int, deps: dict[bytes, tuple | None],
+                  where: str) -> bytes:
+        base_ids, segments = deltas.decode(payload, length, where)
+        if set(base_ids) != set(deps):
+            raise IntegrityError(f"{where}: delta chunk {cid.hex()[:16]} names bases the catalog's deps rows do "
+                                 "not list (or the reverse); the catalog was altered — do not use this checkpoint")
+        return deltas.apply(payload, segments, [self._base(b, deps[b], cid, where) for b in base_ids], where)
+
+    def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple | None]],
                     full_check: bool) -> list[tuple[bytes, bytes | None]]:
         """Decrypt a batch (on a worker thread): [(plaintext, its SHA-256 or None)]."""
         cipher, plain = self._repo.cipher, []
@@ -115,10 +163,12 @@ class CheckpointReader:
             if place is None:
                 raise IntegrityError(f"{where}: chunk {cid.hex()[:16]} is not in the catalog for this "
                                      "checkpoint; the catalog was altered — do not use this checkpoint")
-            pack, offset, sealed_len, plain_len = place
+            pack, offset, sealed_len, plain_len, is_delta, deps = place
             with self._pack_lock:
                 nonce, sealed = self._packs.read_entry(pack, offset, sealed_len, cid, where)
-            data = cipher.decrypt(cid, nonce, sealed, where)
+            data = cipher.decrypt(cid, nonce, sealed, where, delta=bool(is_delta))
+            if is_delta:
+                data = self._assemble(cid, data, plain_len, deps, where)
             if len(data) != length or plain_len != length:
                 raise IntegrityError(f"{where}: chunk {cid.hex()[:16]} has length {len(data)}, the manifest "
                                      f"says {length}; do not use this checkpoint")
@@ -180,7 +230,9 @@ class CheckpointReader:
             raise UsageError(f"{self.label}: no stream {name!r} (has: {have})") from None
 
     def pack_names(self) -> set[str]:
+        """The packs holding this checkpoint's chunks and the bases of its delta chunks."""
         return {r[0] for r in self._repo.catalog.query(
-            "SELECT DISTINCT c.pack FROM refs r JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?",
+            "SELECT DISTINCT c.pack FROM chunks c WHERE c.id IN (SELECT chunk FROM refs WHERE checkpoint=?1) "
+            "OR c.id IN (SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1)",
             (self.checkpoint_id,))}
 

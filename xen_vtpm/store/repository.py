@@ -199,9 +199,11 @@ class Repository:
                 raise IntegrityError(f"{label}: pack {pack} holds chunks of this checkpoint but has no catalog "
                                      "row; the catalog was altered — restore it before any other command")
             pack, index = None, {}
-            for name, cid, off, ln in self.catalog.rows(
-                    "SELECT c.pack, c.id, c.offset, c.length FROM refs r JOIN chunks c ON c.id = r.chunk "
-                    "WHERE r.checkpoint=? ORDER BY c.pack", (checkpoint_id,)):
+            for name, cid, off, ln in self.catalog.rows(   # our chunks and the bases of our delta chunks
+                    "SELECT c.pack, c.id, c.offset, c.length FROM chunks c WHERE c.id IN "
+                    "(SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
+                    "(SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1) "
+                    "ORDER BY c.pack", (checkpoint_id,)):
                 if name != pack:   # one pack's index in memory at a time
                     pack = name
                     try:
@@ -223,13 +225,22 @@ class Repository:
                     "packs": len(reader.pack_names()), "status": "ok"}
 
     def _check_refcounts(self, checkpoint_id: str, label: str) -> None:
+        """refcount = checkpoints referencing the chunk + delta chunks depending on it, for this
+        checkpoint's chunks and the bases of its delta chunks; only a delta has deps rows."""
         rows = self.catalog.query(
-            "SELECT c.id, c.refcount, (SELECT count(*) FROM refs r2 WHERE r2.chunk = c.id) AS actual "
-            "FROM refs r JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=? AND c.refcount != actual LIMIT 1",
-            (checkpoint_id,))
-        for cid, refcount, actual in rows:
-            raise IntegrityError(f"{label}: chunk {bytes(cid).hex()[:16]} refcount {refcount} but {actual} "
-                                 "checkpoints use it; the catalog was altered")
+            "SELECT c.id, c.refcount, (SELECT count(*) FROM refs r2 WHERE r2.chunk = c.id) AS users, "
+            "(SELECT count(*) FROM deps d2 WHERE d2.base = c.id) AS deltas FROM chunks c "
+            "WHERE (c.id IN (SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
+            "(SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1)) "
+            "AND c.refcount != users + deltas LIMIT 1", (checkpoint_id,))
+        for cid, refcount, users, deltas in rows:
+            raise IntegrityError(f"{label}: chunk {bytes(cid).hex()[:16]} refcount {refcount} but {users} "
+                                 f"checkpoints and {deltas} delta chunks use it; the catalog was altered")
+        rows = self.catalog.query(
+            "SELECT r.chunk FROM refs r JOIN deps d ON d.chunk = r.chunk JOIN chunks c ON c.id = r.chunk "
+            "WHERE r.checkpoint=? AND c.delta = 0 LIMIT 1", (checkpoint_id,))
+        for (cid,) in rows:
+            raise IntegrityError(f"{label}: full chunk {bytes(cid).hex()[:16]} has deps rows; the catalog was altered")
 
     # --- delete ------------------------------------------------------------------------
     def delete(self, checkpoint_id: str, missing_ok: bool = False) -> int:
@@ -259,6 +270,7 @@ class Repository:
                 db.execute("UPDATE chunks SET refcount = refcount - 1 WHERE refcount > 1 AND id IN "
                            "(SELECT chunk FROM refs WHERE checkpoint=?)", (checkpoint_id,))
                 db.execute("DELETE FROM refs WHERE checkpoint=?", (checkpoint_id,))
+                dead += self._release_bases(db, [bytes(r[0]) for r in dead], checkpoint_id)
                 db.executemany("DELETE FROM chunks WHERE id=?", [(r[0],) for r in dead])
                 freed_per_pack: dict[str, int] = {}
                 for _, pack, length in dead:
@@ -279,6 +291,32 @@ class Repository:
                 raise IntegrityError(f"checkpoint {checkpoint_id}: chunk refcounts disagree with the references "
                                      "(catalog altered); nothing was deleted — run `xen-vtpm verify --all`") from None
             raise
+
+    @staticmethod
+    def _release_bases(db: Any, dead: list[bytes], checkpoint_id: str) -> list[tuple]:
+        """The freed delta chunks release their bases: drop their deps rows, lower each base's
+        refcount by the deltas it loses and return the bases nothing uses any more (bases are full
+        chunks, so one round frees everything)."""
+        released: dict[bytes, int] = {}
+        gone = set(dead)
+        for i in range(0, len(dead), 256):
+            part = dead[i:i + 256]
+            marks = ",".join("?" * len(part))
+            for (base,) in db.execute(f"SELECT base FROM deps WHERE chunk IN ({marks})", part).fetchall():
+                released[bytes(base)] = released.get(bytes(base), 0) + 1
+            db.execute(f"DELETE FROM deps WHERE chunk IN ({marks})", part)
+        freed = []
+        for base, n in released.items():
+            row = db.execute("SELECT id, pack, length, refcount FROM chunks WHERE id=?", (base,)).fetchone()
+            if row is None or row[3] < n or base in gone:
+                raise IntegrityError(f"checkpoint {checkpoint_id}: base chunk {base.hex()[:16]} refcount disagrees "
+                                     "with its delta chunks (catalog altered); nothing was deleted — run "
+                                     "`xen-vtpm verify --all`")
+            if row[3] == n:
+                freed.append(tuple(row[:3]))
+            else:
+                db.execute("UPDATE chunks SET refcount = refcount - ? WHERE id=?", (n, base))
+        return freed
 
     def _finish_unlinks(self, job: tuple[int, list[str]]) -> int:
         jid, files = job

@@ -14,12 +14,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 from .. import __version__
-from ..errors import PreconditionFailed, UsageError
+from ..errors import IntegrityError, PreconditionFailed, UsageError
 from .faults import crashpoint
 from .fsio import write_atomic
-from .chunks import TAG_SIZE
-from .manifest import CHUNK_ENTRY, ChunkList, Manifest, StreamRecord, StreamRoot, encode
-from .packs import ENTRY, PackWriter, new_pack_name
+from .delta import DeltaEncoder, ParentStream
+from .manifest import CHUNK_ENTRY, ChunkList, Manifest, StreamRecord, StreamRoot, decode, encode
+from .packs import ENTRY, PackReader, PackWriter, new_pack_name
 from .pending import PendingChunks
 
 if TYPE_CHECKING:
@@ -51,7 +51,10 @@ class CheckpointWriter:
                                       "counter": 0, "created": None, "tool_version": __version__,
                                       "save_header": {}, "extra": {}}
         self._open = True
+        self._delta: DeltaEncoder | None = None  # while a memory stream with a parent is added
+        self._parent_packs = PackReader(repo.pack_dir)   # the sealing thread's, for the parent's chunks
         self.stored_bytes = 0                   # bytes this checkpoint added to the store (after commit)
+        self.delta_chunks = 0                   # new chunks stored as deltas against the parent
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -93,8 +96,10 @@ class CheckpointWriter:
         id_of = self._repo.cipher.id_of_digest
         root = StreamRoot()
         entries = bytearray()
-        batch: list[tuple[bytes, bytes]] = []
+        batch: list[tuple[bytes, bytes, int]] = []
         length = batch_bytes = 0
+        parent = self._parent_stream(name) if kind == "stream" else None
+        self._delta = DeltaEncoder(parent, self._repo.cipher, self._parent_packs) if parent is not None else None
         # One sealing job in flight (AES-GCM releases the GIL) while this thread chunks the next batch.
         with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
             sealing: Future | None = None
@@ -102,7 +107,7 @@ class CheckpointWriter:
                 cid = id_of(chunk.digest)
                 root.add(chunk.digest, chunk.length)
                 entries += CHUNK_ENTRY.pack(cid, chunk.length)
-                batch.append((cid, chunk.data))
+                batch.append((cid, chunk.data, length))
                 length += chunk.length
                 batch_bytes += chunk.length
                 if len(batch) == _BATCH or batch_bytes >= _BATCH_BYTES:
@@ -111,40 +116,83 @@ class CheckpointWriter:
             sealing = self._store_batch(pool, sealing, batch, progress)
             if sealing is not None:
                 self._append_sealed(sealing.result())
+        self._delta = None
         record = StreamRecord(name=name, kind=kind, length=length, tree_root=root.digest(), sha256=sha256,
                               chunks=ChunkList(entries))
         self._streams.append(record)
         return record
 
-    def _store_batch(self, pool: ThreadPoolExecutor, sealing: Future | None, batch: list[tuple[bytes, bytes]],
+    def _store_batch(self, pool: ThreadPoolExecutor, sealing: Future | None, batch: list[tuple[bytes, bytes, int]],
                      progress: Callable[[int], Any] | None) -> Future | None:
         """Queue the batch's new chunks for sealing, then append the previous batch's sealed chunks."""
         fresh = self._fresh(batch)
-        nxt = pool.submit(_seal_all, self._repo.cipher, fresh) if fresh else None
+        nxt = None
+        if fresh:
+            places = self._parent_places(fresh) if self._delta is not None else {}
+            nxt = pool.submit(_seal_all, self._repo.cipher, fresh, self._delta, places)
         if sealing is not None:
             self._append_sealed(sealing.result())
         if progress is not None and batch:
-            progress(sum(len(data) for _, data in batch))
+            progress(sum(len(data) for _, data, _ in batch))
         return nxt
 
-    def _fresh(self, batch: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def _fresh(self, batch: list[tuple[bytes, bytes, int]]) -> list[tuple[bytes, bytes, int]]:
         """The chunks of ``batch`` neither this write nor the catalog holds yet (claimed now, so a
         repeat in a later batch is skipped)."""
-        fresh = self._new.claim_unknown(list({cid for cid, _ in batch}))
+        fresh = self._new.claim_unknown(list({cid for cid, _, _ in batch}))
         out = []
-        for cid, data in batch:
+        for cid, data, offset in batch:
             if cid in fresh:
                 fresh.discard(cid)
-                out.append((cid, data))
+                out.append((cid, data, offset))
         return out
 
-    def _append_sealed(self, sealed_chunks: list[tuple[bytes, bytes, bytes, int]]) -> None:
+    # --- delta chunks (docs/formats.md, "Checkpoint store" §0) -----------------------------
+    def _parent_stream(self, name: str) -> ParentStream | None:
+        """Stream ``name`` of the VM's latest committed checkpoint that has one (MAC-checked), or None."""
+        catalog = self._repo.catalog
+        for (pid,) in catalog.query("SELECT id FROM checkpoints WHERE vm_uuid=? ORDER BY created_us DESC, id DESC",
+                                    (self.vm_uuid,)):
+            rows = catalog.query("SELECT CAST(manifest AS BLOB) FROM checkpoints WHERE id=?", (pid,))
+            if not rows:
+                continue   # deleted meanwhile
+            try:
+                manifest = decode(bytes(rows[0][0]), self._repo.mac_key, pid)
+            except IntegrityError:
+                return None   # an altered parent: no deltas (verify reports it)
+            for rec in manifest.streams:
+                if rec.name == name and rec.kind == "stream":
+                    return ParentStream(pid, rec.chunks)
+        return None
+
+    def _parent_places(self, fresh: list[tuple[bytes, bytes, int]]) -> dict[bytes, tuple]:
+        """Where the parent chunks overlapping ``fresh`` are, and the bases of those that are deltas:
+        {id: (pack, offset, sealed length, plaintext length, delta)} (looked up on this thread, which
+        owns the catalog connection, for the sealing thread)."""
+        assert self._delta is not None
+        ids = list(self._delta.parent.ids_for((off, off + len(data)) for _, data, off in fresh))
+        places: dict[bytes, tuple] = {}
+        catalog = self._repo.catalog
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i:i + _BATCH]
+            marks = ",".join("?" * len(part))
+            for cid, *place in catalog.query(
+                    f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})", tuple(part)):
+                places[bytes(cid)] = tuple(place)
+            for cid, *place in catalog.query(
+                    "SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM deps d "
+                    f"JOIN chunks c ON c.id = d.base WHERE d.chunk IN ({marks})", tuple(part)):
+                places[bytes(cid)] = tuple(place)
+        return places
+
+    def _append_sealed(self, sealed_chunks: list[tuple[bytes, bytes, bytes, int, list[bytes] | None]]) -> None:
         placed = []
-        for cid, nonce, sealed, plain in sealed_chunks:
+        for cid, nonce, sealed, plain, bases in sealed_chunks:
             pack = self._pack or self._start_pack()
             offset = pack.add(cid, nonce, sealed)
-            placed.append((cid, len(self._pack_names) - 1, offset, plain))
+            placed.append((cid, len(self._pack_names) - 1, offset, plain, len(sealed), bases))
             self._pack_live += ENTRY.size + len(sealed)
+            self.delta_chunks += bases is not None
             if pack.size >= self._repo.pack_target:
                 self._finish_pack()
         self._new.place(placed)
@@ -195,6 +243,7 @@ class CheckpointWriter:
         crashpoint("write.committed")
         self._open = False
         self._new.drop()
+        self._parent_packs.close()
         self._lock.release()
         self.stored_bytes = stored
         return manifest
@@ -208,32 +257,33 @@ class CheckpointWriter:
         db.executemany("INSERT INTO packs (name, size, entries, live_bytes) VALUES (?,?,?,?)",
                        [(name, size, entries, live) for name, size, entries, live in self._packs])
         raced = set()   # a concurrent checkpoint committed the same chunk first: our copy is dead weight
-        for cid, pack_index, plain in self._new.raced(db):
+        for cid, pack_index, sealed in self._new.raced(db):
             raced.add(cid)
-            live[self._pack_names[pack_index]] -= ENTRY.size + plain + TAG_SIZE
+            live[self._pack_names[pack_index]] -= ENTRY.size + sealed
         stored = 0
 
-        def rows() -> Iterator[tuple[bytes, str, int, int, int]]:
+        def rows() -> Iterator[tuple[bytes, str, int, int, int, int]]:
             nonlocal stored
-            for cid, pack_index, offset, plain in self._new.placed(db):
+            for cid, pack_index, offset, plain, sealed, delta in self._new.placed(db):
                 if cid not in raced:
-                    stored += ENTRY.size + plain + TAG_SIZE
-                    yield cid, self._pack_names[pack_index], offset, plain + TAG_SIZE, plain
+                    stored += ENTRY.size + sealed
+                    yield cid, self._pack_names[pack_index], offset, sealed, plain, delta
 
-        db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount) VALUES (?,?,?,?,?,1)",
-                       rows())
+        db.executemany("INSERT INTO chunks (id, pack, offset, length, plain_len, refcount, delta) "
+                       "VALUES (?,?,?,?,?,1,?)", rows())
         db.executemany("UPDATE packs SET live_bytes=? WHERE name=?", [(v, k) for k, v in live.items()])
         db.execute("INSERT INTO checkpoints (id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest) "
                    "VALUES (?,?,?,?,?,?,?,?)", (self.checkpoint_id, self.name, self.vm_uuid, self.vm_name,
                                                manifest.created_us, manifest.size, stored, data))
         try:
             self._new.insert_refs(db, self.checkpoint_id)
+            self._new.insert_deps(db)
         except sqlite3.IntegrityError:   # the foreign key: a chunk we counted on is gone
             raise PreconditionFailed(f"checkpoint {self.checkpoint_id}: a chunk vanished during the write "
                                      "(concurrent delete); retry the snapshot") from None
-        # Recount every chunk this checkpoint uses, new or shared: refcount = count(refs), in one statement.
-        db.execute("UPDATE chunks SET refcount = (SELECT count(*) FROM refs r WHERE r.chunk = chunks.id) "
-                   "WHERE id IN (SELECT chunk FROM refs WHERE checkpoint=?)", (self.checkpoint_id,))
+        # Recount every chunk this checkpoint uses, new or shared, and every base of its new deltas:
+        # refcount = count(refs) + count(deps naming it as base), in one statement.
+        self._new.recount(db, self.checkpoint_id)
         return stored
 
     def _manifest(self) -> Manifest:
@@ -255,6 +305,7 @@ class CheckpointWriter:
             self._pack.discard()
             self._pack = None
         self._new.drop()
+        self._parent_packs.close()
         self._repo.undo_files(self._created)
         with self._repo.catalog.transaction() as db:
             db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
@@ -265,8 +316,19 @@ class CheckpointWriter:
             raise UsageError(f"checkpoint {self.checkpoint_id}: writer already committed or aborted")
 
 
-def _seal_all(cipher: Any, chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes, int]]:
-    return [(cid, *cipher.seal(cid, data), len(data)) for cid, data in chunks]
+def _seal_all(cipher: Any, chunks: list[tuple[bytes, bytes, int]], delta: DeltaEncoder | None,
+              places: dict[bytes, tuple]) -> list[tuple[bytes, bytes, bytes, int, list[bytes] | None]]:
+    """Seal each chunk whole, or as a delta against the parent when that saves at least half of it:
+    (id, nonce, sealed, plaintext length, base ids of a delta or None)."""
+    out = []
+    for cid, data, offset in chunks:
+        found = delta.encode(data, offset, places) if delta is not None else None
+        if found is None:
+            out.append((cid, *cipher.seal(cid, data), len(data), None))
+        else:
+            payload, bases = found
+            out.append((cid, *cipher.seal(cid, payload, delta=True), len(data), bases))
+    return out
 
 
 def _feed_all(engine: Any, blocks: Iterable[bytes]) -> Iterator[Any]:
