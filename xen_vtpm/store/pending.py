@@ -6,6 +6,7 @@ page cache, spilling to an unnamed temp file), which disappears with the connect
 """
 from __future__ import annotations
 
+import itertools
 import secrets
 import sqlite3
 from typing import Iterable, Iterator
@@ -13,6 +14,7 @@ from typing import Iterable, Iterator
 from .fsio import storage_error
 
 _TEMP_CACHE_KIB = 8192   # the temp database's page cache: what these tables may cost in RAM
+_ROWS_PER_INSERT = 256   # well under SQLite's 32766 bound parameters per statement
 
 
 class PendingChunks:
@@ -24,9 +26,14 @@ class PendingChunks:
         tag = secrets.token_hex(6)
         self._new, self._used, self._deps = f"temp.new_{tag}", f"temp.used_{tag}", f"temp.deps_{tag}"
         self._run(f"PRAGMA temp.cache_size=-{_TEMP_CACHE_KIB}")
+        # Each batch is one temp transaction; a journal in memory (one batch's undo) makes its commit
+        # cheap: 1.9 instead of 6.3 µs per row measured here.
+        self._run("PRAGMA temp.journal_mode=MEMORY")
         self._run(f"CREATE TEMP TABLE new_{tag} (id BLOB PRIMARY KEY, pack INTEGER, offset INTEGER, "
                   "plain INTEGER, sealed INTEGER, delta INTEGER) WITHOUT ROWID")
         self._run(f"CREATE TEMP TABLE used_{tag} (id BLOB PRIMARY KEY) WITHOUT ROWID")
+        # Claimed, not yet placed: at most the batches in flight to the sealing thread.
+        self._sealing: set[bytes] = set()
         self._run(f"CREATE TEMP TABLE deps_{tag} (chunk BLOB, base BLOB, PRIMARY KEY (chunk, base)) WITHOUT ROWID")
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -35,12 +42,18 @@ class PendingChunks:
         except sqlite3.Error as exc:
             raise storage_error(exc, self._catalog.path, "keeping the new chunks of a write") from None
 
-    def _many(self, sql: str, rows: Iterable[tuple]) -> None:
-        # One temp-database transaction per call, not one per row; a savepoint nests in the caller's.
+    def _insert(self, head: str, rows: Iterable[tuple]) -> None:
+        """``head`` ("INSERT INTO t (a, b) VALUES") for every row, a few hundred rows per statement: one
+        SQLite step per statement, so the GIL (released around each step) changes hands rarely; per
+        row, the threads chunking and sealing beside this one would keep taking it."""
+        it = iter(rows)
         try:
-            self._db.execute("SAVEPOINT pending")
+            self._db.execute("SAVEPOINT pending")   # one temp transaction per call, nested in any caller's
             try:
-                self._db.executemany(sql, rows)
+                while part := list(itertools.islice(it, _ROWS_PER_INSERT)):
+                    marks = "(" + ",".join("?" * len(part[0])) + ")"
+                    self._db.execute(f"{head} {','.join([marks] * len(part))}",
+                                     [value for row in part for value in row])
             except BaseException:
                 self._db.execute("ROLLBACK TO pending")
                 raise
@@ -55,22 +68,24 @@ class PendingChunks:
         known = {bytes(r[0]) for r in self._run(
             f"SELECT id FROM chunks WHERE id IN ({marks}) UNION ALL SELECT id FROM {self._new} WHERE id IN ({marks})",
             (*ids, *ids))}
-        fresh = set(ids) - known
-        self._many(f"INSERT INTO {self._new} (id) VALUES (?)", ((cid,) for cid in fresh))
+        fresh = set(ids) - known - self._sealing
+        self._sealing |= fresh
         return fresh
 
     def place(self, placed: list[tuple[bytes, int, int, int, int, list[bytes] | None]]) -> None:
         """(id, pack index, entry offset, plaintext length, sealed length, base ids of a delta or None)
         of chunks now sealed into a pack."""
-        self._many(f"UPDATE {self._new} SET pack=?, offset=?, plain=?, sealed=?, delta=? WHERE id=?",
-                   ((pack, offset, plain, sealed, int(bases is not None), cid)
-                    for cid, pack, offset, plain, sealed, bases in placed))
-        self._many(f"INSERT INTO {self._deps} (chunk, base) VALUES (?,?)",
-                   ((cid, base) for cid, _, _, _, _, bases in placed if bases for base in bases))
+        self._insert(f"INSERT INTO {self._new} (id, pack, offset, plain, sealed, delta) VALUES",
+                     ((cid, pack, offset, plain, sealed, int(bases is not None))
+                      for cid, pack, offset, plain, sealed, bases in placed))
+        self._sealing.difference_update(cid for cid, *_ in placed)
+        deps = [(cid, base) for cid, _, _, _, _, bases in placed if bases for base in bases]
+        if deps:
+            self._insert(f"INSERT INTO {self._deps} (chunk, base) VALUES", deps)
 
     def use(self, ids: Iterable[bytes]) -> None:
         """The manifest's chunk ids (repeats fold)."""
-        self._many(f"INSERT OR IGNORE INTO {self._used} VALUES (?)", ((cid,) for cid in ids))
+        self._insert(f"INSERT OR IGNORE INTO {self._used} (id) VALUES", ((cid,) for cid in ids))
 
     # --- at commit, inside the catalog transaction ---------------------------------------------
     def raced(self, db: sqlite3.Connection) -> list[tuple[bytes, int, int]]:
@@ -85,11 +100,11 @@ class PendingChunks:
     def placed(self, db: sqlite3.Connection) -> Iterator[tuple[bytes, int, int, int, int, int]]:
         """Every new chunk in id order (B-tree inserts in key order touch each page once):
         (id, pack index, entry offset, plaintext length, sealed length, delta flag)."""
+        if self._sealing:
+            raise AssertionError("a claimed chunk was never placed in a pack")
         cur = db.execute(f"SELECT id, pack, offset, plain, sealed, delta FROM {self._new} ORDER BY id")
         while rows := cur.fetchmany(512):
             for cid, pack, offset, plain, sealed, delta in rows:
-                if pack is None:
-                    raise AssertionError("a claimed chunk was never placed in a pack")
                 yield bytes(cid), pack, offset, plain, sealed, delta
 
     def insert_refs(self, db: sqlite3.Connection, checkpoint_id: str) -> None:
