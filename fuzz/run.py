@@ -3,7 +3,7 @@
     python fuzz/run.py --seconds N [--only TARGET ...] [--findings DIR] [--json FILE] [--engine E]
 
 Each target gets N seconds, one after the other (the live xenstored target included), so a
-run takes about 9 x N seconds.  Coverage-guided targets run under atheris/libFuzzer in their
+run takes about 10 x N seconds.  Coverage-guided targets run under atheris/libFuzzer in their
 own process, starting from seeds the real writers generate into a fresh corpus; without
 atheris (or with ``--engine mutate``) they run a seed-mutation loop in this process instead.
 Crashing inputs are written to the findings directory (default ``fuzz-findings`` under the
@@ -36,6 +36,7 @@ TARGETS = {
     "savestream": ("fz_savestream", 32768),
     "xenstored-wire": ("fz_xenstored_wire", 8192),
     "manifest": ("fz_manifest", 4096),
+    "delta": ("fz_delta", 8192),
     "pack": ("fz_pack", 8192),
     "mgrproto": ("fz_mgrproto", 1024),
     "vtpmblk": ("fz_vtpmblk", 4096),

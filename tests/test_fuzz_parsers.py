@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+import fz_delta  # noqa: E402
 import fz_manifest  # noqa: E402
 import fz_mgrproto  # noqa: E402
 import fz_pack  # noqa: E402
@@ -41,7 +42,7 @@ from xen_vtpm.xenstore import XenStore  # noqa: E402
 from xs_fixture import start_xenstored  # noqa: E402
 
 TARGETS = {"xl-header": fz_xl_header, "savestream": fz_savestream, "xenstored-wire": fz_xenstored_wire,
-           "manifest": fz_manifest, "pack": fz_pack, "mgrproto": fz_mgrproto, "vtpmblk": fz_vtpmblk,
+           "manifest": fz_manifest, "delta": fz_delta, "pack": fz_pack, "mgrproto": fz_mgrproto, "vtpmblk": fz_vtpmblk,
            "xlcfg": fz_xlcfg}
 HANG = 10   # seconds: a guard against an endless loop on one input, far above any parser's need
 FUZZ = settings(deadline=None, derandomize=True, database=None,
