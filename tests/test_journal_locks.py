@@ -18,14 +18,14 @@ def test_steps_survive_a_reopen_and_finished_ops_disappear(tmp_path):
     j = Journal(tmp_path / "catalog.sqlite", KEY)
     op = j.begin("snapshot", "vm-1", guest="g1", checkpoint="c1")
     j.step(op, "guest-save")
-    j.step(op, "vtpm-pause", extra=1)
+    j.step(op, "manager-checkpoint", extra=1)
     done = j.begin("delete", "vm-2", checkpoint="c2")
     j.finish(done, "done")
     j.close()
     again = Journal(tmp_path / "catalog.sqlite", KEY).unfinished()
-    assert [(o.kind, o.vm, o.last_step) for o in again] == [("snapshot", "vm-1", "vtpm-pause")]
+    assert [(o.kind, o.vm, o.last_step) for o in again] == [("snapshot", "vm-1", "manager-checkpoint")]
     assert again[0].params == {"guest": "g1", "checkpoint": "c1"}
-    assert again[0].data("vtpm-pause") == {"extra": 1}
+    assert again[0].data("manager-checkpoint") == {"extra": 1}
     assert again[0].reached("guest-save") and not again[0].reached("commit")
 
 
@@ -36,7 +36,7 @@ def test_crash_point_kills_right_after_the_step_is_durable(tmp_path):
         j = Journal({str(db)!r}, {KEY!r})
         op = j.begin("snapshot", "vm-1")
         j.step(op, "guest-save")
-        j.step(op, "vtpm-pause")
+        j.step(op, "manager-checkpoint")
         print("not reached")
     """)
     env = dict(os.environ, XEN_VTPM_CRASH_AT="snapshot:guest-save")
@@ -78,14 +78,14 @@ def test_fault_hook_runs_its_command_at_the_step_then_carries_on(tmp_path):
         j = Journal({str(db)!r}, {KEY!r})
         op = j.begin("snapshot", "vm-1")
         j.step(op, "guest-save")
-        import os; print("marker before vtpm-pause:", os.path.exists({str(marker)!r}))
-        j.step(op, "vtpm-pause")
+        import os; print("marker before manager-checkpoint:", os.path.exists({str(marker)!r}))
+        j.step(op, "manager-checkpoint")
         print("marker after:", os.path.exists({str(marker)!r}))
     """)
-    env = dict(os.environ, XEN_VTPM_FAULT_AT="snapshot:vtpm-pause", XEN_VTPM_FAULT_CMD=f"touch {marker}")
+    env = dict(os.environ, XEN_VTPM_FAULT_AT="snapshot:manager-checkpoint", XEN_VTPM_FAULT_CMD=f"touch {marker}")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:2] == ["marker before vtpm-pause: False", "marker after: True"]
+    assert proc.stdout.split("\n")[:2] == ["marker before manager-checkpoint: False", "marker after: True"]
 
 
 def _tamper(db, sql, *args):
@@ -119,7 +119,7 @@ def test_recover_refuses_a_forged_or_edited_journal(tmp_path, forge):
     j.finish(done, "done")
     live = j.begin("snapshot", "vm-1", checkpoint="c1", guest="g1")
     j.step(live, "guest-save")
-    j.step(live, "vtpm-pause")
+    j.step(live, "manager-checkpoint")
     assert [o.op_id for o in j.unfinished()] == [live.op_id]
     forge(j, db)
     with pytest.raises(IntegrityError, match="journal .*(MAC|edited|removed)"):
