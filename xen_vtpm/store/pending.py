@@ -1,7 +1,7 @@
-"""The chunks one checkpoint write adds, and the ids it uses, until its commit.
+"""The chunks one checkpoint write adds, the ids it uses and its deltas' bases, until its commit.
 
 Their number grows with the guest (about 57,000 per GiB), so they are not Python objects but rows of
-two temporary tables on the catalog's connection: SQLite keeps them in its temp database (a bounded
+temporary tables on the catalog's connection: SQLite keeps them in its temp database (a bounded
 page cache, spilling to an unnamed temp file), which disappears with the connection, crash included.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ _ROWS_PER_INSERT = 256   # well under SQLite's 32766 bound parameters per statem
 
 
 class PendingChunks:
-    """New chunks (claimed, then placed in a pack) and the ids the manifest uses."""
+    """New chunks (claimed, then placed in a pack), their bases if deltas, and the ids the manifest uses."""
 
     def __init__(self, catalog) -> None:
         self._catalog = catalog
@@ -32,9 +32,9 @@ class PendingChunks:
         self._run(f"CREATE TEMP TABLE new_{tag} (id BLOB PRIMARY KEY, pack INTEGER, offset INTEGER, "
                   "plain INTEGER, sealed INTEGER, delta INTEGER) WITHOUT ROWID")
         self._run(f"CREATE TEMP TABLE used_{tag} (id BLOB PRIMARY KEY) WITHOUT ROWID")
+        self._run(f"CREATE TEMP TABLE deps_{tag} (chunk BLOB, base BLOB, PRIMARY KEY (chunk, base)) WITHOUT ROWID")
         # Claimed, not yet placed: at most the batches in flight to the sealing thread.
         self._sealing: set[bytes] = set()
-        self._run(f"CREATE TEMP TABLE deps_{tag} (chunk BLOB, base BLOB, PRIMARY KEY (chunk, base)) WITHOUT ROWID")
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:
