@@ -118,12 +118,16 @@ def consistent(state: Path) -> list[str]:
         return ids
 
 
-@pytest.mark.parametrize("point, committed", [
+# Every crash point of a write, and whether the checkpoint is committed when the process dies there.
+WRITE_POINTS = pytest.mark.parametrize("point, committed", [
     ("write.journaled", False),
     ("write.pack-published", False),
     ("write.manifest-published", False),
     ("write.committed", True),
 ])
+
+
+@WRITE_POINTS
 def test_kill_during_write(store, point, committed):
     state, (a, b) = store
     proc = child(state, "write", str(5 << 20), crash_at=point, pack_target=1 << 20)
@@ -152,12 +156,7 @@ def _deltas(state: Path) -> int:
         return repo.catalog.query("SELECT count(*) FROM chunks WHERE delta != 0")[0][0]
 
 
-@pytest.mark.parametrize("point, committed", [
-    ("write.journaled", False),
-    ("write.pack-published", False),
-    ("write.manifest-published", False),
-    ("write.committed", True),
-])
+@WRITE_POINTS
 def test_kill_during_delta_write(store, point, committed):
     state, (a, b) = store
     before = _deltas(state)   # B's chunk straddling P|R is already a delta against A's P|Q
