@@ -392,3 +392,14 @@ def table(rows: Iterable[tuple[str, str, str]]) -> str:
     lines = [f"{'sequence':<{w[0]}}  {'step':<{w[1]}}  outcome", f"{'-' * w[0]}  {'-' * w[1]}  {'-' * 7}"]
     lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def report(rows: list[tuple[str, str, str]], env_var: str) -> None:
+    """Print a module's outcome table; also write it to the file ``$env_var`` names, if set."""
+    if not rows:
+        return
+    text = table(rows)
+    target = os.environ.get(env_var)
+    if target:
+        Path(target).write_text(text + "\n")
+    print("\n" + text)

@@ -20,7 +20,6 @@ XEN_VTPM_FAULT_TABLE=FILE writes the outcome table there.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -71,12 +70,7 @@ def cases() -> list:
 @pytest.fixture(scope="module", autouse=True)
 def report_table():
     yield
-    if RESULTS:
-        text = ch.table(RESULTS)
-        target = os.environ.get("XEN_VTPM_FAULT_TABLE")
-        if target:
-            Path(target).write_text(text + "\n")
-        print("\n" + text)
+    ch.report(RESULTS, "XEN_VTPM_FAULT_TABLE")
 
 
 class Host:

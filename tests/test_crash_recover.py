@@ -19,8 +19,6 @@ rest of the matrix.  XEN_VTPM_CRASH_TABLE=FILE writes the outcome table there.
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 
 import pytest
 
@@ -86,12 +84,7 @@ def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tup
 @pytest.fixture(scope="module", autouse=True)
 def report_table():
     yield
-    if RESULTS:
-        text = ch.table(RESULTS)
-        target = os.environ.get("XEN_VTPM_CRASH_TABLE")
-        if target:
-            Path(target).write_text(text + "\n")
-        print("\n" + text)
+    ch.report(RESULTS, "XEN_VTPM_CRASH_TABLE")
 
 
 def new_host(tmp_path_factory) -> ch.SimHost:

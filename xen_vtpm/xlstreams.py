@@ -152,10 +152,10 @@ class _MemorySpool(_Spool):
     def size(self) -> int:
         return self._size
 
-    def written(self, complete: bool) -> None:
+    def written(self) -> None:
         """`xl save` returned: the store may read all it wrote."""
         assert self._fd is not None
-        self._grew(os.fstat(self._fd).st_size, ended=True, complete=complete)
+        self._grew(os.fstat(self._fd).st_size, ended=True, complete=True)
 
 
 class _DiskSpool(_Spool):
@@ -346,7 +346,7 @@ class XlStreams:
         except BaseException:
             ingest.cancel()
             raise
-        spool.written(complete=True)
+        spool.written()
         if bar is not None:
             bar.total = spool.size   # known exactly before ingestion starts
         return ingest
