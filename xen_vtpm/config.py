@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import io
 import os
 from pathlib import Path
 
+from .durable import storage_error, write_atomic
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/xen-vtpm/xen-vtpm.conf")
@@ -111,11 +113,11 @@ class Config:
 
 
 def write_ini(path: Path, parser: configparser.ConfigParser) -> None:
-    """Temp file, fsync, rename: a crash leaves the old config or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        parser.write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Durably (see ``durable``): a crash leaves the old config or the new one, never half of one."""
+    text = io.StringIO()
+    parser.write(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path.parent, "creating the config directory") from None
+    write_atomic(path, text.getvalue().encode("utf-8"), mode=0o600)

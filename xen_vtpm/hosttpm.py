@@ -34,6 +34,7 @@ from tpm2_pytss.types import (  # noqa: E402
     TPMT_HA, TPMT_PUBLIC, TPMT_SYM_DEF, TPMU_HA,
 )
 
+from .durable import storage_error, write_atomic  # noqa: E402
 from .errors import (  # noqa: E402
     AuthorizationDenied, ConfigError, IntegrityError, NvIndexError, PcrPolicyMismatch, TpmError,
     TpmLockout, TpmUnreachable,
@@ -107,17 +108,12 @@ class SealedBlob:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a 0600 file atomically: a crash leaves the old file or the new one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A 0600 file, published durably: a crash leaves the old file or the new one."""
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path.parent, "creating the directory") from None
+    write_atomic(path, data, mode=0o600)
 
 
 # TPM commands sent by this process, by name (connections are short-lived; benchmarks and tests

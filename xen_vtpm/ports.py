@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .config import Config
+from .durable import write_atomic
 from .errors import DomainNotFound, IntegrityError, PreconditionFailed, StorageError, UsageError, XlError
 from .journal import Journal
 from .locks import VmLock
@@ -179,18 +180,13 @@ class StubdomBackend:
             raise PreconditionFailed(f"{ref.backend}: the stock manager cannot restore a vTPM entry")
         if self.is_running(ref):
             raise PreconditionFailed(f"{ref.backend}: still running; it must be stopped before its image is replaced")
+        # The image must be on disk before the manager entry that names one of its slots.
         image = self._image(ref)
-        tmp = image.with_name(image.name + ".xen-vtpm.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(capture.image)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, image)
-        dfd = os.open(image.parent, os.O_RDONLY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            mode = stat.S_IMODE(image.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o600
+        write_atomic(image, capture.image, mode=mode)
         self.mgr.restore(ref.uuid, capture.manager_checkpoint)
 
     def start_verified(self, ref: VtpmRef) -> None:

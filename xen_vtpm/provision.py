@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from . import audit, catalog_head
 from .config import DEFAULT_CONFIG_PATH, SECTION, Config, write_ini
+from .durable import publish
 from .errors import (
     AuthorizationDenied, IntegrityError, PreconditionFailed, UsageError, XenVtpmError,
 )
@@ -194,7 +195,7 @@ def _init(cfg: Config, tpm: HostTpm, secret: bytes | None, created: bool) -> dic
         else:
             catalog_head.check_fresh(current, counter, pending)
         if not hostkey.exists():
-            os.replace(staged, hostkey)
+            publish(staged, hostkey)   # durable before anything relies on "key only after head"
             if not actions:
                 actions.append("finished an interrupted init")
         if secret is not None:
