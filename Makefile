@@ -7,7 +7,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-uti
                 build-essential pkg-config python3-dev python3-venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test crash fuzz soak bench clean
+.PHONY: setup demo test lint crash fuzz soak bench clean
 SOAK_CYCLES ?= 120
 FUZZ_SECONDS ?= 20
 
@@ -22,14 +22,22 @@ $(STAMP): setup.py pyproject.toml cext/build_hashing.py cext/hashing.c cext/hash
 	fi
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
-	$(PY) -m pip install -q -e '.[test,bench,fuzz]'
+	$(PY) -m pip install -q -e '.[test,bench,fuzz,lint]'
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/xen-vtpm demo
 
+# The architecture contracts first (seconds), then the suite.
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# Architecture (import-linter contracts in pyproject.toml), lint (ruff) and types (mypy).
+lint: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # The rest of the crash-at-every-step and tamper matrices (make test runs a representative subset).
 crash: setup

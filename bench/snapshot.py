@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xen_vtpm.sim import domains, host  # noqa: E402
+from xen_vtpm_sim import domains, host  # noqa: E402
 
 GUEST = "bg"
 PAGE = 4096

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xen_vtpm.sim import domains, host  # noqa: E402
+from xen_vtpm_sim import domains, host  # noqa: E402
 
 GUEST = "soak"
 # name in the table -> how to find its pid: a host daemon pid file, or a domain name.

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tpm2_pytss.constants import ESYS_TR  # noqa: E402
 
 from tpm_fixture import Swtpm, make_cfg  # noqa: E402
-from xen_vtpm import hosttpm, provision  # noqa: E402
-from xen_vtpm.hosttpm import HostTpm, SealedBlob  # noqa: E402
+from xen_vtpm.host import provision, session, tpm as hosttpm  # noqa: E402
+from xen_vtpm.host.tpm import HostTpm, SealedBlob  # noqa: E402
 
 
 def _timed(fn, runs: int) -> tuple[float, float]:
@@ -43,14 +43,14 @@ def _timed(fn, runs: int) -> tuple[float, float]:
 
 def _command(cfg, body) -> tuple[collections.Counter, float]:
     """Run one CLI command's host-TPM work from a cold process state; (TPM commands, wall ms)."""
-    provision.close_all()
+    session.close_all()
     before = collections.Counter(hosttpm.OPS)
     t = time.perf_counter()
-    host = provision.open_host(cfg)
+    host = session.open_host(cfg)
     body(host)
     ms = (time.perf_counter() - t) * 1000
     ops = collections.Counter(hosttpm.OPS) - before
-    provision.close_all()
+    session.close_all()
     return ops, ms
 
 
@@ -66,10 +66,10 @@ def main() -> int:
             secret = tmp_path / "secret"
             secret.write_bytes(b"bench secret")
             provision.init(cfg, rollback_auth_file=str(secret))
-            provision.close_all()
+            session.close_all()
 
             with HostTpm(cfg.tcti, cfg.pcrs) as tpm:
-                blob = SealedBlob.load(cfg.state_dir / provision.HOSTKEY)
+                blob = SealedBlob.load(cfg.state_dir / session.HOSTKEY)
                 scratch = cfg.counter_index + 1  # time increments on a spare counter: the real one is bound
                 tpm.counter_define(scratch)
                 rows = [
@@ -104,9 +104,9 @@ def main() -> int:
                 detail = ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
                 print(f"{name:34} total {sum(ops.values()):3}  unseal {ops['Unseal']}  "
                       f"NV writes {ops['NV_Increment']}  {ms:6.1f} ms  [{detail}]")
-            provision.close_all()
+            session.close_all()
         finally:
-            provision.close_all()
+            session.close_all()
             tpm_proc.stop()
     return 0
 

@@ -1,4 +1,4 @@
-"""Fuzz target: the vTPM manager's wire formats (xen_vtpm.sim.mgrproto).
+"""Fuzz target: the vTPM manager's wire formats (xen_vtpm_sim.mgrproto).
 
 First input byte < 0x80: the rest is a vTPM <-> manager packet for ``decode``/``packet_size``
 (-> ProtocolError) and, when it decodes, a SAVEHASHKEY body for ``pad_entry``.
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 with harness.instrumented():
-    from xen_vtpm.sim import mgrproto as mp
+    from xen_vtpm_sim import mgrproto as mp
 
 PACKET, REQUEST = b"\x00", b"\x80"
 FIELDS = ("state", "op", "checkpoint", "uuid")

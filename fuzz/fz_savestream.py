@@ -1,4 +1,4 @@
-"""Fuzz target: the libxl/libxc stream reader (xen_vtpm.sim.savestream.read_save) -> MalformedSaveFile."""
+"""Fuzz target: the libxl/libxc stream reader (xen_vtpm_sim.savestream.read_save) -> MalformedSaveFile."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ import fz_xl_header  # noqa: E402
 
 with harness.instrumented():
     from xen_vtpm.errors import MalformedSaveFile
-    from xen_vtpm.sim.savestream import PAGE_SIZE, read_save, write_save
+    from xen_vtpm_sim.savestream import PAGE_SIZE, read_save, write_save
 
 GUEST_PAGES = 4   # the reader's memory: small, so pfns beyond it are reachable by mutation
 

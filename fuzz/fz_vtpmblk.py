@@ -1,4 +1,4 @@
-"""Fuzz target: the vTPM disk image slot parser (xen_vtpm.sim.vtpmblk) -> ChecksumError.
+"""Fuzz target: the vTPM disk image slot parser (xen_vtpm_sim.vtpmblk) -> ChecksumError.
 
 Input: K[32] ‖ image.  The image is written to a file; every slot blob ``read_slot`` returns is
 then loaded with ``SHA1(blob) ‖ K``, which passes the hash check as the manager's own H would,
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 with harness.instrumented():
-    from xen_vtpm.sim import vtpmblk
+    from xen_vtpm_sim import vtpmblk
 
 IMAGE_SIZE = 2048   # the real image is 2 MiB; the layout only depends on size // 2
 _DIR: Path | None = None

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 with harness.instrumented():
-    from xen_vtpm.sim import xenstored as xsd
-    from xen_vtpm.sim.xenstored import HEADER, PAYLOAD_MAX, Op, Oversized, encode, parse_messages
+    from xen_vtpm_sim import xenstored as xsd
+    from xen_vtpm_sim.xenstored import HEADER, PAYLOAD_MAX, Op, Oversized, encode, parse_messages
 
 xsd.log = lambda text: None   # the daemon's stderr log would dominate the run time
 DOMU = 3

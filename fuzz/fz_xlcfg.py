@@ -2,7 +2,7 @@
 
 The input is a config file's bytes.  There is no standalone cfg writer to draw seeds from, so
 the seeds are the files the simulated host writes for the manager, a vTPM stub domain and a
-guest (same text as xen_vtpm/sim/host.py), plus the xl.cfg syntax libxlu accepts besides.
+guest (same text as xen_vtpm_sim/host.py), plus the xl.cfg syntax libxlu accepts besides.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import harness  # noqa: E402
 
 with harness.instrumented():
     from xen_vtpm.errors import XlConfigError
-    from xen_vtpm import xlcfg
+    from xen_vtpm.xen import xlcfg
 
 _DIR: Path | None = None
 

@@ -1,6 +1,6 @@
 """Fuzz the simulated xenstored live: hostile packets from several connections, over its socket.
 
-A real daemon process (``python -m xen_vtpm.sim.xenstored``) gets random, mutated and
+A real daemon process (``python -m xen_vtpm_sim.xenstored``) gets random, mutated and
 malformed xs_wire packets from two dom0 connections and one connection of domain 3.  Every
 few hundred packets, and at the end, a well-formed client (our XenStore client, and at the end
 also Debian's xenstore-write/xenstore-read) must still be served correctly; the daemon must
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import fz_xenstored_wire  # noqa: E402
 
-from xen_vtpm.sim.xenstored import HEADER, PAYLOAD_MAX, Op, encode  # noqa: E402
-from xen_vtpm.xenstore import XenStore  # noqa: E402
+from xen_vtpm_sim.xenstored import HEADER, PAYLOAD_MAX, Op, encode  # noqa: E402
+from xen_vtpm.xen.xenstore import XenStore  # noqa: E402
 
 DOMU = 3
 PROBE_EVERY = 250
@@ -65,7 +65,7 @@ class _Daemon:
         self.sock = str(directory / "xs.sock")
         self.log_path = directory / "xenstored.log"
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm.sim.xenstored", "--socket", self.sock],
+        self.proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", self.sock],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + WAIT
         while not self._accepting():

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from xen_vtpm.keys import derive_keys
+from xen_vtpm.host.keys import derive_keys
 from xen_vtpm.store import Repository
 from xen_vtpm.store.manifest import MAC_SIZE
 

@@ -1,9 +1,8 @@
 """Crash-at-every-step harness: find the journaled steps, kill the tool there, check the host after recover.
 
-The step list comes from the coordinator's source (the literal step name of every ``journal.step`` /
-``_step_once`` call), following ``self._x(...)`` calls from each sequence's entry method, so a new
-step is covered without editing the tests; ``test_crash_recover`` cross-checks it against the op_steps a
-clean run really records.
+The step list is the coordinator's step table (``xen_vtpm.core.steps``), so a new step is covered without
+editing the tests; ``test_crash_recover`` cross-checks it against the op_steps a clean run really records.
+Kills and faults go through the test-only seam ``tests/faulty_tool.py`` (``xen_vtpm.faults``).
 
 The VM/vTPM pair is tracked by two values that must move together: a marker the test writes into the
 guest's memory (bytes a guest would write; the simulated guest's own scribbling never touches them) and
@@ -13,7 +12,6 @@ the zero PCR of a vTPM that came up fresh.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -27,14 +25,8 @@ from pathlib import Path
 from typing import Iterable
 
 from sim_fixture import SimHost
-from xen_vtpm import coordinator
-from xen_vtpm.sim import domains
-
-# Where each sequence's steps start in coordinator.py.  recover/_undo_snapshot are the repair paths,
-# not steps of the sequence itself.
-ENTRY = {"snapshot": "_snapshot_locked", "pre-rollback": "_snapshot_locked", "rollback": "_rollback_forward",
-         "save": "save", "restore": "restore", "delete": "delete"}
-NOT_FOLLOWED = {"recover", "_recover_one", "_undo_snapshot"}
+from xen_vtpm.core import steps
+from xen_vtpm_sim import domains
 
 # The store's own crash points (xen_vtpm/store/writer.py, repository.py) that a checkpoint write (snapshot,
 # safety snapshot, save) and a delete pass.
@@ -49,44 +41,11 @@ BYSTANDER = "bystander"        # a second guest on the host: recover of guest1's
 CONNECT_TIMEOUT = 30.0
 
 
-# --- step discovery ------------------------------------------------------------------
-def _step_literal(call: ast.Call) -> str | None:
-    """The step name of journal.step(op, "x"), self._step_once(op, "x", ...) and the like."""
-    func = call.func
-    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-    if "step" not in name:
-        return None
-    return next((a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)), None)
-
-
+# --- steps ----------------------------------------------------------------------------
 def coordinator_steps() -> dict[str, list[str]]:
-    """kind -> journaled step names in source order, read from coordinator.py."""
-    tree = ast.parse(Path(coordinator.__file__).read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Coordinator")
-    methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
-
-    def walk(name: str, seen: set[str]) -> list[str]:
-        if name in seen or name in NOT_FOLLOWED or name not in methods:
-            return []
-        seen.add(name)
-        found: list[str] = []
-        calls = sorted((n for n in ast.walk(methods[name]) if isinstance(n, ast.Call)),
-                       key=lambda n: (n.lineno, n.col_offset))
-        for call in calls:
-            literal = _step_literal(call)
-            if literal is not None:
-                found.append(literal)
-            f = call.func
-            if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self"
-                    and f.attr not in ENTRY.values()):
-                found.extend(walk(f.attr, seen))
-        return found
-
-    result = {}
-    for kind, entry in ENTRY.items():
-        steps = walk(entry, set())
-        result[kind] = list(dict.fromkeys(steps))
-    return result
+    """kind -> journaled step names in order, from the coordinator's step table (core/steps.py);
+    ``test_crash_recover`` cross-checks it against the op_steps a clean run really records."""
+    return {kind: list(names) for kind, names in steps.SEQUENCES.items()}
 
 
 def recorded_steps(state_dir: Path) -> dict[str, list[list[str]]]:
@@ -165,16 +124,32 @@ def advance_vtpm_nv(sim: SimHost, name: str = GUEST, index: str = "0x1500020") -
 
 
 # --- running the tool ----------------------------------------------------------------------
-def crash(sim: SimHost, *argv: str, at: str | None = None, store_at: str | None = None) -> None:
-    """Run xen-vtpm with a crash point; it must have died by SIGKILL there (else the case proves nothing)."""
-    env = {"XEN_VTPM_CRASH_AT": at or "", "XEN_VTPM_STORE_CRASH_AT": store_at or ""}
-    proc = sim.run([*sim_tool_argv(), *argv], check=False, env=env, timeout=120)
-    assert proc.returncode == -9, (f"{' '.join(argv)} with crash point {at or store_at} exited "
-                                   f"{proc.returncode} instead of being killed there: {proc.stderr.strip()}")
+FAULTY_TOOL = Path(__file__).resolve().parent / "faulty_tool.py"
 
 
 def sim_tool_argv() -> list[str]:
     return [sys.executable, "-m", "xen_vtpm"]
+
+
+def faulty_argv(*, crash_at: Iterable[str] = (), fault_at: str | None = None, fault_cmd: str | None = None,
+                log: Path | None = None) -> list[str]:
+    """xen-vtpm with the test hook installed (tests/faulty_tool.py); the tool's arguments follow."""
+    argv = [sys.executable, str(FAULTY_TOOL)]
+    for point in crash_at:
+        argv += ["--crash-at", point]
+    if fault_at:
+        argv += ["--fault-at", fault_at, "--fault-cmd", fault_cmd or ""]
+    if log is not None:
+        argv += ["--log", str(log)]
+    return [*argv, "--"]
+
+
+def crash(sim: SimHost, *argv: str, at: str | None = None, store_at: str | None = None) -> None:
+    """Run xen-vtpm with a crash point; it must have died by SIGKILL there (else the case proves nothing)."""
+    point = at or f"store:{store_at}"
+    proc = sim.run([*faulty_argv(crash_at=[point]), *argv], check=False, timeout=120)
+    assert proc.returncode == -9, (f"{' '.join(argv)} with crash point {point} exited "
+                                   f"{proc.returncode} instead of being killed there: {proc.stderr.strip()}")
 
 
 def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> int:
@@ -182,7 +157,7 @@ def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> int:
     the last run must finish.  Returns how many runs were killed."""
     kills = 0
     for point in kill_at:
-        proc = sim.run([*sim_tool_argv(), "recover"], check=False, env={"XEN_VTPM_CRASH_AT": point}, timeout=120)
+        proc = sim.run([*faulty_argv(crash_at=[point]), "recover"], check=False, timeout=120)
         if proc.returncode == 0:
             break                       # recover finished without journaling that step
         assert proc.returncode == -9, f"recover (crash point {point}) exited {proc.returncode}: {proc.stderr.strip()}"
@@ -306,7 +281,7 @@ def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
     removes a leaked entry, which is fine since the test then fails.)"""
     from xen_vtpm.config import Config
     from xen_vtpm.errors import ManagerError
-    from xen_vtpm.vtpm.stubdom import ManagerClient
+    from xen_vtpm.vtpm.manager import ManagerClient
     with ManagerClient(Config.load(sim.config)) as mgr:
         try:
             mgr.submit("discard", checkpoint_id)     # raw request: discard() treats unknown as done

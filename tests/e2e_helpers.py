@@ -30,8 +30,8 @@ from tpm2_pytss.types import (TPM2B_NV_PUBLIC, TPM2B_PUBLIC, TPML_DIGEST_VALUES,
 
 from sim_fixture import SimHost, start_sim_host, stop_sim_host
 
-from xen_vtpm.sim.savestream import read_save
-from xen_vtpm.vtpm.stubdom import slot_fingerprints
+from xen_vtpm_sim.savestream import read_save
+from xen_vtpm.vtpm.vtpmblk import slot_fingerprints
 
 GUEST = "guest1"
 GUEST_MIB = 16

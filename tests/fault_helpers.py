@@ -21,7 +21,7 @@ from typing import Iterator
 import crash_helpers as ch
 from sim_fixture import SimHost
 from xen_vtpm.config import Config
-from xen_vtpm.sim import domains, host
+from xen_vtpm_sim import domains, host
 
 # Components a test can kill, and what a real dom0 does about each:
 #   xenstored  the host's XenStore daemon: comes back (systemd restarts it; in the simulator its state
@@ -42,10 +42,10 @@ def pid_of(sim: SimHost, component: str) -> int:
     return int(dom["pid"])
 
 
-def fault_env(sim: SimHost, at: str, component: str) -> dict[str, str]:
-    """Environment for the tool: its fault hook takes `component` down right after journaling `at`."""
+def fault_argv(sim: SimHost, at: str, component: str) -> list[str]:
+    """xen-vtpm whose test hook takes `component` down right after journaling `at`; its arguments follow."""
     argv = [sys.executable, str(Path(__file__).resolve()), str(sim.dir), component]
-    return {"XEN_VTPM_FAULT_AT": at, "XEN_VTPM_FAULT_CMD": shlex.join(argv)}
+    return ch.faulty_argv(fault_at=at, fault_cmd=shlex.join(argv))
 
 
 def take_down(sim: SimHost, component: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from xen_vtpm.sim import domains, host
+from xen_vtpm_sim import domains, host
 
 
 @dataclasses.dataclass

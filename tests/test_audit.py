@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from tpm_fixture import fresh_cache, host_cfg, swtpm_session  # noqa: F401
-from xen_vtpm import audit, catalog_head, provision
+from xen_vtpm.cli import render
+from xen_vtpm.host import audit, head as catalog_head, provision, session
 from xen_vtpm.errors import IntegrityError
 
 
@@ -18,9 +19,9 @@ from xen_vtpm.errors import IntegrityError
 def logged(host_cfg):
     """A provisioned host with records 1 (init) .. 6, all anchored by a counter bump."""
     provision.init(host_cfg)
-    host = provision.open_host(host_cfg)
+    host = session.open_host(host_cfg)
     for i in range(2, 7):
-        audit.append(host, "snapshot", vm=f"guest{i}", checkpoint=f"cp{i}", detail=f"step {i}")
+        host.audit("snapshot", vm=f"guest{i}", checkpoint=f"cp{i}", detail=f"step {i}")
     catalog_head.advance(host)
     return host_cfg
 
@@ -33,20 +34,20 @@ def _sql(cfg, statement, *args):
 
 
 def _verify_error(cfg) -> str:
-    provision.close_all()
+    session.close_all()
     with pytest.raises(IntegrityError) as exc:
-        audit.verify(cfg)
+        session.audit_verify(cfg)
     assert exc.value.exit_code == 5 and "\n" not in str(exc.value)
     return str(exc.value)
 
 
 def test_intact_log_verifies_and_renders(logged):
-    result = audit.verify(logged)
+    result = session.audit_verify(logged)
     assert result["status"] == "ok" and result["records"] == 6 and result["unanchored"] == 0
-    rows = audit.records(logged)
+    rows = session.audit_records(logged)
     assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["action"] == "init" and rows[3]["vm"] == "guest4" and rows[3]["user"]
-    text = audit.render(rows)
+    text = render.audit(rows)
     assert "SNAPSHOT" not in text and "snapshot" in text and "cp4" in text
 
 
@@ -57,7 +58,7 @@ def test_editing_any_record_breaks_verify_at_that_record(logged, record):
 
 
 def test_edit_with_recomputed_hash_still_fails_the_mac(logged):
-    rows = {r["seq"]: r for r in audit.records(logged)}
+    rows = {r["seq"]: r for r in session.audit_records(logged)}
     row = dict(rows[3], detail="forged", time=0.0)
     db = sqlite3.connect(logged.state_dir / "catalog.sqlite")
     prev = db.execute("SELECT prev_hash FROM audit WHERE seq = 3").fetchone()[0]
@@ -86,15 +87,15 @@ def test_truncating_the_end_is_caught_by_the_counter_anchored_head(logged):
 
 
 def test_records_after_the_last_counter_bump_are_reported_unanchored(logged):
-    host = provision.open_host(logged)
-    audit.append(host, "rollback", vm="guest2", result="denied", detail="wrong secret")
-    result = audit.verify(logged)
+    host = session.open_host(logged)
+    host.audit("rollback", vm="guest2", result="denied", detail="wrong secret")
+    result = session.audit_verify(logged)
     assert result["records"] == 7 and result["unanchored"] == 1
 
 
 def test_cli_audit_verify_exit_codes(logged):
     cmd = [sys.executable, "-m", "xen_vtpm", "--config", str(logged.path), "audit", "--verify"]
-    provision.close_all()  # the swtpm serves one client at a time
+    session.close_all()  # the swtpm serves one client at a time
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "records" in ok.stdout
     listing = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=60)
@@ -109,11 +110,11 @@ def test_cli_audit_verify_exit_codes(logged):
 def test_splicing_a_valid_record_from_a_forked_copy_breaks_the_chain(logged, tmp_path):
     fork_dir = tmp_path / "fork"
     shutil.copytree(logged.state_dir, fork_dir)
-    host = provision.open_host(logged)
-    audit.append(host, "delete", vm="guest2", checkpoint="cp2")
-    audit.append(host, "snapshot", vm="guest3")
-    fork = provision.open_host(dataclasses.replace(logged, state_dir=fork_dir))
-    audit.append(fork, "rollback", vm="guest2", checkpoint="cp2")  # same seq 7, valid MAC, other history
+    host = session.open_host(logged)
+    host.audit("delete", vm="guest2", checkpoint="cp2")
+    host.audit("snapshot", vm="guest3")
+    fork = session.open_host(dataclasses.replace(logged, state_dir=fork_dir))
+    fork.audit("rollback", vm="guest2", checkpoint="cp2")  # same seq 7, valid MAC, other history
     src = sqlite3.connect(fork_dir / "catalog.sqlite")
     row = src.execute("SELECT * FROM audit WHERE seq = 7").fetchone()
     src.close()

@@ -2,7 +2,7 @@
 
 For each sequence (snapshot, rollback, save, restore, delete), each step the coordinator journals
 (crash_helpers.coordinator_steps) and each component (fault_helpers.COMPONENTS), the tool runs with
-its fault hook (XEN_VTPM_FAULT_AT / XEN_VTPM_FAULT_CMD, journal.py) taking the component down right
+its test hook (tests/faulty_tool.py, xen_vtpm.faults) taking the component down right
 after that step is journaled.  Then:
 
 1. the tool either finished (the component was not needed any more) or failed with one line and
@@ -190,8 +190,7 @@ def test_component_dies(host, tmp_path, kind, step, comp):
     whole = False
     try:
         argv, allowed, ctx = prepare(sim, kind, host.target, tmp_path)
-        proc = sim.run([*ch.sim_tool_argv(), *argv], check=False, timeout=150,
-                       env=fh.fault_env(sim, f"{kind}:{step}", comp))
+        proc = sim.run([*fh.fault_argv(sim, f"{kind}:{step}", comp), *argv], check=False, timeout=150)
         if proc.returncode:
             err = fh.assert_one_line_error(proc, EXIT[comp], f"{kind} with {comp} dead at {step}")
             tool = f"exit {proc.returncode} ({err.split(':', 2)[-1].strip()[:60]}…)"

@@ -1,12 +1,12 @@
 """Crash at every journaled step: SIGKILL the tool there, run `xen-vtpm recover`, check the host.
 
 For each sequence (snapshot, rollback with its pre-rollback safety snapshot, save, restore, delete) and
-each step the coordinator journals (found in its source, see crash_helpers), plus the store's internal
+each step the coordinator journals (its step table, xen_vtpm/core/steps.py), plus the store's internal
 crash points during every checkpoint write (snapshot, safety snapshot, save) and a delete, one case:
 
 1. move the VM/vTPM pair on (memory marker + PCR 16) so old and new states differ,
-2. run the command with XEN_VTPM_CRASH_AT=kind:step (or XEN_VTPM_STORE_CRASH_AT) and require that it
-   really died by SIGKILL there,
+2. run the command through the test hook (tests/faulty_tool.py) with a crash point kind:step (or
+   store:point) and require that it really died by SIGKILL there,
 3. `xen-vtpm recover`, then crash_helpers.check_host: the pair is one allowed state (old or new, never
    mixed or fresh), the vTPM's last boot loaded its state, nothing paused/leaked, verify + audit pass,
 4. if recover kept a checkpoint / save file, prove it holds the right pair by using it.

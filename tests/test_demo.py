@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from xen_vtpm.sim.domains import OWNER_ENV
+from xen_vtpm_sim.domains import OWNER_ENV
 
 
 def _demo_env(tmp_path: Path) -> dict[str, str]:

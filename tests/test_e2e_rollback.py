@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from xen_vtpm.sim import domains
+from xen_vtpm_sim import domains
 
 from e2e_helpers import (GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
                          tpm_state)

@@ -32,13 +32,13 @@ import fz_xl_header  # noqa: E402
 import fz_xlcfg  # noqa: E402
 import live_xenstored  # noqa: E402
 
-from xen_vtpm import xlcfg  # noqa: E402
+from xen_vtpm.xen import xlcfg  # noqa: E402
 from xen_vtpm.errors import XenStoreError, XlConfigError  # noqa: E402
-from xen_vtpm.sim import mgrproto as mp  # noqa: E402
-from xen_vtpm.sim.savestream import PAGE_SIZE, read_save, write_save  # noqa: E402
-from xen_vtpm.sim.xenstored import Op, encode  # noqa: E402
+from xen_vtpm_sim import mgrproto as mp  # noqa: E402
+from xen_vtpm_sim.savestream import PAGE_SIZE, read_save, write_save  # noqa: E402
+from xen_vtpm_sim.xenstored import Op, encode  # noqa: E402
 from xen_vtpm.store import manifest  # noqa: E402
-from xen_vtpm.xenstore import XenStore  # noqa: E402
+from xen_vtpm.xen.xenstore import XenStore  # noqa: E402
 from xs_fixture import start_xenstored  # noqa: E402
 
 TARGETS = {"xl-header": fz_xl_header, "savestream": fz_savestream, "xenstored-wire": fz_xenstored_wire,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from xen_vtpm import hooks
+from xen_vtpm.xen import wrapper as hooks
 from xen_vtpm.errors import PreconditionFailed, UsageError, XlError
 
 VTPM_DOMS = {"guest1"}
@@ -89,7 +89,7 @@ def test_real_xl_skips_a_wrapper_copy_even_when_not_called_through_it(tmp_path, 
     """`xen-vtpm snapshot` run directly with the wrapper first in PATH must still reach the real xl."""
     wrap, real = tmp_path / "wrap", tmp_path / "real"
     wrap.mkdir(), real.mkdir()
-    (wrap / "xl").write_text((Path(hooks.__file__).parents[1] / "xl-hooks" / "xl").read_text())
+    (wrap / "xl").write_text((Path(hooks.__file__).parents[2] / "xl-hooks" / "xl").read_text())
     (wrap / "xl").chmod(0o755)
     real_xl = _script(real / "xl")
     monkeypatch.setenv("PATH", f"{wrap}{os.pathsep}{real}")

@@ -9,11 +9,11 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
 from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
 from tpm_fixture import _free_port_pair, fresh_cache, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm import hosttpm, provision
+from xen_vtpm.host import provision, session, tpm as hosttpm
 from xen_vtpm.errors import (
     AuthorizationDenied, ConfigError, NvIndexError, PcrPolicyMismatch, TpmLockout, TpmUnreachable,
 )
-from xen_vtpm.hosttpm import HostTpm, SealedBlob, auth_value, parse_pcrs
+from xen_vtpm.host.tpm import HostTpm, SealedBlob, auth_value, parse_pcrs
 
 PCRS = "sha256:0,2,4,7"
 
@@ -115,9 +115,9 @@ def test_pcr_spec_validation():
 def test_open_host_unseals_once_per_process(swtpm_session, tmp_path):
     cfg = make_cfg(tmp_path, swtpm_session.tcti)
     provision.init(cfg)
-    provision.close_all()
+    session.close_all()
     unseals = hosttpm.OPS["Unseal"]
-    host = provision.open_host(cfg)
-    assert provision.open_host(cfg) is host
+    host = session.open_host(cfg)
+    assert session.open_host(cfg) is host
     assert hosttpm.OPS["Unseal"] == unseals + 1
     assert host.counter_increment() == host.counter_read()

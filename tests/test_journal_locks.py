@@ -8,23 +8,23 @@ import textwrap
 import pytest
 
 from xen_vtpm.errors import IntegrityError, Locked
-from xen_vtpm.journal import Journal
-from xen_vtpm.locks import VmLock
+from xen_vtpm.core.journal import Journal, OpParams
+from xen_vtpm.core.locks import VmLock
 
 KEY = bytes(range(32))
 
 
 def test_steps_survive_a_reopen_and_finished_ops_disappear(tmp_path):
     j = Journal(tmp_path / "catalog.sqlite", KEY)
-    op = j.begin("snapshot", "vm-1", guest="g1", checkpoint="c1")
+    op = j.begin("snapshot", "vm-1", OpParams(guest="g1", checkpoint="c1"))
     j.step(op, "guest-save")
     j.step(op, "manager-checkpoint", extra=1)
-    done = j.begin("delete", "vm-2", checkpoint="c2")
+    done = j.begin("delete", "vm-2", OpParams(guest="g2", checkpoint="c2"))
     j.finish(done, "done")
     j.close()
     again = Journal(tmp_path / "catalog.sqlite", KEY).unfinished()
     assert [(o.kind, o.vm, o.last_step) for o in again] == [("snapshot", "vm-1", "manager-checkpoint")]
-    assert again[0].params == {"guest": "g1", "checkpoint": "c1"}
+    assert again[0].params == OpParams(guest="g1", checkpoint="c1")
     assert again[0].data("manager-checkpoint") == {"extra": 1}
     assert again[0].reached("guest-save") and not again[0].reached("commit")
 
@@ -32,15 +32,17 @@ def test_steps_survive_a_reopen_and_finished_ops_disappear(tmp_path):
 def test_crash_point_kills_right_after_the_step_is_durable(tmp_path):
     db = tmp_path / "catalog.sqlite"
     code = textwrap.dedent(f"""
-        from xen_vtpm.journal import Journal
+        import os, signal
+        from xen_vtpm import faults
+        from xen_vtpm.core.journal import Journal, OpParams
+        faults.install(lambda name: name == "snapshot:guest-save" and os.kill(os.getpid(), signal.SIGKILL))
         j = Journal({str(db)!r}, {KEY!r})
-        op = j.begin("snapshot", "vm-1")
+        op = j.begin("snapshot", "vm-1", OpParams(guest="g"))
         j.step(op, "guest-save")
         j.step(op, "manager-checkpoint")
         print("not reached")
     """)
-    env = dict(os.environ, XEN_VTPM_CRASH_AT="snapshot:guest-save")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == -9 and "not reached" not in proc.stdout
     (op,) = Journal(db, KEY).unfinished()
     assert op.last_step == "guest-save"
@@ -74,16 +76,18 @@ def test_lock_excludes_a_second_holder_and_is_freed_when_the_holder_dies(tmp_pat
 def test_fault_hook_runs_its_command_at_the_step_then_carries_on(tmp_path):
     db, marker = tmp_path / "catalog.sqlite", tmp_path / "ran"
     code = textwrap.dedent(f"""
-        from xen_vtpm.journal import Journal
+        import os, pathlib
+        from xen_vtpm import faults
+        from xen_vtpm.core.journal import Journal, OpParams
+        faults.install(lambda name: name == "snapshot:manager-checkpoint" and pathlib.Path({str(marker)!r}).touch())
         j = Journal({str(db)!r}, {KEY!r})
-        op = j.begin("snapshot", "vm-1")
+        op = j.begin("snapshot", "vm-1", OpParams(guest="g"))
         j.step(op, "guest-save")
-        import os; print("marker before manager-checkpoint:", os.path.exists({str(marker)!r}))
+        print("marker before manager-checkpoint:", os.path.exists({str(marker)!r}))
         j.step(op, "manager-checkpoint")
         print("marker after:", os.path.exists({str(marker)!r}))
     """)
-    env = dict(os.environ, XEN_VTPM_FAULT_AT="snapshot:manager-checkpoint", XEN_VTPM_FAULT_CMD=f"touch {marker}")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["marker before manager-checkpoint: False", "marker after: True"]
 
@@ -114,10 +118,10 @@ def _tamper(db, sql, *args):
 def test_recover_refuses_a_forged_or_edited_journal(tmp_path, forge):
     db = tmp_path / "catalog.sqlite"
     j = Journal(db, KEY)
-    done = j.begin("rollback", "vm-1", checkpoint="c0", guest="g1")
+    done = j.begin("rollback", "vm-1", OpParams(guest="g1", checkpoint="c0"))
     j.step(done, "destroy-guest")
     j.finish(done, "done")
-    live = j.begin("snapshot", "vm-1", checkpoint="c1", guest="g1")
+    live = j.begin("snapshot", "vm-1", OpParams(guest="g1", checkpoint="c1"))
     j.step(live, "guest-save")
     j.step(live, "manager-checkpoint")
     assert [o.op_id for o in j.unfinished()] == [live.op_id]
@@ -128,6 +132,6 @@ def test_recover_refuses_a_forged_or_edited_journal(tmp_path, forge):
 
 def test_another_hosts_key_cannot_read_the_journal_as_valid(tmp_path):
     j = Journal(tmp_path / "catalog.sqlite", KEY)
-    j.step(j.begin("snapshot", "vm-1"), "guest-save")
+    j.step(j.begin("snapshot", "vm-1", OpParams(guest="g1")), "guest-save")
     with pytest.raises(IntegrityError, match="fails its MAC"):
         Journal(tmp_path / "catalog.sqlite", bytes(32)).unfinished()

@@ -7,10 +7,10 @@ import sqlite3
 import pytest
 
 from tpm_fixture import fresh_cache, host_cfg, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm import catalog_head, hosttpm, provision
-from xen_vtpm.catalog_head import Head, check_fresh
+from xen_vtpm.host import catalogdb, head as catalog_head, provision, session, tpm as hosttpm
+from xen_vtpm.host.head import Head, check_fresh
 from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected
-from xen_vtpm.keys import derive_keys
+from xen_vtpm.host.keys import derive_keys
 
 
 def test_subkeys_are_distinct_deterministic_and_hidden():
@@ -40,20 +40,20 @@ def test_check_fresh_rules():
 
 def test_advance_bumps_counter_once_and_rewrites_head(host_cfg):
     provision.init(host_cfg)
-    host = provision.open_host(host_cfg)
+    host = session.open_host(host_cfg)
     before = host.counter_read()
     increments = hosttpm.OPS["NV_Increment"]
     head = catalog_head.advance(host, catalog_digest=b"c" * 32)
     assert head.counter == before + 1 == host.counter_read()
     assert hosttpm.OPS["NV_Increment"] == increments + 1
-    conn = catalog_head.connect(host_cfg.state_dir)
+    conn = catalogdb.connect(host_cfg.state_dir)
     assert catalog_head.read(conn, host.keys) == (head, None)
     conn.close()
 
 
 def test_restoring_an_old_state_dir_is_detected_as_replay(host_cfg, tmp_path):
     provision.init(host_cfg)
-    host = provision.open_host(host_cfg)
+    host = session.open_host(host_cfg)
     old = tmp_path / "old-state"
     shutil.copytree(host_cfg.state_dir, old)
     catalog_head.advance(host, catalog_digest=b"new" * 8)
@@ -62,7 +62,7 @@ def test_restoring_an_old_state_dir_is_detected_as_replay(host_cfg, tmp_path):
     with pytest.raises(ReplayDetected) as exc:
         catalog_head.advance(host)
     assert "older copy of the state dir" in str(exc.value) and exc.value.exit_code == 6
-    conn = catalog_head.connect(host_cfg.state_dir)
+    conn = catalogdb.connect(host_cfg.state_dir)
     assert catalog_head.state(host, conn)[0] == "replayed"
     conn.close()
 
@@ -71,28 +71,28 @@ def test_tpm_counter_behind_the_head_is_counter_ahead(swtpm, tmp_path):
     """The TPM's own state put back (reset / another TPM with the same seeds): head ahead of the counter."""
     cfg = make_cfg(tmp_path, swtpm.tcti)
     provision.init(cfg)
-    provision.close_all()
+    session.close_all()
     swtpm.stop()
     tpm_backup = tmp_path / "tpm-backup"
     shutil.copytree(swtpm.state_dir, tpm_backup)
     swtpm.start()
     cfg = make_cfg(tmp_path, swtpm.tcti, state_dir=cfg.state_dir, counter_index=cfg.counter_index)
-    catalog_head.advance(provision.open_host(cfg))
-    provision.close_all()
+    catalog_head.advance(session.open_host(cfg))
+    session.close_all()
     swtpm.stop()
     shutil.rmtree(swtpm.state_dir)
     shutil.copytree(tpm_backup, swtpm.state_dir)
     swtpm.start()
     cfg = make_cfg(tmp_path, swtpm.tcti, state_dir=cfg.state_dir, counter_index=cfg.counter_index)
     with pytest.raises(CounterAhead, match="counter was reset or this is a different TPM"):
-        catalog_head.advance(provision.open_host(cfg))
+        catalog_head.advance(session.open_host(cfg))
 
 
 @pytest.mark.parametrize("incremented", [False, True], ids=["crash-before-increment", "crash-after-increment"])
 def test_interrupted_advance_is_finished_by_settle(host_cfg, incremented):
     provision.init(host_cfg)
-    host = provision.open_host(host_cfg)
-    conn = catalog_head.connect(host_cfg.state_dir)
+    host = session.open_host(host_cfg)
+    conn = catalogdb.connect(host_cfg.state_dir)
     current, _ = catalog_head.read(conn, host.keys)
     intended = Head(current.counter + 1, current.seq + 1, b"x" * 32, current.audit_seq, current.audit_hash, 1.0)
     catalog_head.write(conn, host.keys, "pending", intended)  # step 1 of advance, then "crash"
@@ -108,12 +108,12 @@ def test_interrupted_advance_is_finished_by_settle(host_cfg, incremented):
 
 def test_edited_head_fails_its_mac(host_cfg):
     provision.init(host_cfg)
-    host = provision.open_host(host_cfg)
+    host = session.open_host(host_cfg)
     db = sqlite3.connect(host_cfg.state_dir / "catalog.sqlite")
     db.execute("UPDATE head SET counter = counter + 1")
     db.commit()
     db.close()
-    conn = catalog_head.connect(host_cfg.state_dir)
+    conn = catalogdb.connect(host_cfg.state_dir)
     with pytest.raises(IntegrityError, match="MAC does not verify"):
         catalog_head.read(conn, host.keys)
     conn.close()

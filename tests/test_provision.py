@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tpm_fixture import _free_port_pair, fresh_cache, host_cfg, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm import audit, catalog_head, provision
+from xen_vtpm.host import audit, head as catalog_head, provision, session
 from xen_vtpm.config import Config
 from xen_vtpm.errors import AuthorizationDenied, IntegrityError, PcrPolicyMismatch, UsageError
-from xen_vtpm.hosttpm import HostTpm
+from xen_vtpm.host.tpm import HostTpm
 
 
 def _snapshot(state_dir: Path) -> dict[str, str]:
@@ -26,7 +26,7 @@ def _snapshot(state_dir: Path) -> dict[str, str]:
 
 
 def _cli(cfg: Config, *args: str) -> subprocess.CompletedProcess:
-    provision.close_all()  # the swtpm socket serves one client at a time
+    session.close_all()  # the swtpm socket serves one client at a time
     return subprocess.run([sys.executable, "-m", "xen_vtpm", "--config", str(cfg.path), *args],
                           capture_output=True, text=True, timeout=60)
 
@@ -38,12 +38,12 @@ def test_init_provisions_then_is_idempotent(host_cfg):
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert stat.S_IMODE((state / "sealed" / "hostkey.json").stat().st_mode) == 0o600
     before = _snapshot(state)
-    provision.close_all()
+    session.close_all()
     second = provision.init(host_cfg)
     assert second["status"] == "already provisioned" and second["actions"] == "none"
     assert second["counter"] == first["counter"]
     assert _snapshot(state) == before
-    assert len(audit.records(host_cfg)) == 1
+    assert len(session.audit_records(host_cfg)) == 1
 
 
 def test_init_keeps_unrelated_config_keys(host_cfg):
@@ -62,22 +62,22 @@ def test_init_keeps_unrelated_config_keys(host_cfg):
 def test_rollback_authorization_set_checked_and_replaced(swtpm, tmp_path):
     cfg = make_cfg(tmp_path, swtpm.tcti)
     assert provision.init(cfg)["rollback_auth"] == "not set"
-    assert provision.authorize_rollback(cfg, None) == "not-required"
+    assert session.authorize_rollback(cfg, None) == "not-required"
     secret = tmp_path / "secret"
     secret.write_bytes(b"first secret\n")
     result = provision.init(cfg, rollback_auth_file=str(secret))
     assert result["rollback_auth"] == "set" and "rollback authorization set" in result["actions"]
-    assert provision.authorize_rollback(cfg, b"first secret\n") == "authorized"
+    assert session.authorize_rollback(cfg, b"first secret\n") == "authorized"
     with pytest.raises(AuthorizationDenied, match="2 tries left"):
-        provision.authorize_rollback(cfg, b"wrong")
+        session.authorize_rollback(cfg, b"wrong")
     with pytest.raises(AuthorizationDenied, match="--auth-file"):
-        provision.authorize_rollback(cfg, None)
+        session.authorize_rollback(cfg, None)
     secret.write_bytes(b"second secret")
     assert "replaced" in provision.init(cfg, rollback_auth_file=str(secret))["actions"]
-    assert provision.authorize_rollback(cfg, b"second secret") == "authorized"
-    actions = [r["action"] for r in audit.records(cfg)]
+    assert session.authorize_rollback(cfg, b"second secret") == "authorized"
+    actions = [r["action"] for r in session.audit_records(cfg)]
     assert actions == ["init", "rollback-auth", "rollback-auth"]
-    assert audit.verify(cfg)["unanchored"] == 0
+    assert session.audit_verify(cfg)["unanchored"] == 0
 
 
 def test_init_rejects_an_unreadable_secret_file_before_changing_anything(host_cfg, tmp_path):
@@ -91,7 +91,7 @@ def test_status_reports_each_part(host_cfg):
     assert before["provisioned"] is False and before["tpm"].startswith("reachable")
     assert before["counter"] == "not defined"
     provision.init(host_cfg)
-    provision.close_all()
+    session.close_all()
     after = provision.status(host_cfg)
     assert after["config_file"] == str(host_cfg.path) and after["state_dir"] == str(host_cfg.state_dir)
     assert after["provisioned"] is True and after["pcr_policy"] == "satisfied"
@@ -102,12 +102,12 @@ def test_status_reports_each_part(host_cfg):
 def test_status_and_open_host_after_a_pcr_change(swtpm, tmp_path):
     cfg = make_cfg(tmp_path, swtpm.tcti)
     provision.init(cfg)
-    provision.close_all()
+    session.close_all()
     with HostTpm(cfg.tcti, cfg.pcrs) as tpm:
         tpm.extend_pcr(4, b"new boot loader")
     assert provision.status(cfg)["pcr_policy"] == "not satisfied (changed since sealing: sha256:4)"
     with pytest.raises(PcrPolicyMismatch, match="PCRs changed since sealing: sha256:4;"):
-        provision.open_host(cfg)
+        session.open_host(cfg)
 
 
 def test_status_with_the_tpm_unreachable(tmp_path):
@@ -137,7 +137,7 @@ def test_cli_init_status_audit_and_errors(host_cfg, tmp_path):
 def test_cli_replayed_state_dir_exits_6(host_cfg, tmp_path):
     provision.init(host_cfg)
     shutil.copytree(host_cfg.state_dir, tmp_path / "copy")
-    catalog_head.advance(provision.open_host(host_cfg))
+    catalog_head.advance(session.open_host(host_cfg))
     shutil.rmtree(host_cfg.state_dir)
     shutil.copytree(tmp_path / "copy", host_cfg.state_dir)
     replay = _cli(host_cfg, "audit", "--verify")
@@ -154,15 +154,15 @@ def test_init_refuses_to_rebind_a_catalog_whose_head_was_deleted(host_cfg):
     db.execute("DELETE FROM audit")
     db.commit()
     db.close()
-    provision.close_all()
+    session.close_all()
     with pytest.raises(IntegrityError, match="catalog head missing although the host was provisioned"):
         provision.init(host_cfg)
 
 
 def test_init_finishes_after_a_crash_between_sealing_and_the_head(host_cfg):
     provision.init(host_cfg)
-    hostkey = host_cfg.state_dir / provision.HOSTKEY
+    hostkey = host_cfg.state_dir / session.HOSTKEY
     hostkey.rename(str(hostkey) + ".new")  # as if the crash came before the final rename
-    provision.close_all()
+    session.close_all()
     assert provision.init(host_cfg)["actions"] == "finished an interrupted init"
-    assert hostkey.exists() and audit.verify(host_cfg)["status"] == "ok"
+    assert hostkey.exists() and session.audit_verify(host_cfg)["status"] == "ok"

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xen_vtpm.errors import MalformedSaveFile
-from xen_vtpm.sim import savestream as ss
-from xen_vtpm.xl import HEADER, SaveHeader, read_save_header
+from xen_vtpm_sim import savestream as ss
+from xen_vtpm.xen.savefile import HEADER, SaveHeader, read_save_header
 
 XEN_PY = Path("/usr/lib/xen-4.17/lib/python")
 VERIFIER = Path("/usr/lib/xen-4.17/bin/verify-stream-v2")
@@ -231,7 +231,7 @@ def test_reader_in_another_process_reads_a_fifo(tmp_path):
     fifo = tmp_path / "save.fifo"
     os.mkfifo(fifo)
     mem = memory_of("random", 1300 * PAGE)
-    code = ("import sys, hashlib; from xen_vtpm.sim.savestream import read_save\n"
+    code = ("import sys, hashlib; from xen_vtpm_sim.savestream import read_save\n"
             f"m = bytearray({len(mem)})\n"
             "with open(sys.argv[1], 'rb') as f: info = read_save(f, m)\n"
             "print(hashlib.sha256(m).hexdigest(), info.header.vtpms[0]['uuid'])\n")

@@ -37,12 +37,12 @@ from e2e_helpers import E2EHost, GUEST, e2e_host, esapi, provision_guest_tpm
 
 from xen_vtpm.config import Config
 from xen_vtpm.errors import XenStoreNotFound, XenStorePermission
-from xen_vtpm.hosttpm import HostTpm, SealedBlob
-from xen_vtpm.keys import derive_keys
-from xen_vtpm.provision import HOSTKEY
-from xen_vtpm.sim import vtpmblk
-from xen_vtpm.sim.mgrdisk import MgrDisk, PtpmSealer
-from xen_vtpm.xenstore import XenStore
+from xen_vtpm.host.tpm import HostTpm, SealedBlob
+from xen_vtpm.host.keys import derive_keys
+from xen_vtpm.host.session import HOSTKEY
+from xen_vtpm_sim import vtpmblk
+from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
+from xen_vtpm.xen.xenstore import XenStore
 
 NV_SECRET_INDEX = 0x01800020
 SCRATCH_PREFIX = "swtpm-"

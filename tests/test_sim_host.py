@@ -7,7 +7,7 @@ import sys
 
 from sim_fixture import SimHost
 
-from xen_vtpm.sim import domains
+from xen_vtpm_sim import domains
 
 
 def tool(*args, env=None, check=False):

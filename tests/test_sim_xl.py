@@ -7,8 +7,9 @@ import uuid as uuidlib
 import pytest
 from sim_fixture import sim_host_module  # noqa: F401
 
-from xen_vtpm.sim import domains
-from xen_vtpm.xl import parse_vtpm_list, parse_xl_list, read_save_header
+from xen_vtpm_sim import domains
+from xen_vtpm.xen.savefile import read_save_header
+from xen_vtpm.xen.xl import parse_vtpm_list, parse_xl_list
 
 VERIFY = "/usr/lib/xen-4.17/bin/verify-stream-v2"
 

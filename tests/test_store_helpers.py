@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from xen_vtpm.keys import derive_keys
+from xen_vtpm.host.keys import derive_keys
 from xen_vtpm.store import Repository
 
 KEYS = derive_keys(b"k" * 32)

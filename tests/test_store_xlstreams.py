@@ -21,8 +21,8 @@ from xen_vtpm.errors import IntegrityError, XlError
 from xen_vtpm.hashing import PyChunker
 from xen_vtpm.store.manifest import ROOT_LABEL
 from xen_vtpm.store.packs import ENTRY
-from xen_vtpm import xlstreams
-from xen_vtpm.xlstreams import SaveIngest, XlStreams, _DiskSpool
+from xen_vtpm.xen import streams as xlstreams
+from xen_vtpm.xen.streams import SaveIngest, XlStreams, _DiskSpool
 
 DATA = guest_memory(3 << 20, seed=77)
 MARK = b"PLAINTEXT-MARKER" * 256          # 4 KiB that must never reach the disk in the clear
@@ -65,7 +65,7 @@ def env(tmp_path):
 
 
 def _streams(state, data: bytes, fail_after: int | None = None, ram_mib: int = -1) -> XlStreams:
-    return XlStreams(Config(state_dir=state, spool_ram_mib=ram_mib), StandInXl(data, fail_after), None, None)
+    return XlStreams(Config(state_dir=state, spool_ram_mib=ram_mib), StandInXl(data, fail_after), None)
 
 
 def _open_fds() -> set[str]:
@@ -299,7 +299,7 @@ def test_the_snapshot_progress_bar_has_a_total(env, ram_mib):
         def close(self):
             pass
 
-    streams = XlStreams(Config(state_dir=state, spool_ram_mib=ram_mib), StandInXl(DATA), None, Bar)
+    streams = XlStreams(Config(state_dir=state, spool_ram_mib=ram_mib), StandInXl(DATA), Bar)
     w = repo.begin_checkpoint("vm-1", "guest1", name="bar")
     guest_memory_size = len(DATA) + (1 << 20)      # the image is not exactly the guest's memory
     assert streams.start_save("guest1", w, leave_paused=True,

@@ -5,7 +5,7 @@ import re
 import pytest
 from sim_fixture import sim_host_module  # noqa: F401
 
-from xen_vtpm import topology
+from xen_vtpm.xen import topology
 from xen_vtpm.config import Config
 
 

@@ -22,9 +22,9 @@ from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
 from sim_fixture import SimHost, sim_host_module  # noqa: F401
 from xen_vtpm.config import Config
-from xen_vtpm.sim import domains
-from xen_vtpm.vtpm import stubdom
-from xen_vtpm.xenstore import XenStore
+from xen_vtpm_sim import domains
+from xen_vtpm.vtpm import console, manager, stubdom, vtpmblk
+from xen_vtpm.xen.xenstore import XenStore
 
 NV_INDEX = 0x01000010
 PERSISTENT = 0x81000010
@@ -37,7 +37,7 @@ class VtpmDom:
     name: str
     uuid: str
     image: Path
-    status: stubdom.ConsoleStatus | None = None
+    status: console.ConsoleStatus | None = None
 
 
 class VtpmLab:
@@ -47,12 +47,12 @@ class VtpmLab:
         self.sim = sim
         self.cfg = Config.load(sim.config)
         self.xs = XenStore(self.cfg.xenstore_path)
-        self.mgr = stubdom.ManagerClient(self.cfg, self.xs)
+        self.mgr = manager.ManagerClient(self.cfg, self.xs)
         self.wait_manager_ready(0)
 
     def wait_manager_ready(self, offset: int) -> str:
         """`sim up` returns once the manager process runs; it serves after unsealing its table."""
-        log = stubdom.log_path(self.cfg, "vtpmmgr")
+        log = console.log_path(self.cfg, "vtpmmgr")
         deadline = time.monotonic() + 30
         while "vtpmmgr: ready" not in (text := log.read_bytes()[offset:].decode(errors="replace")):
             assert time.monotonic() < deadline, f"vtpmmgr not ready: {text[-300:]}"
@@ -73,9 +73,9 @@ class VtpmLab:
         dom = VtpmDom(name, vtpm_uuid or str(uuidlib.uuid4()), image or self.image(name))
         cfg_file = self.sim.dir / "images" / f"{name}.cfg"
         cfg_file.write_text(VTPM_CFG.format(name=name, image=dom.image, uuid=dom.uuid))
-        offset = stubdom.log_offset(self.cfg, name)
+        offset = console.log_offset(self.cfg, name)
         self.sim.xl("create", str(cfg_file))
-        dom.status = stubdom.wait_console_status(self.cfg, name, offset, 20)
+        dom.status = console.wait_console_status(self.cfg, name, offset, 20)
         tcti = self.tcti_file(name)
         deadline = time.monotonic() + 20
         while not tcti.exists():
@@ -98,7 +98,7 @@ class VtpmLab:
         return GuestTpm(self.tcti(dom))
 
     def manager_log(self) -> str:
-        return stubdom.log_path(self.cfg, "vtpmmgr").read_text()
+        return console.log_path(self.cfg, "vtpmmgr").read_text()
 
 
 class GuestTpm:
@@ -193,16 +193,16 @@ def test_every_successful_command_moves_the_pair(lab):
     dom = lab.create("vtpm-b")
     with lab.tpm(dom) as tpm:
         tpm.ctx.get_random(8)
-        first = stubdom.slot_fingerprints(dom.image)
+        first = vtpmblk.slot_fingerprints(dom.image)
         tpm.ctx.get_random(8)                            # read-only, still saved (facts §4.4)
-        second = stubdom.slot_fingerprints(dom.image)
+        second = vtpmblk.slot_fingerprints(dom.image)
     # Alternating slots: the slot written before stays, the other one changes.
     assert first != second and (first[0] == second[0] or first[1] == second[1])
     # tpm2-tools through the TCTI string works too and also persists.
     out = subprocess.run(["tpm2_pcrread", "-T", lab.tcti(dom), "sha256:16"], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0 and "16" in out.stdout
-    assert stubdom.slot_fingerprints(dom.image) != second
+    assert vtpmblk.slot_fingerprints(dom.image) != second
     lab.destroy(dom)
 
 
@@ -218,7 +218,7 @@ def test_disk_only_restore_comes_up_fresh_and_destroys_the_old_identity(lab):
     dom.image.write_bytes(saved)                          # image only, manager entry moved on
     again = lab.create("vtpm-c", dom.uuid)
     assert again.status.kind == "checksum-failed"
-    assert "Error: NVM Storage Checksum failed!" in stubdom.log_path(lab.cfg, "vtpm-c").read_text()
+    assert "Error: NVM Storage Checksum failed!" in console.log_path(lab.cfg, "vtpm-c").read_text()
     with lab.tpm(again) as tpm:
         assert tpm.persistent_name() is None              # a brand-new TPM: object gone ...
         assert tpm.ek_name() != old["ek"]                 # ... and a new endorsement identity
@@ -241,7 +241,7 @@ def test_image_plus_manager_checkpoint_restores_exactly(lab):
     lab.sim.xl("unpause", dom.name)
     copy = lab.sim.dir / "images" / "vtpm-d.copy"
     copy.write_bytes(saved)
-    assert stubdom.matching_slot(copy, digest) is not None
+    assert vtpmblk.matching_slot(copy, digest) is not None
     with lab.tpm(dom) as tpm:
         tpm.extend16(b"after checkpoint")
         tpm.counter_increment()
@@ -269,10 +269,10 @@ def test_two_vtpms_with_the_same_uuid_are_refused(lab):
     assert "Attempted to open vTPM twice!" in lab.manager_log()
     with lab.tpm(twin) as tpm:
         tpm.ctx.get_random(4)                             # its save is refused too
-    assert "VTPM_SaveHashKey failed" in stubdom.log_path(lab.cfg, "vtpm-e2").read_text()
+    assert "VTPM_SaveHashKey failed" in console.log_path(lab.cfg, "vtpm-e2").read_text()
     lab.sim.xl("pause", live.name)
     digest = lab.mgr.checkpoint(dom.uuid, str(uuidlib.uuid4()))
-    assert digest in stubdom.slot_fingerprints(live.image)  # the entry still belongs to the live one
+    assert digest in vtpmblk.slot_fingerprints(live.image)  # the entry still belongs to the live one
     lab.sim.xl("unpause", live.name)
     lab.destroy(twin)
     lab.destroy(live)
@@ -281,19 +281,19 @@ def test_two_vtpms_with_the_same_uuid_are_refused(lab):
 def test_paused_vtpm_serves_nothing(lab):
     dom = lab.create("vtpm-f")
     host, port = "127.0.0.1", int(lab.tcti(dom).rsplit("=", 1)[1])
-    before = stubdom.slot_fingerprints(dom.image)
+    before = vtpmblk.slot_fingerprints(dom.image)
     lab.sim.xl("pause", dom.name)
     try:
         with socket.create_connection((host, port)) as conn:
             conn.sendall(struct.pack(">HIIH", 0x8001, 12, 0x17B, 8))   # TPM2_GetRandom(8)
             assert select.select([conn], [], [], 0.5)[0] == []
-            assert stubdom.slot_fingerprints(dom.image) == before
+            assert vtpmblk.slot_fingerprints(dom.image) == before
             lab.sim.xl("unpause", dom.name)
             head = conn.recv(10)
             assert struct.unpack(">HII", head)[2] == 0
     finally:
         lab.sim.xl("unpause", dom.name, check=False)
-    assert stubdom.slot_fingerprints(dom.image) != before
+    assert vtpmblk.slot_fingerprints(dom.image) != before
     lab.destroy(dom)
 
 
@@ -337,7 +337,7 @@ def test_xenbus_states_of_both_links(lab):
         tpm.ctx.get_random(4)
     lab.sim.xl("destroy", "g1")                           # tpmback frees the guest's tpmif ...
     assert xs.wait_for(lambda: not xs.exists(links[1][1]), [links[1][1]], 20)
-    log = stubdom.log_path(lab.cfg, "vtpm-g1")
+    log = console.log_path(lab.cfg, "vtpm-g1")
     deadline = time.monotonic() + 20
     while f"frontend {guest}/0 gone, tpmif freed" not in log.read_text():
         assert time.monotonic() < deadline, "the vTPM never freed the guest's tpmif"

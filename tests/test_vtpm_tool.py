@@ -12,27 +12,27 @@ from test_vtpm_stubdom import VtpmLab, _populate
 from xen_vtpm.config import Config
 from xen_vtpm.errors import (DomainNotFound, ManagerError, NoCheckpointFeature, UsageError,
                              XenStoreTimeout)
-from xen_vtpm.vtpm import stubdom
+from xen_vtpm.vtpm import console, manager, stubdom, vtpmblk
 
 
 def test_console_markers(tmp_path):
     cfg = Config(log_dir=tmp_path)
     log = tmp_path / "guest-vtpm-x.log"
-    assert stubdom.console_status(cfg, "vtpm-x") == stubdom.ConsoleStatus("none")
+    assert console.console_status(cfg, "vtpm-x") == console.ConsoleStatus("none")
     log.write_text("vtpm_cmd.c:164: Error: VTPM_LoadHashKey() failed with error code (3)\n"
                    "vtpmblk.c:300: Error: VTPM_LoadHashKey failed\n")
-    status = stubdom.console_status(cfg, "vtpm-x")
+    status = console.console_status(cfg, "vtpm-x")
     assert status.kind == "loadhashkey-failed" and status.fresh
-    offset = stubdom.log_offset(cfg, "vtpm-x")
-    assert stubdom.console_status(cfg, "vtpm-x", offset).kind == "none"     # only the next boot counts
+    offset = console.log_offset(cfg, "vtpm-x")
+    assert console.console_status(cfg, "vtpm-x", offset).kind == "none"     # only the next boot counts
     with open(log, "a") as fh:
         fh.write("vtpmblk.c:331: Info: Read 10329 bytes from NVM persistent storage (slot 1)\n")
-    assert stubdom.console_status(cfg, "vtpm-x", offset) == stubdom.ConsoleStatus("loaded", 1, 10329)
+    assert console.console_status(cfg, "vtpm-x", offset) == console.ConsoleStatus("loaded", 1, 10329)
     with open(log, "a") as fh:
         fh.write("vtpmblk.c:320: Error: NVM Storage Checksum failed!\n")
-    assert stubdom.console_status(cfg, "vtpm-x", offset).kind == "checksum-failed"
+    assert console.console_status(cfg, "vtpm-x", offset).kind == "checksum-failed"
     with pytest.raises(XenStoreTimeout, match="no vTPM load marker"):
-        stubdom.wait_console_status(cfg, "vtpm-y", 0, 0.1)
+        console.wait_console_status(cfg, "vtpm-y", 0, 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def lab(tmp_path_factory):
 def test_manager_discovery_and_argument_checks(lab):
     info = lab.mgr.info()
     assert info.name == "vtpmmgr" and info.checkpoint and lab.mgr.supports_checkpoints()
-    other = stubdom.ManagerClient(dataclasses.replace(lab.cfg, manager="nope"), lab.xs)
+    other = manager.ManagerClient(dataclasses.replace(lab.cfg, manager="nope"), lab.xs)
     with pytest.raises(DomainNotFound, match="nope"):
         other.info()
     with pytest.raises(UsageError, match="not a UUID"):
@@ -74,7 +74,7 @@ def test_paused_manager_times_out_and_the_request_is_withdrawn(lab):
     with pytest.raises(ManagerError, match="unknown checkpoint"):
         lab.mgr.submit("discard", ckpt)             # the withdrawn request never ran (raw: discard() is idempotent)
     digest = lab.mgr.checkpoint(dom.uuid, ckpt)
-    assert digest in stubdom.slot_fingerprints(dom.image)
+    assert digest in vtpmblk.slot_fingerprints(dom.image)
     assert lab.mgr.discard(ckpt) == digest
     assert lab.xs.ls(f"{home}/data/vtpmmgr/response") == []   # answers are cleaned up
     lab.sim.xl("unpause", dom.name)
@@ -110,11 +110,11 @@ def test_stock_manager_has_no_checkpoints_but_keeps_vtpms(tmp_path):
 
 
 def test_console_status_words():
-    loaded = stubdom.ConsoleStatus("loaded", 0, 42)
+    loaded = console.ConsoleStatus("loaded", 0, 42)
     assert loaded.loaded and not loaded.fresh and loaded.reason.endswith("(slot 0)")
-    failed = stubdom.ConsoleStatus("checksum-failed")
+    failed = console.ConsoleStatus("checksum-failed")
     assert failed.fresh and not failed.loaded and failed.reason == "NVM Storage Checksum failed!"
-    assert stubdom.ConsoleStatus("none").reason == "no load marker on the console"
+    assert console.ConsoleStatus("none").reason == "no load marker on the console"
 
 
 def test_discard_is_idempotent_but_other_refusals_still_raise(lab):

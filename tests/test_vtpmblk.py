@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xen_vtpm.sim import vtpmblk
-from xen_vtpm.vtpm import stubdom
+from xen_vtpm_sim import vtpmblk
+from xen_vtpm.vtpm import vtpmblk
 
 SIZE = 2 << 20
 
@@ -64,14 +64,14 @@ def test_mismatch_and_garbage_are_checksum_errors(image):
 
 
 def test_tool_fingerprints_match_the_format(image):
-    assert stubdom.slot_fingerprints(image) == (None, None)
+    assert vtpmblk.slot_fingerprints(image) == (None, None)
     hk = vtpmblk.write_slot(image, 0, b"a")
-    assert stubdom.slot_fingerprints(image) == (hk[:20].hex(), None)
+    assert vtpmblk.slot_fingerprints(image) == (hk[:20].hex(), None)
     hk1 = vtpmblk.write_slot(image, 1, b"b")
-    fps = stubdom.slot_fingerprints(image)
+    fps = vtpmblk.slot_fingerprints(image)
     assert fps == tuple(d.hex() for d in vtpmblk.fingerprints(image)) == (hk[:20].hex(), hk1[:20].hex())
-    assert stubdom.matching_slot(image, hk1[:20].hex()) == 1
-    assert stubdom.matching_slot(image, "00" * 20) is None
+    assert vtpmblk.matching_slot(image, hk1[:20].hex()) == 1
+    assert vtpmblk.matching_slot(image, "00" * 20) is None
 
 
 def test_state_too_big_for_a_slot_is_refused(tmp_path):

@@ -11,8 +11,8 @@ import pytest
 
 from xen_vtpm.errors import (XenStoreError, XenStoreNotFound, XenStorePermission, XenStoreTimeout,
                              XenStoreUnavailable)
-from xen_vtpm.sim.xenstored import HEADER, Op
-from xen_vtpm.xenstore import DEFAULT_SOCKET, XenStore, resolve_endpoint
+from xen_vtpm_sim.xenstored import HEADER, Op
+from xen_vtpm.xen.xenstore import DEFAULT_SOCKET, XenStore, resolve_endpoint
 from xs_fixture import start_xenstored, xenstored  # noqa: F401  (fixture)
 
 WAIT = 10.0

@@ -13,7 +13,7 @@ import pytest
 
 from xen_vtpm.config import Config
 from xen_vtpm.errors import XlError
-from xen_vtpm.xl import Xl, parse_vtpm_list, parse_xl_list
+from xen_vtpm.xen.xl import Xl, parse_vtpm_list, parse_xl_list
 
 # `xl list` on a dom0 with the vtpm-platforms.txt example running (xl_info.c list_domains format).
 XL_LIST = """\

@@ -1,7 +1,7 @@
 import pytest
 
 from xen_vtpm.errors import XlConfigError
-from xen_vtpm.xlcfg import load_cfg, parse_cfg, parse_disk, parse_vtpm
+from xen_vtpm.xen.xlcfg import load_cfg, parse_cfg, parse_disk, parse_vtpm
 
 UUID = "ac0a5b9e-cbe2-4c07-b43b-1d69e46fb839"
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from xen_vtpm import provision
+from xen_vtpm.host import provision, session
 from xen_vtpm.config import Config
 
 _counter_indices = itertools.count(0x01500100)
@@ -110,7 +110,7 @@ def swtpm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
     try:
         yield tpm
     finally:
-        provision.close_all()
+        session.close_all()
         tpm.stop()
 
 
@@ -120,14 +120,14 @@ def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
     try:
         yield tpm
     finally:
-        provision.close_all()
+        session.close_all()
         tpm.stop()
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache() -> Iterator[None]:
     yield
-    provision.close_all()
+    session.close_all()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def _accepting(path: str) -> bool:
 
 
 def start_xenstored(tmp_path: Path) -> tuple[str, Callable[[], None]]:
-    """Run ``python -m xen_vtpm.sim.xenstored`` on tmp_path/xs.sock.
+    """Run ``python -m xen_vtpm_sim.xenstored`` on tmp_path/xs.sock.
 
     Returns the socket path and a stop function (idempotent) that SIGTERMs the
     daemon, SIGKILLs it if it does not go, and closes its log
@@ -36,7 +36,7 @@ def start_xenstored(tmp_path: Path) -> tuple[str, Callable[[], None]]:
     """
     sock = str(tmp_path / "xs.sock")     # short: domain sockets add ".d<domid>" within sun_path's 108 bytes
     log = open(tmp_path / "xenstored.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm.sim.xenstored", "--socket", sock],
+    proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", sock],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def stop() -> None:

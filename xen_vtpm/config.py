@@ -49,7 +49,7 @@ class Config:
     spool_ram_mib: int = -1
 
     @classmethod
-    def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> "Config":
+    def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> Config:
         """`missing_ok`: a named file that does not exist yet means defaults (for `init`, which writes it)."""
         path = Path(explicit) if explicit else None
         if path is None and os.environ.get("XEN_VTPM_CONFIG"):
@@ -67,11 +67,12 @@ class Config:
                 return cls(path=path)
             raise ConfigError(f"{path}: config file not found; run `xen-vtpm init` or pass --config") from None
         except (OSError, configparser.Error) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc}); fix or remove it") from None
+            raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc}); "
+                              "fix or remove it") from None
         return cls.from_mapping(dict(parser[SECTION]) if parser.has_section(SECTION) else {}, path)
 
     @classmethod
-    def from_mapping(cls, values: dict[str, str], path: Path | None = None) -> "Config":
+    def from_mapping(cls, values: dict[str, str], path: Path | None = None) -> Config:
         cfg = cls(path=path)
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
         for key, raw in values.items():
@@ -79,6 +80,7 @@ class Config:
             if field is None:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{SECTION}]; remove it or check the spelling")
             default = getattr(cfg, key)
+            value: object
             try:
                 if isinstance(default, Path):
                     value = Path(raw)
@@ -91,7 +93,8 @@ class Config:
                 else:
                     value = raw
             except ValueError:
-                raise ConfigError(f"{path}: key {key!r} has invalid value {raw!r}; expected {type(default).__name__}") from None
+                raise ConfigError(f"{path}: key {key!r} has invalid value {raw!r}; "
+                                  f"expected {type(default).__name__}") from None
             setattr(cfg, key, value)
         return cfg
 

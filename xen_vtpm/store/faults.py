@@ -1,17 +1,8 @@
-"""Named crash points for the store's crash-safety tests.
-
-With ``XEN_VTPM_STORE_CRASH_AT=<name>`` in the environment the process kills
-itself with SIGKILL when it reaches that point, exactly as a power cut or an
-OOM kill would stop it there; unset (always, outside tests) it does nothing.
-"""
+"""The store's named fault points (``xen_vtpm.faults``), passed as ``store:<name>``."""
 from __future__ import annotations
 
-import os
-import signal
-
-ENV = "XEN_VTPM_STORE_CRASH_AT"
+from .. import faults
 
 
 def crashpoint(name: str) -> None:
-    if os.environ.get(ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    faults.reached(f"store:{name}")

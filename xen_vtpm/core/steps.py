@@ -1,0 +1,48 @@
+"""The journaled steps of every sequence, as data.
+
+The coordinator journals a step *before* its side effect (``Journal.step``), so after a crash
+``recover`` knows the last step that may have started.  The lists below are the steps each
+kind of operation journals, in order; the crash tests kill the tool at every one of them.
+Where a sequence skips a step (a restore whose vTPM did not move, a delete without a manager
+entry), the order of the rest is still this one.
+"""
+from __future__ import annotations
+
+from typing import Final
+
+# --- step names -----------------------------------------------------------------------------
+GUEST_SAVE: Final = "guest-save"                   # `xl save -p` (snapshot) or `xl save` (save) starts
+MANAGER_CHECKPOINT: Final = "manager-checkpoint"   # the vTPM pair is captured (manager copy + image)
+COMMIT: Final = "commit"                           # the checkpoint is committed to the store
+DESTROY_GUEST: Final = "destroy-guest"             # a rollback's point of no return; a save's end
+STOP_VTPM: Final = "stop-vtpm"
+PUT_BACK_VTPM: Final = "put-back-vtpm"             # image, then manager entry
+START_VTPM: Final = "start-vtpm"                   # created and proven to have loaded its state
+RESTORE_GUEST: Final = "restore-guest"
+UNPAUSE_GUEST: Final = "unpause-guest"
+DELETE_STORE: Final = "delete-store"
+DISCARD_MANAGER: Final = "discard-manager"
+ADVANCE_HEAD: Final = "advance-head"               # audit record, counter increment, journal end
+
+# --- operation kinds and their steps ------------------------------------------------------------
+SNAPSHOT: Final = "snapshot"
+PRE_ROLLBACK: Final = "pre-rollback"               # the automatic safety snapshot before a rollback
+ROLLBACK: Final = "rollback"
+SAVE: Final = "save"
+RESTORE: Final = "restore"
+DELETE: Final = "delete"
+
+_CAPTURE = (GUEST_SAVE, MANAGER_CHECKPOINT, COMMIT)
+_PUT_BACK = (STOP_VTPM, PUT_BACK_VTPM, START_VTPM)
+
+SEQUENCES: Final[dict[str, tuple[str, ...]]] = {
+    SNAPSHOT: (*_CAPTURE, ADVANCE_HEAD),
+    PRE_ROLLBACK: (*_CAPTURE, ADVANCE_HEAD),
+    ROLLBACK: (DESTROY_GUEST, *_PUT_BACK, RESTORE_GUEST, UNPAUSE_GUEST, ADVANCE_HEAD),
+    SAVE: (*_CAPTURE, DESTROY_GUEST, ADVANCE_HEAD),
+    RESTORE: (*_PUT_BACK, RESTORE_GUEST, ADVANCE_HEAD),
+    DELETE: (DELETE_STORE, DISCARD_MANAGER, ADVANCE_HEAD),
+}
+
+# Kinds that write a checkpoint: until it is committed, recover undoes them.
+CAPTURING: Final = frozenset({SNAPSHOT, PRE_ROLLBACK, SAVE})

@@ -1,0 +1,169 @@
+"""The per-command handle on the host TPM: unseal the host key once, use the TPM in short sessions.
+
+One unseal per process (it costs a policy session plus a load): ``open_host`` caches the
+derived keys.  The TPM itself is used in short ``tpm_session``s under the host lock, so
+concurrent commands take turns on it instead of flushing each other's objects.
+
+State dir files owned here: ``sealed/hostkey.json`` (the host key sealed to the PCR policy) and
+``sealed/rollback.json`` (the optional rollback authorization object).
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from xen_vtpm.config import Config
+from xen_vtpm.errors import AuthorizationDenied, PreconditionFailed
+
+from . import audit, head
+from .catalogdb import DB_NAME, connect
+from .keys import SubKeys, derive_keys
+from .lock import HostLock
+from .tpm import HostTpm, SealedBlob, auth_value
+
+HOSTKEY = Path("sealed") / "hostkey.json"
+ROLLBACK = Path("sealed") / "rollback.json"
+
+
+class Host:
+    """The unsealed host: sub-keys plus the TPM counter, for one command."""
+
+    def __init__(self, cfg: Config, keys: SubKeys) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.state_dir = Path(cfg.state_dir)
+
+    def counter_read(self) -> int:
+        with tpm_session(self.cfg) as tpm:
+            return tpm.counter_read(self.cfg.counter_index)
+
+    def counter_increment(self) -> int:
+        with tpm_session(self.cfg) as tpm:
+            return tpm.counter_increment(self.cfg.counter_index)
+
+    # Thin conveniences so the coordinator needs one object for freshness and the audit log.
+    # Each holds the host lock, so no other command's head advance runs in between.
+    def check_fresh(self) -> str:
+        """'fresh' or 'pending' (a crash interrupted a change; advance/recover_head finish it)."""
+        with tpm_session(self.cfg):
+            conn = connect(self.state_dir)
+            try:
+                current, pending = head.read(conn, self.keys)
+                return head.check_fresh(current, self.counter_read(), pending)
+            finally:
+                conn.close()
+
+    def advance(self, catalog_digest: bytes | None = None) -> head.Head:
+        with tpm_session(self.cfg):
+            return head.advance(self, catalog_digest)
+
+    def recover_head(self) -> head.Head:
+        with tpm_session(self.cfg):
+            conn = connect(self.state_dir)
+            try:
+                return head.settle(self, conn)
+            finally:
+                conn.close()
+
+    def audit(self, action: str, *, vm: str | None = None, checkpoint: str | None = None, result: str = "ok",
+              detail: str = "", conn: sqlite3.Connection | None = None) -> dict[str, Any]:
+        """Append an audit record; do it *before* advance() to anchor it under the counter."""
+        own = conn is None
+        conn = conn or connect(self.state_dir)
+        try:
+            if not conn.in_transaction:
+                conn.execute("BEGIN IMMEDIATE")  # the head read and the append see one state
+            current, _ = head.read(conn, self.keys)
+            counter = current.counter if current else self.counter_read()
+            return audit.append(conn, self.keys, counter=counter, action=action, vm=vm, checkpoint=checkpoint,
+                                result=result, detail=detail)
+        finally:
+            if own:
+                conn.close()
+
+    def authorize_rollback(self, secret: bytes | None) -> str:
+        """'authorized' or 'not-required'; AuthorizationDenied / TpmLockout / PcrPolicyMismatch otherwise."""
+        path = self.state_dir / ROLLBACK
+        if not path.exists():
+            return "not-required"
+        if secret is None:
+            raise AuthorizationDenied("rollback: this host requires the rollback secret; pass it with --auth-file")
+        with tpm_session(self.cfg) as tpm:
+            tpm.unseal(SealedBlob.load(path), "rollback authorization", auth=auth_value(secret))
+        return "authorized"
+
+
+_tpms: dict[tuple[str, str, int], HostTpm] = {}
+_hosts: dict[tuple[str, str, str, int], Host] = {}
+
+
+@contextlib.contextmanager
+def tpm_session(cfg: Config) -> Iterator[HostTpm]:
+    """The host TPM for a short sequence of commands, under the host lock (see lock.HostLock).
+
+    Nested sessions share the outer connection; the outermost one closes it, flushing what it
+    loaded, so no TPM object outlives the lock that protects it."""
+    with HostLock(Path(cfg.state_dir)):
+        key = (cfg.tcti, cfg.pcrs, cfg.primary_handle)
+        outer = key not in _tpms
+        if outer:
+            _tpms[key] = HostTpm(cfg.tcti, cfg.pcrs, cfg.primary_handle)
+        try:
+            yield _tpms[key]
+        finally:
+            if outer:
+                _tpms.pop(key).close()
+
+
+def close_all() -> None:
+    """Drop cached keys (the next open_host unseals again)."""
+    _hosts.clear()
+
+
+def open_host(cfg: Config) -> Host:
+    """Unseal the host key once for this process (the TPM is held only while unsealing)."""
+    path = Path(cfg.state_dir) / HOSTKEY
+    if not path.exists():
+        raise PreconditionFailed(f"{cfg.state_dir}: host not provisioned (no sealed host key); run `xen-vtpm init`")
+    return unseal_host(cfg, path)
+
+
+def unseal_host(cfg: Config, blob_path: Path) -> Host:
+    key = (str(cfg.state_dir), cfg.tcti, cfg.pcrs, cfg.counter_index)
+    if key not in _hosts:
+        with tpm_session(cfg) as tpm:
+            _hosts[key] = Host(cfg, derive_keys(tpm.unseal(SealedBlob.load(blob_path), "host key")))
+    return _hosts[key]
+
+
+def authorize_rollback(cfg: Config, secret: bytes | None) -> str:
+    return open_host(cfg).authorize_rollback(secret)
+
+
+
+
+def _open_catalog(cfg: Config) -> sqlite3.Connection:
+    if not (Path(cfg.state_dir) / DB_NAME).exists():
+        raise PreconditionFailed(f"{cfg.state_dir}: no catalog (host not provisioned); run `xen-vtpm init`")
+    return connect(cfg.state_dir)
+
+
+def audit_records(cfg: Config) -> list[dict[str, Any]]:
+    """All audit records, oldest first (no TPM access: reading the log needs no key)."""
+    conn = _open_catalog(cfg)
+    try:
+        return audit.records(conn)
+    finally:
+        conn.close()
+
+
+def audit_verify(cfg: Config) -> dict[str, Any]:
+    """Check every record, the chain, its MACs and its binding to the TPM counter."""
+    conn = _open_catalog(cfg)
+    try:
+        return head.verify_audit(open_host(cfg), conn)
+    finally:
+        conn.close()

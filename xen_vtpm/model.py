@@ -1,0 +1,130 @@
+"""The values every layer passes around: frozen dataclasses, no I/O.
+
+The coordinator works on these, the adapters produce them, and the checkpoint metadata the
+store carries (without reading it) is ``CheckpointMeta.encode()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from xen_vtpm.errors import IntegrityError
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpmRef:
+    """One guest's vTPM: the guest-side device and the domain that serves it."""
+    guest: str            # guest domain name
+    devid: int
+    backend: str          # name of the vTPM stub domain (backend= in the guest's cfg)
+    uuid: str             # the vTPM's UUID at the manager, from libxl's trusted copy, cross-checked
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpmCapture:
+    """A consistent vTPM state: its disk image and the manager checkpoint that names one of its slots."""
+    image: bytes = dataclasses.field(repr=False)
+    manager_checkpoint: str | None   # None with a stock manager (forward-only fingerprint only)
+    manager_hash: str | None         # H, hex SHA-1 of the active slot blob
+    slot_hashes: tuple[str, str]     # hex SHA-1 of the slot 0 and slot 1 blobs ("" for an empty slot)
+
+
+@dataclasses.dataclass(frozen=True)
+class Guest:
+    name: str
+    domid: int
+    uuid: str
+    vtpm: VtpmRef
+    paused: bool
+    mem_mib: int = 0       # `xl list`'s Mem: sizes the snapshot spool
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveHeader:
+    """The header of an `xl save` file (``xen.savefile`` parses it)."""
+    mandatory_flags: int
+    optional_flags: int
+    config: dict[str, Any]            # libxl's JSON of the domain config
+    vtpms: list[dict[str, Any]]       # its vtpms[] entries
+    stream_offset: int                # where the libxl migration stream begins
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogEntry:
+    """A checkpoint as the catalog lists it, before its manifest (and so its MAC) is checked."""
+    id: str
+    name: str
+    vm_uuid: str
+    vm_name: str
+    time: str              # UTC, ISO 8601
+    size: int              # logical bytes
+    stored_bytes: int      # bytes this checkpoint added to the store
+
+
+KINDS = ("snapshot", "pre-rollback", "save")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What the tool records with a checkpoint; the store carries it MAC'd but never reads it."""
+    kind: str                                   # one of KINDS
+    vtpm_uuid: str
+    vtpm_backend: str
+    manager_checkpoint: str | None              # the manager's checkpoint entry (None: stock manager)
+    manager_hash: str | None
+    slot_hashes: tuple[str, str]
+    save_file: str | None = None                # `save`: the xl save image bound to this checkpoint
+    save_file_digest: str | None = None
+    pause_window_s: float | None = None
+    save_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    VERSION = 1
+
+    def encode(self) -> bytes:
+        """Canonical JSON: the same meta always gives the same bytes."""
+        body = dataclasses.asdict(self)
+        body["version"] = self.VERSION
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def decode(cls, raw: bytes, label: str) -> CheckpointMeta:
+        """Parse what ``encode`` wrote; IntegrityError for anything else (it passed the manifest MAC,
+        so anything else means a bug or a different tool version, never a value to guess at)."""
+        try:
+            body = json.loads(raw.decode("ascii"))
+            if not isinstance(body, dict) or body.pop("version", None) != cls.VERSION:
+                raise ValueError("unknown metadata version")
+            body["slot_hashes"] = tuple(body["slot_hashes"])
+            meta = cls(**body)
+            if meta.kind not in KINDS or len(meta.slot_hashes) != 2:
+                raise ValueError("bad kind or slot list")
+            return meta
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+            raise IntegrityError(f"checkpoint {label}: its metadata cannot be read ({exc}); it was written by "
+                                 "another version of xen-vtpm — use that version, or delete the checkpoint") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint whose manifest MAC was checked: identity and metadata come from the manifest."""
+    id: str
+    name: str
+    vm_uuid: str
+    vm_name: str
+    time: str
+    size: int
+    stored_bytes: int
+    meta: CheckpointMeta
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def manager_checkpoint(self) -> str | None:
+        return self.meta.manager_checkpoint
+
+    def vtpm_ref(self) -> VtpmRef:
+        """The vTPM this checkpoint belongs to (the guest side may no longer exist)."""
+        return VtpmRef(guest=self.vm_name, devid=0, backend=self.meta.vtpm_backend, uuid=self.meta.vtpm_uuid)

@@ -1,0 +1,278 @@
+"""Bring a simulated Xen host up and down inside one directory.
+
+``up`` starts the daemons dom0 would have (xenstored, the host TPM for the
+tool, the physical TPM the vTPM manager seals with), writes the tool's config
+and an ``xl`` command, and creates the vtpmmgr domain.  Every process carries
+an owner marker in its environment, so ``down`` can prove that nothing it
+started is left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+from xen_vtpm.config import Config
+from xen_vtpm.errors import PreconditionFailed, UsageError, XenError
+from xen_vtpm.xen.xlcfg import load_cfg
+from xen_vtpm_sim import domains, xl
+
+from .domains import OWNER_ENV
+
+IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
+DAEMONS = ("xenstored", "hosttpm", "ptpm")
+
+
+def _dirs(sim_dir: Path) -> None:
+    for sub in ("run", "logs", "images", "state", "hosttpm", "ptpm", "bin"):
+        (sim_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _env(sim_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, XEN_VTPM_SIM_DIR=str(sim_dir), XENSTORED_PATH=str(sim_dir / "xenstored.sock"))
+    env[OWNER_ENV] = str(sim_dir)
+    # Daemons and bin/xl run `python -m xen_vtpm...`; make sure they find this package.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (xl.PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def _pid_file(sim_dir: Path, name: str) -> Path:
+    return sim_dir / "run" / f"{name}.pid"
+
+
+def _read_pid(sim_dir: Path, name: str) -> int | None:
+    try:
+        return int(_pid_file(sim_dir, name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_up(sim_dir: Path) -> bool:
+    pid = _read_pid(sim_dir, "xenstored")
+    return pid is not None and domains.is_alive(pid) and domains.owned_by(pid, sim_dir)
+
+
+def _daemon(sim_dir: Path, name: str, argv: list[str]) -> int:
+    with open(sim_dir / "logs" / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(argv, env=_env(sim_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, cwd=sim_dir)
+    _pid_file(sim_dir, name).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _port_pair() -> int:
+    """A free port P with P+1 free too (swtpm's data and control channels)."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise PreconditionFailed("sim up: no free pair of TCP ports on 127.0.0.1; free some ports and retry")
+
+
+def _wait_connect(target: Any, family: int, timeout: float, what: str, pid: int) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(target)
+                return
+            except OSError:
+                pass
+        if not domains.is_alive(pid):
+            raise XenError(f"sim up: {what} exited at start; see its log in logs/")
+        if time.monotonic() > deadline:
+            raise XenError(f"sim up: {what} not reachable after {timeout:g} s; see its log in logs/")
+        time.sleep(0.05)
+
+
+def _swtpm(sim_dir: Path, name: str, state: Path) -> int:
+    port = _port_pair()
+    pid = _daemon(sim_dir, name, ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port}",
+                                  "--ctrl", f"type=tcp,port={port + 1}", "--flags", "not-need-init,startup-clear",
+                                  "--tpmstate", f"dir={state}"])
+    _wait_connect(("127.0.0.1", port), socket.AF_INET, 10, f"swtpm {name}", pid)
+    return port
+
+
+def write_image(path: Path) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(IMAGE_SIZE)
+
+
+def _write_xl(sim_dir: Path) -> None:
+    env = _env(sim_dir)
+    script = sim_dir / "bin" / "xl"
+    script.write_text("#!/bin/sh\n"
+                      f"XEN_VTPM_SIM_DIR={shlex.quote(str(sim_dir))} "
+                      f"{OWNER_ENV}={shlex.quote(str(sim_dir))} "
+                      f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} "
+                      f"exec {shlex.quote(sys.executable)} -m xen_vtpm_sim.xl \"$@\"\n")
+    script.chmod(0o755)
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str]:
+    """Start the host; returns the environment a shell should export."""
+    d = Path(sim_dir).resolve()
+    if is_up(d):
+        raise PreconditionFailed(f"sim up: a simulated host already runs in {d}; "
+                                 f"run `xen-vtpm sim down --dir {d}` first")
+    if len(str(d / "xenstored.sock.d00000")) >= 104:
+        raise UsageError(f"sim up: {d} is too long for a Unix socket path; use a shorter directory")
+    _dirs(d)
+    (d / "run" / "domains.json").unlink(missing_ok=True)
+    try:
+        sock = d / "xenstored.sock"
+        pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
+        _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
+        host_port = _swtpm(d, "hosttpm", d / "hosttpm")
+        ptpm_port = _swtpm(d, "ptpm", d / "ptpm")
+        (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
+        cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
+                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
+                     domain_cfg_dir=d / "images")
+        cfg.save(d / "config.ini")
+        _write_xl(d)
+        if module_available("xen_vtpm_sim.vtpmmgr"):
+            _create_manager(d, stock_manager)
+        else:
+            print("xen-vtpm: warning: xen_vtpm_sim.vtpmmgr not available; host has no vTPM manager",
+                  file=sys.stderr)
+    except BaseException:
+        down(d)
+        raise
+    return exports(d)
+
+
+def exports(d: Path) -> dict[str, str]:
+    return {"XEN_VTPM_SIM_DIR": str(d), "XENSTORED_PATH": str(d / "xenstored.sock"),
+            "XEN_VTPM_CONFIG": str(d / "config.ini"),
+            "PATH": f"{d / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
+    cfg_path.write_text(text)
+    return xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path))))
+
+
+def _create_manager(d: Path, stock: bool) -> None:
+    img = d / "images" / "vtpmmgr.img"
+    write_image(img)
+    extra = "tpm2=1" + (" checkpoint=0" if stock else "")
+    _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
+                            'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
+                            f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
+
+
+def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: bool = True) -> dict[str, Any]:
+    """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order."""
+    d = Path(sim_dir).resolve()
+    if not is_up(d):
+        raise PreconditionFailed(f"sim create: no simulated host runs in {d}; run `xen-vtpm sim up --dir {d}`")
+    table = domains.snapshot(d)
+    if vtpm and not module_available("xen_vtpm_sim.vtpm_stubdom"):
+        print("xen-vtpm: warning: xen_vtpm_sim.vtpm_stubdom not available; creating the guest without a vTPM",
+              file=sys.stderr)
+        vtpm = False
+    if vtpm and domains.find(table, "vtpmmgr") is None:
+        raise PreconditionFailed(f"sim create {name}: the vtpmmgr domain is not running; restart the host")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,50}", name):
+        raise UsageError(f"sim create: invalid domain name {name!r}; use letters, digits, '.', '_' and '-'")
+    for taken in (name, f"vtpm-{name}") if vtpm else (name,):
+        if domains.find(table, taken) is not None:
+            raise PreconditionFailed(f"sim create {name}: domain {taken} already exists; "
+                                     f"`xl destroy {taken}` first or pick another name")
+    out: dict[str, Any] = {"name": name}
+    try:
+        if vtpm:
+            img = d / "images" / f"vtpm-{name}.img"
+            write_image(img)
+            vtpm_uuid = str(uuidlib.uuid4())
+            out["vtpm_domid"] = _create_domain_from_cfg(
+                d, d / "images" / f"vtpm-{name}.cfg",
+                f'name="vtpm-{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
+                f'disk=["file:{img},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
+            out["vtpm_uuid"] = vtpm_uuid
+        vtpm_line = f'vtpm=["backend=vtpm-{name}"]\n' if vtpm else ""
+        out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
+                                               f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
+        if vtpm:
+            _wait_connected(d, out["domid"], name)
+    except BaseException:
+        # Leave the host as it was: no half-built guest/vTPM pair.
+        for key in ("domid", "vtpm_domid"):
+            if key in out:
+                xl._destroy(str(d), out[key], quiet=True)
+        raise
+    return out
+
+
+def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
+    """Readiness as facts §11.5: frontend and backend of the guest's vTPM both Connected (4)."""
+    fe = f"/local/domain/{domid}/device/vtpm/0"
+    with xl.xenstore(str(d)) as xs:
+        be = xs.read(f"{fe}/backend")
+
+        def connected() -> bool:
+            return xs.read_or(f"{fe}/state") == "4" and xs.read_or(f"{be}/state") == "4"
+        if not xs.wait_for(connected, [f"{fe}/state", f"{be}/state"], timeout):
+            raise XenError(f"sim create {name}: vTPM link not Connected after {timeout:g} s; "
+                           f"see logs/guest-{name}.log and logs/guest-vtpm-{name}.log")
+
+
+def _stop(pid: int, d: Path) -> None:
+    domains.kill_group(pid, d, signal.SIGTERM)
+    domains.kill_group(pid, d, signal.SIGCONT)
+    if not domains.wait_until(lambda: not domains.is_alive(pid), 5):
+        domains.kill_group(pid, d, signal.SIGKILL)
+        domains.wait_until(lambda: not domains.is_alive(pid), 5)
+
+
+def down(sim_dir: str | os.PathLike) -> dict[str, Any]:
+    """Destroy every domain, stop the daemons, and check no owned process is left."""
+    d = Path(sim_dir).resolve()
+    table = domains.snapshot(d) if (d / "run").is_dir() else {"domains": {}}
+    # Guests first, the manager last: the reverse of the start order.
+    for key in sorted(table["domains"], key=int, reverse=True):
+        pid = table["domains"][key].get("pid")
+        if pid:
+            domains.kill_group(pid, d)
+    for key in table["domains"]:
+        with contextlib.suppress(Exception):
+            xl._destroy(str(d), int(key), quiet=True)
+    for name in DAEMONS:
+        pid = _read_pid(d, name)
+        if pid is not None:
+            _stop(pid, d)
+            _pid_file(d, name).unlink(missing_ok=True)
+    for pid in domains.owned_pids(d):
+        domains.kill_group(pid, d)
+    domains.wait_until(lambda: not domains.owned_pids(d), 5)
+    left = domains.owned_pids(d)
+    if left:
+        raise XenError(f"sim down: processes {left} of {d} survive SIGKILL; check them with `ps`")
+    return {"dir": str(d), "stopped": True}
