@@ -34,7 +34,7 @@ KINDS = ("snapshot", "rollback", "save", "restore", "delete")
 EXIT = {"xenstored": (9,), "hosttpm": (8,), "vtpm": (9,), "vtpmmgr": (9,)}
 RESULTS: list[tuple[str, str, str]] = []
 
-# (kind, step, component) -> open entry in the lead's bug list; such cases run as xfail(strict=True).
+# (kind, step, component) -> open entry in docs/reliability.md (CF-n); such cases run as xfail(strict=True).
 KNOWN_BUGS: dict[tuple[str, str, str], str] = {}
 
 # The default run: per sequence, the step where each component that comes back is first needed

@@ -30,7 +30,7 @@ STEPS = ch.coordinator_steps()
 RESULTS: list[tuple[str, str, str]] = []
 KILLED_RECOVER = "+recover-killed"
 
-# (sequence, label) -> bug reference in the lead's bug list; such cases run as xfail(strict=True).
+# (sequence, label) -> bug reference in docs/reliability.md; such cases run as xfail(strict=True).
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 # `make test` runs a representative subset (pyproject deselects crash_full); `make crash`

@@ -479,7 +479,7 @@ ISOLATED = _journal_cases()      # each on a host of its own
 BY_NAME = {c.name: c for c in ALL + ISOLATED}
 assert len(BY_NAME) == len(ALL + ISOLATED)
 
-# Known open bugs (entries in the team's bug list, TM-n): the case must keep failing until fixed.
+# Known open bugs (TM-n entries of docs/reliability.md, "Tamper matrix"): the case must keep failing until fixed.
 XFAIL = {
 }
 

@@ -194,7 +194,7 @@ def test_every_successful_command_moves_the_pair(lab):
     with lab.tpm(dom) as tpm:
         tpm.ctx.get_random(8)
         first = vtpmblk.slot_fingerprints(dom.image)
-        tpm.ctx.get_random(8)                            # read-only, still saved (facts §4.4)
+        tpm.ctx.get_random(8)                            # read-only, still saved (docs/xen-internals.md §6.1)
         second = vtpmblk.slot_fingerprints(dom.image)
     # Alternating slots: the slot written before stays, the other one changes.
     assert first != second and (first[0] == second[0] or first[1] == second[1])
@@ -318,7 +318,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_xenbus_states_of_both_links(lab):
-    """guest -> vTPM stub domain -> manager, with the nodes and states of facts §5.1-5.3."""
+    """guest -> vTPM stub domain -> manager, with the nodes and states of docs/xen-internals.md §8.1, §9.2-9.3."""
     lab.sim.create_guest("g1")
     xs, guest, vtpm, mgr = lab.xs, lab.sim.domid("g1"), lab.sim.domid("vtpm-g1"), lab.mgr.info().domid
     links = ((f"/local/domain/{vtpm}/device/vtpm/0", f"/local/domain/{mgr}/backend/vtpm/{vtpm}/0"),

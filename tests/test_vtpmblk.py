@@ -1,4 +1,4 @@
-"""The vtpmblk slot format (facts §4.2-4.3), byte by byte."""
+"""The vtpmblk slot format (docs/xen-internals.md §5), byte by byte."""
 from __future__ import annotations
 
 import hashlib

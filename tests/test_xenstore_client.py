@@ -223,7 +223,7 @@ def test_timeout_when_server_stops_mid_call(tmp_path) -> None:
 
 def test_dead_router_is_unavailable_not_a_hang(tmp_path) -> None:
     # A peer answering with a request id nobody asked for kills pyxs's router thread
-    # (facts §8.3); our client must notice instead of waiting forever.
+    # (docs/xen-internals.md §13); our client must notice instead of waiting forever.
     path = str(tmp_path / "bad.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)

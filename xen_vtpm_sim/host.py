@@ -232,7 +232,7 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
 
 
 def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
-    """Readiness as facts §11.5: frontend and backend of the guest's vTPM both Connected (4)."""
+    """Readiness as in docs/xen-internals.md §9.6: frontend and backend of the guest's vTPM both Connected (4)."""
     fe = f"/local/domain/{domid}/device/vtpm/0"
     with xl.xenstore(str(d)) as xs:
         be = xs.read(f"{fe}/backend")

@@ -2,9 +2,9 @@
 
 Pure functions only (no I/O besides the packet reader helpers), so they can be fuzzed.
 
-Packets follow the TPM 1.2 header of stubdom/vtpmmgr (facts §2.1): ``be16 tag ‖ be32 paramSize ‖
+Packets follow the TPM 1.2 header of stubdom/vtpmmgr (docs/xen-internals.md §2.1): ``be16 tag ‖ be32 paramSize ‖
 be32 ordinal-or-status`` then the body; paramSize counts the whole packet and the shared page limits
-a packet to 4088 bytes (facts §5.4).  Checkpoint requests (docs/protocol.md) are XenStore nodes; this
+a packet to 4088 bytes (docs/xen-internals.md §10).  Checkpoint requests (docs/protocol.md) are XenStore nodes; this
 module validates the strings read from them.
 """
 from __future__ import annotations

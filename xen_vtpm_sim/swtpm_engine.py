@@ -1,6 +1,6 @@
 """One `swtpm socket --tpm2` per vTPM, driven over its Unix control channel.
 
-The TPM state is moved in and out through the control channel (anchors §2.2): CMD_GET_STATEBLOB
+The TPM state is moved in and out through the control channel (docs/xen-internals.md §15.2): CMD_GET_STATEBLOB
 of the permanent and the volatile blob after every successful command (PCRs live in the volatile
 blob), CMD_SET_STATEBLOB of both then CMD_INIT to resume a saved state.  swtpm's own state directory
 is private scratch space; the vTPM's durable state is only what the caller persists.

@@ -1,6 +1,6 @@
 """mini-os tpmback and the simulated ring, shared by the vtpmmgr and the vTPM stub domains.
 
-* tpmback (mini-os semantics, facts §5.3) for every `backend/vtpm/<F>/<N>` of one domain.
+* tpmback (mini-os semantics, docs/xen-internals.md §9.2) for every `backend/vtpm/<F>/<N>` of one domain.
   Identity = the `uuid` node of the backend dir, which only the toolstack can write.
 * The "shared page" of a connected frontend is a Unix socket ``DIR/run/tpmif/<B>-<F>-<N>.sock``
   created when the frontend reaches state 3/4, so a connection there stands for that frontend domain.
@@ -34,7 +34,7 @@ class Tpmif:
 
 
 class TpmBack(threading.Thread):
-    """Follows backend/vtpm of one domain with the state machine of mini-os tpmback.c (facts §5.3)."""
+    """Follows backend/vtpm of one domain with the state machine of mini-os tpmback.c (docs/xen-internals.md §9.2)."""
 
     POLL = 0.1
 

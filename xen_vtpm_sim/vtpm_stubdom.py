@@ -2,11 +2,11 @@
 
 `python -m xen_vtpm_sim.vtpm_stubdom --sim-dir DIR --domid N --name NAME --config CFGJSON`
 
-* tpmfront of ``device/vtpm/0`` to the manager (mini-os tpmfront, facts §5.3), then LOADHASHKEY and
+* tpmfront of ``device/vtpm/0`` to the manager (mini-os tpmfront, docs/xen-internals.md §9.3), then LOADHASHKEY and
   the vtpmblk slot whose SHA1 matches; ANY failure gives a fresh TPM (new seeds, so a new EK) that
-  overwrites slot 0 and the manager entry on its first successful command (facts §4.5).
+  overwrites slot 0 and the manager entry on its first successful command (docs/xen-internals.md §6.4).
 * After every successful command: whole swtpm state (permanent + volatile) -> inactive slot under a
-  fresh key -> SAVEHASHKEY(H ‖ K), in that order (facts §4.3).
+  fresh key -> SAVEHASHKEY(H ‖ K), in that order (docs/xen-internals.md §5.3).
 * Guests reach the TPM on 127.0.0.1 ports P (raw TPM commands) and P+1 (swtpm control commands),
   i.e. the TCTI ``swtpm:host=127.0.0.1,port=P`` written to ``DIR/run/<NAME>.tcti``.  All serving is
   in this one process, so `xl pause` (SIGSTOP) stops every command; swtpm is reachable only from here.
@@ -49,7 +49,7 @@ class ManagerLink:
         xs.write(f"{fe}/feature-protocol-v2", "1")
 
         def publish(tx) -> None:
-            # No grant table here: the ring is a socket, these only keep the node layout of facts §5.1.
+            # No grant table here: the ring is a socket, these only keep the node layout of docs/xen-internals.md §8.1.
             tx.write(f"{fe}/ring-ref", str(8 + domid))
             tx.write(f"{fe}/event-channel", str(16 + domid))
         xs.transact(publish)
@@ -115,7 +115,7 @@ class Vtpm:
         return plain
 
     def persist(self) -> None:
-        """write_vtpmblk(): flip slot, write under a new key, then SAVEHASHKEY (the order of facts §4.3)."""
+        """write_vtpmblk(): flip slot, write under a new key, then SAVEHASHKEY (docs/xen-internals.md §5.3)."""
         self.active_slot = 0 if self.active_slot < 0 else 1 - self.active_slot
         try:
             hashkey = vtpmblk.write_slot(self.image, self.active_slot, self.engine.state())

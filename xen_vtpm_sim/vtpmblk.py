@@ -1,4 +1,4 @@
-"""The vTPM disk image layout of stubdom/vtpm/vtpmblk.c (facts §4.2-4.3).
+"""The vTPM disk image layout of stubdom/vtpm/vtpmblk.c (docs/xen-internals.md §5).
 
 Two slots, slot 0 at byte 0 and slot 1 at ``size // 2``.  A slot holds ``be32 L ‖ blob[L]`` with
 ``blob = IV[16] ‖ AES-256-CBC(K, IV, plaintext zero-padded to 16)`` and ``IV = 12 random bytes ‖

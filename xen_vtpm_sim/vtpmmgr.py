@@ -1,5 +1,5 @@
-"""Simulated vtpmmgr: the per-host table of 64-byte vTPM secrets (facts §2-§3) plus the checkpoint
-extension of DESIGN §4 / docs/protocol.md.
+"""Simulated vtpmmgr: the per-host table of 64-byte vTPM secrets (docs/xen-internals.md §2-§4) plus the checkpoint
+extension of docs/protocol.md.
 
 `python -m xen_vtpm_sim.vtpmmgr --sim-dir DIR --domid M --name NAME --config CFGJSON`
 
@@ -7,7 +7,7 @@ extension of DESIGN §4 / docs/protocol.md.
 * SAVEHASHKEY / LOADHASHKEY as vtpm_cmd_handler.c: auto-create on unknown UUID (not marked OPEN),
   "Attempted to open vTPM twice!", OPEN cleared only when the frontend's nodes are gone, then the
   backend dir is removed.  The simulated host behaves like a FLASK host with a provisioned group 0:
-  the kernel-hash check always passes (facts §2.4 needs real hardware to decide otherwise).
+  the kernel-hash check always passes (a real host needs XSM and a provisioned group 0, docs/xen-internals.md §3.5).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A simulated xenstored speaking xs_wire (facts §7) on a Unix socket.
+"""A simulated xenstored speaking xs_wire (docs/xen-internals.md §12) on a Unix socket.
 
 The main socket is dom0 (privileged).  Every domain introduced with INTRODUCE
 gets a second socket ``PATH.d<domid>`` standing in for its ring: connections

@@ -1,7 +1,7 @@
 """`python -m xen_vtpm_sim.xl`: an `xl` work-alike for the simulated host.
 
 Domains are processes (see domains.py for the table that stands in for the
-hypervisor).  XenStore gets what libxl writes on a real host (facts §5.1–5.2),
+hypervisor).  XenStore gets what libxl writes on a real host (docs/xen-internals.md §8),
 save files are real xl save files (savestream.py), and messages and exit codes
 are shaped like xl's so the tool cannot tell the difference.
 """

@@ -4,7 +4,7 @@ This module decides *what* happens and in which order; it never talks to a socke
 or a file itself.  Everything with I/O is a port (``interfaces``), built by ``wiring``, so the
 sequences read as the design says and run against the simulated host or a real dom0 alike.
 
-Rules that shape every sequence (docs/architecture.md, "Invariants"):
+Rules that shape every sequence (docs/xen-internals.md §16):
 - I1  never start a vTPM on an inconsistent pair; never let a guest attach to a vTPM that came
       up fresh (the backend's ``start_verified`` destroys it first);
 - I2  one consumer per vTPM (``check_single_consumer``, wait for release);

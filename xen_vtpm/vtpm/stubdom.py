@@ -25,7 +25,8 @@ from .vtpmblk import slot_fingerprints
 
 
 def wait_released(xs: XenStore, vtpm_domid: int, manager_domid: int, timeout: float) -> None:
-    """Until the domain is gone (@releaseDomain) AND the manager dropped its backend dir (OPEN cleared)."""
+    """Until the domain is gone (@releaseDomain) AND the manager dropped its backend dir (OPEN cleared;
+    docs/xen-internals.md §9.5, §16)."""
     be = f"/local/domain/{manager_domid}/backend/vtpm/{vtpm_domid}"
 
     def released() -> bool:

@@ -57,7 +57,7 @@ class Guests:
                                  "the backend uuid disagrees with libxl's trusted copy — investigate before "
                                  "snapshotting")
         # The vTPM's identity at the manager is the UUID of the stub domain's own link to it, not the
-        # guest's device uuid (docs/xen-internals.md: how vtpmmgr identifies a vTPM).
+        # guest's device uuid (docs/xen-internals.md §3.1).
         mgr_links = vtpm_links(self.xs, link["backend_domid"]) if link["backend_domid"] is not None else []
         if len(mgr_links) != 1 or mgr_links[0]["uuid_check"] != "ok":
             raise PreconditionFailed(f"{link['backend_name']}: the vTPM stub domain has no single verified link "

@@ -2,7 +2,7 @@
 
 We keep pyxs's connection classes, Router thread and Packet framing, but send
 every request through ``Router.send`` ourselves instead of
-``Client.execute_command`` because 0.4.1 (facts §8.3):
+``Client.execute_command`` because 0.4.1 (docs/xen-internals.md §13):
   * waits for replies with no timeout, so a dead router thread or a stuck
     daemon would hang the tool forever — we wait in bounded slices and notice
     a dead router;
@@ -178,7 +178,7 @@ class Transaction(_Ops):
 
     def __init__(self, xs: XenStore, client: Client) -> None:
         self._xs = xs
-        # One pyxs Client per transaction: pyxs keeps tx_id per Client (facts §8.2).
+        # One pyxs Client per transaction: pyxs keeps tx_id per Client (docs/xen-internals.md §13).
         self._client = client
 
     def _call(self, op: int, payload: bytes, what: str) -> bytes:
