@@ -42,7 +42,7 @@ crash: setup
 soak: setup
 	$(PY) bench/soak.py --cycles $(SOAK_CYCLES) --every 10
 
-# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (9 targets); findings go to fuzz-findings/.
+# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (10 targets, one of them the C request parser); findings go to fuzz-findings/.
 fuzz: setup
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
 
