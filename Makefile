@@ -4,14 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-utils xen-utils-4.17 \
-                build-essential pkg-config python3-dev python3-venv
+                build-essential pkg-config python3-dev python3-venv libxen-dev clang-14 libclang-rt-14-dev
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint crash fuzz soak bench clean
 SOAK_CYCLES ?= 120
 FUZZ_SECONDS ?= 20
 
+# The simulated vtpmmgr is Xen 4.17's manager with the checkpoint extension, built natively
+# (vtpmmgr/README.md): the first build fetches Xen's source from Debian into a cache outside the tree.
 setup: $(STAMP)
+	$(MAKE) -s -C vtpmmgr
 
 # System packages first: tpm2-pytss builds against libtss2-dev, the C extension links libcrypto.
 $(STAMP): setup.py pyproject.toml cext/build_hashing.py cext/hashing.c cext/hashing.h
@@ -47,7 +50,7 @@ crash: setup
 soak: setup
 	$(PY) bench/soak.py --cycles $(SOAK_CYCLES) --every 10
 
-# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (9 targets); findings go to fuzz-findings/.
+# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (10 targets, one of them the C request parser); findings go to fuzz-findings/.
 fuzz: setup
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
 
@@ -58,3 +61,4 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info xen_vtpm/_hashing*.so xen_vtpm/_hashing.c
+	$(MAKE) -C vtpmmgr clean

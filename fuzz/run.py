@@ -2,8 +2,8 @@
 
     python fuzz/run.py --seconds N [--only TARGET ...] [--findings DIR] [--json FILE] [--engine E]
 
-Each target gets N seconds, one after the other (the live xenstored target included), so a
-run takes about 10 x N seconds.  Coverage-guided targets run under atheris/libFuzzer in their
+Each target gets N seconds, one after the other (the live xenstored target and the native C
+targets included), so a run takes about 11 x N seconds.  Coverage-guided targets run under atheris/libFuzzer in their
 own process, starting from seeds the real writers generate into a fresh corpus; without
 atheris (or with ``--engine mutate``) they run a seed-mutation loop in this process instead.
 Crashing inputs are written to the findings directory (default ``fuzz-findings`` under the
@@ -43,6 +43,9 @@ TARGETS = {
     "xlcfg": ("fz_xlcfg", 4096),
 }
 LIVE = "xenstored-live"
+# Native libFuzzer targets: C compiled with clang's fuzzer, ASan and UBSan (name -> source, extra sources).
+NATIVE = {"ckpt-request-c": ("ckpt_request_fuzz.c", ["vtpmmgr/src/ckpt_request.c"])}
+CLANG = "clang-14"
 INPUT_TIMEOUT = 10       # seconds one input may take before it counts as a hang
 
 
@@ -80,6 +83,47 @@ def run_atheris(name: str, seconds: int, findings: Path) -> dict:
         crash = re.search(r"=== Uncaught Python exception: ===\n(.*?)\n\n", out, re.S)
         summary = crash.group(1).strip().splitlines()[-1] if crash else out.strip().splitlines()[-1]
         result["findings"].append({"summary": summary, "input": artifacts[-1] if artifacts else None})
+        result["log_tail"] = out[-3000:]
+    return result
+
+
+def native_seeds(corpus: Path) -> int:
+    """The tool's and some malformed requests, as the manager reads them (fz_mgrproto's layout)."""
+    import fz_mgrproto
+    n = 0
+    for seed in fz_mgrproto.seeds():
+        if seed[:1] == fz_mgrproto.REQUEST:
+            (corpus / f"seed-{n}").write_bytes(seed[1:])
+            n += 1
+    return n
+
+
+def run_native(name: str, seconds: int, findings: Path) -> dict:
+    source, extra = NATIVE[name]
+    root = HERE.parent
+    with tempfile.TemporaryDirectory(prefix=f"xvfuzz-{name}-") as work:
+        binary = Path(work) / name
+        subprocess.run([CLANG, "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all",
+                        f"-I{root / 'vtpmmgr' / 'src'}", str(HERE / source), *(str(root / e) for e in extra),
+                        "-o", str(binary)], check=True, capture_output=True)
+        corpus = Path(work) / "corpus"
+        corpus.mkdir()
+        seeds = native_seeds(corpus)
+        findings.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([str(binary), str(corpus), f"-max_total_time={seconds}", f"-timeout={INPUT_TIMEOUT}",
+                               "-max_len=1024", "-print_final_stats=1", f"-artifact_prefix={findings}/{name}-"],
+                              capture_output=True, text=True, errors="replace")
+        corpus_after = len(list(corpus.iterdir()))
+    out = proc.stdout + proc.stderr
+    cov = re.findall(r"cov: (\d+) ft: (\d+)", out)
+    artifacts = re.findall(r"Test unit written to (\S+)", out)
+    result = {"target": name, "engine": "libfuzzer", "seconds": seconds, "seeds": seeds,
+              "executions": _stat(out, "number_of_executed_units"), "corpus": corpus_after,
+              "coverage_edges": int(cov[-1][0]) if cov else None, "features": int(cov[-1][1]) if cov else None,
+              "findings": []}
+    if proc.returncode != 0:
+        result["findings"].append({"summary": out.strip().splitlines()[-1] if out.strip() else "crash",
+                                   "input": artifacts[-1] if artifacts else None})
         result["log_tail"] = out[-3000:]
     return result
 
@@ -144,7 +188,7 @@ def run_live(seconds: int, findings: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python fuzz/run.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, required=True, help="time budget of each target")
-    ap.add_argument("--only", nargs="+", choices=[*TARGETS, LIVE], help="run just these targets")
+    ap.add_argument("--only", nargs="+", choices=[*TARGETS, *NATIVE, LIVE], help="run just these targets")
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"), help="where crashing inputs go")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--engine", choices=("auto", "atheris", "mutate"), default="auto")
@@ -160,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("atheris is not installed (pip install atheris)")
     findings = args.findings.resolve()
     results = []
-    for name in args.only or [*TARGETS, LIVE]:
+    for name in args.only or [*TARGETS, *NATIVE, LIVE]:
         if name == LIVE:
             res = run_live(args.seconds, findings)
+        elif name in NATIVE:
+            res = run_native(name, args.seconds, findings)
         elif engine == "atheris":
             res = run_atheris(name, args.seconds, findings)
         else:

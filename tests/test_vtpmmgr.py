@@ -12,8 +12,9 @@ from sim_fixture import sim_host_module  # noqa: F401
 from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
 from xen_vtpm.errors import ManagerError, XenStorePermission
 from xen_vtpm_sim import mgrproto as mp
-from xen_vtpm.vtpm import console
-from xen_vtpm.xen.xenstore import XenStore
+from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
+from xen_vtpm.vtpm import stubdom
+from xen_vtpm.xenstore import XenStore
 
 # --- the wire format ---------------------------------------------------------------------------
 
@@ -132,10 +133,9 @@ def test_corrupted_manager_disk_is_refused(lab):
     path = lab.sim.dir / "images" / "vtpmmgr.img"
     good = path.read_bytes()
     try:
-        half = len(good) // 2
         bad = bytearray(good)
-        for base in (0, half):
-            bad[base + 300] ^= 0xFF
+        for slot in (0, 1):                                 # both encrypted root sectors (Xen's format)
+            bad[MgrDisk.root_sector_offset(slot) + 300] ^= 0xFF
         path.write_bytes(bytes(bad))
         ckpt = str(uuidlib.uuid4())
         with pytest.raises(ManagerError, match="manager disk corrupted"):
@@ -170,7 +170,7 @@ def test_only_dom0_can_submit(lab):
 
 
 def _restart_manager(lab: VtpmLab, while_down=lambda: None) -> str:
-    log = console.log_path(lab.cfg, "vtpmmgr")
+    log = stubdom.log_path(lab.cfg, "vtpmmgr")
     offset = log.stat().st_size
     old = lab.mgr.info().domid
     lab.sim.xl("destroy", "vtpmmgr")
@@ -189,11 +189,10 @@ def test_torn_manager_write_falls_back_to_the_previous_pair(lab):
     path = lab.sim.dir / "images" / "vtpmmgr.img"
 
     def tear_newest_slot() -> None:
+        disk = MgrDisk(path, PtpmSealer((lab.sim.dir / "run" / "ptpm.tcti").read_text().strip()))
+        assert disk.load() is not None
         raw = bytearray(path.read_bytes())
-        half = len(raw) // 2
-        seqs = [int.from_bytes(raw[base + 12:base + 20], "big") for base in (0, half)]
-        newest = (0, half)[seqs.index(max(seqs))]
-        raw[newest + 200] ^= 0x01                         # as if the last write never completed
+        raw[MgrDisk.root_sector_offset(disk.active) + 200] ^= 0x01   # as if the last write never completed
         path.write_bytes(bytes(raw))
     boot = _restart_manager(lab, tear_newest_slot)
     assert "loaded" in boot and "Failed to read manager file" not in boot

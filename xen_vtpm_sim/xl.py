@@ -34,7 +34,7 @@ INIT_TIMEOUT = 10.0      # LIBXL_INIT_TIMEOUT: backend must reach InitWait
 SUSPEND_TIMEOUT = 30.0   # guest must acknowledge control/shutdown=suspend
 SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_MEMORY = 128
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def sim_dir_from_env() -> str:

@@ -1,0 +1,109 @@
+"""The checkpoint extension as a patch for Xen 4.17's stubdom/vtpmmgr: it applies to Xen's source
+(Debian's xen source package, fetched into a cache outside the repository), adds exactly the files
+in vtpmmgr/src/, and every file it touches compiles with the shim under -Wall -Werror."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VTPMMGR = ROOT / "vtpmmgr"
+PATCH = VTPMMGR / "patches" / "0001-vtpmmgr-checkpoint-extension.patch"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xen-vtpm"
+# As Xen's stubdom build (stubdom/vtpmmgr/Makefile: -Werror), plus what mini-os's flags relax.
+CFLAGS = ["-std=gnu99", "-c", "-Wall", "-Werror", "-Wno-declaration-after-statement", "-Wno-unused-label",
+          "-Wno-address-of-packed-member"]
+
+
+@pytest.fixture(scope="module")
+def xen_source() -> Path:
+    out = subprocess.run([str(VTPMMGR / "tools" / "fetch-xen-source.sh"), str(CACHE)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    src = Path(out.stdout.strip())
+    assert (src / "stubdom" / "vtpmmgr" / "vtpm_cmd_handler.c").is_file()
+    return src
+
+
+@pytest.fixture
+def patched(tmp_path, xen_source) -> Path:
+    tree = tmp_path / "xen"
+    shutil.copytree(xen_source / "stubdom" / "vtpmmgr", tree / "stubdom" / "vtpmmgr")
+    subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
+    # git apply is strict: no fuzz, no offset guessing beyond exact context.
+    out = subprocess.run(["git", "apply", "--whitespace=error-all", str(PATCH)], cwd=tree, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    return tree / "stubdom" / "vtpmmgr"
+
+
+def _patch_files() -> tuple[set[str], set[str]]:
+    added, changed = set(), set()
+    lines = PATCH.read_text().splitlines()
+    for before, line in zip(lines, lines[1:]):
+        if line.startswith("+++ b/stubdom/vtpmmgr/"):
+            name = line.removeprefix("+++ b/stubdom/vtpmmgr/")
+            (added if before == "--- /dev/null" else changed).add(name)
+    return added, changed
+
+
+def test_patch_is_git_format_patch():
+    text = PATCH.read_text()
+    first = text.splitlines()[0]
+    assert first.startswith("From ") and first.endswith(" Mon Sep 17 00:00:00 2001")
+    assert "\nSubject: [PATCH] vtpmmgr: checkpoint extension" in text
+    added, changed = _patch_files()
+    assert added == {"vtpm_checkpoint.c", "vtpm_checkpoint.h", "ckpt_request.c", "ckpt_request.h"}
+    assert changed == {"Makefile", "init.c", "vtpm_cmd_handler.c", "vtpm_disk.h", "vtpmmgr.c"}
+
+
+def test_patch_applies_and_adds_the_extension_verbatim(patched):
+    added, _ = _patch_files()
+    for name in added:
+        assert (patched / name).read_bytes() == (VTPMMGR / "src" / name).read_bytes(), \
+            f"{name}: vtpmmgr/src and the patch differ; run vtpmmgr/tools/refresh-patch.sh"
+    assert "vtpm_checkpoint.o ckpt_request.o" in (patched / "Makefile").read_text()
+    assert "#define VTPM_FLAG_CHECKPOINT 2" in (patched / "vtpm_disk.h").read_text()
+    handler = (patched / "vtpm_cmd_handler.c").read_text()
+    assert "opq->vtpm->flags & VTPM_FLAG_CHECKPOINT" in handler          # find_vtpm_verified refuses
+    assert "vtpm_ckpt_is_checkpoint(*opq->uuid)" in handler              # no auto-create over one
+    main = (patched / "vtpmmgr.c").read_text()
+    assert "vtpm_ckpt_handle_cmd(tpmcmd->opaque, tpmcmd)" in main and "vtpm_ckpt_start(argc, argv)" in main
+    init = (patched / "init.c").read_text()
+    assert "vtpm_ckpt_conn_opened(opq)" in init and "vtpm_ckpt_conn_closed(opq)" in init
+
+
+@pytest.mark.parametrize("name", ["vtpm_checkpoint.c", "ckpt_request.c", "vtpm_cmd_handler.c", "vtpmmgr.c",
+                                  "init.c", "vtpm_disk.c", "disk_read.c", "disk_write.c"])
+def test_patched_file_compiles_with_the_shim(patched, name):
+    out = subprocess.run(["gcc", *CFLAGS, f"-I{VTPMMGR / 'shim' / 'include'}", f"-I{patched}", name,
+                          "-o", os.devnull], cwd=patched, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_broken_tree_is_refused(tmp_path, xen_source):
+    """The check above can fail: a Xen tree whose context the patch does not match is refused."""
+    tree = tmp_path / "xen" / "stubdom" / "vtpmmgr"
+    shutil.copytree(xen_source / "stubdom" / "vtpmmgr", tree)
+    init = tree / "init.c"
+    init.write_text(init.read_text().replace("tpmback_set_opaque(domid, handle, opq);", "/* gone */"))
+    out = subprocess.run(["git", "apply", "--check", str(PATCH)], cwd=tmp_path / "xen", capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "init.c" in out.stderr
+
+
+def test_native_build_from_a_clean_tree(tmp_path, xen_source):
+    """What `make setup` runs: patch Xen's files and link the simulator's manager (ASan + UBSan)."""
+    build = tmp_path / "build"
+    out = subprocess.run(["make", "-s", "-C", str(VTPMMGR), f"BUILD={build}", f"CACHE={CACHE}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    binary = build / "vtpmmgr-native"
+    libs = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+    assert "libasan" in libs and "libubsan" in libs and "libxenstore" in libs
+    usage = subprocess.run([str(binary)], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 64 and "usage: vtpmmgr-native" in usage.stderr

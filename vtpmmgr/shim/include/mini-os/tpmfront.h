@@ -1,0 +1,7 @@
+/* mini-os tpmfront: declarations only, so init.c compiles in the patch check. */
+#ifndef SHIM_MINIOS_TPMFRONT_H
+#define SHIM_MINIOS_TPMFRONT_H
+struct tpmfront_dev;
+struct tpmfront_dev *init_tpmfront(const char *nodename);
+int tpmfront_open(struct tpmfront_dev *dev);
+#endif

@@ -1,0 +1,1 @@
+#include <mini-os/xenbus.h>
