@@ -55,7 +55,7 @@ def fields_of(raw: bytes) -> tuple[dict[str, str | None], str]:
     out: dict[str, str | None] = {}
     for i, key in enumerate(FIELDS):
         value = parts[i] if i < len(parts) else ABSENT
-        # xen_vtpm.xenstore decodes values with surrogateescape: any bytes reach the parser.
+        # xen_vtpm.xen.xenstore decodes values with surrogateescape: any bytes reach the parser.
         out[key] = None if value == ABSENT else value.decode("utf-8", "surrogateescape")
     rid = parts[len(FIELDS)] if len(parts) > len(FIELDS) else b""
     return out, rid.decode("utf-8", "surrogateescape")

@@ -1,4 +1,4 @@
-"""Fuzz target: the xl save-file header parser (xen_vtpm.xl.read_save_header) -> MalformedSaveFile."""
+"""Fuzz target: the xl save-file header parser (xen_vtpm.xen.savefile.read_save_header) -> MalformedSaveFile."""
 from __future__ import annotations
 
 import io

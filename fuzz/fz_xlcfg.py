@@ -1,4 +1,4 @@
-"""Fuzz target: the xl.cfg parser (xen_vtpm.xlcfg: load_cfg, parse_disk, parse_vtpm) -> XlConfigError.
+"""Fuzz target: the xl.cfg parser (xen_vtpm.xen.xlcfg: load_cfg, parse_disk, parse_vtpm) -> XlConfigError.
 
 The input is a config file's bytes.  There is no standalone cfg writer to draw seeds from, so
 the seeds are the files the simulated host writes for the manager, a vTPM stub domain and a

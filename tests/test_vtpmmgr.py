@@ -13,8 +13,8 @@ from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module sco
 from xen_vtpm.errors import ManagerError, XenStorePermission
 from xen_vtpm_sim import mgrproto as mp
 from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
-from xen_vtpm.vtpm import stubdom
-from xen_vtpm.xenstore import XenStore
+from xen_vtpm.vtpm import console
+from xen_vtpm.xen.xenstore import XenStore
 
 # --- the wire format ---------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ def test_only_dom0_can_submit(lab):
 
 
 def _restart_manager(lab: VtpmLab, while_down=lambda: None) -> str:
-    log = stubdom.log_path(lab.cfg, "vtpmmgr")
+    log = console.log_path(lab.cfg, "vtpmmgr")
     offset = log.stat().st_size
     old = lab.mgr.info().domid
     lab.sim.xl("destroy", "vtpmmgr")

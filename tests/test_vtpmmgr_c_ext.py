@@ -14,8 +14,8 @@ from sim_fixture import sim_host_module  # noqa: F401
 from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
 from xen_vtpm.errors import ManagerError
 from xen_vtpm_sim.mgrdisk import FLAG_CHECKPOINT, MgrDisk, PtpmSealer
-from xen_vtpm.vtpm import stubdom
-from xen_vtpm.xenstore import XenStore
+from xen_vtpm.vtpm import console, manager
+from xen_vtpm.xen.xenstore import XenStore
 
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
 
@@ -53,11 +53,11 @@ def test_a_checkpoint_entry_is_never_a_vtpm(lab):
     # A stub domain presenting the checkpoint's UUID: LOADHASHKEY refused, so it comes up fresh...
     imposter = lab.create("vtpm-c1-imposter", ckpt)
     assert imposter.status.kind == "loadhashkey-failed"
-    offset = stubdom.log_offset(lab.cfg, imposter.name)
+    offset = console.log_offset(lab.cfg, imposter.name)
     with lab.tpm(imposter) as tpm:
         tpm.pcr16()                                       # ...and its first save is refused too
     deadline = time.monotonic() + 10
-    while "VTPM_SaveHashKey failed (3)" not in stubdom.log_path(lab.cfg, imposter.name).read_text()[offset:]:
+    while "VTPM_SaveHashKey failed (3)" not in console.log_path(lab.cfg, imposter.name).read_text()[offset:]:
         assert time.monotonic() < deadline, "the imposter's SAVEHASHKEY was not refused"
         time.sleep(0.05)
     assert "vTPM UUID names a checkpoint entry" in lab.manager_log()
@@ -81,7 +81,7 @@ def test_concurrent_requests(lab):
     def one(ckpt: str) -> None:
         try:
             with XenStore(lab.cfg.xenstore_path) as xs:
-                client = stubdom.ManagerClient(lab.cfg, xs)
+                client = manager.ManagerClient(lab.cfg, xs)
                 start.wait()
                 hashes[ckpt] = client.checkpoint(dom.uuid, ckpt)
         except BaseException as exc:              # reported below
@@ -211,7 +211,7 @@ def test_an_unprovisioned_manager_refuses_instead_of_keeping_checkpoints_in_ram(
                    .replace(str(images / "vtpmmgr.img"), str(blank)))
 
     def restart(path) -> str:
-        offset = stubdom.log_path(lab.cfg, "vtpmmgr").stat().st_size
+        offset = console.log_path(lab.cfg, "vtpmmgr").stat().st_size
         old = lab.mgr.info().domid
         lab.sim.xl("destroy", "vtpmmgr")
         assert lab.xs.wait_for(lambda: not lab.xs.is_introduced(old), ["@releaseDomain"], 20)

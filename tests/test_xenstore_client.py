@@ -1,4 +1,4 @@
-"""xen_vtpm.xenstore against the simulated xenstored (and Debian's C clients as the other party)."""
+"""xen_vtpm.xen.xenstore against the simulated xenstored (and Debian's C clients as the other party)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""xen_vtpm.xl.Xl: output parsers on real xl output, and the error paths of running xl.
+"""xen_vtpm.xen.xl.Xl: output parsers on real xl output, and the error paths of running xl.
 
 The error paths run a real subprocess: a small stand-in `xl` script that behaves
 like xl does when it fails (message on stderr, non-zero exit, or no answer).

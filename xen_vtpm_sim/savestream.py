@@ -1,6 +1,6 @@
 """Real xl save files for the simulated host: write and read an HVM guest's save image.
 
-Layout (docs/savefile.md): xl header + JSON config (xen_vtpm.xl), then the libxl
+Layout (docs/savefile.md): xl header + JSON config (xen_vtpm.xen.savefile), then the libxl
 migration stream v2 (docs/specs/libxl-migration-stream.pandoc) whose LIBXC_CONTEXT
 record is followed by a libxc stream v3 (docs/specs/libxc-migration-stream.pandoc)
 of an x86 HVM guest.  Xen's `verify-stream-v2 -f xl` accepts what write_save writes.

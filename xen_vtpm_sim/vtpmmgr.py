@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from . import domain_args
-from ..xlcfg import disk_target
+from xen_vtpm.xen.xlcfg import disk_target
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "vtpmmgr" / "build" / "vtpmmgr-native"
