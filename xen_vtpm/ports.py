@@ -8,15 +8,14 @@ free of sockets, processes and file formats.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__
 from .config import Config
 from .durable import write_atomic
 from .errors import DomainNotFound, IntegrityError, PreconditionFailed, StorageError, UsageError, XlError
@@ -207,28 +206,43 @@ class StubdomBackend:
 
 
 # --- store ---------------------------------------------------------------------------
+def _metadata_blob(meta: dict[str, Any]) -> bytes:
+    """Canonical JSON: the store MACs the blob, so equal metadata must give equal bytes."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def _metadata(manifest: Any) -> dict[str, Any]:
+    """What ``CheckpointWriter.commit`` put in the (MAC-checked) manifest's metadata blob."""
+    try:
+        meta = json.loads(manifest.metadata)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"checkpoint {manifest.checkpoint_id}: its metadata is not the JSON object "
+                             "xen-vtpm writes; do not use this checkpoint")
+    return meta
+
+
 class CheckpointWriter:
-    """Adapter from the coordinator's words to the store writer."""
+    """Adapter from the coordinator's words to the store writer: what the store does not know
+    (the vTPM, the kind of checkpoint, the save file) goes into its opaque metadata blob."""
 
     def __init__(self, writer: Any, meta: dict[str, Any]) -> None:
-        self.w, self.meta = writer, meta
-        self.extra: dict[str, Any] = {}
+        self.w, self.meta = writer, dict(meta)
 
     def add_stream(self, name: str, source: Any, progress: Any = None) -> Any:
         return self.w.add_stream(name, source, progress=progress)
 
     def set_vtpm(self, capture: VtpmCapture) -> None:
         self.w.add_blob("vtpm-image", capture.image)
-        self.w.set_meta(manager_checkpoint=capture.manager_checkpoint or "",
-                        slot_hashes=[bytes.fromhex(h) if h else b"" for h in capture.slot_hashes])
-        self.extra["manager_hash"] = capture.manager_hash
+        self.meta.update(manager_checkpoint=capture.manager_checkpoint or "", slot_hashes=list(capture.slot_hashes),
+                         manager_hash=capture.manager_hash)
 
     def set_meta(self, **extra: Any) -> None:
-        self.extra.update(extra)
+        self.meta.update(extra)
 
     def commit(self) -> dict:
-        self.w.set_meta(vtpm_uuid=self.meta["vtpm_uuid"], created=time.time(), tool_version=__version__,
-                        extra=dict(self.extra, kind=self.meta["kind"], vtpm_backend=self.meta["vtpm_backend"]))
+        self.w.set_metadata(_metadata_blob(self.meta))
         manifest = self.w.commit()
         return {"size": manifest.size, "stored_bytes": self.w.stored_bytes}
 
@@ -259,12 +273,12 @@ class Store:
     def _describe(self, row: dict) -> dict:
         with self.repo.open_checkpoint(row["id"]) as reader:
             m = reader.manifest
-        extra = dict(m.extra)
+        meta = _metadata(m)
         # Identity from the MAC'd manifest, never from the catalog row.
         return dict(row, id=m.checkpoint_id, name=m.name, vm_uuid=m.vm_uuid, vm_name=m.vm_name,
-                    vtpm_uuid=m.vtpm_uuid, manager_checkpoint=m.manager_checkpoint or None,
-                    kind=extra.get("kind"), vtpm_backend=extra.get("vtpm_backend"),
-                    save_file_digest=extra.get("save_file_digest"))
+                    vtpm_uuid=meta.get("vtpm_uuid"), manager_checkpoint=meta.get("manager_checkpoint") or None,
+                    kind=meta.get("kind"), vtpm_backend=meta.get("vtpm_backend"),
+                    save_file_digest=meta.get("save_file_digest"))
 
     def row(self, ref: str, vm_uuid: str | None = None) -> dict:
         """The catalog row of a checkpoint, without opening (and so checking) its manifest."""
@@ -308,11 +322,11 @@ class Store:
 
     def vtpm_capture(self, checkpoint_id: str) -> VtpmCapture:
         with self.repo.open_checkpoint(checkpoint_id) as reader:
-            m = reader.manifest
+            meta = _metadata(reader.manifest)
             image = reader.read_blob("vtpm-image")
-        hashes = tuple(h.hex() for h in m.slot_hashes) + ("", "")
-        return VtpmCapture(image=image, manager_checkpoint=m.manager_checkpoint or None,
-                           manager_hash=dict(m.extra).get("manager_hash"), slot_hashes=hashes[:2])
+        hashes = tuple(meta.get("slot_hashes", ())) + ("", "")
+        return VtpmCapture(image=image, manager_checkpoint=meta.get("manager_checkpoint") or None,
+                           manager_hash=meta.get("manager_hash"), slot_hashes=hashes[:2])
 
     def _save_bindings(self) -> Iterator[dict]:
         """Described `save` checkpoints; a damaged manifest is raised only after the intact ones,
