@@ -70,7 +70,10 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     """Open the shared catalog DB and make sure our tables exist."""
     try:
         conn = sqlite3.connect(Path(state_dir) / DB_NAME, timeout=30)
-        # The head row written after an NV increment must survive a power cut.
+        # The head row written after an NV increment must survive a power cut.  In WAL mode a
+        # commit is durable once FULL has fsync'd the WAL; in the default rollback-journal mode
+        # the commit is the journal's unlink, which FULL leaves without a directory fsync.
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(_SCHEMA)
         from . import audit  # imported here: audit depends on this module

@@ -34,7 +34,7 @@ from tpm2_pytss.types import (  # noqa: E402
     TPMT_HA, TPMT_PUBLIC, TPMT_SYM_DEF, TPMU_HA,
 )
 
-from .durable import storage_error, write_atomic  # noqa: E402
+from .durable import make_dirs, write_atomic  # noqa: E402
 from .errors import (  # noqa: E402
     AuthorizationDenied, ConfigError, IntegrityError, NvIndexError, PcrPolicyMismatch, TpmError,
     TpmLockout, TpmUnreachable,
@@ -109,10 +109,7 @@ class SealedBlob:
 
 def write_private(path: Path, data: bytes) -> None:
     """A 0600 file, published durably: a crash leaves the old file or the new one."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, path.parent, "creating the directory") from None
+    make_dirs(path.parent, 0o700)
     write_atomic(path, data, mode=0o600)
 
 
