@@ -25,15 +25,15 @@ def artifacts() -> tuple[list[bytes], dict[str, bytes]]:
     try:
         with Repository(state, KEYS, pack_target=PACK_TARGET, chunk_sizes=CHUNK_SIZES) as repo:
             memory = rnd.randbytes(3000)
-            for i, (mem, extra) in enumerate(((memory, {}), (memory[:1500] + bytes(1500), {"note": "é"}),
-                                              (b"", {"n": [1, 2.5, None, True]}))):
+            # Metadata is opaque to the store: none, JSON like the coordinator's, raw bytes.
+            for i, (mem, metadata) in enumerate(((memory, b""),
+                                                 (memory[:1500] + bytes(1500), b'{"kind":"snapshot","note":"\\u00e9"}'),
+                                                 (b"", rnd.randbytes(40)))):
                 with repo.begin_checkpoint("6f2c1a8e-3b0d-4c4e-9a57-1d2e3f405162", "guest1",
                                            name=f"snap{i}") as w:
                     w.add_stream("memory", [mem])
                     w.add_blob("vtpm-image", rnd.randbytes(300))
-                    w.set_meta(vtpm_uuid="0d3c5b7a-9e1f-4a2b-8c3d-4e5f60718293", manager_checkpoint=f"mgr-{i}",
-                               slot_hashes=[rnd.randbytes(20), rnd.randbytes(20)], counter=i + 1,
-                               save_header={"domid": 5, "vtpms": [{"devid": 0}]}, extra=extra)
+                    w.set_metadata(metadata)
                     w.commit()
         manifests = [p.read_bytes()[:-MAC_SIZE] for p in sorted((state / "manifests").glob("*.manifest"))]
         packs = {p.name.removesuffix(".pack"): p.read_bytes() for p in sorted((state / "packs").glob("*.pack"))}

@@ -9,6 +9,8 @@ from xen_vtpm.store import Repository
 
 KEYS = derive_keys(b"k" * 32)
 OTHER_KEYS = derive_keys(b"o" * 32)
+# The caller's metadata is opaque to the store: not text, not JSON.
+METADATA = b'{"vtpm_uuid":"0d3c-vtpm"}\x00\xff\xfe' + bytes(range(256))
 
 
 def randbytes(n: int, seed: int = 1) -> bytes:
@@ -45,8 +47,7 @@ def write_checkpoint(repo, data: bytes, *, name: str | None = None, vm_uuid: str
     with w:
         w.add_stream("memory", (data[i:i + block] for i in range(0, len(data), block)))
         w.add_blob("vtpm-image", image)
-        w.set_meta(vtpm_uuid="0d3c-vtpm", manager_checkpoint="mgr-1", slot_hashes=[b"\x01" * 20, b"\x02" * 20],
-                   counter=7, save_header={"domid": 5, "vtpms": [{"uuid": "0d3c-vtpm"}]})
+        w.set_metadata(METADATA)
         w.commit()
     return w.checkpoint_id
 

@@ -1,16 +1,20 @@
 """Checkpoint store: round trips, dedup, listing, delete + GC, abort."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
+import time
 
 import pytest
 
-from test_store_helpers import (KEYS, guest_memory, open_repo, randbytes, read_all, store_files,
+from test_store_helpers import (KEYS, METADATA, guest_memory, open_repo, randbytes, read_all, store_files,
                                 write_checkpoint)
+from xen_vtpm import __version__
 from xen_vtpm.errors import CheckpointNotFound, UsageError
 from xen_vtpm.store.catalog import SCHEMA_VERSION
+from xen_vtpm.store.manifest import MAX_METADATA
 from xen_vtpm.store.packs import read_index
 
 
@@ -31,11 +35,8 @@ def test_round_trip_byte_for_byte(repo, size):
         assert r.read_blob("vtpm-image") == image
         m = r.manifest
     assert m.stream("memory").length == size
-    assert m.vtpm_image_digest is not None and len(m.vtpm_image_digest) == 32
-    assert (m.vm_uuid, m.vm_name, m.vtpm_uuid, m.manager_checkpoint, m.counter) == \
-        ("vm-1", "guest1", "0d3c-vtpm", "mgr-1", 7)
-    assert m.slot_hashes == (b"\x01" * 20, b"\x02" * 20)
-    assert m.save_header == {"domid": 5, "vtpms": [{"uuid": "0d3c-vtpm"}]}
+    assert m.stream("vtpm-image").sha256 == hashlib.sha256(image).digest()
+    assert (m.vm_uuid, m.vm_name, m.metadata) == ("vm-1", "guest1", METADATA)
     assert repo.verify(cid)["status"] == "ok"
 
 
@@ -104,6 +105,30 @@ def test_dedup_second_checkpoint_after_5_percent_change(repo, capsys):
     assert rows[scattered]["stored_bytes"] / size <= 0.10
     assert read_all(repo, second) == bytes(clustered)
     assert read_all(repo, scattered) == scattered_data
+
+
+def test_metadata_is_the_callers_opaque_blob_and_the_store_stamps_time_and_version(repo):
+    with repo.begin_checkpoint("vm-1", "guest1", name="m") as w:
+        w.add_blob("vtpm-image", b"img")
+        with pytest.raises(UsageError, match="must be bytes"):
+            w.set_metadata({"vtpm_uuid": "0d3c"})
+        with pytest.raises(UsageError, match="more than the 1048576"):
+            w.set_metadata(bytes(MAX_METADATA + 1))
+        w.set_metadata(b"first")
+        w.set_metadata(bytes(MAX_METADATA))      # replaces; the bound itself is accepted
+        before = time.time_ns() // 1000
+        m = w.commit()
+        after = time.time_ns() // 1000
+        with pytest.raises(UsageError, match="already committed"):
+            w.set_metadata(b"late")
+    assert m.metadata == bytes(MAX_METADATA) and m.tool_version == __version__
+    assert before <= m.created_us <= after
+    with repo.open_checkpoint(w.checkpoint_id) as r:
+        assert r.manifest == m
+    empty = repo.begin_checkpoint("vm-1", "guest1", name="none")
+    empty.add_blob("vtpm-image", b"img")
+    with repo.open_checkpoint(empty.commit().checkpoint_id) as r:
+        assert r.manifest.metadata == b""
 
 
 def test_listing_resolve_and_names(repo):

@@ -41,7 +41,7 @@ class Draft:
                               manager_checkpoint=self._capture.manager_checkpoint,
                               manager_hash=self._capture.manager_hash,
                               slot_hashes=self._capture.slot_hashes, **details)
-        self._w.set_meta(extra={"meta": meta.encode().decode("ascii")})
+        self._w.set_metadata(meta.encode())
         manifest = self._w.commit()
         return {"size": manifest.size, "stored_bytes": self._w.stored_bytes}
 
@@ -86,13 +86,9 @@ class Checkpoints:
     def _describe(self, entry: CatalogEntry) -> Checkpoint:
         with self.repo.open_checkpoint(entry.id) as reader:
             m = reader.manifest
-        raw = dict(m.extra).get("meta")
-        if not isinstance(raw, str):
-            raise IntegrityError(f"checkpoint {entry.id}: its manifest has no xen-vtpm metadata; it was not "
-                                 "written by this tool — delete it")
         return Checkpoint(id=m.checkpoint_id, name=m.name, vm_uuid=m.vm_uuid, vm_name=m.vm_name, time=entry.time,
                           size=entry.size, stored_bytes=entry.stored_bytes,
-                          meta=CheckpointMeta.decode(raw.encode("ascii"), entry.id))
+                          meta=CheckpointMeta.decode(m.metadata, entry.id))
 
     def vm_uuid_of(self, vm_name: str) -> str | None:
         """Checkpoints outlive their domain: find a VM by the name its checkpoints recorded."""

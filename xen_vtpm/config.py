@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from .durable import storage_error, write_atomic
+from .durable import make_dirs, write_atomic
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/xen-vtpm/xen-vtpm.conf")
@@ -119,8 +119,5 @@ def write_ini(path: Path, parser: configparser.ConfigParser) -> None:
     """Durably (see ``durable``): a crash leaves the old config or the new one, never half of one."""
     text = io.StringIO()
     parser.write(text)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, path.parent, "creating the config directory") from None
+    make_dirs(path.parent, what="creating the config directory")
     write_atomic(path, text.getvalue().encode("utf-8"), mode=0o600)

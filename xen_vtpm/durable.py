@@ -51,6 +51,23 @@ def fsync_dir(path: os.PathLike[str] | str) -> None:
         os.close(fd)
 
 
+def make_dirs(path: os.PathLike[str] | str, mode: int = 0o777, *, what: str = "creating the directory") -> None:
+    """``mkdir -p`` whose new entries survive a power cut: each directory it creates is followed by
+    an fsync of its parent, since a file published durably inside a directory whose own entry
+    was lost is lost with it.  ``mode`` applies to the last one, as with ``Path.mkdir``."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir(mode if d == missing[0] else 0o777, exist_ok=True)
+            fsync_dir(d.parent)
+    except OSError as exc:
+        raise storage_error(exc, missing[0], what) from None
+
+
 def publish(tmp: Path, path: Path) -> None:
     """Rename an already fsync'd ``tmp`` over ``path`` and make the rename durable."""
     try:

@@ -50,7 +50,10 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     path = Path(state_dir) / DB_NAME
     try:
         conn = sqlite3.connect(path, timeout=30)
-        # The head row written after an NV increment must survive a power cut.
+        # The head row written after an NV increment must survive a power cut.  In WAL mode a commit
+        # is durable once FULL has fsync'd the WAL; in the default rollback-journal mode the commit is
+        # the journal's unlink, which FULL leaves without a directory fsync (docs/formats.md §4).
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(HEAD_SCHEMA)
         conn.execute(AUDIT_SCHEMA)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from xen_vtpm.config import DEFAULT_CONFIG_PATH, SECTION, Config, write_ini
-from xen_vtpm.durable import publish
+from xen_vtpm.durable import fsync_dir, publish
 from xen_vtpm.errors import IntegrityError, UsageError, XenVtpmError
 
 from . import audit, head
@@ -54,6 +54,8 @@ def _init(cfg: Config, tpm: HostTpm, secret: bytes | None, created: bool) -> dic
     actions: list[str] = [f"created state dir {state_dir}"] if created else []
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
+    if created:   # everything init publishes inside it is lost if its own entry is
+        fsync_dir(state_dir.parent)
 
     # The sealed key gets its final name only after the head exists, so "key present, head
     # missing" always means tampering: `init` then refuses instead of re-binding an old

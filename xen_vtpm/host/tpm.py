@@ -56,7 +56,7 @@ from tpm2_pytss.types import (  # noqa: E402
     TPMU_HA,
 )
 
-from xen_vtpm.durable import storage_error, write_atomic  # noqa: E402
+from xen_vtpm.durable import make_dirs, write_atomic  # noqa: E402
 from xen_vtpm.errors import (  # noqa: E402
     AuthorizationDenied,
     ConfigError,
@@ -137,10 +137,7 @@ class SealedBlob:
 
 def write_private(path: Path, data: bytes) -> None:
     """A 0600 file, published durably: a crash leaves the old file or the new one."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise storage_error(exc, path.parent, "creating the directory") from None
+    make_dirs(path.parent, 0o700)
     write_atomic(path, data, mode=0o600)
 
 

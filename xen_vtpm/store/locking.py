@@ -63,7 +63,10 @@ class OwnerLock:
         self.token = secrets.token_hex(8)
         self.path = lock_dir / f"{self.token}.lock"
         # Locked under a private name, then renamed: a file at the public name is always held,
-        # so recovery can never mistake a starting owner for a dead one.
+        # so recovery can never mistake a starting owner for a dead one.  This rename is about
+        # what other live processes see, not about the disk, so it is not a durable publish: a
+        # crash or power cut ends every flock, and a lock file that is then missing and one that
+        # is present but unheld both mean "owner dead" to recovery.
         tmp = lock_dir / f"{self.token}.lock.new"
         self._fd = _open(tmp)
         fcntl.flock(self._fd, fcntl.LOCK_EX)

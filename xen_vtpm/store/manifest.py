@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import json
 import struct
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from ..errors import IntegrityError, UsageError
 from .chunks import ID_SIZE
 
 MAGIC = b"XVTPMANI"
-VERSION = 2                   # 2: chunk ids key the chunk's SHA-256; stream root over the chunk list
+VERSION = 3                   # 3: the caller's checkpoint metadata is one opaque blob
+MAX_METADATA = 1 << 20        # bounds the metadata blob a writer may set and a parser accepts
 MAC_SIZE = 32
 DIGEST_SIZE = 32
 MAX_CHUNK = 16 << 20          # far above any chunker's max_size; bounds what a parser accepts
@@ -93,18 +93,16 @@ class StreamRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
+    """What the store records about one checkpoint.  The catalog groups and names checkpoints
+    per VM, hence vm_uuid and vm_name; everything else the caller binds to the checkpoint is
+    ``metadata``, MAC'd with the rest but never parsed by the store."""
     checkpoint_id: str
     name: str
     vm_uuid: str
     vm_name: str
-    vtpm_uuid: str
-    manager_checkpoint: str
     tool_version: str
     created_us: int                       # Unix time in microseconds
-    counter: int                          # TPM counter value the coordinator binds this checkpoint to
-    slot_hashes: tuple[bytes, ...]
-    save_header: dict[str, Any]           # xl save-file header info
-    extra: dict[str, Any]
+    metadata: bytes                       # the caller's, opaque, at most MAX_METADATA bytes
     streams: tuple[StreamRecord, ...]
 
     def stream(self, name: str) -> StreamRecord:
@@ -116,17 +114,6 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(rec.length for rec in self.streams)
-
-    @property
-    def vtpm_image_digest(self) -> bytes | None:
-        try:
-            return self.stream("vtpm-image").sha256
-        except KeyError:
-            return None
-
-
-def canonical_json(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def encode(manifest: Manifest, mac_key: bytes) -> bytes:
@@ -148,14 +135,12 @@ def _prefixed(fmt: str, raw: bytes, what: str) -> bytes:
 def _encode_body(m: Manifest) -> bytes:
     out = [MAGIC, struct.pack("<H", VERSION)]
     for what, text in (("checkpoint id", m.checkpoint_id), ("name", m.name), ("VM UUID", m.vm_uuid),
-                       ("VM name", m.vm_name), ("vTPM UUID", m.vtpm_uuid),
-                       ("manager checkpoint id", m.manager_checkpoint), ("tool version", m.tool_version)):
+                       ("VM name", m.vm_name), ("tool version", m.tool_version)):
         out.append(_prefixed("<H", text.encode("utf-8"), what))
-    out.append(struct.pack("<QQ", m.created_us, m.counter))
-    out.append(_count("<B", len(m.slot_hashes), "slot hash list"))
-    out.extend(_prefixed("<B", h, "slot hash") for h in m.slot_hashes)
-    out.append(_prefixed("<I", canonical_json(m.save_header), "save header"))
-    out.append(_prefixed("<I", canonical_json(m.extra), "extra"))
+    out.append(struct.pack("<Q", m.created_us))
+    if len(m.metadata) > MAX_METADATA:
+        raise UsageError(f"manifest: metadata is too long ({len(m.metadata)} bytes, at most {MAX_METADATA})")
+    out.append(_prefixed("<I", bytes(m.metadata), "metadata"))
     out.append(_count("<H", len(m.streams), "stream list"))
     for rec in m.streams:
         kind = KIND_BLOB if rec.kind == "blob" else KIND_STREAM
@@ -201,16 +186,6 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
-    def json_object(self, what: str) -> dict[str, Any]:
-        (n,) = self.unpack("<I", what)
-        raw = self.take(n, what)
-        try:
-            value = json.loads(raw.decode("ascii"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise self.fail(f"{what} is not JSON") from None
-        if not isinstance(value, dict) or canonical_json(value) != raw:
-            raise self.fail(f"{what} is not a canonical JSON object")
-        return value
 
 
 def parse(body: bytes, label: str) -> Manifest:
@@ -220,18 +195,18 @@ def parse(body: bytes, label: str) -> Manifest:
         r.pos = 0
         raise r.fail("bad magic")
     (version,) = r.unpack("<H", "version")
+    if version in (1, 2):
+        raise IntegrityError(f"checkpoint {label}: manifest format version {version} comes from a pre-release "
+                             f"xen-vtpm and is not read by this release (it reads version {VERSION}); delete the "
+                             "checkpoint with `xen-vtpm delete` and take a new one")
     if version != VERSION:
         raise r.fail(f"unsupported version {version}")
-    texts = [r.text(what) for what in ("checkpoint id", "name", "VM UUID", "VM name", "vTPM UUID",
-                                       "manager checkpoint id", "tool version")]
-    created_us, counter = r.unpack("<QQ", "time and counter")
-    (n_slots,) = r.unpack("<B", "slot hash count")
-    slots = []
-    for _ in range(n_slots):
-        (n,) = r.unpack("<B", "slot hash length")
-        slots.append(r.take(n, "slot hash"))
-    save_header = r.json_object("save header")
-    extra = r.json_object("extra")
+    texts = [r.text(what) for what in ("checkpoint id", "name", "VM UUID", "VM name", "tool version")]
+    (created_us,) = r.unpack("<Q", "creation time")
+    (n,) = r.unpack("<I", "metadata length")
+    if n > MAX_METADATA:
+        raise r.fail(f"metadata length {n} exceeds {MAX_METADATA}")
+    metadata = r.take(n, "metadata")
     (n_streams,) = r.unpack("<H", "stream count")
     streams: list[StreamRecord] = []
     for _ in range(n_streams):
@@ -240,8 +215,7 @@ def parse(body: bytes, label: str) -> Manifest:
         raise r.fail("duplicate stream name")
     if r.pos != len(r.data):
         raise r.fail("trailing bytes")
-    return Manifest(*texts, created_us=created_us, counter=counter, slot_hashes=tuple(slots),
-                    save_header=save_header, extra=extra, streams=tuple(streams))
+    return Manifest(*texts, created_us=created_us, metadata=metadata, streams=tuple(streams))
 
 
 def _parse_stream(r: _Reader) -> StreamRecord:

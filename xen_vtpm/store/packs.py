@@ -5,9 +5,10 @@
     index   44 B each  chunk id (32) | entry offset u64 | n u32
     footer  56 B   index offset u64 | entry count u32 | reserved u32 | SHA-256(header||index) | "XVTPPEND"
 
-Integers are little-endian.  A pack is written under ``<name>.pack.tmp`` and renamed once complete,
-so a ``.pack`` file is always whole; the index lets recovery and verification walk a pack without
-the catalog.  Authenticity comes from the per-chunk GCM tags; the index digest only catches damage.
+Integers are little-endian.  A pack is written under ``<name>.pack.tmp`` and published
+(``durable.publish``) once complete, so a ``.pack`` file is always whole; the index lets recovery
+and verification walk a pack without the catalog.  Authenticity comes from the per-chunk GCM
+tags; the index digest only catches damage.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from .chunks import ID_SIZE, NONCE_SIZE
-from .fsio import fsync_dir, storage_error
+from .fsio import publish, storage_error
 
 MAGIC = b"XVTPPACK"
 END_MAGIC = b"XVTPPEND"
@@ -85,10 +86,9 @@ class PackWriter:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-            os.replace(self._tmp, self.path)
-            fsync_dir(self.path.parent)
         except OSError as exc:
-            raise storage_error(exc, self.path, "publishing pack") from None
+            raise storage_error(exc, self._tmp, "writing pack") from None
+        publish(self._tmp, self.path)   # the body was streamed: only the rename and the directory remain
         return self.size + len(index) + FOOTER.size
 
     def discard(self) -> None:

@@ -17,16 +17,15 @@ import hashlib
 import hmac
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import IntegrityError, UsageError
+from ..hashing import sha256_many
 from . import delta as deltas
+from .context import StoreContext
 from .fsio import storage_error
 from .manifest import Manifest, StreamRecord, StreamRoot, decode
 from .packs import PackReader
-
-if TYPE_CHECKING:
-    from .repository import Repository
 
 _BATCH = 256       # chunks located per catalog query and decrypted per job
 _AHEAD = 3         # batches in flight: two decrypting (both cores), one ready for the consumer
@@ -36,12 +35,12 @@ _BASE_CACHE = 64   # decrypted bases of delta chunks (neighbouring deltas share 
 class CheckpointReader:
     """Returned by ``Repository.open_checkpoint``; holds the store lock shared until ``close``."""
 
-    def __init__(self, repo: "Repository", checkpoint_id: str, lock: Any) -> None:
-        self._repo = repo
+    def __init__(self, ctx: StoreContext, checkpoint_id: str, lock: Any) -> None:
+        self._ctx = ctx
         self._lock = lock
         self.checkpoint_id = checkpoint_id
         self.label = f"checkpoint {checkpoint_id}"
-        self._packs = PackReader(repo.pack_dir)
+        self._packs = PackReader(ctx.pack_dir)
         self._pack_lock = threading.Lock()   # PackReader caches descriptors in a dict
         self._refs_checked = False
         self._bases: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
@@ -65,14 +64,14 @@ class CheckpointReader:
             self._lock = None
 
     def _load_manifest(self) -> Manifest:
-        row = self._repo.catalog.query(
+        row = self._ctx.catalog.query(
             "SELECT name, vm_uuid, vm_name, created_us, size, CAST(manifest AS BLOB) FROM checkpoints WHERE id=?",
             (self.checkpoint_id,))
         if not row:
             raise IntegrityError(f"{self.label}: catalog row vanished while opening; run `xen-vtpm recover`")
         name, vm_uuid, vm_name, created_us, size, blob = row[0]
-        manifest = decode(bytes(blob), self._repo.mac_key, self.checkpoint_id)
-        path = self._repo.manifest_path(self.checkpoint_id)
+        manifest = decode(bytes(blob), self._ctx.mac_key, self.checkpoint_id)
+        path = self._ctx.manifest_path(self.checkpoint_id)
         try:
             file_bytes = path.read_bytes()
         except FileNotFoundError:
@@ -107,15 +106,15 @@ class CheckpointReader:
         bases are located by id, whichever checkpoints reference them (often only older ones)."""
         marks = ",".join("?" * len(ids))
         if with_refs and not self._refs_checked:
-            rows = self._repo.catalog.query(f"{self._PLACES} AND r.chunk IN ({marks})", (self.checkpoint_id, *ids))
+            rows = self._ctx.catalog.query(f"{self._PLACES} AND r.chunk IN ({marks})", (self.checkpoint_id, *ids))
         else:
-            rows = self._repo.catalog.query(
+            rows = self._ctx.catalog.query(
                 f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})", tuple(ids))
         places = {bytes(r[0]): (r[1], r[2], r[3], r[4], r[5], {}) for r in rows}
         delta_ids = [cid for cid, p in places.items() if p[4]]
         if delta_ids:
             marks = ",".join("?" * len(delta_ids))
-            for cid, base, *where in self._repo.catalog.query(
+            for cid, base, *where in self._ctx.catalog.query(
                     "SELECT d.chunk, d.base, c.pack, c.offset, c.length, c.plain_len, c.delta FROM deps d "
                     f"LEFT JOIN chunks c ON c.id = d.base WHERE d.chunk IN ({marks})", tuple(delta_ids)):
                 places[bytes(cid)][5][bytes(base)] = None if where[0] is None else tuple(where)
@@ -137,7 +136,7 @@ class CheckpointReader:
                                  "delta; the catalog was altered — do not use this checkpoint")
         with self._pack_lock:
             nonce, sealed = self._packs.read_entry(pack, offset, sealed_len, bid, where)
-        data = self._repo.cipher.decrypt(bid, nonce, sealed, f"{where} base")
+        data = self._ctx.cipher.decrypt(bid, nonce, sealed, f"{where} base")
         if len(data) != plain_len:
             raise IntegrityError(f"{where}: base {bid.hex()[:16]} has length {len(data)}, the catalog says "
                                  f"{plain_len}; the catalog was altered — do not use this checkpoint")
@@ -158,7 +157,7 @@ class CheckpointReader:
     def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple | None]],
                     full_check: bool) -> list[tuple[bytes, bytes | None]]:
         """Decrypt a batch (on a worker thread): [(plaintext, its SHA-256 or None)]."""
-        cipher, plain = self._repo.cipher, []
+        cipher, plain = self._ctx.cipher, []
         for cid, length, where, place in jobs:
             if place is None:
                 raise IntegrityError(f"{where}: chunk {cid.hex()[:16]} is not in the catalog for this "
@@ -175,8 +174,7 @@ class CheckpointReader:
             plain.append(data)
         if not full_check:
             return [(data, None) for data in plain]
-        from ..hashing import sha256_many  # the C engine: the batch's digests several at a time per core
-        digests = sha256_many(plain)
+        digests = sha256_many(plain)   # the C engine: the batch's digests several at a time per core
         for (cid, _, where, _), digest in zip(jobs, digests):
             cipher.check_id(cid, digest, where)
         return list(zip(plain, digests))
@@ -231,7 +229,7 @@ class CheckpointReader:
 
     def pack_names(self) -> set[str]:
         """The packs holding this checkpoint's chunks and the bases of its delta chunks."""
-        return {r[0] for r in self._repo.catalog.query(
+        return {r[0] for r in self._ctx.catalog.query(
             "SELECT DISTINCT c.pack FROM chunks c WHERE c.id IN (SELECT chunk FROM refs WHERE checkpoint=?1) "
             "OR c.id IN (SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1)",
             (self.checkpoint_id,))}

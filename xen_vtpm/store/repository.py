@@ -1,7 +1,8 @@
 """The checkpoint store's public face: write, read, list, verify, delete, recover.
 
 Layers (each testable alone): ``chunks`` (ids and AEAD), ``packs`` (file format), ``manifest``
-(record format and MAC), ``catalog`` (SQLite tables), ``writer``/``reader`` (one checkpoint).
+(record format and MAC), ``catalog`` (SQLite tables), ``writer``/``reader`` (one checkpoint, given
+a ``context.StoreContext``).
 Files under the state dir: ``catalog.sqlite`` (shared), ``packs/<name>.pack``,
 ``manifests/<checkpoint>.manifest``, ``store-locks/``.  Format: docs/formats.md, "Checkpoint store".
 """
@@ -19,8 +20,9 @@ from typing import Any
 from ..errors import CheckpointNotFound, IntegrityError, StorageError, UsageError
 from .catalog import Catalog
 from .chunks import ChunkCipher
+from .context import STORE_FILE_RE, StoreContext
 from .faults import crashpoint
-from .fsio import storage_error, unlink_if_present
+from .fsio import make_dirs, storage_error, unlink_if_present
 from .locking import OwnerLock, StoreLock, owner_alive
 from .packs import ENTRY, HEADER, SUFFIX, PackReader, PackWriter, new_pack_name, pack_path, read_index
 from .reader import CheckpointReader
@@ -32,7 +34,6 @@ DEFAULT_PACK_TARGET = 32 << 20
 # 64 KiB runs, avg 16 KiB stores 8% new bytes where 64 KiB stores 15% (docs/formats.md, "Checkpoint store" §5).
 DEFAULT_CHUNK_SIZES = (4 << 10, 16 << 10, 64 << 10)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_STORE_FILE_RE = re.compile(r"(packs/[0-9a-f]{32}\.pack|manifests/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.manifest)(\.tmp)?")
 
 
 class Repository:
@@ -44,11 +45,9 @@ class Repository:
         self.pack_dir = self.state_dir / "packs"
         self.manifest_dir = self.state_dir / "manifests"
         self.lock_dir = self.state_dir / "store-locks"
-        for d in (self.state_dir, self.pack_dir, self.manifest_dir, self.lock_dir):
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise storage_error(exc, d, "creating the store directory") from None
+        for d in (self.pack_dir, self.manifest_dir, self.lock_dir):
+            # Durably: a pack published into a directory whose own entry is lost is lost with it.
+            make_dirs(d, what="creating the store directory")
         self.pack_target = pack_target
         self.chunk_sizes = chunk_sizes
         self.compact_below = compact_below
@@ -56,6 +55,9 @@ class Repository:
         self.cipher = ChunkCipher(keys)
         self.mac_key = bytes(keys.manifest_mac)
         self.catalog = Catalog(self.state_dir / "catalog.sqlite")
+        self._ctx = StoreContext(state_dir=self.state_dir, pack_dir=self.pack_dir, manifest_dir=self.manifest_dir,
+                                 catalog=self.catalog, cipher=self.cipher, mac_key=self.mac_key,
+                                 chunk_sizes=chunk_sizes, pack_target=pack_target)
 
     def close(self) -> None:
         self.catalog.close()
@@ -66,17 +68,12 @@ class Repository:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # --- helpers shared with writer / reader ------------------------------------------
+    # --- helpers ---------------------------------------------------------------------
     def manifest_path(self, checkpoint_id: str) -> Path:
-        return self.manifest_dir / f"{checkpoint_id}.manifest"
+        return self._ctx.manifest_path(checkpoint_id)
 
     def undo_files(self, relpaths: list[str]) -> None:
-        for rel in relpaths:
-            # Names come from journal rows: never let an altered row delete outside the store.
-            if not _STORE_FILE_RE.fullmatch(rel):
-                raise IntegrityError(f"{self.catalog.path}: journal names {rel!r}, which is not a store file; "
-                                     "the catalog was altered — inspect it before running recover again")
-            unlink_if_present(self.state_dir / rel)
+        self._ctx.undo_files(relpaths)
 
     def check_writable(self) -> None:
         """Raise StorageError/DiskFull now rather than halfway through a snapshot."""
@@ -117,13 +114,13 @@ class Repository:
             lock.release()
             raise
         crashpoint("write.journaled")
-        return CheckpointWriter(self, checkpoint_id, name, vm_uuid, vm_name, jid, lock)
+        return CheckpointWriter(self._ctx, checkpoint_id, name, vm_uuid, vm_name, jid, lock)
 
     def open_checkpoint(self, checkpoint_id: str) -> CheckpointReader:
         """A verified reader; close it (or use ``with``) to let deletes proceed."""
         self._row(checkpoint_id)
         lock = StoreLock(self.lock_dir, exclusive=False, timeout=self.lock_timeout)
-        return CheckpointReader(self, checkpoint_id, lock)
+        return CheckpointReader(self._ctx, checkpoint_id, lock)
 
     # --- queries -----------------------------------------------------------------------
     _COLUMNS = "id, name, vm_uuid, vm_name, created_us, size, stored_bytes"
@@ -281,7 +278,7 @@ class Repository:
                 empty = [r[0] for r in db.execute(
                     "SELECT name FROM packs p WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.name)")]
                 db.executemany("DELETE FROM packs WHERE name=?", [(n,) for n in empty])
-                files = [f"manifests/{checkpoint_id}.manifest"] + [f"packs/{n}{SUFFIX}" for n in empty]
+                files = [StoreContext.manifest_rel(checkpoint_id)] + [f"packs/{n}{SUFFIX}" for n in empty]
                 cur = db.execute("INSERT INTO journal (op, checkpoint, state, lock, payload) "
                                  "VALUES ('delete', ?, 'committed', ?, ?)",
                                  (checkpoint_id, token, json.dumps({"unlink": files})))
@@ -430,7 +427,7 @@ class Repository:
                     continue
                 if owner_alive(self.lock_dir, token):
                     continue
-            elif rel in claimed or not _STORE_FILE_RE.fullmatch(rel):
+            elif rel in claimed or not STORE_FILE_RE.fullmatch(rel):
                 continue   # files the store did not name are not ours to delete
             removed += unlink_if_present(path)
         return removed

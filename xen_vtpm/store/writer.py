@@ -11,48 +11,42 @@ import hashlib
 import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-from .. import __version__
+from .. import __version__, hashing
 from ..errors import IntegrityError, PreconditionFailed, UsageError
+from .context import StoreContext
+from .delta import DeltaEncoder, ParentStream
 from .faults import crashpoint
 from .fsio import write_atomic
-from .delta import DeltaEncoder, ParentStream
-from .manifest import CHUNK_ENTRY, ChunkList, Manifest, StreamRecord, StreamRoot, decode, encode
+from .manifest import CHUNK_ENTRY, MAX_METADATA, ChunkList, Manifest, StreamRecord, StreamRoot, decode, encode
 from .packs import ENTRY, PackReader, PackWriter, new_pack_name
 from .pending import PendingChunks
 
-if TYPE_CHECKING:
-    from .repository import Repository
-
 _BATCH = 256          # chunks per catalog lookup and per sealing job (SQLite allows 999 parameters)
 _BATCH_BYTES = 512 << 10   # ... or fewer: a writer waiting on its input has stored all but ~1 MiB of it
-_META_FIELDS = {"vtpm_uuid", "manager_checkpoint", "slot_hashes", "counter", "created", "tool_version",
-                "save_header", "extra"}
 
 
 class CheckpointWriter:
     """Returned by ``Repository.begin_checkpoint``; use as a context manager (aborts on error)."""
 
-    def __init__(self, repo: "Repository", checkpoint_id: str, name: str, vm_uuid: str, vm_name: str,
+    def __init__(self, ctx: StoreContext, checkpoint_id: str, name: str, vm_uuid: str, vm_name: str,
                  journal_id: int, lock: Any) -> None:
-        self._repo = repo
+        self._ctx = ctx
         self.checkpoint_id, self.name, self.vm_uuid, self.vm_name = checkpoint_id, name, vm_uuid, vm_name
         self._jid = journal_id
         self._lock = lock
         self._created: list[str] = []          # state-dir-relative files this write may have made
         self._streams: list[StreamRecord] = []
-        self._new = PendingChunks(repo.catalog)
+        self._new = PendingChunks(ctx.catalog)
         self._pack_names: list[str] = []        # pack index -> name
         self._packs: list[tuple[str, int, int, int]] = []         # (name, size, entries, live bytes)
         self._pack: PackWriter | None = None
         self._pack_live = 0
-        self._meta: dict[str, Any] = {"vtpm_uuid": "", "manager_checkpoint": "", "slot_hashes": (),
-                                      "counter": 0, "created": None, "tool_version": __version__,
-                                      "save_header": {}, "extra": {}}
+        self._metadata = b""
         self._open = True
         self._delta: DeltaEncoder | None = None  # while a memory stream with a parent is added
-        self._parent_packs = PackReader(repo.pack_dir)   # the sealing thread's, for the parent's chunks
+        self._parent_packs = PackReader(ctx.pack_dir)   # the sealing thread's, for the parent's chunks
         self.stored_bytes = 0                   # bytes this checkpoint added to the store (after commit)
         self.delta_chunks = 0                   # new chunks stored as deltas against the parent
 
@@ -72,34 +66,37 @@ class CheckpointWriter:
         return self._add(name, "stream", source, progress)
 
     def add_blob(self, name: str, data: bytes) -> StreamRecord:
-        """A small object (the vTPM image), also addressed by its SHA-256."""
+        """A small object held in memory, also addressed by its SHA-256."""
         data = bytes(data)
         return self._add(name, "blob", [data], None, hashlib.sha256(data).digest())
 
-    def set_meta(self, **fields: Any) -> None:
-        """vtpm_uuid, manager_checkpoint, slot_hashes (bytes list), counter, created (Unix seconds),
-        tool_version, save_header (dict), extra (dict)."""
-        unknown = set(fields) - _META_FIELDS
-        if unknown:
-            raise UsageError(f"checkpoint {self.checkpoint_id}: unknown metadata {sorted(unknown)}")
-        self._meta.update(fields)
+    def set_metadata(self, blob: bytes) -> None:
+        """The caller's checkpoint metadata: stored in the manifest, MAC'd with it, never parsed by
+        the store (``reader.manifest.metadata`` gives it back).  A later call replaces it."""
+        self._check_open()
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise UsageError(f"checkpoint {self.checkpoint_id}: metadata must be bytes, not {type(blob).__name__}")
+        blob = bytes(blob)
+        if len(blob) > MAX_METADATA:
+            raise UsageError(f"checkpoint {self.checkpoint_id}: metadata is {len(blob)} bytes, more than the "
+                             f"{MAX_METADATA} a manifest holds; keep large data in a blob stream")
+        self._metadata = blob
 
     def _add(self, name: str, kind: str, source: BinaryIO | Iterable[bytes],
              progress: Callable[[int], Any] | None, sha256: bytes | None = None) -> StreamRecord:
         self._check_open()
         if not name or any(s.name == name for s in self._streams):
             raise UsageError(f"checkpoint {self.checkpoint_id}: stream name {name!r} is empty or used twice")
-        from .. import hashing  # the C engine; imported late so listing and deleting work without it
-        min_size, avg_size, max_size = self._repo.chunk_sizes
+        min_size, avg_size, max_size = self._ctx.chunk_sizes
         engine = hashing.Chunker(min_size=min_size, avg_size=avg_size, max_size=max_size)
         pieces = engine.consume(source) if hasattr(source, "readinto") else _feed_all(engine, source)
-        id_of = self._repo.cipher.id_of_digest
+        id_of = self._ctx.cipher.id_of_digest
         root = StreamRoot()
         entries = bytearray()
         batch: list[tuple[bytes, bytes, int]] = []
         length = batch_bytes = 0
         parent = self._parent_stream(name) if kind == "stream" else None
-        self._delta = DeltaEncoder(parent, self._repo.cipher, self._parent_packs) if parent is not None else None
+        self._delta = DeltaEncoder(parent, self._ctx.cipher, self._parent_packs) if parent is not None else None
         # One sealing job in flight (AES-GCM releases the GIL) while this thread chunks the next batch.
         with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
             sealing: Future | None = None
@@ -129,7 +126,7 @@ class CheckpointWriter:
         nxt = None
         if fresh:
             places = self._parent_places(fresh) if self._delta is not None else {}
-            nxt = pool.submit(_seal_all, self._repo.cipher, fresh, self._delta, places)
+            nxt = pool.submit(_seal_all, self._ctx.cipher, fresh, self._delta, places)
         if sealing is not None:
             self._append_sealed(sealing.result())
         if progress is not None and batch:
@@ -150,14 +147,14 @@ class CheckpointWriter:
     # --- delta chunks (docs/formats.md, "Checkpoint store" §0) -----------------------------
     def _parent_stream(self, name: str) -> ParentStream | None:
         """Stream ``name`` of the VM's latest committed checkpoint that has one (MAC-checked), or None."""
-        catalog = self._repo.catalog
+        catalog = self._ctx.catalog
         for (pid,) in catalog.query("SELECT id FROM checkpoints WHERE vm_uuid=? ORDER BY created_us DESC, id DESC",
                                     (self.vm_uuid,)):
             rows = catalog.query("SELECT CAST(manifest AS BLOB) FROM checkpoints WHERE id=?", (pid,))
             if not rows:
                 continue   # deleted meanwhile
             try:
-                manifest = decode(bytes(rows[0][0]), self._repo.mac_key, pid)
+                manifest = decode(bytes(rows[0][0]), self._ctx.mac_key, pid)
             except IntegrityError:
                 return None   # an altered parent: no deltas (verify reports it)
             for rec in manifest.streams:
@@ -172,7 +169,7 @@ class CheckpointWriter:
         assert self._delta is not None
         ids = list(self._delta.parent.ids_for((off, off + len(data)) for _, data, off in fresh))
         places: dict[bytes, tuple] = {}
-        catalog = self._repo.catalog
+        catalog = self._ctx.catalog
         for i in range(0, len(ids), _BATCH):
             part = ids[i:i + _BATCH]
             marks = ",".join("?" * len(part))
@@ -193,7 +190,7 @@ class CheckpointWriter:
             placed.append((cid, len(self._pack_names) - 1, offset, plain, len(sealed), bases))
             self._pack_live += ENTRY.size + len(sealed)
             self.delta_chunks += bases is not None
-            if pack.size >= self._repo.pack_target:
+            if pack.size >= self._ctx.pack_target:
                 self._finish_pack()
         self._new.place(placed)
 
@@ -201,7 +198,7 @@ class CheckpointWriter:
     def _start_pack(self) -> PackWriter:
         name = new_pack_name()
         self._note_files(f"packs/{name}.pack", f"packs/{name}.pack.tmp")
-        self._pack = PackWriter(self._repo.pack_dir, name)
+        self._pack = PackWriter(self._ctx.pack_dir, name)
         self._pack_names.append(name)
         self._pack_live = 0
         return self._pack
@@ -216,8 +213,8 @@ class CheckpointWriter:
     def _note_files(self, *paths: str) -> None:
         """Journal the files before they exist, so recovery can always find them."""
         self._created.extend(paths)
-        with self._repo.catalog.transaction() as db:
-            self._repo.catalog.journal_update(db, self._jid, {"create": self._created})
+        with self._ctx.catalog.transaction() as db:
+            self._ctx.catalog.journal_update(db, self._jid, {"create": self._created})
 
     # --- end -----------------------------------------------------------------------
     def commit(self, in_transaction: Callable[[sqlite3.Connection], Any] | None = None) -> Manifest:
@@ -230,12 +227,12 @@ class CheckpointWriter:
             self._finish_pack()
         manifest = self._manifest()
         self._new.use(cid for rec in manifest.streams for cid, _ in rec.chunks)
-        data = encode(manifest, self._repo.mac_key)
-        manifest_rel = f"manifests/{self.checkpoint_id}.manifest"
+        data = encode(manifest, self._ctx.mac_key)
+        manifest_rel = self._ctx.manifest_rel(self.checkpoint_id)
         self._note_files(manifest_rel, manifest_rel + ".tmp")
-        write_atomic(self._repo.state_dir / manifest_rel, data)
+        write_atomic(self._ctx.manifest_path(self.checkpoint_id), data)
         crashpoint("write.manifest-published")
-        with self._repo.catalog.transaction() as db:
+        with self._ctx.catalog.transaction() as db:
             stored = self._insert_rows(db, manifest, data)
             db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
             if in_transaction is not None:
@@ -287,14 +284,9 @@ class CheckpointWriter:
         return stored
 
     def _manifest(self) -> Manifest:
-        m = self._meta
-        created = m["created"] if m["created"] is not None else time.time()
         return Manifest(checkpoint_id=self.checkpoint_id, name=self.name, vm_uuid=self.vm_uuid,
-                        vm_name=self.vm_name, vtpm_uuid=str(m["vtpm_uuid"]),
-                        manager_checkpoint=str(m["manager_checkpoint"]), tool_version=str(m["tool_version"]),
-                        created_us=int(round(created * 1_000_000)), counter=int(m["counter"]),
-                        slot_hashes=tuple(bytes(h) for h in m["slot_hashes"]),
-                        save_header=dict(m["save_header"]), extra=dict(m["extra"]), streams=tuple(self._streams))
+                        vm_name=self.vm_name, tool_version=__version__, created_us=time.time_ns() // 1000,
+                        metadata=self._metadata, streams=tuple(self._streams))
 
     def abort(self) -> None:
         """Remove everything this write created; the catalog never saw it."""
@@ -306,8 +298,8 @@ class CheckpointWriter:
             self._pack = None
         self._new.drop()
         self._parent_packs.close()
-        self._repo.undo_files(self._created)
-        with self._repo.catalog.transaction() as db:
+        self._ctx.undo_files(self._created)
+        with self._ctx.catalog.transaction() as db:
             db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
         self._lock.release()
 
