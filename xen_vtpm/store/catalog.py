@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..errors import IntegrityError, PreconditionFailed
 from .fsio import storage_error
@@ -130,10 +131,10 @@ class Catalog:
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
 
-    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return list(self.rows(sql, args))
 
-    def rows(self, sql: str, args: tuple = ()) -> Iterator[tuple]:
+    def rows(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
         """Like ``query``, a few hundred rows at a time (for results that grow with a guest's size)."""
         try:
             cur = self.db.execute(sql, args)
@@ -178,7 +179,7 @@ class Catalog:
         with self.transaction() as db:
             cur = db.execute("INSERT INTO journal (op, checkpoint, state, lock, payload) VALUES (?,?,?,?,?)",
                              (op, checkpoint, state, lock, json.dumps(payload)))
-            return int(cur.lastrowid)
+            return int(cur.lastrowid or 0)
 
     def journal_update(self, db: sqlite3.Connection, jid: int, payload: dict[str, Any],
                        state: str | None = None) -> None:
