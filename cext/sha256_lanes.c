@@ -293,7 +293,7 @@ enum xv_status xv_sha256_batch_ctx(EVP_MD_CTX *ctx, size_t n, const unsigned cha
         batch_ni(n, p, len, prefix, out);
         return XV_OK;
     }
-    if (!ctx)
+    if (n && !ctx)
         return XV_EINVAL;
     for (size_t i = 0; i < n && !rc; i++)
         rc = one_libcrypto(ctx, prefix, p[i], len[i], out + 32 * i);

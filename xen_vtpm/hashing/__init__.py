@@ -58,7 +58,8 @@ def tree_hash(source: str | os.PathLike | bytes | bytearray | memoryview, leaf_s
         if not view.contiguous:
             raise ValueError("tree_hash: the buffer is not contiguous; pass bytes or a contiguous buffer")
         with view.cast("B") if view.format != "B" or view.ndim != 1 else view as flat:
-            check(lib.xv_tree_hash_buf(ffi.from_buffer(flat), len(flat), leaf_size, n, out), "buffer")
+            check(lib.xv_tree_hash_buf(ffi.from_buffer(flat), len(flat), leaf_size, n, out),
+                  "tree_hash of a buffer")
     return bytes(out)
 
 
