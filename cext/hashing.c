@@ -454,7 +454,10 @@ struct xv_stream {
     unsigned char root[32];
 };
 
-static size_t cdc_cut(const xv_stream *s, const unsigned char *p, size_t n)
+/* Kept out of line on a cache-line boundary: inlined, its two ~30-byte loops landed wherever the
+ * surrounding code put them, and one straddling a 64-byte fetch line made the scan ~15% slower. */
+__attribute__((noinline, aligned(64))) static size_t cdc_cut(const xv_stream *s, const unsigned char *p,
+                                                            size_t n)
 {
     if (n <= s->min)
         return n;
