@@ -50,20 +50,18 @@ static void gear_init(void)
 {
     static const char label[] = "xen-vtpm gear v1";
     unsigned char msg[sizeof label], dig[32];
-    const EVP_MD *md;
-    g_gear_rc = xv_sha256_md(&md);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    g_gear_rc = ctx ? XV_OK : XV_ENOMEM;
     memcpy(msg, label, sizeof label - 1);
     for (int i = 0; i < 256 && g_gear_rc == XV_OK; i++) {
         msg[sizeof label - 1] = (unsigned char)i;
-        if (EVP_Digest(msg, sizeof label, dig, NULL, md, NULL) != 1) {
-            g_gear_rc = XV_ECRYPTO;
-            break;
-        }
+        g_gear_rc = digest(ctx, -1, msg, sizeof label, dig);
         uint64_t v = 0;
         for (int k = 7; k >= 0; k--)
             v = (v << 8) | dig[k];          /* little-endian */
         g_gear[i] = v;
     }
+    EVP_MD_CTX_free(ctx);
 }
 
 static enum xv_status gear_ready(void)

@@ -6,8 +6,8 @@
  * tree's leaves and the chunker's chunks are independent messages, so they hash four at a time.
  *
  * Lanes are refilled as messages end, so messages of different lengths keep four lanes busy until the
- * queue runs dry.  Without SHA-NI (or with XEN_VTPM_SHA256=libcrypto in the environment, which the
- * tests use to check one path against the other) every message goes through libcrypto one by one. */
+ * queue runs dry.  Without SHA-NI, or with XEN_VTPM_SHA256=libcrypto in the environment (which lets the
+ * tests run that engine on a CPU with SHA-NI), every message goes through libcrypto one by one. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
@@ -39,11 +39,11 @@ enum xv_status xv_sha256_md(const EVP_MD **md)
 
 /* ---------------------------------------------------------------- fallback: libcrypto */
 
-static enum xv_status one_libcrypto(EVP_MD_CTX *ctx, int prefix, const unsigned char *p, size_t n,
-                                    unsigned char *out)
+static enum xv_status one_libcrypto(EVP_MD_CTX *ctx, const EVP_MD *md, int prefix, const unsigned char *p,
+                                    size_t n, unsigned char *out)
 {
     unsigned char b = (unsigned char)prefix;
-    int ok = EVP_DigestInit_ex(ctx, g_md, NULL) == 1 && (prefix < 0 || EVP_DigestUpdate(ctx, &b, 1) == 1) &&
+    int ok = EVP_DigestInit_ex(ctx, md, NULL) == 1 && (prefix < 0 || EVP_DigestUpdate(ctx, &b, 1) == 1) &&
              EVP_DigestUpdate(ctx, p, n) == 1 && EVP_DigestFinal_ex(ctx, out, NULL) == 1;
     return ok ? XV_OK : XV_ECRYPTO;
 }
@@ -261,8 +261,7 @@ static void batch_ni(size_t n, const unsigned char *const *p, const size_t *len,
 }
 #endif
 
-/* The engine is chosen once: switching mid-stream would still give the same digests, but a process
- * should report one engine for all its work. */
+/* Chosen once per process, so the engine it reports is the one that did all its work. */
 static void init_once(void)
 {
     const char *forced = getenv("XEN_VTPM_SHA256");
@@ -296,7 +295,7 @@ enum xv_status xv_sha256_batch_ctx(EVP_MD_CTX *ctx, size_t n, const unsigned cha
     if (n && !ctx)
         return XV_EINVAL;
     for (size_t i = 0; i < n && !rc; i++)
-        rc = one_libcrypto(ctx, prefix, p[i], len[i], out + 32 * i);
+        rc = one_libcrypto(ctx, md, prefix, p[i], len[i], out + 32 * i);
     return rc;
 }
 
