@@ -432,7 +432,7 @@ def test_bad_chunk_sizes(sizes):
             cls(*sizes)
 
 
-@pytest.mark.parametrize("threads", [0, -1, 1025, 1 << 40, 2.0, "4"])
+@pytest.mark.parametrize("threads", [0, -1, 1025, 1 << 40, 2.0, "4", True])
 def test_bad_threads(threads):
     for call in (lambda: H.tree_hash(b"x", threads=threads), lambda: H.Chunker(threads=threads),
                  lambda: H.StreamTreeHash(threads=threads), lambda: H.ChunkAndTree(threads=threads)):

@@ -18,7 +18,7 @@ _BUG = "this is a bug, please report it"
 def threads_arg(threads: int | None) -> int:
     if threads is None:
         return _CORES
-    if not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
         raise ValueError(f"threads {threads!r}: must be an integer from 1 to {MAX_THREADS}, "
                          "or None for all cores")
     return threads
