@@ -1,6 +1,6 @@
 """State hashing: the C engine against the pure-Python reference at 1, 2, 4 and 8 threads, which
 SHA-256 engine runs, the documented format, boundary stability, bad input and every C status, no
-leaked threads or mappings, and the whole file again under AddressSanitizer and UBSan."""
+leaked threads or mappings, and this file's tests again over a build with AddressSanitizer and UBSan."""
 from __future__ import annotations
 
 import errno
