@@ -17,7 +17,7 @@ setup: $(STAMP)
 	$(MAKE) -s -C vtpmmgr
 
 # System packages first: tpm2-pytss builds against libtss2-dev, the C extension links libcrypto.
-$(STAMP): setup.py pyproject.toml cext/build_hashing.py cext/hashing.c cext/hashing.h
+$(STAMP): setup.py pyproject.toml $(wildcard cext/*.py cext/*.c cext/*.h)
 	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -c 'install ok installed')" = "$(words $(APT_PACKAGES))" ]; then \
 	    echo "system packages: present"; \
 	else \
