@@ -10,15 +10,15 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
 
 from .._hashing import ffi, lib
 from ..errors import HashSourceError
 from ._native import Stream, check, engine_name, threads_arg
 from ._reference import PyChunker, PyStreamTreeHash, gear_table, py_tree_hash
-from ._spec import DEFAULT_AVG, DEFAULT_LEAF, DEFAULT_MAX, DEFAULT_MIN, Chunk, check_chunk_sizes, check_leaf
+from ._spec import DEFAULT_AVG, DEFAULT_LEAF, DEFAULT_MAX, DEFAULT_MIN, Chunk, Readable, check_chunk_sizes, check_leaf
 
 __all__ = [
+    "Readable",
     "Chunk", "Chunker", "ChunkAndTree", "StreamTreeHash", "tree_hash", "sha256_many", "SHA256_ENGINE",
     "PyChunker", "PyStreamTreeHash", "py_tree_hash", "gear_table",
     "DEFAULT_LEAF", "DEFAULT_MIN", "DEFAULT_AVG", "DEFAULT_MAX",
@@ -109,7 +109,7 @@ class Chunker:
     def finish(self) -> list[Chunk]:
         return self._stream.finish()
 
-    def consume(self, f: BinaryIO | int) -> Iterator[Chunk]:
+    def consume(self, f: Readable | int) -> Iterator[Chunk]:
         """All chunks of ``f`` read to EOF (a pipe or fifo works), then finished."""
         return self._stream.consume(f)
 

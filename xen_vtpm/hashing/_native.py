@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
 
 from .._hashing import ffi, lib
 from ..errors import HashEngineError, HashSourceError
-from ._spec import Chunk
+from ._spec import Chunk, Readable
 
 MAX_THREADS = 1024
 _CORES = max(1, len(os.sched_getaffinity(0)))
@@ -109,14 +108,13 @@ class Stream:
         self.finished = True
         return chunks
 
-    def consume(self, f: BinaryIO | int) -> Iterator[Chunk]:
+    def consume(self, f: Readable | int) -> Iterator[Chunk]:
         """Read ``f`` (a binary file object or fd) to EOF straight into the engine's buffer."""
         self._check_open()
-        fd = f if isinstance(f, int) else None
         while True:
             chunks: list[Chunk] = []
             space = ffi.buffer(*self._space(_READ_SIZE))
-            n = os.readv(fd, [space]) if fd is not None else f.readinto(space)
+            n = os.readv(f, [space]) if isinstance(f, int) else f.readinto(space)
             if n is None:
                 raise BlockingIOError(f"{self._label}: the source is non-blocking and has no data; "
                                       "pass a blocking file")

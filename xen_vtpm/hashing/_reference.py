@@ -9,7 +9,7 @@ from ._spec import DEFAULT_AVG, DEFAULT_LEAF, DEFAULT_MAX, DEFAULT_MIN, Chunk, c
 _GEAR_LABEL = b"xen-vtpm gear v1"
 
 
-def _sha(*parts: bytes) -> bytes:
+def _sha(*parts: bytes | bytearray | memoryview) -> bytes:
     h = hashlib.sha256()
     for p in parts:
         h.update(p)

@@ -2,11 +2,16 @@
 Python face and the pure-Python reference so both accept and refuse exactly the same inputs."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 DEFAULT_LEAF = 1 << 20
 DEFAULT_MIN, DEFAULT_AVG, DEFAULT_MAX = 16 << 10, 64 << 10, 256 << 10
 LEAF_MIN, LEAF_MAX = 64, 64 << 20
+
+
+class Readable(Protocol):
+    """A binary source read straight into a buffer: a raw or buffered file object, a pipe or fifo."""
+    def readinto(self, buffer: Any, /) -> int | None: ...
 
 
 class Chunk(NamedTuple):

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any
 
 from .. import __version__, hashing
 from ..errors import IntegrityError, PreconditionFailed, UsageError
@@ -59,7 +59,7 @@ class CheckpointWriter:
             self.abort()
 
     # --- input ---------------------------------------------------------------------
-    def add_stream(self, name: str, source: BinaryIO | Iterable[bytes],
+    def add_stream(self, name: str, source: hashing.Readable | Iterable[bytes],
                    progress: Callable[[int], Any] | None = None) -> StreamRecord:
         """Read ``source`` once (a binary file object, a fifo included, or an iterable of byte blocks):
         content-defined chunks, the tree root and the stored chunks come out of the same pass.
@@ -83,7 +83,7 @@ class CheckpointWriter:
                              f"{MAX_METADATA} a manifest holds; keep large data in a blob stream")
         self._metadata = blob
 
-    def _add(self, name: str, kind: str, source: BinaryIO | Iterable[bytes],
+    def _add(self, name: str, kind: str, source: hashing.Readable | Iterable[bytes],
              progress: Callable[[int], Any] | None, sha256: bytes | None = None) -> StreamRecord:
         self._check_open()
         if not name or any(s.name == name for s in self._streams):
