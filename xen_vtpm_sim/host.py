@@ -31,6 +31,7 @@ from xen_vtpm_sim import domains, xl
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
+SWTPM_RUN = "sw"      # the tool's swtpm_run_dir here: the longest Unix socket path of the host is in it
 DAEMONS = ("xenstored", "hosttpm", "ptpm")
 
 
@@ -142,7 +143,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
     if is_up(d):
         raise PreconditionFailed(f"sim up: a simulated host already runs in {d}; "
                                  f"run `xen-vtpm sim down --dir {d}` first")
-    if len(str(d / "xenstored.sock.d00000")) >= 104:
+    if len(str(d / SWTPM_RUN / f"{uuidlib.UUID(int=0)}.sock")) >= 104:
         raise UsageError(f"sim up: {d} is too long for a Unix socket path; use a shorter directory")
     _dirs(d)
     (d / "run" / "domains.json").unlink(missing_ok=True)
@@ -155,7 +156,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
                      xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images", swtpm_run_dir=d / "run" / "swtpm",
+                     domain_cfg_dir=d / "images", swtpm_run_dir=d / SWTPM_RUN,
                      xen_lib_dir=d / "var" / "lib" / "xen")
         cfg.save(d / "config.ini")
         _write_xl(d)
@@ -268,9 +269,9 @@ def swtpm_guest(d: Path, name: str, memory: int) -> dict[str, Any]:
 
 
 def _stop_swtpms(d: Path) -> None:
-    """swtpm daemons xen-vtpm started for this host's guests (its swtpm_run_dir is run/swtpm here);
+    """swtpm daemons xen-vtpm started for this host's guests (its swtpm_run_dir is SWTPM_RUN here);
     a device model that ends stops its own, so these are the ones whose guest is gone."""
-    for pidfile in (d / "run" / "swtpm").glob("*.pid"):
+    for pidfile in (d / SWTPM_RUN).glob("*.pid"):
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().strip())
             if str(d).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():

@@ -56,6 +56,7 @@ CONTROL_TIMEOUT = 5.0
 _PACK_MAGIC = b"XVSWTPM1"
 _LOG_LEVEL = 1          # errors only: higher levels dump control-channel traffic, state blobs included
 _SWTPM_ACCESS = 0o600
+_SUN_PATH_MAX = 108     # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +168,9 @@ class SwtpmBackend:
 
     def register(self, vtpm_uuid: str, guest: str) -> Paths:
         p = self.paths(vtpm_uuid)
+        if len(os.fsencode(p.socket)) >= _SUN_PATH_MAX:
+            raise PreconditionFailed(f"{p.socket}: too long for a Unix socket path; set `swtpm_run_dir` in the "
+                                     "config to a shorter directory (default /run/xen-vtpm)")
         p.state.mkdir(mode=0o700, parents=True)
         write_atomic(p.record, json.dumps({"uuid": vtpm_uuid, "guest": guest, "backend": KIND,
                                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

@@ -44,8 +44,9 @@ def check_can_add(cfg_path: Path, text: str, guest: str) -> dict[str, Any]:
                                  "cfg with --cfg")
     if not is_hvm(cfg):
         kind = cfg.get("type") or cfg.get("builder") or "pv"
-        raise PreconditionFailed(f"{guest}: not an HVM guest (type={kind!r} in {cfg_path}); an swtpm vTPM is emulated by QEMU, which only HVM guests have — give "
-                                 "a PV/PVH guest a vtpm stub domain instead (vtpm=[...], see docs/user-guide.md)")
+        raise PreconditionFailed(f"{guest}: not an HVM guest (type={kind!r} in {cfg_path}); an swtpm vTPM is "
+                                 "emulated by QEMU, which only HVM guests have — give a PV/PVH guest a vtpm stub "
+                                 "domain instead (vtpm=[...], see docs/user-guide.md)")
     if cfg.get("vtpm"):
         raise PreconditionFailed(f"{guest}: {cfg_path} already gives it a vtpm stub domain (vtpm=...); "
                                  "one vTPM per guest")
