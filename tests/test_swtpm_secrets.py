@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
 from e2e_helpers import GUEST, e2e_host, provision_guest_tpm
 from sim_fixture import swtpm_home
 
