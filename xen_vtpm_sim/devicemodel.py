@@ -8,7 +8,8 @@ What it does is what QEMU's backends/tpm/tpm_emulator.c does against swtpm (docs
 
 * start: connect to the chardev (swtpm's control socket), CMD_SET_DATAFD with one end of a
   socketpair (SCM_RIGHTS), a TPM2 ReadClock to learn the TPM version, CMD_GET_CAPABILITY and the
-  capability check, then CMD_STOP + CMD_SET_BUFFERSIZE; a fresh boot adds CMD_INIT, an incoming
+  capability check, then twice CMD_STOP + CMD_SET_BUFFERSIZE (asking, then setting tpm-crb's 3968
+  bytes); a fresh boot adds CMD_INIT, an incoming
   migration does the post_load instead: CMD_STOP, CMD_SET_STATEBLOB permanent/volatile/savestate
   (with the flags recorded beside them), CMD_INIT with PTM_INIT_FLAG_DELETE_VOLATILE.
 * the guest's TPM: the firmware's TPM2_Startup(CLEAR) on a fresh boot (SeaBIOS/OVMF send it; QEMU
@@ -56,7 +57,7 @@ BLOBS = (1, 2, 3)                  # PERMANENT, VOLATILE, SAVESTATE
 # tpm_emulator_check_caps, TPM 2: INIT SHUTDOWN GET_TPMESTABLISHED SET_LOCALITY RESET_TPMESTABLISHED
 # SET_DATAFD STOP SET_BUFFERSIZE; tpm_emulator_block_migration: GET_STATEBLOB SET_STATEBLOB STOP.
 REQUIRED_CAPS = (1 | 2 | 4 | 8 | 128 | (1 << 12) | (1 << 10) | (1 << 13)) | (1 << 8) | (1 << 9)
-BUFFER_SIZE = 4096                 # the TIS/CRB buffer QEMU asks for
+CRB_BUFFER_SIZE = 0xF80            # tpm-crb's command buffer (4 KiB minus its registers): what QEMU asks for
 TPM2_READ_CLOCK = bytes.fromhex("80010000000a00000181")
 TPM2_STARTUP_CLEAR = bytes.fromhex("80010000000c000001440000")
 TPM2_ST_NO_SESSIONS = 0x8001
@@ -182,9 +183,10 @@ class TpmEmulator:
         head = self._recv(self.data, 10)
         return head + self._recv(self.data, struct.unpack_from(">I", head, 2)[0] - 10)
 
-    def set_buffer_size(self) -> None:
+    def set_buffer_size(self, size: int) -> None:
+        """tpm_emulator_set_buffer_size: CMD_STOP, then CMD_SET_BUFFERSIZE (0 only asks for the size)."""
         self._check(int(struct.unpack(">I", self.call(CMD_STOP))[0]), "CMD_STOP")
-        rc = struct.unpack(">IIII", self.call(CMD_SET_BUFFERSIZE, struct.pack(">I", BUFFER_SIZE), 16))[0]
+        rc = struct.unpack(">IIII", self.call(CMD_SET_BUFFERSIZE, struct.pack(">I", size), 16))[0]
         self._check(rc, "set buffer size")
 
     def init(self, flags: int = 0) -> None:
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     tpm = None
     try:
         tpm = TpmEmulator(chardevs[0])
-        tpm.set_buffer_size()
+        tpm.set_buffer_size(0)                 # tpm-crb's realize asks the backend for its buffer size
+        tpm.set_buffer_size(CRB_BUFFER_SIZE)   # tpm_emulator_startup_tpm at reset
         if incoming is None:
             tpm.init()
             rsp = tpm.transmit(TPM2_STARTUP_CLEAR)      # the firmware's part of a fresh boot
