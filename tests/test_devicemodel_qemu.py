@@ -178,7 +178,8 @@ def sim_runs(tmp_path_factory):
         swtpm(tmp / "st1", tmp / "s1.sock", tmp / "sw1.log")
         dm = subprocess.Popen([sys.executable, "-m", "xen_vtpm_sim.devicemodel", "-xen-domid", "5", "-name", "g",
                                "-qmp", f"unix:{devicemodel.qmp_path(tmp, 5)},server=on,wait=off",
-                               *tpm_args(tmp / "s1.sock")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               *tpm_args(tmp / "s1.sock")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
         state = tmp / "qemu-save.5"
         _wait(lambda: devicemodel.qmp_path(tmp, 5).exists(), "the device model did not start")
         devicemodel.qmp(tmp, 5, "stop")
