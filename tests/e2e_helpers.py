@@ -1,6 +1,7 @@
 """Shared helpers for the end-to-end tests (tests/test_e2e_*.py).
 
-* `E2EHost`: a simulated host, initialised, with guest1 (16 MiB) and its vTPM; `xen-vtpm` is driven as a
+* `E2EHost`: a simulated host, initialised, with guest1 (16 MiB) and its vTPM of one backend (BACKENDS:
+  a vTPM stub domain, or an swtpm behind an HVM guest's device model); `xen-vtpm` is driven as a
   subprocess (`python -m xen_vtpm ...`) with the host's environment, exactly as an administrator would.
   Its config points `xl` at a recording wrapper: every `xl save` stream is also kept in a file, so a test
   knows the guest memory at the instant the tool captured it (a paused guest cannot be snapshotted:
@@ -28,13 +29,14 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (TPM2B_NV_PUBLIC, TPM2B_PUBLIC, TPML_DIGEST_VALUES, TPML_PCR_SELECTION,
                               TPMS_NV_PUBLIC, TPMT_HA, TPMU_HA)
 
-from sim_fixture import SimHost, start_sim_host, stop_sim_host
+from sim_fixture import SimHost, start_sim_host, stop_sim_host, swtpm_pid, swtpm_state_fingerprints
 
 from xen_vtpm_sim.savestream import read_save
 from xen_vtpm.vtpm.vtpmblk import slot_fingerprints
 
 GUEST = "guest1"
 GUEST_MIB = 16
+BACKENDS = ("stubdom", "swtpm")
 PCR = 16
 NV_INDEX = 0x01800010
 PERSISTENT = 0x81000010
@@ -78,6 +80,7 @@ class E2EHost:
     sim: SimHost
     env: dict[str, str]
     records: Path
+    backend: str = "stubdom"
 
     @property
     def dir(self) -> Path:
@@ -144,8 +147,18 @@ class E2EHost:
     def vtpm_image(self, backend: str = f"vtpm-{GUEST}") -> Path:
         return self.dir / "images" / f"{backend}.img"
 
-    def slot_fingerprints(self, backend: str = f"vtpm-{GUEST}") -> tuple[str | None, str | None]:
+    def slot_fingerprints(self, backend: str = f"vtpm-{GUEST}") -> tuple[str | None, ...]:
+        """Fingerprints of the vTPM's persistent state: the stub domain's image slots, or swtpm's state
+        files (any write to either changes them)."""
+        if self.backend == "swtpm":
+            return swtpm_state_fingerprints(self.sim)
         return slot_fingerprints(self.vtpm_image(backend).read_bytes())
+
+    def vtpm_instance(self) -> int | None:
+        """What serves guest1's vTPM right now: its stub domain's domid, or its swtpm's pid."""
+        if self.backend == "swtpm":
+            return swtpm_pid(self.sim)
+        return self.domids().get(f"vtpm-{GUEST}")
 
     # -- what the tool captured
     def last_save_record(self) -> Path:
@@ -163,7 +176,8 @@ class E2EHost:
                  if ln.split("=")[0].strip() not in keys]
         config = where / "xen-vtpm.conf"
         config.write_text("\n".join([*lines, *(f"{k} = {v}" for k, v in keys.items())]) + "\n")
-        return E2EHost(sim=self.sim, env=dict(self.env, XEN_VTPM_CONFIG=str(config)), records=self.records)
+        return E2EHost(sim=self.sim, env=dict(self.env, XEN_VTPM_CONFIG=str(config)), records=self.records,
+                       backend=self.backend)
 
 
 def saved_memory_digest(save_file: Path, mib: int = GUEST_MIB) -> str:
@@ -190,16 +204,17 @@ def _install_recording_xl(sim: SimHost, where: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None) -> Iterator[E2EHost]:
-    """An initialised simulated host with guest1 running; always taken down."""
+def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None,
+             backend: str = "stubdom") -> Iterator[E2EHost]:
+    """An initialised simulated host with guest1 running on a vTPM of `backend`; always taken down."""
     sim = start_sim_host(base / "h", stock_manager=stock_manager)
     try:
         tooldir = base / "tool"
         tooldir.mkdir()
         config, records = _install_recording_xl(sim, tooldir)
-        host = E2EHost(sim=sim, env=dict(sim.env, XEN_VTPM_CONFIG=str(config)), records=records)
+        host = E2EHost(sim=sim, env=dict(sim.env, XEN_VTPM_CONFIG=str(config)), records=records, backend=backend)
         host.tool("init", *(["--rollback-auth-file", str(auth_file)] if auth_file else []))
-        host.tool("sim", "create", GUEST, "--memory", str(GUEST_MIB))
+        host.tool("sim", "create", GUEST, "--memory", str(GUEST_MIB), "--vtpm", backend)
         yield host
     finally:
         stop_sim_host(sim)

@@ -11,6 +11,8 @@ host shared by a test module) by importing them into a test file::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -47,8 +49,35 @@ class SimHost:
     def domid(self, name: str) -> int:
         return int(self.xl("domid", name).stdout)
 
-    def create_guest(self, name: str, memory: int = 16, vtpm: bool = True) -> None:
-        self.tool("sim", "create", name, "--memory", str(memory), *([] if vtpm else ["--no-vtpm"]))
+    def create_guest(self, name: str, memory: int = 16, vtpm: bool | str = True) -> None:
+        """vtpm: True (a stub domain), "swtpm"/"stubdom", or False (none)."""
+        kind = ["--vtpm", vtpm] if isinstance(vtpm, str) else ([] if vtpm else ["--no-vtpm"])
+        self.tool("sim", "create", name, "--memory", str(memory), *kind)
+
+
+def swtpm_home(sim: SimHost, guest: str = "guest1") -> Path:
+    """The tool's directory of the swtpm vTPM made for `guest` (state_dir/swtpm/<uuid>)."""
+    for home in (sim.dir / "state" / "swtpm").iterdir():
+        if json.loads((home / "vtpm.json").read_text())["guest"] == guest:
+            return home
+    raise AssertionError(f"{guest}: no swtpm vTPM registered")
+
+
+def swtpm_state_fingerprints(sim: SimHost, guest: str = "guest1") -> tuple[str | None, ...]:
+    """SHA-256 of each of swtpm's state files (None when absent): they change with every write."""
+    state = swtpm_home(sim, guest) / "state"
+    return tuple(hashlib.sha256((state / n).read_bytes()).hexdigest() if (state / n).exists() else None
+                 for n in ("tpm2-00.permall", "tpm2-00.volatilestate", "tpm2-00.savestate"))
+
+
+def swtpm_pid(sim: SimHost, guest: str = "guest1") -> int | None:
+    """The running swtpm of `guest`'s vTPM (its pid file, if the process lives)."""
+    pidfile = sim.dir / host.SWTPM_RUN / f"{swtpm_home(sim, guest).name}.pid"
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if domains.is_alive(pid) else None
 
 
 def start_sim_host(path: Path, stock_manager: bool = False) -> SimHost:

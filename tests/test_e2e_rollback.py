@@ -14,13 +14,13 @@ import pytest
 
 from xen_vtpm_sim import domains
 
-from e2e_helpers import (GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
+from e2e_helpers import (BACKENDS, GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
                          tpm_state)
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("rb")) as h:
+@pytest.fixture(scope="module", params=BACKENDS)
+def host(tmp_path_factory, request):
+    with e2e_host(tmp_path_factory.mktemp("rb"), backend=request.param) as h:
         provision_guest_tpm(h.tcti())
         yield h
 
@@ -58,7 +58,7 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
     # The guest moves on: memory and every observed vTPM object change.
     advanced = advance_guest_tpm(host.tcti(), b"after rb-s1")
     _changed_memory(host, mem_at_snapshot)
-    before = host.domids()
+    before, vtpm_before = host.domids(), host.vtpm_instance()
 
     result = host.tool_json("rollback", GUEST, "rb-s1", "--yes", "--paused")
     assert result["rolled_back_to"] == snap["id"]
@@ -66,8 +66,8 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
     assert mem_before_rollback != mem_at_snapshot
 
     after = host.domids()
-    assert after[GUEST] != before[GUEST] and after[f"vtpm-{GUEST}"] != before[f"vtpm-{GUEST}"], \
-        "rollback must re-create the guest and its vTPM stub domain"
+    assert after[GUEST] != before[GUEST] and host.vtpm_instance() not in (None, vtpm_before), \
+        "rollback must re-create the guest and its vTPM (stub domain or swtpm)"
     assert host.is_paused(GUEST)
     assert host.memdigest() == mem_at_snapshot
     assert tpm_state(host.tcti()) == at_snapshot
@@ -120,7 +120,7 @@ def _untouched(host):
     """Domain ids (nothing re-created), vTPM image slots (any TPM command or put-back rewrites them)
     and the stored checkpoints (nothing added)."""
     fingerprints = host.slot_fingerprints()
-    return host.domids(), fingerprints, host.checkpoint_ids()
+    return host.domids(), host.vtpm_instance(), fingerprints, host.checkpoint_ids()
 
 
 @pytest.mark.parametrize("argv, code, words", [
@@ -155,8 +155,9 @@ def test_paused_guest_cannot_be_snapshotted(host):
         host.xl("unpause", GUEST)
 
 
-def test_xenstore_down_gives_exit_9(tmp_path):
-    with e2e_host(tmp_path) as h:
+def test_xenstore_down_gives_exit_9(host, tmp_path_factory):
+    """On a host of its own (xenstored is killed), with the backend of this module's host."""
+    with e2e_host(tmp_path_factory.mktemp("xs"), backend=host.backend) as h:
         h.snapshot("x1")
         pid = int((h.dir / "run" / "xenstored.pid").read_text())
         os.kill(pid, signal.SIGTERM)

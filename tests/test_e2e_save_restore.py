@@ -1,7 +1,7 @@
 """End to end: `xen-vtpm save` / `restore` keep the guest memory and its vTPM a matching pair.
 
-With the checkpoint-capable manager a vTPM that moved on after the save is put back; one that did not
-is left running as it is.  With the stock manager (no checkpoint extension) save/restore stays guarded
+With the checkpoint-capable manager (and with an swtpm vTPM) a vTPM that moved on after the save is put
+back; one that did not is left as it is.  With the stock manager (no checkpoint extension) save/restore stays guarded
 (a vTPM that moved on makes restore refuse, and no guest is started) and per-VM snapshots and rollbacks
 are refused.  Broken save files are refused before anything is touched.
 """
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_helpers import (GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
+from e2e_helpers import (BACKENDS, GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
                          tpm_state)
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("sr")) as h:
+@pytest.fixture(scope="module", params=BACKENDS)
+def host(tmp_path_factory, request):
+    with e2e_host(tmp_path_factory.mktemp("sr"), backend=request.param) as h:
         provision_guest_tpm(h.tcti())
         yield h
 
@@ -28,11 +28,28 @@ def stock(tmp_path_factory):
 
 
 def _save(host, path) -> dict:
-    """Save the guest; it is gone afterwards, as with `xl save`, its vTPM stub domain still runs."""
+    """Save the guest; it is gone afterwards, as with `xl save`.  Its vTPM stub domain still runs; an
+    swtpm ended with the guest's device model (QEMU's CMD_SHUTDOWN at exit)."""
     result = host.tool_json("save", GUEST, str(path))
     domids = host.domids()
-    assert GUEST not in domids and f"vtpm-{GUEST}" in domids
+    assert GUEST not in domids
+    if host.backend == "stubdom":
+        assert f"vtpm-{GUEST}" in domids
+    else:
+        assert host.vtpm_instance() is None, "the swtpm must end with its device model"
     return result
+
+
+def _move_on_while_saved(host, save_file) -> dict:
+    """Someone uses the vTPM while its guest is saved: the stub domain serves anyone; an swtpm only a
+    device model, so the file is restored with plain `xl` (the tool bypassed), used, and destroyed."""
+    if host.backend == "stubdom":
+        return advance_guest_tpm(host.vtpm_tcti(), b"after save")
+    host.tool("vtpm", "start", GUEST)
+    host.xl("restore", str(save_file))
+    moved = advance_guest_tpm(host.tcti(), b"after save")
+    host.xl("destroy", GUEST)
+    return moved
 
 
 def test_restore_puts_back_a_vtpm_that_moved_on(host, tmp_path):
@@ -41,7 +58,7 @@ def test_restore_puts_back_a_vtpm_that_moved_on(host, tmp_path):
     _save(host, save_file)
     mem_at_save = saved_memory_digest(save_file)
 
-    advance_guest_tpm(host.vtpm_tcti(), b"after save")   # e.g. the vTPM served someone meanwhile
+    _move_on_while_saved(host, save_file)
 
     result = host.tool_json("restore", str(save_file), "--paused")
     assert result["vtpm_restored"] is True
@@ -56,13 +73,16 @@ def test_restore_leaves_an_unchanged_vtpm_alone(host, tmp_path):
     save_file = tmp_path / "guest1.save"
     _save(host, save_file)
     mem_at_save = saved_memory_digest(save_file)
-    vtpm_domid = host.domids()[f"vtpm-{GUEST}"]
+    vtpm_instance = host.vtpm_instance()
     slots = host.slot_fingerprints()
 
     result = host.tool_json("restore", str(save_file), "--paused")
     assert result["vtpm_restored"] is False
-    assert host.slot_fingerprints() == slots
-    assert host.domids()[f"vtpm-{GUEST}"] == vtpm_domid, "an unchanged vTPM must not be re-created"
+    if host.backend == "stubdom":
+        assert host.slot_fingerprints() == slots
+        assert host.vtpm_instance() == vtpm_instance, "an unchanged vTPM must not be re-created"
+    else:   # its swtpm ended with the saved guest: started again, on the state left as it was
+        assert vtpm_instance is None and host.vtpm_instance() is not None
     assert host.memdigest() == mem_at_save
     host.xl("unpause", GUEST)
     assert not host.is_paused(GUEST)
@@ -86,10 +106,10 @@ def test_restore_of_a_broken_save_file_is_refused(host, saved_guest, tmp_path, d
     bad.write_bytes({"truncated-mid-stream": data[:len(data) // 2],
                      "truncated-header": data[:100],
                      "wrong-magic": b"XXXX" + data[4:]}[damage])
-    before = host.domids()
+    before = host.domids(), host.vtpm_instance()
     slots = host.slot_fingerprints()
     host.fails(5, "restore", str(bad))
-    assert host.domids() == before and host.slot_fingerprints() == slots
+    assert (host.domids(), host.vtpm_instance()) == before and host.slot_fingerprints() == slots
     assert GUEST not in host.domids()
 
 

@@ -47,6 +47,12 @@ class Config:
     # guest's pause as short as a bare `xl save`; a larger one goes to an encrypted file on disk.
     # -1: half of MemAvailable at the time; 0: always disk.
     spool_ram_mib: int = -1
+    # The swtpm backend (HVM guests whose QEMU has `-tpmdev emulator`): the swtpm binary, where each
+    # vTPM's control socket and pid file live (<dir>/<vtpm uuid>.sock, .pid; QEMU must reach the
+    # socket), and libxl's XEN_LIB_DIR, where it leaves the device model's state (qemu-save.<domid>).
+    swtpm: str = "swtpm"
+    swtpm_run_dir: Path = Path("/run/xen-vtpm")
+    xen_lib_dir: Path = Path("/var/lib/xen")
 
     @classmethod
     def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> Config:

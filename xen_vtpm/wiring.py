@@ -20,8 +20,10 @@ from xen_vtpm.core.locks import VmLock
 from xen_vtpm.errors import PreconditionFailed, StorageError, XlError
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
+from xen_vtpm.model import VtpmCapture, VtpmRef
 from xen_vtpm.store import Repository
 from xen_vtpm.vtpm.stubdom import StubdomBackend
+from xen_vtpm.vtpm.swtpm import SwtpmBackend
 from xen_vtpm.xen.domains import Guests
 from xen_vtpm.xen.streams import XlStreams
 from xen_vtpm.xen.wrapper import real_xl
@@ -31,6 +33,48 @@ from xen_vtpm.xen.xl import Xl
 Progress = Callable[[str, "int | None"], Any]
 
 
+class VtpmBackends:
+    """The coordinator's one vTPM port over every backend: each call goes to the backend of the vTPM
+    it names (``VtpmRef.backend_kind``, which ``Guests.find`` read from the guest: a Xen vtpm device
+    means a stub domain, an emulator TPM in its device model an swtpm)."""
+
+    def __init__(self, stubdom: StubdomBackend, swtpm: SwtpmBackend) -> None:
+        self.stubdom, self.swtpm = stubdom, swtpm
+
+    def of(self, ref: VtpmRef) -> StubdomBackend | SwtpmBackend:
+        return self.swtpm if ref.backend_kind == "swtpm" else self.stubdom
+
+    def supports_checkpoints(self, ref: VtpmRef) -> bool:
+        return self.of(ref).supports_checkpoints(ref)
+
+    def check_single_consumer(self, ref: VtpmRef) -> None:
+        self.of(ref).check_single_consumer(ref)
+
+    def capture(self, ref: VtpmRef, checkpoint_id: str) -> VtpmCapture:
+        return self.of(ref).capture(ref, checkpoint_id)
+
+    def capture_fingerprint(self, ref: VtpmRef) -> VtpmCapture:
+        return self.of(ref).capture_fingerprint(ref)
+
+    def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
+        return self.of(ref).fingerprint(ref)
+
+    def stop(self, ref: VtpmRef) -> None:
+        self.of(ref).stop(ref)
+
+    def put_back(self, ref: VtpmRef, capture: VtpmCapture) -> None:
+        self.of(ref).put_back(ref, capture)
+
+    def start_verified(self, ref: VtpmRef) -> None:
+        self.of(ref).start_verified(ref)
+
+    def is_running(self, ref: VtpmRef) -> bool:
+        return self.of(ref).is_running(ref)
+
+    def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
+        self.of(ref).discard(ref, manager_checkpoint)
+
+
 @dataclass
 class Ports:
     """Every adapter of one command (satisfies ``core.interfaces.Ports``)."""
@@ -38,7 +82,7 @@ class Ports:
     xs: XenStore
     xl: Xl
     guests: Guests
-    vtpm: StubdomBackend
+    vtpm: VtpmBackends
     store: Checkpoints
     host: HostTrust
     audit: AuditTrail
@@ -78,8 +122,21 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
             store.close()
         xs.close()
         raise
-    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl), vtpm=StubdomBackend(cfg, xs, xl), store=store,
+    vtpm = VtpmBackends(StubdomBackend(cfg, xs, xl), SwtpmBackend(cfg, xs, host.keys.swtpm))
+    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl, Path(cfg.swtpm_run_dir)), vtpm=vtpm, store=store,
                  host=host, audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress))
+
+
+@contextlib.contextmanager
+def swtpm_backend(cfg: Config) -> Iterator[SwtpmBackend]:
+    """The swtpm backend alone (its keys need the unsealed host key), for `xen-vtpm vtpm ...`."""
+    _check_state_dir(Path(cfg.state_dir))
+    keys = open_host(cfg).keys
+    xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
+    try:
+        yield SwtpmBackend(cfg, xs, keys.swtpm)
+    finally:
+        xs.close()
 
 
 @contextlib.contextmanager

@@ -33,7 +33,8 @@ def cmd_down(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_create(args: argparse.Namespace, cfg) -> int:
-    info = host.create_guest(_sim_dir(args), args.name, memory=args.memory, vtpm=not args.no_vtpm)
+    info = host.create_guest(_sim_dir(args), args.name, memory=args.memory,
+                             vtpm=False if args.no_vtpm else args.vtpm)
     if not args.quiet:
         print(" ".join(f"{k}={v}" for k, v in info.items()))
     return 0
@@ -54,6 +55,10 @@ def _domain(args: argparse.Namespace, ident: str) -> dict:
 
 def cmd_tcti(args: argparse.Namespace, cfg) -> int:
     dom = _domain(args, args.guest)
+    dm_tcti = _sim_dir(args) / "run" / f"dm-{dom['domid']}.tcti"   # its TPM is in its device model (swtpm)
+    if not dom.get("vtpms") and dm_tcti.exists():
+        print(dm_tcti.read_text().strip())
+        return 0
     if not dom.get("vtpms"):
         raise NotFound(f"{dom['name']}: guest has no vTPM; create it without --no-vtpm")
     backend = dom["vtpms"][0]["backend_domname"]
@@ -96,6 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("--memory", type=int, default=64, metavar="MiB")
     p.add_argument("--no-vtpm", action="store_true", help="guest without a vTPM")
+    p.add_argument("--vtpm", choices=["stubdom", "swtpm"], default="stubdom",
+                   help="a vTPM stub domain (default), or an HVM guest whose QEMU has an swtpm TPM 2.0")
     p = add("xenstored", cmd_xenstored, "run the simulated xenstored in the foreground", dir_arg=False)
     p.add_argument("--socket", required=True)
     p = add("tcti", cmd_tcti, "print the TCTI of GUEST's vTPM")

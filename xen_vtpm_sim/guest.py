@@ -141,6 +141,9 @@ class Guest:
         log("suspend requested")
         for vtpm in self.config.get("vtpms", []):
             self.tpm_shutdown_state(vtpm)
+        dm_tcti = Path(self.sim_dir) / "run" / f"dm-{self.domid}.tcti"   # a TPM in its device model
+        if dm_tcti.exists():
+            self.send_shutdown_state("device model TPM", dm_tcti)
         self.mem.flush()
         self.ack()
         log("suspended")
@@ -151,17 +154,19 @@ class Guest:
 
     def tpm_shutdown_state(self, vtpm: dict[str, Any]) -> None:
         backend = str(vtpm.get("backend_domname") or "")
-        tcti_file = Path(self.sim_dir) / "run" / f"{backend}.tcti"
+        self.send_shutdown_state(f"vtpm {vtpm.get('devid')}", Path(self.sim_dir) / "run" / f"{backend}.tcti")
+
+    def send_shutdown_state(self, what: str, tcti_file: Path) -> None:
         try:
             tcti = tcti_file.read_text().strip()
         except OSError:
-            log(f"vtpm {vtpm.get('devid')}: no TCTI at {tcti_file.name}; skipping TPM2_Shutdown")
+            log(f"{what}: no TCTI at {tcti_file.name}; skipping TPM2_Shutdown")
             return
         try:
             rsp = send_tpm_command(tcti, TPM2_SHUTDOWN_STATE)
-            log(f"vtpm {vtpm.get('devid')}: TPM2_Shutdown(STATE) rc=0x{struct.unpack('>I', rsp[6:10])[0]:x}")
+            log(f"{what}: TPM2_Shutdown(STATE) rc=0x{struct.unpack('>I', rsp[6:10])[0]:x}")
         except (OSError, ValueError, KeyError) as exc:
-            log(f"vtpm {vtpm.get('devid')}: TPM2_Shutdown(STATE) failed: {exc}")
+            log(f"{what}: TPM2_Shutdown(STATE) failed: {exc}")
 
     def ack(self) -> None:
         # Linux acks by clearing control/shutdown; xl watches for that.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -23,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from xen_vtpm.config import Config
-from xen_vtpm.errors import PreconditionFailed, UsageError, XenError
+from xen_vtpm.errors import PreconditionFailed, UsageError, XenError, XenVtpmError
 from xen_vtpm.xen.xlcfg import load_cfg
 from xen_vtpm_sim import domains, xl
 
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
+SWTPM_RUN = "sw"      # the tool's swtpm_run_dir here: the longest Unix socket path of the host is in it
 DAEMONS = ("xenstored", "hosttpm", "ptpm")
 
 
@@ -141,7 +143,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
     if is_up(d):
         raise PreconditionFailed(f"sim up: a simulated host already runs in {d}; "
                                  f"run `xen-vtpm sim down --dir {d}` first")
-    if len(str(d / "xenstored.sock.d00000")) >= 104:
+    if len(str(d / SWTPM_RUN / f"{uuidlib.UUID(int=0)}.sock")) >= 104:
         raise UsageError(f"sim up: {d} is too long for a Unix socket path; use a shorter directory")
     _dirs(d)
     (d / "run" / "domains.json").unlink(missing_ok=True)
@@ -154,7 +156,8 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
                      xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images")
+                     domain_cfg_dir=d / "images", swtpm_run_dir=d / SWTPM_RUN,
+                     xen_lib_dir=d / "var" / "lib" / "xen")
         cfg.save(d / "config.ini")
         _write_xl(d)
         if module_available("xen_vtpm_sim.vtpmmgr"):
@@ -188,11 +191,15 @@ def _create_manager(d: Path, stock: bool) -> None:
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
 
 
-def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: bool = True) -> dict[str, Any]:
-    """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order."""
+def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64,
+                 vtpm: bool | str = True) -> dict[str, Any]:
+    """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order.
+    vtpm="swtpm": an HVM guest whose device model has an swtpm TPM 2.0 (swtpm_guest)."""
     d = Path(sim_dir).resolve()
     if not is_up(d):
         raise PreconditionFailed(f"sim create: no simulated host runs in {d}; run `xen-vtpm sim up --dir {d}`")
+    if vtpm == "swtpm":
+        return swtpm_guest(d, name, memory)
     table = domains.snapshot(d)
     if vtpm and not module_available("xen_vtpm_sim.vtpm_stubdom"):
         print("xen-vtpm: warning: xen_vtpm_sim.vtpm_stubdom not available; creating the guest without a vTPM",
@@ -231,6 +238,49 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     return out
 
 
+def _tool(d: Path, *argv: str) -> dict[str, Any]:
+    """Run xen-vtpm as the administrator would (the simulator never imports the tool's own code)."""
+    env = dict(os.environ)
+    env.setdefault("XEN_VTPM_CONFIG", str(d / "config.ini"))
+    env["PYTHONPATH"] = _env(d)["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, "-m", "xen_vtpm", "--json", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode:
+        err = XenVtpmError((proc.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("xen-vtpm: "))
+        err.exit_code = proc.returncode
+        raise err
+    return json.loads(proc.stdout)
+
+
+def swtpm_guest(d: Path, name: str, memory: int) -> dict[str, Any]:
+    """An HVM guest with an swtpm vTPM, set up the way the user guide tells an administrator to:
+    `xen-vtpm vtpm add` wires it into the cfg, `xen-vtpm vtpm start` runs its swtpm, then xl create
+    starts the guest and its device model."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,50}", name):
+        raise UsageError(f"sim create: invalid domain name {name!r}; use letters, digits, '.', '_' and '-'")
+    if domains.find(domains.snapshot(d), name) is not None:
+        raise PreconditionFailed(f"sim create {name}: domain {name} already exists; `xl destroy {name}` first")
+    cfg_path = d / "images" / f"{name}.cfg"
+    cfg_path.write_text(f'name="{name}"\ntype="hvm"\nmemory={int(memory)}\n')
+    added = _tool(d, "vtpm", "add", name, "--backend", "swtpm", "--cfg", str(cfg_path))
+    _tool(d, "vtpm", "start", name, "--cfg", str(cfg_path))
+    domid = xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path))))
+    return {"name": name, "domid": domid, "vtpm_uuid": added["vtpm_uuid"], "backend": "swtpm"}
+
+
+def _stop_swtpms(d: Path) -> None:
+    """swtpm daemons xen-vtpm started for this host's guests (its swtpm_run_dir is SWTPM_RUN here);
+    a device model that ends stops its own, so these are the ones whose guest is gone."""
+    for pidfile in (d / SWTPM_RUN).glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            if str(d).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+                if not domains.wait_until(lambda pid=pid: not domains.is_alive(pid), 5):
+                    os.kill(pid, signal.SIGKILL)
+                    domains.wait_until(lambda pid=pid: not domains.is_alive(pid), 5)
+
+
 def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
     """Readiness as in docs/xen-internals.md §9.6: frontend and backend of the guest's vTPM both Connected (4)."""
     fe = f"/local/domain/{domid}/device/vtpm/0"
@@ -264,6 +314,7 @@ def down(sim_dir: str | os.PathLike) -> dict[str, Any]:
     for key in table["domains"]:
         with contextlib.suppress(Exception):
             xl._destroy(str(d), int(key), quiet=True)
+    _stop_swtpms(d)
     for name in DAEMONS:
         pid = _read_pid(d, name)
         if pid is not None:

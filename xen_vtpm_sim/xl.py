@@ -24,7 +24,7 @@ from xen_vtpm.errors import DomainNotFound, MalformedSaveFile, UsageError, XenVt
 from xen_vtpm.xen.savefile import read_save_header
 from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm.xen.xlcfg import load_cfg, parse_disk, parse_vtpm
-from xen_vtpm_sim import domains
+from xen_vtpm_sim import devicemodel, domains
 
 from .domains import DOMID_ENV, OWNER_ENV
 from .guest import memory_path
@@ -98,6 +98,8 @@ def _spec_from_json(config: dict[str, Any]) -> dict[str, Any]:
     cfg = {"name": c_info.get("name"), "uuid": c_info.get("uuid"), "memory": b_info.get("max_memkb", 0) // 1024,
            "kernel": b_info.get("kernel", ""), "extra": b_info.get("cmdline", ""), "disk": disks,
            "vtpm": [f"backend={v['backend_domname']}" + (f",uuid={v['uuid']}" if v["uuid"] else "") for v in vtpms]}
+    if b_info.get("extra_hvm"):
+        cfg["device_model_args_hvm"] = list(b_info["extra_hvm"])
     if not cfg["name"] or not cfg["memory"]:
         raise MalformedSaveFile("save file config has no domain name or memory size; use `xl restore CFG FILE`")
     spec = spec_from_cfg(cfg)
@@ -112,10 +114,12 @@ def libxl_config(dom: dict[str, Any]) -> dict[str, Any]:
         p = parse_disk(d)
         disks.append({"pdev_path": p["target"], "vdev": p["vdev"], "format": "raw",
                       "readwrite": 1 if p["access"] == "rw" else 0})
+    extra_hvm = devicemodel.extra_hvm(dom.get("cfg") or {})
     return {
         "c_info": {"type": "hvm", "name": dom["name"], "uuid": dom["uuid"]},
         "b_info": {"max_memkb": dom["memory"] * 1024, "target_memkb": dom["memory"] * 1024,
-                   "kernel": dom["kernel"], "cmdline": dom["extra"], "max_vcpus": 1},
+                   "kernel": dom["kernel"], "cmdline": dom["extra"], "max_vcpus": 1,
+                   **({"extra_hvm": extra_hvm} if extra_hvm else {})},
         "disks": disks,
         "vtpms": [{"backend_domid": v["backend_domid"], "backend_domname": v["backend_domname"],
                    "devid": v["devid"], "uuid": v["uuid"]} for v in dom["vtpms"]],
@@ -228,7 +232,8 @@ def _spawn(sim_dir: str, domid: int, spec: dict[str, Any], vtpms: list[dict[str,
 
 
 def create_domain(sim_dir: str, spec: dict[str, Any], paused: bool = False,
-                  fill_memory: Callable[[mmap.mmap], None] | None = None) -> int:
+                  fill_memory: Callable[[mmap.mmap], None] | None = None,
+                  dm_incoming: Callable[[], bytes | None] | None = None) -> int:
     vtpms = _resolve_backends(sim_dir, spec)
     with domains.locked(sim_dir) as table:
         if domains.find(table, spec["name"]) is not None or spec["name"] == "Domain-0":
@@ -258,6 +263,9 @@ def create_domain(sim_dir: str, spec: dict[str, Any], paused: bool = False,
                                 mm.close()
             pid = _spawn(sim_dir, domid, spec, vtpms)
             _update(sim_dir, domid, pid=pid)
+            dm_pid = devicemodel.start_for(sim_dir, domid, spec, dm_incoming() if dm_incoming else None)
+            if dm_pid is not None:
+                _update(sim_dir, domid, dm_pid=dm_pid)
             for v in vtpms:
                 _add_vtpm(xs, domid, v)
         if not paused:
@@ -287,6 +295,7 @@ def _destroy(sim_dir: str, domid: int, quiet: bool = False) -> None:
         dom = table["domains"].get(str(domid))
     if dom is None:
         return
+    devicemodel.stop_for(sim_dir, dom)
     if dom.get("pid"):
         domains.kill_group(dom["pid"], sim_dir)
         if not domains.wait_until(lambda: not domains.is_alive(dom["pid"]), 10) and not quiet:
@@ -297,7 +306,8 @@ def _destroy(sim_dir: str, domid: int, quiet: bool = False) -> None:
             backends = {f"/local/domain/{v['backend_domid']}/backend/vtpm/{domid}" for v in dom["vtpms"]}
 
             def tx_fn(tx):
-                for path in (*sorted(backends), f"/local/domain/{domid}", f"/libxl/{domid}", f"/vm/{dom['uuid']}"):
+                for path in (*sorted(backends), f"/local/domain/{domid}", f"/libxl/{domid}", f"/vm/{dom['uuid']}",
+                             f"/local/domain/0/device-model/{domid}"):
                     if tx.exists(path):
                         tx.rm(path)
             xs.transact(tx_fn)
@@ -438,14 +448,20 @@ def save(sim_dir: str, ident: str, file: str, cfg_file: str | None = None,
     with out:
         _suspend(sim_dir, dom)
         try:
+            emulator = devicemodel.save_state(sim_dir, dom["domid"]) if dom.get("dm_pid") else None
             with open(dom["memfile"], "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mm:
-                write_save(out, config, mm, domid=dom["domid"])
+                write_save(out, config, mm, domid=dom["domid"], emulator_context=emulator)
             out.flush()
         except BaseException as exc:
+            if dom.get("dm_pid"):
+                with contextlib.suppress(XenVtpmError, OSError):
+                    devicemodel.resume(sim_dir, dom["domid"])
             domains.kill_group(dom["pid"], sim_dir, signal.SIGCONT)  # resume: the save changed nothing
             if isinstance(exc, OSError):
                 raise XlError(f"libxl: error: {dom['name']}: writing {file} failed: {exc.strerror}") from None
             raise
+    if (checkpoint or leave_paused) and dom.get("dm_pid"):
+        devicemodel.resume(sim_dir, dom["domid"])    # libxl_domain_resume: QMP cont
     if checkpoint:
         domains.kill_group(dom["pid"], sim_dir, signal.SIGCONT)
     elif not leave_paused:
@@ -500,8 +516,10 @@ def restore(sim_dir: str, file: str, cfg_file: str | None = None, paused: bool =
         if saved_memory != spec["memory"]:
             raise XlConfigError(f"{cfg_file}: memory={spec['memory']} does not match the saved domain's "
                                 f"{saved_memory} MiB")
+        saved: dict[str, Any] = {}
         return create_domain(sim_dir, spec, paused=paused,
-                             fill_memory=lambda mm: read_save(recorder, mm))
+                             fill_memory=lambda mm: saved.update(info=read_save(recorder, mm)),
+                             dm_incoming=lambda: saved["info"].emulator_context)
 
 
 # --- command line ----------------------------------------------------------------

@@ -82,7 +82,7 @@ def _cut(text: Any, limit: int = 60) -> Any:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
-CHECKPOINT_COLUMNS = ["id", "name", "domain", "kind", "time", "size", "stored_bytes", "verified"]
+CHECKPOINT_COLUMNS = ["id", "name", "domain", "kind", "backend", "time", "size", "stored_bytes", "verified"]
 
 
 def checkpoint_rows(described: list[tuple[CatalogEntry, Checkpoint | IntegrityError]]) -> list[dict[str, Any]]:
@@ -91,7 +91,8 @@ def checkpoint_rows(described: list[tuple[CatalogEntry, Checkpoint | IntegrityEr
     for entry, ckpt in described:
         if isinstance(ckpt, Checkpoint):
             rows.append({"id": ckpt.id, "name": ckpt.name, "domain": ckpt.vm_name, "kind": ckpt.kind,
-                         "time": ckpt.time, "size": ckpt.size, "stored_bytes": ckpt.stored_bytes,
+                         "backend": ckpt.meta.backend_kind, "time": ckpt.time, "size": ckpt.size,
+                         "stored_bytes": ckpt.stored_bytes,
                          "verified": "manifest ok"})
         else:
             rows.append({**dataclasses.asdict(entry), "domain": entry.vm_name, "kind": None,

@@ -56,7 +56,7 @@ class Coordinator:
 
     def _snapshot_locked(self, guest: Guest, name: str | None, kind: str) -> dict[str, Any]:
         vt = guest.vtpm
-        if not self.p.vtpm.supports_checkpoints():
+        if not self.p.vtpm.supports_checkpoints(vt):
             raise NoCheckpointFeature(
                 f"{vt.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), so a per-VM "
                 "snapshot cannot be rolled back; use `xen-vtpm save` (guarded), or see docs/protocol.md")
@@ -67,7 +67,8 @@ class Coordinator:
         name = name or _default_name(kind, ckpt_id)
         self.p.store.check_name_free(guest.uuid, name)
         op = self.p.journal.begin(kind, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt_id, name=name,
-                                                             vtpm=vt.backend, guest_was_paused=guest.paused))
+                                                             vtpm=vt.backend, vtpm_kind=vt.backend_kind,
+                                                             guest_was_paused=guest.paused))
         draft = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
                                    vtpm_uuid=vt.uuid, vtpm_backend=vt.backend, kind=kind)
         t0 = time.monotonic()
@@ -102,7 +103,7 @@ class Coordinator:
         copy names a slot of the image it read.  Pausing it would cost two `xl` calls inside the
         guest's pause window."""
         self.p.journal.step(op, S.MANAGER_CHECKPOINT, manager_checkpoint=ckpt_id)
-        return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
+        return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints(vt)
                 else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
 
     def _step_once(self, op: Operation, name: str, action: Callable[[], Any]) -> None:
@@ -117,6 +118,12 @@ class Coordinator:
         else:
             self.p.journal.step(op, name)
         action()
+
+    @staticmethod
+    def _vtpm_of(op: Operation) -> VtpmRef:
+        """The vTPM an operation was journaled with, enough to route a discard to its backend."""
+        return VtpmRef(guest=op.params.guest, devid=0, backend=op.params.vtpm or "", uuid="",
+                       backend_kind=op.params.vtpm_kind)
 
     def _destroy_if_present(self, name: str) -> None:
         if self.p.guests.exists(name):
@@ -165,7 +172,7 @@ class Coordinator:
 
         def discard_manager_copy() -> None:
             if op.reached(S.MANAGER_CHECKPOINT):
-                self.p.vtpm.discard(ckpt_id)
+                self.p.vtpm.discard(self._vtpm_of(op), ckpt_id)
 
         def abort_draft() -> None:
             # Without a live draft the store's own recover() already removed the partial write.
@@ -208,14 +215,15 @@ class Coordinator:
             if ckpt.meta.vtpm_uuid != guest.vtpm.uuid:
                 raise IntegrityError(f"checkpoint {ckpt.name}: belongs to vTPM {ckpt.meta.vtpm_uuid}, "
                                      f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
-            if not self.p.vtpm.supports_checkpoints():
+            if not self.p.vtpm.supports_checkpoints(guest.vtpm):
                 raise NoCheckpointFeature(
                     f"{guest.vtpm.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), "
                     "so the vTPM cannot be rolled back with the guest; see docs/protocol.md")
             self.p.host.authorize_rollback(auth_secret)
             safety = self._snapshot_locked(guest, None, kind=S.PRE_ROLLBACK)["id"] if safety_checkpoint else None
             op = self.p.journal.begin(S.ROLLBACK, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt.id,
-                                                                      vtpm=guest.vtpm.backend, safety=safety,
+                                                                      vtpm=guest.vtpm.backend,
+                                                                      vtpm_kind=guest.vtpm.backend_kind, safety=safety,
                                                                       paused=paused))
             self._rollback_forward(op, ckpt)
             return {"domain": guest.name, "rolled_back_to": ckpt.id, "name": ckpt.name, "safety_checkpoint": safety}
@@ -260,7 +268,7 @@ class Coordinator:
             ckpt_id = str(uuidlib.uuid4())
             name = _default_name(S.SAVE, ckpt_id)
             op = self.p.journal.begin(S.SAVE, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt_id, name=name,
-                                                                  vtpm=vt.backend, path=path,
+                                                                  vtpm=vt.backend, vtpm_kind=vt.backend_kind, path=path,
                                                                   guest_was_paused=guest.paused))
             draft = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
                                        vtpm_uuid=vt.uuid, vtpm_backend=vt.backend, kind=S.SAVE)
@@ -290,7 +298,7 @@ class Coordinator:
         self.recover()
         self._check_fresh("restore", None, path)  # before the binding lookup: a hidden binding is tampering
         header = self.p.streams.read_header(path)
-        if not header.vtpms:
+        if not header.vtpms and not header.emulator_tpms:
             raise PreconditionFailed(f"{path}: the saved guest has no vTPM; use `xl restore` directly")
         digest = self.p.streams.digest(path)
         found = self.p.store.find_by_save_digest(digest)
@@ -319,7 +327,8 @@ class Coordinator:
                     f"{vt.backend}: the vTPM advanced since {path} was saved and the stock manager cannot "
                     "roll it back; restoring would give the guest a vTPM that does not match its memory")
             op = self.p.journal.begin(S.RESTORE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
-                                                                       vtpm=vt.backend, path=path, moved=moved,
+                                                                       vtpm=vt.backend, vtpm_kind=vt.backend_kind,
+                                                                       path=path, moved=moved,
                                                                        paused=paused))
             self._restore_forward(op, ckpt)
             return {"domain": ckpt.vm_name, "checkpoint": ckpt.id, "vtpm_restored": moved, "paused": paused}
@@ -335,6 +344,9 @@ class Coordinator:
             self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(vt))
         def restore_guest() -> None:
             if not self.p.guests.exists(guest):   # a restore that completed before a crash stays
+                # Its vTPM must serve before `xl restore` attaches it (an swtpm ends with its device model).
+                if not self.p.vtpm.is_running(ckpt.vtpm_ref()):
+                    self.p.vtpm.start_verified(ckpt.vtpm_ref())
                 self.p.xl.restore(path, paused=op.params.paused)
 
         self._step_once(op, S.RESTORE_GUEST, restore_guest)
@@ -347,12 +359,14 @@ class Coordinator:
         with self.p.lock(ckpt.vm_uuid, ckpt.vm_name):
             self._check_fresh("delete", ckpt.vm_name, ckpt.id)
             op = self.p.journal.begin(S.DELETE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
+                                                                      vtpm=ckpt.meta.vtpm_backend,
+                                                                      vtpm_kind=ckpt.meta.backend_kind,
                                                                       manager_checkpoint=ckpt.manager_checkpoint))
             self.p.journal.step(op, S.DELETE_STORE)
             freed = self._delete_and_bind(ckpt.id)
             if ckpt.manager_checkpoint:
                 self.p.journal.step(op, S.DISCARD_MANAGER)
-                self.p.vtpm.discard(ckpt.manager_checkpoint)
+                self.p.vtpm.discard(ckpt.vtpm_ref(), ckpt.manager_checkpoint)
             self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
             return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
 
@@ -461,7 +475,7 @@ class Coordinator:
         elif op.kind == S.DELETE:
             self._delete_and_bind(ckpt_id)
             if op.params.manager_checkpoint:
-                self.p.vtpm.discard(op.params.manager_checkpoint)
+                self.p.vtpm.discard(self._vtpm_of(op), op.params.manager_checkpoint)
             self._finish(op, action=S.DELETE, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
             outcome = "finished"
         else:

@@ -54,7 +54,8 @@ class OpParams:
     guest: str                                 # the guest's name when the operation began
     checkpoint: str | None = None              # the checkpoint written, restored or deleted
     name: str | None = None                    # its name (snapshot, save)
-    vtpm: str | None = None                    # the vTPM stub domain's name
+    vtpm: str | None = None                    # VtpmRef.backend: the vTPM stub domain's name, swtpm-<guest>
+    vtpm_kind: str = "stubdom"                 # VtpmRef.backend_kind: which backend undoes or finishes it
     guest_was_paused: bool = False             # snapshot/save: leave a paused guest paused on undo
     safety: str | None = None                  # rollback: the safety checkpoint taken first
     paused: bool = False                       # rollback/restore: leave the restored guest paused

@@ -53,7 +53,7 @@ class StubdomBackend:
     def _image(self, ref: VtpmRef) -> Path:
         return Path(disk_target(load_cfg(str(self._cfg_file(ref)))))
 
-    def supports_checkpoints(self) -> bool:
+    def supports_checkpoints(self, ref: VtpmRef) -> bool:
         return self.mgr.supports_checkpoints()
 
     def check_single_consumer(self, ref: VtpmRef) -> None:
@@ -133,5 +133,5 @@ class StubdomBackend:
             raise IntegrityError(f"{ref.backend}: came up without its state ({status.reason}); destroyed before "
                                  "any guest attached, the checkpoint is intact — run `xen-vtpm recover`")
 
-    def discard(self, manager_checkpoint: str) -> None:
+    def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
         self.mgr.discard(manager_checkpoint)
