@@ -6,8 +6,10 @@ extension of docs/protocol.md.
 * tpmback and the ring of every connected vTPM come from `tpmif`; the sealed table on disk from `mgrdisk`.
 * SAVEHASHKEY / LOADHASHKEY as vtpm_cmd_handler.c: auto-create on unknown UUID (not marked OPEN),
   "Attempted to open vTPM twice!", OPEN cleared only when the frontend's nodes are gone, then the
-  backend dir is removed.  The simulated host behaves like a FLASK host with a provisioned group 0:
-  the kernel-hash check always passes (a real host needs XSM and a provisioned group 0, docs/xen-internals.md §3.5).
+  backend dir is removed.  The kernel-hash check follows the simulated platform (`platform.py`): it passes
+  on a FLASK host with a provisioned group 0 (the default), fails with TPM_FAIL without XSM and with
+  "Unauthorized vTPM kernel image used!" when unprovisioned, leaving the entry bound either way
+  (docs/xen-internals.md §3.3, §3.5); an unprovisioned manager never writes its disk (§4.2).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from xen_vtpm_sim import domain_args
+from xen_vtpm_sim import domain_args, platform
 from xen_vtpm.errors import XenStoreError
 from xen_vtpm_sim import mgrproto as mp
+from .platform import Platform
 from .mgrdisk import FLAG_ADMIN, FLAG_CHECKPOINT, FLAG_OPEN, DiskError, Entry, MgrDisk, PtpmSealer
 from .tpmif import RingServer, TpmBack, Tpmif, log, ring_socket_path
 from xen_vtpm.xen.xlcfg import disk_target
@@ -38,6 +41,8 @@ class Opaque:
 
 
 class Manager:
+    platform = Platform()              # the simulated host's XSM, provisioning and release timing
+
     def __init__(self, sim_dir: Path, domid: int, disk: MgrDisk, xs_factory: Callable) -> None:
         self.sim_dir = sim_dir
         self.domid = domid
@@ -67,9 +72,39 @@ class Manager:
                 return
             if opq.server is not None:
                 opq.server.close()
-            entry = self.table.get(opq.vtpm) if opq.vtpm else None
-            if entry is not None:                       # free_opaque
-                entry.flags &= ~FLAG_OPEN
+            self._free_opaque(opq.vtpm)
+
+    # --- the Xen 4.17 traps the simulated host can reproduce (docs/xen-internals.md §3.5, §4.2, §9.5) ---
+    def _free_opaque(self, uid: bytes | None) -> None:
+        """free_opaque clears OPEN; with a release delay, that long after libxl removed the backend dir."""
+        if uid and self.platform.release_delay:
+            threading.Timer(self.platform.release_delay, self._clear_open, (uid,)).start()
+        elif uid:
+            self._clear_open_locked(uid)
+
+    def _clear_open(self, uid: bytes) -> None:
+        with self.lock:
+            self._clear_open_locked(uid)
+
+    def _clear_open_locked(self, uid: bytes) -> None:
+        entry = self.table.get(uid)
+        if entry is not None:
+            entry.flags &= ~FLAG_OPEN
+
+    def _kernel_verified(self) -> int:
+        """find_vtpm_khash and the kernel-list check (vtpm_cmd_handler.c:68-99, 119-130): without XSM the
+        peer's label cannot be read (TPM_FAIL); an unprovisioned group 0 lists no kernel (TPM_DISABLED)."""
+        if self.platform.xsm == "none":
+            return mp.TPM_FAIL
+        if not self.platform.provisioned:
+            log("Unauthorized vTPM kernel image used!")
+            return mp.TPM_DISABLED
+        return mp.TPM_SUCCESS
+
+    def _persist(self) -> None:
+        """vtpm_sync_disk writes nothing while group 0 has no seals (vtpm_disk.c:31-33)."""
+        if self.platform.provisioned:
+            self.disk.write(self.table)
 
     # vtpm_cmd_handler.c
     def _find_verified(self, opq: Opaque) -> int:
@@ -81,8 +116,11 @@ class Manager:
         if entry.flags & FLAG_OPEN:
             log("Attempted to open vTPM twice!")
             return mp.TPM_DISABLED
+        opq.vtpm = opq.uuid           # find_vtpm binds it before the kernel check: a refusal leaves it bound
+        rc = self._kernel_verified()
+        if rc:
+            return rc
         entry.flags |= FLAG_OPEN
-        opq.vtpm = opq.uuid
         return mp.TPM_SUCCESS
 
     def handle(self, opq: Opaque, raw: bytes) -> bytes:
@@ -121,7 +159,7 @@ class Manager:
             return mp.response(rc)
         self.table[opq.vtpm].data = data
         try:
-            self.disk.write(self.table)
+            self._persist()
         except DiskError as exc:                      # vtpm_sync's result is ignored by the stock one
             log(f"vtpm_disk.c:210: Error: {exc}")
         return mp.response(mp.TPM_SUCCESS)
@@ -166,7 +204,7 @@ class Manager:
                     del self.table[req.checkpoint]
                 result = ckpt.data
             try:
-                self.disk.write(self.table)
+                self._persist()
             except DiskError as exc:
                 self.table = before
                 raise mp.RequestError(f"{exc}; table unchanged") from None
@@ -267,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     disk.sealer.close()                  # key unsealed, sealed copy kept: done with the TPM
     mgr = Manager(sim_dir, args.domid, disk, XenStore)
     mgr.table = table
+    mgr.platform = platform.load(sim_dir)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -278,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoints:
             RequestWatcher(mgr).start()
             xs.write(feature, "1")
+            xs.write(f"/local/domain/{args.domid}/data/vtpmmgr/provisioned", "1" if mgr.platform.provisioned else "0")
         elif xs.exists(feature):
             xs.rm(feature)
     log("vtpmmgr: ready" + (" (checkpoint extension)" if checkpoints else " (stock)"))
