@@ -213,9 +213,10 @@ def _install_recording_xl(sim: SimHost, where: Path) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None,
-             tpm_version: str = "2.0") -> Iterator[E2EHost]:
-    """An initialised simulated host with guest1 running; always taken down."""
-    sim = start_sim_host(base / "h", stock_manager=stock_manager)
+             tpm_version: str = "2.0", **platform: object) -> Iterator[E2EHost]:
+    """An initialised simulated host with guest1 running; always taken down.  ``platform``: the Xen traps
+    the host reproduces (`sim up` options: xsm=, provisioned=, console_log=, release_delay=)."""
+    sim = start_sim_host(base / "h", stock_manager=stock_manager, **platform)
     try:
         tooldir = base / "tool"
         tooldir.mkdir()

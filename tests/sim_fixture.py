@@ -47,13 +47,15 @@ class SimHost:
     def domid(self, name: str) -> int:
         return int(self.xl("domid", name).stdout)
 
-    def create_guest(self, name: str, memory: int = 16, vtpm: bool = True) -> None:
-        self.tool("sim", "create", name, "--memory", str(memory), *([] if vtpm else ["--no-vtpm"]))
+    def create_guest(self, name: str, memory: int = 16, vtpm: bool = True, tpm_version: str = "2.0") -> None:
+        self.tool("sim", "create", name, "--memory", str(memory), "--tpm-version", tpm_version,
+                  *([] if vtpm else ["--no-vtpm"]))
 
 
-def start_sim_host(path: Path, stock_manager: bool = False) -> SimHost:
-    """Start a host in path (keep it short: Unix socket paths are limited to 107 bytes)."""
-    exports = host.up(path, stock_manager=stock_manager)
+def start_sim_host(path: Path, stock_manager: bool = False, **platform: object) -> SimHost:
+    """Start a host in path (keep it short: Unix socket paths are limited to 107 bytes); ``platform`` are
+    `host.up`'s options for the Xen traps (xsm=, provisioned=, console_log=, release_delay=)."""
+    exports = host.up(path, stock_manager=stock_manager, **platform)
     env = dict(os.environ, **exports)
     return SimHost(dir=Path(exports["XEN_VTPM_SIM_DIR"]), env=env)
 

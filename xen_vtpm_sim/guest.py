@@ -52,7 +52,10 @@ def memory_path(sim_dir: str | os.PathLike, domid: int) -> Path:
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    try:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    except BrokenPipeError:
+        pass                                  # no xenconsoled reads the console any more
 
 
 class Guest:
