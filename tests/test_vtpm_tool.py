@@ -10,9 +10,19 @@ from sim_fixture import start_sim_host, stop_sim_host
 from test_vtpm_stubdom import VtpmLab, _populate
 
 from xen_vtpm.config import Config
-from xen_vtpm.errors import DomainNotFound, ManagerError, NoCheckpointFeature, UsageError, XenStoreTimeout
+from xen_vtpm.errors import (
+    DomainNotFound,
+    IntegrityError,
+    ManagerError,
+    NoCheckpointFeature,
+    UsageError,
+    XenStoreTimeout,
+)
+from xen_vtpm.model import VtpmRef
 from xen_vtpm.vtpm import console, manager, stubdom, vtpmblk
 from xen_vtpm.xen.consoles import LogTail
+from xen_vtpm.xen.domains import domid_of
+from xen_vtpm.xen.xl import Xl
 
 # Boot transcripts in Xen 4.17's own words (docs/xen-internals.md §7.2), as xenconsoled logs them.
 _BOOT = ("vtpm.c:463: Info: starting TPM Emulator (1.2.0.7-475)\n"
@@ -155,3 +165,34 @@ def test_discard_is_idempotent_but_other_refusals_still_raise(lab):
     assert lab.mgr.discard(ckpt) == ""              # already gone: done, so recover may repeat it
     with pytest.raises(ManagerError, match="unknown checkpoint"):
         lab.mgr.restore(dom.uuid, ckpt)             # the entry really is gone
+
+
+def test_start_verified_takes_slot_reads_followed_by_a_checksum_failure_as_fresh(lab):
+    """The old marker's false positive: Xen logs `Read … bytes` for both slots before the checksum fails
+    (docs/xen-internals.md §7.3).  The tool must see a fresh vTPM, destroy it before anything attaches, and
+    leave the image and the manager entry as they were, so the intact pair still loads afterwards."""
+    dom = lab.create("vtpm-t3")
+    before = _populate(lab, dom)
+    lab.destroy(dom)
+    lab.destroy(lab.create("vtpm-t3", dom.uuid, startup="save"))   # its cfg now says save, as xen-vtpm requires
+    intact = dom.image.read_bytes()
+    damaged = bytearray(intact)
+    half = len(damaged) // 2
+    assert vtpmblk.slot_fingerprints(intact)[1], "both slots must hold a blob for this case"
+    for offset in (4 + 100, half + 4 + 100):          # inside each slot's blob: both hashes change
+        damaged[offset] ^= 0xFF
+    dom.image.write_bytes(bytes(damaged))
+    backend = stubdom.StubdomBackend(lab.cfg, lab.xs, Xl(lab.cfg))
+    ref = VtpmRef(guest="none", devid=0, backend="vtpm-t3", uuid=dom.uuid)
+    with pytest.raises(IntegrityError, match="neither disk slot matches"):
+        backend.start_verified(ref)
+    assert domid_of(lab.xs, "vtpm-t3") is None                        # destroyed before anything attached
+    assert dom.image.read_bytes() == bytes(damaged)                   # the fresh vTPM wrote nothing
+    boot = lab.console("vtpm-t3")
+    boot = boot[boot.rindex(console.BOOT_START):]
+    assert boot.index("Read ") < boot.index("NVM Storage Checksum failed!")
+    dom.image.write_bytes(intact)
+    backend.start_verified(ref)                                       # the manager entry was never touched
+    with lab.tpm(dom) as tpm:
+        assert tpm.snapshot() == before
+    lab.destroy(dom)
