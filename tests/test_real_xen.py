@@ -32,6 +32,17 @@ from xen_vtpm.vtpm import console
 from xen_vtpm_sim import domains
 
 
+def _trap_host(label: str, **platform: object):
+    """A class-scoped fixture: an initialised host reproducing ``platform``'s traps, guest1 on a TPM 1.2
+    vTPM that its guest has provisioned."""
+    @pytest.fixture(scope="class")
+    def host(tmp_path_factory):
+        with e2e_host(tmp_path_factory.mktemp(label), tpm_version="1.2", **platform) as h:
+            h.provision_tpm()
+            yield h
+    return host
+
+
 def _untouched(host) -> tuple:
     """Domains (nothing created or re-created), the vTPM's slots (any command or put-back moves them), the
     stored checkpoints and whether the guest is paused."""
@@ -85,11 +96,7 @@ def _tpm12_populated(lab: VtpmLab, name: str, vtpm_uuid: str | None = None, **kw
 
 
 # --- no XSM ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="class")
-def noxsm(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("noxsm"), tpm_version="1.2", xsm="none") as h:
-        h.provision_tpm()
-        yield h
+noxsm = _trap_host("noxsm", xsm="none")
 
 
 class TestNoXsm:
@@ -130,11 +137,7 @@ class TestNoXsm:
 
 
 # --- unprovisioned manager ---------------------------------------------------------------------------------
-@pytest.fixture(scope="class")
-def unprov(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("unprov"), tpm_version="1.2", provisioned=False) as h:
-        h.provision_tpm()
-        yield h
+unprov = _trap_host("unprov", provisioned=False)
 
 
 class TestUnprovisioned:
@@ -158,11 +161,7 @@ class TestUnprovisioned:
 
 
 # --- console logging off -------------------------------------------------------------------------------
-@pytest.fixture(scope="class")
-def nolog(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("nolog"), tpm_version="1.2", console_log="none") as h:
-        h.provision_tpm()
-        yield h
+nolog = _trap_host("nolog", console_log="none")
 
 
 class TestConsoleLogOff:
@@ -215,11 +214,7 @@ class TestConsoleLogOff:
 RELEASE_DELAY = 4.0   # longer than a stub domain's restart, so the tool meets the race
 
 
-@pytest.fixture(scope="class")
-def race(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("race"), tpm_version="1.2", release_delay=RELEASE_DELAY) as h:
-        h.provision_tpm()
-        yield h
+race = _trap_host("race", release_delay=RELEASE_DELAY)
 
 
 class TestReleaseRace:
@@ -265,11 +260,7 @@ class TestReleaseRace:
 
 
 # --- a correctly configured host: disks, a busy host TPM, doctor ------------------------------------------
-@pytest.fixture(scope="class")
-def good(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("good"), tpm_version="1.2") as h:
-        h.provision_tpm()
-        yield h
+good = _trap_host("good")
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ def test_watch_boot_prefers_a_complete_log_and_gives_up_on_a_dead_stub(tmp_path)
         fh.write(_BOOT + _READ0 + _READ1 + _CHECKSUM + _FRESH + _INIT)
     assert console.watch_boot(None, tail, 1, lambda: True).fresh
     assert console.watch_boot(None, LogTail(tmp_path / "none.log"), 0.2, lambda: True).kind == "pending"
-    died = console.watch_boot(None, LogTail(tmp_path / "none.log"), 5, lambda: False)
+    died = console.watch_boot(None, LogTail(tmp_path / "none.log"), 10, lambda: False)
     assert died.fresh and "died" in died.reason
 
 

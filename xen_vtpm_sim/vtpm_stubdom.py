@@ -183,11 +183,11 @@ def _hexline(label: str, digest: bytes) -> str:
 
 class Vtpm:
     def __init__(self, sim_dir: Path, name: str, image: Path, link: ManagerLink, version: str,
-                 opts: Options) -> None:
+                 opts: Options, con: Console) -> None:
         self.image = image
         self.link = link
         self.active_slot = -1
-        log("vtpm.c:210: Info: VTPM Initializing\n") if opts.loglevel != "error" else None
+        con.vtpm(210, "Info", "VTPM Initializing\n")
         state = self._read_vtpmblk()
         scratch = sim_dir / "run" / f"swtpm-{name}"
         self.engine: SwtpmEngine | None = None
@@ -390,9 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     xs = XenStore()
     vtpm = None
     try:
-        link = ManagerLink(xs, sim_dir, args.domid)
-        image = find_disk(xs, args.domid)
-        vtpm = Vtpm(sim_dir, args.name, image, link, version, opts)
+        try:
+            link = ManagerLink(xs, sim_dir, args.domid)
+        except OSError as exc:
+            Console.emu("vtpm.c:472", "Error", f"Unable to initialize tpmfront device ({exc})")
+            return 1
+        try:
+            image = find_disk(xs, args.domid)
+        except OSError as exc:
+            Console.emu("vtpm.c:484", "Error", f"Unable to initialize Blkfront persistent storage ({exc})")
+            return 1
+        vtpm = Vtpm(sim_dir, args.name, image, link, version, opts, con)
         data, ctrl = bind_pair()
         write_tcti(tcti_file, data.getsockname()[1])
         log(f"vtpm-stubdom (simulated): serving TPM {version} on swtpm:host=127.0.0.1,port={data.getsockname()[1]}")
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         TpmBack(XenStore, args.domid, on_new=lambda t: None, on_connect=lambda t: None, on_free=gone).start()
         Server(vtpm, data, ctrl).serve_forever()
     except (OSError, EngineError) as exc:
-        Console.emu("vtpm.c:484", "Error", f"Unable to initialize Blkfront persistent storage ({exc})")
+        log(f"vtpm-stubdom (simulated): stopping: {exc}")
         return 1
     finally:
         tcti_file.unlink(missing_ok=True)

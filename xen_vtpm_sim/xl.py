@@ -175,18 +175,12 @@ def _write_domain_nodes(xs: XenStore, domid: int, spec: dict[str, Any]) -> None:
     xs.transact(tx_fn)
 
 
-def _add_vtpm(xs: XenStore, domid: int, v: dict[str, Any]) -> None:
-    """libxl__device_vtpm_add: fe + be + trusted copy in one transaction, then wait for InitWait."""
-    b, n = v["backend_domid"], v["devid"]
-    fe = f"/local/domain/{domid}/device/vtpm/{n}"
-    be = f"/local/domain/{b}/backend/vtpm/{domid}/{n}"
-    lx = f"/libxl/{domid}/device/vtpm/{n}"
-    fe_keys = {"backend": be, "backend-id": str(b), "state": "1", "handle": str(n)}
-    be_keys = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1", "handle": str(n),
-               "uuid": v["uuid"], "resume": "False"}
-
-    def tx_fn(tx):
-        for path, keys, perms in ((fe, fe_keys, [f"n{domid}", f"r{b}"]), (be, be_keys, [f"n{b}", f"r{domid}"])):
+def _device_nodes(fe: str, fe_keys: dict[str, str], fe_perms: list[str], be: str, be_keys: dict[str, str],
+                  be_perms: list[str], lx: str) -> Callable[[Any], None]:
+    """libxl__device_generic_add's transaction: frontend and backend with their permissions, and libxl's
+    own copy of the backend keys under /libxl (docs/xen-internals.md §8.1, §8.2)."""
+    def tx_fn(tx) -> None:
+        for path, keys, perms in ((fe, fe_keys, fe_perms), (be, be_keys, be_perms)):
             tx.mkdir(path)
             tx.set_perms(path, perms)
             for key, val in keys.items():
@@ -197,7 +191,20 @@ def _add_vtpm(xs: XenStore, domid: int, v: dict[str, Any]) -> None:
         tx.write(f"{lx}/backend", be)
         for key, val in be_keys.items():
             tx.write(f"{lx}/{key}", val)
-    xs.transact(tx_fn)
+    return tx_fn
+
+
+def _add_vtpm(xs: XenStore, domid: int, v: dict[str, Any]) -> None:
+    """libxl__device_vtpm_add: fe + be + trusted copy in one transaction, then wait for InitWait."""
+    b, n = v["backend_domid"], v["devid"]
+    fe = f"/local/domain/{domid}/device/vtpm/{n}"
+    be = f"/local/domain/{b}/backend/vtpm/{domid}/{n}"
+    lx = f"/libxl/{domid}/device/vtpm/{n}"
+    fe_keys = {"backend": be, "backend-id": str(b), "state": "1", "handle": str(n)}
+    be_keys = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1", "handle": str(n),
+               "uuid": v["uuid"], "resume": "False"}
+
+    xs.transact(_device_nodes(fe, fe_keys, [f"n{domid}", f"r{b}"], be, be_keys, [f"n{b}", f"r{domid}"], lx))
     if not xs.wait_for(lambda: xs.read_or(f"{be}/state") == "2", [f"{be}/state"], INIT_TIMEOUT):
         raise XlError(f"libxl: error: vtpm {n}: backend {v['backend_domname']} (domid {b}) did not reach "
                       f"InitWait within {INIT_TIMEOUT:g} s; check that the vTPM domain is running")
@@ -258,19 +265,7 @@ def _add_disks(xs: XenStore, domid: int, disks: list[str]) -> None:
         if btype == "phy":
             be_keys.update(_block_hotplug(params), state="2")
 
-        def tx_fn(tx, fe=fe, be=be, lx=lx, fe_keys=fe_keys, be_keys=be_keys):
-            for path, keys, perms in ((fe, fe_keys, [f"n{domid}", "r0"]), (be, be_keys, ["n0", f"r{domid}"])):
-                tx.mkdir(path)
-                tx.set_perms(path, perms)
-                for key, val in keys.items():
-                    tx.write(f"{path}/{key}", val)
-                    tx.set_perms(f"{path}/{key}", perms)
-            tx.mkdir(lx)
-            tx.write(f"{lx}/frontend", fe)
-            tx.write(f"{lx}/backend", be)
-            for key, val in be_keys.items():
-                tx.write(f"{lx}/{key}", val)
-        xs.transact(tx_fn)
+        xs.transact(_device_nodes(fe, fe_keys, [f"n{domid}", "r0"], be, be_keys, ["n0", f"r{domid}"], lx))
 
 
 def _spawn(sim_dir: str, domid: int, spec: dict[str, Any], vtpms: list[dict[str, Any]]) -> int:

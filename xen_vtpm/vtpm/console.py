@@ -41,6 +41,7 @@ _FRESH = (
 TPM_BAD_PARAMETER = 3     # no entry for this UUID
 TPM_DISABLED = 7          # "Attempted to open vTPM twice!" or "Unauthorized vTPM kernel image used!"
 TPM_FAIL = 9              # the peer's XSM label cannot be read: no XSM
+ALIVE_EVERY = 1.0         # seconds between checks that a booting stub domain still runs
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def watch_boot(pty: PtyReader | None, log: LogTail | None, timeout: float,
     file, when xenconsoled writes one, is preferred once this boot reaches it, since it is complete
     even if someone else reads the pty at the same time (`xl console`)."""
     deadline = time.monotonic() + timeout
+    next_alive_check = time.monotonic() + ALIVE_EVERY
     seen = ""
     while True:
         if pty is not None:
@@ -106,8 +108,11 @@ def watch_boot(pty: PtyReader | None, log: LogTail | None, timeout: float,
         verdict = boot_verdict(logged if BOOT_START in logged else seen)
         if verdict.kind in ("loaded", "fresh"):
             return verdict
-        if not alive():
-            return BootVerdict("fresh", "the stub domain died during its boot")
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > next_alive_check:          # `xl list` is a process: ask it now and then, not every poll
+            if not alive():
+                return BootVerdict("fresh", "the stub domain died during its boot")
+            next_alive_check = now + ALIVE_EVERY
+        if now > deadline:
             return BootVerdict("pending", f"no verdict on its console within {timeout:g} s")
         time.sleep(0.05)

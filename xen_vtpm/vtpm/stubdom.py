@@ -280,11 +280,13 @@ class StubdomBackend:
         if verdict.kind == "pending":
             return XenStoreTimeout(f"{ref.backend}: {verdict.reason}; {where} — check the stub domain, then run "
                                    "`xen-vtpm recover`")
-        if verdict.manager_rc in (TPM_DISABLED, TPM_FAIL):
+        refusal = {TPM_DISABLED: "another stub domain still holds it open, or its XSM label's hash is not in the "
+                                 "manager's kernel list",
+                   TPM_FAIL: "the manager cannot read its XSM label (no XSM/FLASK)"}.get(verdict.manager_rc or 0)
+        if refusal:
             return PreconditionFailed(f"{ref.backend}: came up without its state ({verdict.reason}); {where}. The "
-                                      "manager refuses to open it: another stub domain holds it open, or its kernel "
-                                      "label is not in the manager's kernel list (docs/real-xen.md) — fix that, then "
-                                      "run `xen-vtpm recover`")
+                                      f"manager refuses to open it: {refusal} (docs/real-xen.md) — fix that, then run "
+                                      "`xen-vtpm recover`")
         return IntegrityError(f"{ref.backend}: came up without its state ({verdict.reason}); {where} — run "
                               "`xen-vtpm recover`")
 
