@@ -49,10 +49,10 @@ class SimHost:
     def domid(self, name: str) -> int:
         return int(self.xl("domid", name).stdout)
 
-    def create_guest(self, name: str, memory: int = 16, vtpm: bool | str = True) -> None:
-        """vtpm: True (a stub domain), "swtpm"/"stubdom", or False (none)."""
+    def create_guest(self, name: str, memory: int = 16, vtpm: bool | str = True, tpm_version: str = "2.0") -> None:
+        """vtpm: True (a stub domain), "swtpm"/"stubdom", or False (none); tpm_version: the stub's TPM."""
         kind = ["--vtpm", vtpm] if isinstance(vtpm, str) else ([] if vtpm else ["--no-vtpm"])
-        self.tool("sim", "create", name, "--memory", str(memory), *kind)
+        self.tool("sim", "create", name, "--memory", str(memory), "--tpm-version", tpm_version, *kind)
 
 
 def swtpm_home(sim: SimHost, guest: str = "guest1") -> Path:
@@ -80,9 +80,10 @@ def swtpm_pid(sim: SimHost, guest: str = "guest1") -> int | None:
     return pid if domains.is_alive(pid) else None
 
 
-def start_sim_host(path: Path, stock_manager: bool = False) -> SimHost:
-    """Start a host in path (keep it short: Unix socket paths are limited to 107 bytes)."""
-    exports = host.up(path, stock_manager=stock_manager)
+def start_sim_host(path: Path, stock_manager: bool = False, **platform: object) -> SimHost:
+    """Start a host in path (keep it short: Unix socket paths are limited to 107 bytes); ``platform`` are
+    `host.up`'s options for the Xen traps (xsm=, provisioned=, console_log=, release_delay=)."""
+    exports = host.up(path, stock_manager=stock_manager, **platform)
     env = dict(os.environ, **exports)
     return SimHost(dir=Path(exports["XEN_VTPM_SIM_DIR"]), env=env)
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
-
 import crash_helpers as ch
+import pytest
 from crash_helpers import GUEST
+from e2e_helpers import TPM_VERSIONS
 from sim_fixture import start_sim_host, stop_sim_host
 
 STEPS = ch.coordinator_steps()
@@ -87,11 +87,11 @@ def report_table():
     ch.report(RESULTS, "XEN_VTPM_CRASH_TABLE")
 
 
-def new_host(tmp_path_factory) -> ch.SimHost:
+def new_host(tmp_path_factory, tpm_version: str = "2.0") -> ch.SimHost:
     sim = start_sim_host(tmp_path_factory.mktemp("crash") / "h")
     try:
         sim.tool("init")
-        ch.prime_host(sim)
+        ch.prime_host(sim, tpm_version)
     except BaseException:
         stop_sim_host(sim)
         raise
@@ -102,8 +102,8 @@ class HostHolder:
     """One simulated host per sequence type, reused across its steps.  A case that fails may leave the
     host wedged (that is what it found); the next case then gets a fresh host instead of a cascade."""
 
-    def __init__(self, factory, setup=None) -> None:
-        self.factory, self.setup = factory, setup
+    def __init__(self, factory, setup=None, tpm_version: str = "2.0") -> None:
+        self.factory, self.setup, self.tpm_version = factory, setup, tpm_version
         self.sim: ch.SimHost | None = None
         self.broken = False
         self.extra: dict = {}
@@ -114,7 +114,7 @@ class HostHolder:
             self.close()
         try:
             if self.sim is None:
-                self.sim = new_host(self.factory)
+                self.sim = new_host(self.factory, self.tpm_version)
                 self.broken = False
                 self.extra = self.setup(self.sim) if self.setup else {}
             yield self.sim
@@ -130,7 +130,8 @@ class HostHolder:
 
 @pytest.fixture(scope="class")
 def host(request, tmp_path_factory):
-    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None))
+    """One host per class; a class parametrized on it (TestRollback) gets one per TPM version."""
+    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None), getattr(request, "param", "2.0"))
     try:
         yield holder
     finally:
@@ -212,6 +213,8 @@ class TestSnapshot:
             ch.recover(sim)
 
 
+# Every synchronized-rollback case runs with the TPM 2.0 stand-in and with Xen's own TPM 1.2 vTPM.
+@pytest.mark.parametrize("host", TPM_VERSIONS, indirect=True, scope="class", ids=lambda v: f"tpm{v}")
 class TestRollback:
     @staticmethod
     def setup_host(sim: ch.SimHost) -> dict:
@@ -237,7 +240,7 @@ class TestRollback:
             else:
                 assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
                 outcome = "old state; safety checkpoint undone"
-            record("pre-rollback", label, f"ok — {outcome}{note}")
+            record(f"pre-rollback (TPM {host.tpm_version})", label, f"ok — {outcome}{note}")
 
     @pytest.mark.parametrize("label", cases("rollback"))
     def test_crash(self, host, label):
@@ -247,7 +250,7 @@ class TestRollback:
             _, note = crash_and_recover(sim, "rollback", label, "rollback", GUEST, "target", "--yes",
                                         "--no-safety-checkpoint")
             state = ch.check_host(sim, {"old": cur, "new": target})
-            record("rollback", label, "ok — " + {"new": "rolled forward to the checkpoint",
+            record(f"rollback (TPM {host.tpm_version})", label, "ok — " + {"new": "rolled forward to the checkpoint",
                                                  "old": "undone: old state kept"}[state] + note)
 
 
@@ -260,7 +263,8 @@ class TestRollback:
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"old": cur, "new": host.extra["target"]}) == "new"
             sim.tool("delete", "next")
-            record("rollback, then snapshot", "put-back-vtpm", "ok — the snapshot finished the rollback first")
+            record(f"rollback, then snapshot (TPM {host.tpm_version})", "put-back-vtpm",
+                   "ok — the snapshot finished the rollback first")
 
 
 class TestSave:

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_helpers import (BACKENDS, GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
-                         tpm_state)
+from e2e_helpers import GUEST, VTPMS, e2e_host, saved_memory_digest
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def host(tmp_path_factory, request):
-    with e2e_host(tmp_path_factory.mktemp("sr"), backend=request.param) as h:
-        provision_guest_tpm(h.tcti())
+@pytest.fixture(scope="module", params=list(VTPMS.values()), ids=list(VTPMS))
+def host(request, tmp_path_factory):
+    """Save and restore put the vTPM back like a rollback: on every kind of vTPM."""
+    backend, tpm_version = request.param
+    with e2e_host(tmp_path_factory.mktemp("sr"), backend=backend, tpm_version=tpm_version) as h:
+        h.provision_tpm()
         yield h
 
 
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory):
     with e2e_host(tmp_path_factory.mktemp("stock"), stock_manager=True) as h:
-        provision_guest_tpm(h.tcti())
+        h.provision_tpm()
         yield h
 
 
@@ -44,16 +45,16 @@ def _move_on_while_saved(host, save_file) -> dict:
     """Someone uses the vTPM while its guest is saved: the stub domain serves anyone; an swtpm only a
     device model, so the file is restored with plain `xl` (the tool bypassed), used, and destroyed."""
     if host.backend == "stubdom":
-        return advance_guest_tpm(host.vtpm_tcti(), b"after save")
+        return host.advance_tpm(b"after save", host.vtpm_tcti())
     host.tool("vtpm", "start", GUEST)
     host.xl("restore", str(save_file))
-    moved = advance_guest_tpm(host.tcti(), b"after save")
+    moved = host.advance_tpm(b"after save")
     host.xl("destroy", GUEST)
     return moved
 
 
 def test_restore_puts_back_a_vtpm_that_moved_on(host, tmp_path):
-    at_save = tpm_state(host.tcti())
+    at_save = host.tpm_state()
     save_file = tmp_path / "guest1.save"
     _save(host, save_file)
     mem_at_save = saved_memory_digest(save_file)
@@ -64,12 +65,12 @@ def test_restore_puts_back_a_vtpm_that_moved_on(host, tmp_path):
     assert result["vtpm_restored"] is True
     assert host.is_paused(GUEST)
     assert host.memdigest() == mem_at_save
-    assert tpm_state(host.tcti()) == at_save
+    assert host.tpm_state() == at_save
     host.xl("unpause", GUEST)
 
 
 def test_restore_leaves_an_unchanged_vtpm_alone(host, tmp_path):
-    at_save = tpm_state(host.tcti())
+    at_save = host.tpm_state()
     save_file = tmp_path / "guest1.save"
     _save(host, save_file)
     mem_at_save = saved_memory_digest(save_file)
@@ -86,7 +87,7 @@ def test_restore_leaves_an_unchanged_vtpm_alone(host, tmp_path):
     assert host.memdigest() == mem_at_save
     host.xl("unpause", GUEST)
     assert not host.is_paused(GUEST)
-    assert tpm_state(host.tcti()) == at_save
+    assert host.tpm_state() == at_save
     host.tool("verify", "--all")
 
 
@@ -133,7 +134,7 @@ def test_stock_manager_refuses_snapshot_and_rollback(stock, tmp_path):
 
 
 def test_stock_manager_save_restore_with_unchanged_vtpm(stock, tmp_path):
-    at_save = tpm_state(stock.tcti())
+    at_save = stock.tpm_state()
     save_file = tmp_path / "guest1.save"
     _save(stock, save_file)
     mem_at_save = saved_memory_digest(save_file)
@@ -142,13 +143,13 @@ def test_stock_manager_save_restore_with_unchanged_vtpm(stock, tmp_path):
     assert result["vtpm_restored"] is False
     assert stock.memdigest() == mem_at_save
     stock.xl("unpause", GUEST)
-    assert tpm_state(stock.tcti()) == at_save
+    assert stock.tpm_state() == at_save
 
 
 def test_stock_manager_refuses_restore_when_the_vtpm_moved_on(stock, tmp_path):
     save_file = tmp_path / "guest1.save"
     _save(stock, save_file)
-    moved = advance_guest_tpm(stock.vtpm_tcti(), b"after save")
+    moved = stock.advance_tpm(b"after save", stock.vtpm_tcti())
     before = stock.domids()
     slots = stock.slot_fingerprints()
 
@@ -156,4 +157,4 @@ def test_stock_manager_refuses_restore_when_the_vtpm_moved_on(stock, tmp_path):
     assert "stock" in line or "advanced" in line, line
     assert GUEST not in stock.domids(), "the guest must not be started against a vTPM that moved on"
     assert stock.domids() == before and stock.slot_fingerprints() == slots
-    assert tpm_state(stock.vtpm_tcti()) == moved
+    assert stock.tpm_state(stock.vtpm_tcti()) == moved

@@ -147,3 +147,12 @@ class Checkpoint:
         """The vTPM this checkpoint belongs to (the guest side may no longer exist)."""
         return VtpmRef(guest=self.vm_name, devid=0, backend=self.meta.vtpm_backend, uuid=self.meta.vtpm_uuid,
                        backend_kind=self.meta.backend_kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One precondition of a real Xen host (`xen-vtpm doctor`): whether it holds, what was seen, the exact fix."""
+    name: str
+    passed: bool
+    detail: str
+    fix: str = ""

@@ -47,6 +47,9 @@ class VtpmBackends:
     def supports_checkpoints(self, ref: VtpmRef) -> bool:
         return self.of(ref).supports_checkpoints(ref)
 
+    def check_can_restart(self, ref: VtpmRef) -> None:
+        self.of(ref).check_can_restart(ref)
+
     def check_single_consumer(self, ref: VtpmRef) -> None:
         self.of(ref).check_single_consumer(ref)
 

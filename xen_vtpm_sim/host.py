@@ -1,10 +1,14 @@
 """Bring a simulated Xen host up and down inside one directory.
 
-``up`` starts the daemons dom0 would have (xenstored, the host TPM for the
-tool, the physical TPM the vTPM manager seals with), writes the tool's config
-and an ``xl`` command, and creates the vtpmmgr domain.  Every process carries
-an owner marker in its environment, so ``down`` can prove that nothing it
-started is left behind.
+``up`` starts the daemons dom0 would have (xenstored, xenconsoled, the host TPM
+for the tool, the physical TPM the vTPM manager seals with), writes the tool's
+config and an ``xl`` command, and creates the vtpmmgr domain.  Every process
+carries an owner marker in its environment, so ``down`` can prove that nothing
+it started is left behind.
+
+With no options the host is a correctly configured Xen 4.17 dom0 for xen-vtpm
+(FLASK, a provisioned manager with the checkpoint extension, console logging);
+each option reproduces one way a real host differs (see ``platform``).
 """
 from __future__ import annotations
 
@@ -26,13 +30,13 @@ from typing import Any
 from xen_vtpm.config import Config
 from xen_vtpm.errors import PreconditionFailed, UsageError, XenError, XenVtpmError
 from xen_vtpm.xen.xlcfg import load_cfg
-from xen_vtpm_sim import domains, xl
+from xen_vtpm_sim import domains, platform, xl
 
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
 SWTPM_RUN = "sw"      # the tool's swtpm_run_dir here: the longest Unix socket path of the host is in it
-DAEMONS = ("xenstored", "hosttpm", "ptpm")
+DAEMONS = ("xenconsoled", "xenstored", "hosttpm", "ptpm")   # stopped in this order
 
 
 def _dirs(sim_dir: Path) -> None:
@@ -137,8 +141,14 @@ def module_available(name: str) -> bool:
         return False
 
 
-def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str]:
+def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "flask", provisioned: bool = True,
+       console_log: str = "guest", release_delay: float = 0.0) -> dict[str, str]:
     """Start the host; returns the environment a shell should export."""
+    try:
+        plat = platform.Platform(xsm=xsm, provisioned=provisioned, console_log=console_log,
+                                 release_delay=release_delay)
+    except ValueError as exc:
+        raise UsageError(f"sim up: {exc}") from None
     d = Path(sim_dir).resolve()
     if is_up(d):
         raise PreconditionFailed(f"sim up: a simulated host already runs in {d}; "
@@ -148,9 +158,14 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
     _dirs(d)
     (d / "run" / "domains.json").unlink(missing_ok=True)
     try:
+        platform.save(d, plat)
         sock = d / "xenstored.sock"
         pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
         _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
+        consoles = d / "run" / "xenconsoled.sock"
+        pid = _daemon(d, "xenconsoled", [sys.executable, "-m", "xen_vtpm_sim.xenconsoled", "--socket", str(consoles),
+                                         "--log", plat.console_log, "--log-dir", str(d / "logs")])
+        _wait_connect(str(consoles), socket.AF_UNIX, 10, "xenconsoled", pid)
         host_port = _swtpm(d, "hosttpm", d / "hosttpm")
         ptpm_port = _swtpm(d, "ptpm", d / "ptpm")
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
@@ -185,16 +200,36 @@ def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
 def _create_manager(d: Path, stock: bool) -> None:
     img = d / "images" / "vtpmmgr.img"
     write_image(img)
-    extra = "tpm2=1" + (" checkpoint=0" if stock else "")
+    # tpmlocality=2 as xen-vtpmmgr(7) recommends: dom0's driver keeps locality 0.
+    extra = "tpm2=1 tpmlocality=2" + (" checkpoint=0" if stock else "")
     _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
                             'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
 
 
-def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64,
-                 vtpm: bool | str = True) -> dict[str, Any]:
+STUB_KERNELS = {"1.2": "/usr/lib/xen/boot/vtpm-stubdom.gz", "2.0": "/usr/lib/xen/boot/vtpm2-stubdom.gz"}
+
+
+def _vtpm_disk(d: Path, name: str, disk: str | None) -> str:
+    """The stub's disk target: a fresh 2 MiB image file by default, else what the caller gave
+    (e.g. ``phy:/dev/loop3`` or ``qcow2:/path``; the caller owns and blanks it)."""
+    if disk:
+        return disk
+    img = d / "images" / f"vtpm-{name}.img"
+    write_image(img)
+    return f"file:{img}"
+
+
+def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: bool | str = True, *,
+                 tpm_version: str = "2.0", startup: str = "save", vtpm_disk: str | None = None) -> dict[str, Any]:
     """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order.
-    vtpm="swtpm": an HVM guest whose device model has an swtpm TPM 2.0 (swtpm_guest)."""
+    vtpm="swtpm": an HVM guest whose device model has an swtpm TPM 2.0 (swtpm_guest).
+
+    ``tpm_version`` 1.2 is Xen's vTPM (the TPM 1.2 emulator), 2.0 the simulator's stand-in; ``startup`` is
+    the stub's startup mode, ``save`` (xen-vtpm's requirement) or ``clear`` (Xen's default)."""
+    if tpm_version not in STUB_KERNELS or startup not in ("clear", "save"):
+        raise UsageError(f"sim create: --tpm-version must be 1.2 or 2.0 and --startup clear or save, "
+                         f"not {tpm_version!r} / {startup!r}")
     d = Path(sim_dir).resolve()
     if not is_up(d):
         raise PreconditionFailed(f"sim create: no simulated host runs in {d}; run `xen-vtpm sim up --dir {d}`")
@@ -216,14 +251,16 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64,
     out: dict[str, Any] = {"name": name}
     try:
         if vtpm:
-            img = d / "images" / f"vtpm-{name}.img"
-            write_image(img)
             vtpm_uuid = str(uuidlib.uuid4())
-            out["vtpm_domid"] = _create_domain_from_cfg(
-                d, d / "images" / f"vtpm-{name}.cfg",
-                f'name="vtpm-{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
-                f'disk=["file:{img},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
+            stub_cfg = d / "images" / f"vtpm-{name}.cfg"
+            text = (f'name="vtpm-{name}"\nkernel="{STUB_KERNELS[tpm_version]}"\nmemory=8\nextra="{{extra}}"\n'
+                    f'disk=["{_vtpm_disk(d, name, vtpm_disk)},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
+            # A vTPM that never saved cannot start in `save` mode (it ends in fail-stop, docs/xen-internals.md
+            # §6.5): its first boot is `clear`, and the guest's first command saves it; later boots use `save`.
+            out["vtpm_domid"] = _create_domain_from_cfg(d, stub_cfg, text.format(extra=""))
+            stub_cfg.write_text(text.format(extra=startup if startup == "save" else ""))
             out["vtpm_uuid"] = vtpm_uuid
+            out["tpm_version"] = tpm_version
         vtpm_line = f'vtpm=["backend=vtpm-{name}"]\n' if vtpm else ""
         out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
                                                f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
@@ -291,7 +328,7 @@ def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> No
             return xs.read_or(f"{fe}/state") == "4" and xs.read_or(f"{be}/state") == "4"
         if not xs.wait_for(connected, [f"{fe}/state", f"{be}/state"], timeout):
             raise XenError(f"sim create {name}: vTPM link not Connected after {timeout:g} s; "
-                           f"see logs/guest-{name}.log and logs/guest-vtpm-{name}.log")
+                           f"see the consoles of {name} and vtpm-{name}")
 
 
 def _stop(pid: int, d: Path) -> None:

@@ -7,7 +7,7 @@ from xen_vtpm.config import Config
 from xen_vtpm.host import provision, session
 from xen_vtpm.xen import topology
 
-from . import render
+from . import doctor, render
 
 
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
@@ -21,7 +21,9 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    render.emit(args, provision.status(cfg))
+    out = provision.status(cfg)
+    out["real_host"] = doctor.summary(doctor.run_checks(cfg))
+    render.emit(args, out)
     return 0
 
 

@@ -102,3 +102,16 @@ def checkpoint_rows(described: list[tuple[CatalogEntry, Checkpoint | IntegrityEr
 
 def checkpoints(rows: list[dict[str, Any]]) -> str:
     return render_table(rows, CHECKPOINT_COLUMNS)
+
+
+# --- doctor ------------------------------------------------------------------------------------
+def checks(rows: list[dict[str, Any]]) -> str:
+    """`xen-vtpm doctor`: PASS/FAIL per check, the fix under each failure, a last line with the count."""
+    lines = []
+    for row in rows:
+        lines.append(f"{'PASS' if row['passed'] else 'FAIL'}  {row['name']}: {row['detail']}")
+        if not row["passed"] and row["fix"]:
+            lines.append(f"      fix: {row['fix']}")
+    failed = sum(not r["passed"] for r in rows)
+    lines.append(f"{len(rows) - failed} of {len(rows)} checks pass" + (f", {failed} fail" if failed else ""))
+    return "\n".join(lines)

@@ -219,6 +219,7 @@ class Coordinator:
                 raise NoCheckpointFeature(
                     f"{guest.vtpm.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), "
                     "so the vTPM cannot be rolled back with the guest; see docs/protocol.md")
+            self.p.vtpm.check_can_restart(guest.vtpm)
             self.p.host.authorize_rollback(auth_secret)
             safety = self._snapshot_locked(guest, None, kind=S.PRE_ROLLBACK)["id"] if safety_checkpoint else None
             op = self.p.journal.begin(S.ROLLBACK, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt.id,
@@ -326,6 +327,8 @@ class Coordinator:
                 raise PreconditionFailed(
                     f"{vt.backend}: the vTPM advanced since {path} was saved and the stock manager cannot "
                     "roll it back; restoring would give the guest a vTPM that does not match its memory")
+            if moved or not self.p.vtpm.is_running(vt):     # e.g. after a host reboot: it must be started
+                self.p.vtpm.check_can_restart(vt)
             op = self.p.journal.begin(S.RESTORE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
                                                                        vtpm=vt.backend, vtpm_kind=vt.backend_kind,
                                                                        path=path, moved=moved,
@@ -335,13 +338,15 @@ class Coordinator:
 
     def _restore_forward(self, op: Operation, ckpt: Checkpoint) -> None:
         """Put the vTPM pair back if it moved on, then `xl restore`; idempotent for recover."""
-        guest, path = op.params.guest, op.params.path or ""
+        guest, path, vt = op.params.guest, op.params.path or "", ckpt.vtpm_ref()
         if op.params.moved:
-            vt = ckpt.vtpm_ref()
             capture = self.p.store.vtpm_capture(ckpt)
             self._step_once(op, S.STOP_VTPM, lambda: self.p.vtpm.stop(vt))
             self._step_once(op, S.PUT_BACK_VTPM, lambda: self.p.vtpm.put_back(vt, capture))
             self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(vt))
+        elif op.reached(S.START_VTPM) or not self.p.vtpm.is_running(vt):   # not running: e.g. a host reboot
+            self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(vt))
+
         def restore_guest() -> None:
             if not self.p.guests.exists(guest):   # a restore that completed before a crash stays
                 # Its vTPM must serve before `xl restore` attaches it (an swtpm ends with its device model).

@@ -369,6 +369,19 @@ class SwtpmBackend:
     def supports_checkpoints(self, ref: VtpmRef) -> bool:
         return True
 
+    def check_can_restart(self, ref: VtpmRef) -> None:
+        """Refuse up front a restart that could only give a fresh TPM: swtpm must be installed and this
+        vTPM registered here with an encrypted permanent state (``prove`` checks it loads, after start)."""
+        p = self._paths_of(ref)
+        if shutil.which(self.cfg.swtpm) is None:
+            raise PreconditionFailed(f"{ref.backend}: {self.cfg.swtpm!r} not found, so the vTPM cannot be started "
+                                     "again; install swtpm (Debian: swtpm) or set `swtpm =` in the config")
+        files = self.state_files(p)
+        if ctl.PERMANENT not in files:
+            raise PreconditionFailed(f"{ref.backend}: vTPM {ref.uuid} has no permanent state in {p.state}; a "
+                                     "restart would manufacture a fresh TPM — roll back to a checkpoint instead")
+        self._check_encrypted(files, f"vTPM {ref.uuid}")
+
     def check_single_consumer(self, ref: VtpmRef) -> None:
         """One device model on this vTPM's socket: the guest's (swtpm serves one control client)."""
         p = self._paths_of(ref)
