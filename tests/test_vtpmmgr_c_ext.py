@@ -58,7 +58,7 @@ def test_a_checkpoint_entry_is_never_a_vtpm(lab):
     with lab.tpm(imposter) as tpm:
         tpm.pcr16()                                       # ...and its first save is refused too
     deadline = time.monotonic() + 10
-    while "VTPM_SaveHashKey failed (3)" not in log_path(lab.cfg.log_dir, imposter.name).read_text()[offset:]:
+    while "VTPM_SaveHashKey() failed with error code (3)" not in log_path(lab.cfg.log_dir, imposter.name).read_text()[offset:]:
         assert time.monotonic() < deadline, "the imposter's SAVEHASHKEY was not refused"
         time.sleep(0.05)
     assert "vTPM UUID names a checkpoint entry" in lab.manager_log()

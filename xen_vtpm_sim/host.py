@@ -13,6 +13,7 @@ each option reproduces one way a real host differs (see ``platform``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -35,8 +37,14 @@ from xen_vtpm_sim import domains, platform, xl
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
-SWTPM_RUN = "sw"      # the tool's swtpm_run_dir here: the longest Unix socket path of the host is in it
+SWTPM_RUN = "sw"      # where the tool's swtpm sockets and pid files live (its swtpm_run_dir, by a short link)
 DAEMONS = ("xenconsoled", "xenstored", "hosttpm", "ptpm")   # stopped in this order
+
+
+def swtpm_run_link(sim_dir: Path) -> Path:
+    """A short name for ``sim_dir/sw``: swtpm's socket is ``<run dir>/<vTPM uuid>.sock``, and a Unix socket
+    path must fit 107 bytes, which a deep test directory would not leave room for."""
+    return Path(tempfile.gettempdir()) / f"xvsw-{hashlib.sha256(str(sim_dir).encode()).hexdigest()[:12]}"
 
 
 def _dirs(sim_dir: Path) -> None:
@@ -153,9 +161,13 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "f
     if is_up(d):
         raise PreconditionFailed(f"sim up: a simulated host already runs in {d}; "
                                  f"run `xen-vtpm sim down --dir {d}` first")
-    if len(str(d / SWTPM_RUN / f"{uuidlib.UUID(int=0)}.sock")) >= 104:
+    if len(str(d / "run" / "xenconsoled.sock")) >= 104:
         raise UsageError(f"sim up: {d} is too long for a Unix socket path; use a shorter directory")
     _dirs(d)
+    (d / SWTPM_RUN).mkdir(mode=0o700, exist_ok=True)
+    link = swtpm_run_link(d)
+    link.unlink(missing_ok=True)
+    link.symlink_to(d / SWTPM_RUN)
     (d / "run" / "domains.json").unlink(missing_ok=True)
     try:
         platform.save(d, plat)
@@ -171,7 +183,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "f
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
                      xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images", swtpm_run_dir=d / SWTPM_RUN,
+                     domain_cfg_dir=d / "images", swtpm_run_dir=link,
                      xen_lib_dir=d / "var" / "lib" / "xen")
         cfg.save(d / "config.ini")
         _write_xl(d)
@@ -363,4 +375,5 @@ def down(sim_dir: str | os.PathLike) -> dict[str, Any]:
     left = domains.owned_pids(d)
     if left:
         raise XenError(f"sim down: processes {left} of {d} survive SIGKILL; check them with `ps`")
+    swtpm_run_link(d).unlink(missing_ok=True)
     return {"dir": str(d), "stopped": True}
