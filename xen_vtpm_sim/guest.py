@@ -32,6 +32,7 @@ PAGES_PER_TICK = 4
 # TPM_GetCapability(TPM_CAP_PROPERTY, TPM_CAP_PROP_TIS_TIMEOUT): what Linux's probe sends.
 TPM2_GETCAP_FAMILY = bytes.fromhex("8001" "00000016" "0000017a" "00000006" "00000100" "00000001")
 TPM12_GETCAP_TIMEOUTS = bytes.fromhex("00c1" "00000016" "00000065" "00000005" "00000004" "00000115")
+TPM2_SHUTDOWN_STATE = bytes.fromhex("8001" "0000000c" "00000145" "0001")   # what tpm_tis sends on suspend
 
 
 def tpm_command(port: int, command: bytes, timeout: float = 10.0) -> bytes:
@@ -45,6 +46,12 @@ def tpm_command(port: int, command: bytes, timeout: float = 10.0) -> bytes:
                 raise OSError("the vTPM closed the connection")
             data += chunk
     return data
+
+
+def tcti_port(tcti: str) -> int:
+    """The port of a ``swtpm:host=127.0.0.1,port=P`` TCTI string."""
+    opts = dict(kv.split("=", 1) for kv in tcti.strip().partition(":")[2].split(",") if "=" in kv)
+    return int(opts["port"])
 
 
 def memory_path(sim_dir: str | os.PathLike, domid: int) -> Path:
@@ -169,7 +176,7 @@ class Guest:
             log(f"{what}: no TCTI at {tcti_file.name}; skipping TPM2_Shutdown")
             return
         try:
-            rsp = send_tpm_command(tcti, TPM2_SHUTDOWN_STATE)
+            rsp = tpm_command(tcti_port(tcti), TPM2_SHUTDOWN_STATE)
             log(f"{what}: TPM2_Shutdown(STATE) rc=0x{struct.unpack('>I', rsp[6:10])[0]:x}")
         except (OSError, ValueError, KeyError) as exc:
             log(f"{what}: TPM2_Shutdown(STATE) failed: {exc}")
