@@ -71,7 +71,7 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
     store: Checkpoints | None = None
     try:
         store = Checkpoints(Repository(state, open_host(cfg).keys))
-        host = HostTrust(cfg, store.catalog_digest, store.is_empty)
+        host = HostTrust(cfg, store.catalog_digest, lambda: [e.id for e in store.entries()])
         journal = Journal(state / "catalog.sqlite", host.keys.journal_mac)
     except BaseException:
         if store is not None:

@@ -4,8 +4,9 @@ Each record's hash covers its fields (sequence number included) and the previous
 record's hash, and carries an HMAC under the audit sub-key, so an edit, a removal
 or a reordering breaks the chain at that record, and a rewritten chain cannot be
 re-MAC'd without the sealed host key.  Removing records from the *end* is caught
-by the catalog head (``head.verify_audit``), which carries the chain's last hash
-under the TPM counter.
+by the catalog head, which carries the chain's last hash under the TPM counter
+(``head.prove_log``: every append and every head advance checks it first, so a
+damaged log is never extended or re-anchored).
 """
 from __future__ import annotations
 

@@ -131,7 +131,8 @@ def advance(host: Any, catalog_digest: bytes | None = None, conn: sqlite3.Connec
         # settle() commits only to finish an interrupted change; normally the caller's staged
         # change and the pending row below reach the disk in one commit.
         current = settle(host, conn)
-        audit_seq, audit_hash = audit.tip(conn)
+        # Never anchor a log the head does not vouch for: a cut or rewritten log would be re-bound.
+        audit_seq, audit_hash = prove_log(conn, host.keys, current)
         intended = Head(current.counter + 1, current.seq + 1,
                         current.catalog_digest if catalog_digest is None else catalog_digest,
                         audit_seq, audit_hash, time.time())
@@ -168,19 +169,31 @@ def state(host: Any, conn: sqlite3.Connection) -> tuple[str, str]:
         return "corrupt", str(exc)
 
 
+def prove_log(conn: sqlite3.Connection, keys: SubKeys, *anchors: Head | None) -> tuple[int, bytes]:
+    """The audit log is intact and still holds every record the given head rows anchor; returns its tip.
+
+    Records after the newest anchor are the ones appended since the last advance (the next one
+    anchors them): the chain and their MACs protect them, the head cannot yet."""
+    count, last, hashes = audit.check_chain(conn, keys)
+    for anchor in anchors:
+        if anchor is None:
+            continue
+        if anchor.audit_seq > count:
+            raise IntegrityError(f"audit record {count + 1}: hash chain broken (records {count + 1}.."
+                                 f"{anchor.audit_seq} were removed from the end); restore the state dir from a backup")
+        if anchor.audit_seq and hashes[anchor.audit_seq] != anchor.audit_hash:
+            raise IntegrityError(f"audit record {anchor.audit_seq}: does not match the hash the catalog head "
+                                 "holds (log rewritten); restore the state dir from a backup")
+    return count, last
+
+
 def verify_audit(host: Any, conn: sqlite3.Connection) -> dict[str, Any]:
     """The audit chain is intact and ends where the TPM-bound head says it does."""
-    count, last, hashes = audit.check_chain(conn, host.keys)
     current, pending = read(conn, host.keys)
     counter = host.counter_read()
     head_state = check_fresh(current, counter, pending)  # raises on replay / reset
     assert current is not None
-    if current.audit_seq > count:
-        raise IntegrityError(f"audit record {count + 1}: hash chain broken (records {count + 1}..{current.audit_seq} "
-                             "were removed from the end); restore the state dir from a backup")
-    if current.audit_seq and hashes[current.audit_seq] != current.audit_hash:
-        raise IntegrityError(f"audit record {current.audit_seq}: does not match the hash the catalog head "
-                             "holds (log rewritten); restore the state dir from a backup")
+    count, last = prove_log(conn, host.keys, current, pending)
     return {"status": "ok", "records": count, "anchored_through": current.audit_seq,
             "unanchored": count - current.audit_seq, "last_hash": last.hex(), "counter": counter,
             "catalog_head": head_state}

@@ -83,6 +83,7 @@ def _init(cfg: Config, tpm: HostTpm, secret: bytes | None, created: bool) -> dic
             actions.append(f"wrote the catalog head at counter {counter}")
         else:
             head.check_fresh(current, counter, pending)
+            head.prove_log(conn, host.keys, current, pending)   # before sealing: a re-provision advances the head
         if not hostkey.exists():
             publish(staged, hostkey)   # durable before anything relies on "key only after head"
             if not actions:

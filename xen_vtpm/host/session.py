@@ -76,7 +76,9 @@ class Host:
         try:
             if not conn.in_transaction:
                 conn.execute("BEGIN IMMEDIATE")  # the head read and the append see one state
-            current, _ = head.read(conn, self.keys)
+            current, pending = head.read(conn, self.keys)
+            # A record chained onto a cut or rewritten log would hide the damage it follows.
+            head.prove_log(conn, self.keys, current, pending)
             counter = current.counter if current else self.counter_read()
             return audit.append(conn, self.keys, counter=counter, action=action, vm=vm, checkpoint=checkpoint,
                                 result=result, detail=detail)
