@@ -11,6 +11,8 @@ from xen_vtpm import wiring
 from xen_vtpm.config import Config
 from xen_vtpm.xen.wrapper import domain_has_vtpm, file_has_vtpm, real_xl, route
 
+from .inputs import check_save_target
+
 
 def cmd_xl_hook(args: argparse.Namespace, cfg: Config) -> int:
     argv = args.xl_args[1:] if args.xl_args[:1] == ["--"] else args.xl_args
@@ -23,7 +25,8 @@ def cmd_xl_hook(args: argparse.Namespace, cfg: Config) -> int:
     with wiring.coordinator(cfg) as coord:
         if decision.action == "save":
             assert decision.domain is not None and decision.file is not None
-            result = coord.save(decision.domain, decision.file)
+            # `xl save` replaces an existing FILE; the tool's own files it never does.
+            result = coord.save(decision.domain, check_save_target(cfg.state_dir, decision.file, force=True))
         else:
             assert decision.file is not None
             result = coord.restore(decision.file, paused=decision.paused)

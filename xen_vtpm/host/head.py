@@ -27,10 +27,10 @@ import sqlite3
 import time
 from typing import Any
 
-from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected, StorageError
+from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected
 
 from . import audit
-from .catalogdb import GENESIS, connect
+from .catalogdb import GENESIS, guarded, opened
 from .keys import SubKeys
 
 
@@ -125,9 +125,10 @@ def advance(host: Any, catalog_digest: bytes | None = None, conn: sqlite3.Connec
     Pass ``conn`` with the catalog change still uncommitted to make the change and the
     journal entry one transaction.  ``host`` is ``provision.open_host(cfg)``.
     """
-    own = conn is None
-    conn = conn or connect(host.state_dir)
-    try:
+    if conn is None:
+        with opened(host.state_dir, "advancing the catalog head") as own:
+            return advance(host, catalog_digest, own)
+    with guarded(host.state_dir, "advancing the catalog head"):
         # settle() commits only to finish an interrupted change; normally the caller's staged
         # change and the pending row below reach the disk in one commit.
         current = settle(host, conn)
@@ -144,12 +145,6 @@ def advance(host: Any, catalog_digest: bytes | None = None, conn: sqlite3.Connec
         conn.execute("DELETE FROM head WHERE kind = 'pending'")
         conn.commit()
         return done
-    except sqlite3.Error as exc:
-        raise StorageError(f"catalog head: write failed ({exc}); check free space, then run the command again "
-                           "(an interrupted change is finished automatically)") from None
-    finally:
-        if own:
-            conn.close()
 
 
 def state(host: Any, conn: sqlite3.Connection) -> tuple[str, str]:

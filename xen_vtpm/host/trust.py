@@ -22,7 +22,7 @@ from xen_vtpm.config import Config
 from xen_vtpm.errors import IntegrityError
 
 from . import head, session
-from .catalogdb import GENESIS, connect
+from .catalogdb import GENESIS, opened
 from .keys import SubKeys
 
 
@@ -57,12 +57,9 @@ class HostTrust:
         """Under the host lock: the log holds every record the head anchors, and the catalog is the
         one the head binds — or, with ``changing``, differs from it by exactly that checkpoint
         (added or removed by the operation being bound).  Returns the catalog's digest now."""
-        conn = connect(self.host.state_dir)
-        try:
+        with opened(self.host.state_dir, "reading the catalog head") as conn:
             current, pending = head.read(conn, self.host.keys)
             head.prove_log(conn, self.host.keys, current, pending)
-        finally:
-            conn.close()
         ids = set(self._ids())
         digest = self._store_digest() + ids_digest(ids)
         bound = [h.catalog_digest for h in (current, pending) if h is not None]
@@ -91,11 +88,8 @@ class HostTrust:
         """Finish an interrupted advance; then the log must prove, or the recover refuses."""
         with self.exclusive():
             self.host.recover_head()
-            conn = connect(self.host.state_dir)
-            try:
+            with opened(self.host.state_dir, "verifying the audit log") as conn:
                 head.prove_log(conn, self.host.keys, *head.read(conn, self.host.keys))
-            finally:
-                conn.close()
 
     def authorize_rollback(self, secret: bytes | None) -> None:
         self.host.authorize_rollback(secret)
