@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from e2e_helpers import GUEST, E2EHost, assert_one_line_error, e2e_host
+
 from xen_vtpm.config import Config
 
 SECRET = "correct horse battery staple\n"

@@ -17,10 +17,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-import pytest
-
 import crash_helpers as ch
+import pytest
 from e2e_helpers import GUEST, E2EHost, e2e_host
+
 from xen_vtpm.errors import XenStoreError
 from xen_vtpm.xen.xenstore import XenStore
 
