@@ -1,5 +1,23 @@
+"""`python -m xen_vtpm` and the `xen-vtpm` script.
+
+Loading the tool (tpm2-pytss, cffi, the adapters) takes a noticeable moment; a Ctrl-C in it has
+nothing to undo, so it ends the process with the usual line and exit 130 instead of a traceback
+from whichever import it interrupted.  Once loaded, ``main`` handles Ctrl-C itself.
+"""
+import os
+import signal
 import sys
 
-from xen_vtpm.cli import main
 
-sys.exit(main())
+def _interrupted_while_loading(signum: int, frame: object) -> None:
+    os.write(2, b"xen-vtpm: interrupted\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_loading)
+from xen_vtpm.cli import main  # noqa: E402  (after the handler: this import is the slow part)
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+if __name__ == "__main__":
+    sys.exit(main())

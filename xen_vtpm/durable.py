@@ -34,7 +34,10 @@ def storage_error(exc: BaseException, path: os.PathLike[str] | str, action: str)
     """One-line error naming the path, the OS (or SQLite) cause and what to do next."""
     if isinstance(exc, sqlite3.Error):
         text = str(exc)
-        if "full" in text:
+        if "full" not in text and (free := _free_bytes(path)) is not None and free < _NEARLY_FULL:
+            # SQLite reports a failed write to its WAL or shared-memory file as a "disk I/O error".
+            text = f"{text} with {free // 1024} KiB free on its file system"
+        if "full" in text or "free on its file system" in text:
             return DiskFull(f"{path}: {action} failed: disk full ({text}); free space, then run `xen-vtpm recover`")
         return StorageError(f"{path}: {action} failed: {text}; check the file and its permissions, "
                             "then run `xen-vtpm recover`")
@@ -46,6 +49,17 @@ def storage_error(exc: BaseException, path: os.PathLike[str] | str, action: str)
         return StorageError(f"{path}: {action} failed: {cause}; make the state dir writable by this user, "
                             "then run `xen-vtpm recover`")
     return StorageError(f"{path}: {action} failed: {cause}; check the disk, then run `xen-vtpm recover`")
+
+
+_NEARLY_FULL = 1 << 20
+
+
+def _free_bytes(path: os.PathLike[str] | str) -> int | None:
+    try:
+        st = os.statvfs(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def fsync_dir(path: os.PathLike[str] | str) -> None:

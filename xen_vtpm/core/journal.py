@@ -139,6 +139,7 @@ class Journal:
                 with contextlib.suppress(sqlite3.Error):
                     self.db.execute("ROLLBACK")
             raise
+        faults.reached(f"{kind}:begin")
         return Operation(op_id, kind, vm, params)
 
     def step(self, op: Operation, step: str, **data: Any) -> None:

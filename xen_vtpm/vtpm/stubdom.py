@@ -66,12 +66,15 @@ class StubdomBackend:
             raise VtpmBusy(f"{ref.backend}: serves {len(frontends)} frontends ({', '.join(frontends) or 'none'}); "
                            "a checkpoint needs exactly one consumer — detach the others first")
 
+    def _xl_state(self, ref: VtpmRef) -> str | None:
+        """`xl list`'s state flags for the stub domain, None if the toolstack does not list it."""
+        return next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), None)
+
     def is_running(self, ref: VtpmRef) -> bool:
         """Exists and has not crashed or begun dying (a crashed stub domain serves nothing)."""
         if domid_of(self.xs, ref.backend) is None:
             return False
-        state = next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), "")
-        return not ({"c", "d"} & set(state))
+        return not ({"c", "d"} & set(self._xl_state(ref) or ""))
 
     def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
         return self._slot_hashes(self._image(ref).read_bytes())
@@ -101,6 +104,8 @@ class StubdomBackend:
     def stop(self, ref: VtpmRef) -> None:
         domid = domid_of(self.xs, ref.backend)
         if domid is None:
+            if self._xl_state(ref) is not None:   # an `xl create` killed before the domain had its XenStore name
+                self.xl.destroy(ref.backend)
             return
         self.xl.destroy(ref.backend)
         mgr_domid = self.mgr.info().domid
@@ -122,7 +127,10 @@ class StubdomBackend:
 
     def start_verified(self, ref: VtpmRef) -> None:
         """Create the vTPM stub domain and prove it loaded its state before anything attaches (I1)."""
-        if self.is_running(ref) and console_status(self.cfg, ref.backend).loaded:
+        # Paused means never booted (an `xl create` interrupted before its unpause): the console's
+        # last load marker is then an earlier instance's, and proves nothing about this one.
+        if (self.is_running(ref) and "p" not in (self._xl_state(ref) or "")
+                and console_status(self.cfg, ref.backend).loaded):
             return
         self.stop(ref)  # a crashed, dying or unproven one is destroyed and made again
         offset = log_offset(self.cfg, ref.backend)
