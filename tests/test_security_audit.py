@@ -267,3 +267,22 @@ def test_recover_head_promotes_a_pending_row_over_an_unanchored_record(host_cfg)
     _cut_last(host_cfg)
     with pytest.raises(IntegrityError, match="were removed from the end"):
         head.advance(host)
+
+
+def test_an_edit_behind_the_proven_tip_is_not_laundered(host_cfg):
+    """Later proofs in one process walk only what is new.  A record edited meanwhile *before* the tip
+    already proved is not seen by the advance, but the anchor commits to the hashes as first computed:
+    the next full walk (any new command's first proof, `audit --verify`) still reports it."""
+    provision.init(host_cfg)
+    host = session.open_host(host_cfg)
+    for i in range(3):
+        host.audit("snapshot", vm="guest1", checkpoint=f"cp{i}")          # proves, then extends the tip
+    with contextlib.closing(sqlite3.connect(host_cfg.state_dir / "catalog.sqlite")) as db:
+        db.execute("UPDATE audit SET detail = 'forged' WHERE seq = 2")
+        db.commit()
+    head.advance(host)
+    session.close_all()                                                   # a new command: a full walk
+    with pytest.raises(IntegrityError, match=r"audit record 2: hash chain broken \(its contents were edited"):
+        session.audit_verify(host_cfg)
+    with pytest.raises(IntegrityError, match="audit record 2"):
+        head.advance(session.open_host(host_cfg))

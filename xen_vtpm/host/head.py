@@ -133,7 +133,7 @@ def advance(host: Any, catalog_digest: bytes | None = None, conn: sqlite3.Connec
         # change and the pending row below reach the disk in one commit.
         current = settle(host, conn)
         # Never anchor a log the head does not vouch for: a cut or rewritten log would be re-bound.
-        audit_seq, audit_hash = prove_log(conn, host.keys, current)
+        audit_seq, audit_hash = host.prove_log(conn, current)
         intended = Head(current.counter + 1, current.seq + 1,
                         current.catalog_digest if catalog_digest is None else catalog_digest,
                         audit_seq, audit_hash, time.time())
@@ -164,22 +164,42 @@ def state(host: Any, conn: sqlite3.Connection) -> tuple[str, str]:
         return "corrupt", str(exc)
 
 
-def prove_log(conn: sqlite3.Connection, keys: SubKeys, *anchors: Head | None) -> tuple[int, bytes]:
+def prove_log(conn: sqlite3.Connection, keys: SubKeys, *anchors: Head | None,
+              since: tuple[int, bytes] | None = None) -> tuple[int, bytes]:
     """The audit log is intact and still holds every record the given head rows anchor; returns its tip.
 
     Records after the newest anchor are the ones appended since the last advance (the next one
-    anchors them): the chain and their MACs protect them, the head cannot yet."""
-    count, last, hashes = audit.check_chain(conn, keys)
+    anchors them): the chain and their MACs protect them, the head cannot yet.  ``since``: a tip
+    this process proved before (``audit.check_chain``); any doubt then means a whole walk."""
+    try:
+        return _prove_log(conn, keys, anchors, since)
+    except IntegrityError:
+        if since is None:
+            raise
+        return _prove_log(conn, keys, anchors, None)      # the whole walk names the damage
+
+
+def _prove_log(conn: sqlite3.Connection, keys: SubKeys, anchors: tuple[Head | None, ...],
+               since: tuple[int, bytes] | None) -> tuple[int, bytes]:
+    count, last, hashes = audit.check_chain(conn, keys, since)
     for anchor in anchors:
         if anchor is None:
             continue
         if anchor.audit_seq > count:
             raise IntegrityError(f"audit record {count + 1}: hash chain broken (records {count + 1}.."
                                  f"{anchor.audit_seq} were removed from the end); restore the state dir from a backup")
-        if anchor.audit_seq and hashes[anchor.audit_seq] != anchor.audit_hash:
+        if anchor.audit_seq and _hash_of(conn, hashes, anchor.audit_seq) != anchor.audit_hash:
             raise IntegrityError(f"audit record {anchor.audit_seq}: does not match the hash the catalog head "
                                  "holds (log rewritten); restore the state dir from a backup")
     return count, last
+
+
+def _hash_of(conn: sqlite3.Connection, walked: dict[int, bytes], seq: int) -> bytes | None:
+    """A record's hash: as just recomputed, or (before a tip proved earlier) as stored."""
+    if seq in walked:
+        return walked[seq]
+    row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+    return None if row is None else bytes(row[0])
 
 
 def verify_audit(host: Any, conn: sqlite3.Connection) -> dict[str, Any]:

@@ -36,6 +36,13 @@ class Host:
         self.cfg = cfg
         self.keys = keys
         self.state_dir = Path(cfg.state_dir)
+        self.proven: tuple[int, bytes] | None = None     # the audit tip this process last proved
+
+    def prove_log(self, conn: sqlite3.Connection, *anchors: head.Head | None) -> tuple[int, bytes]:
+        """``head.prove_log``, walking again only the records this process has not proved yet (one
+        command proves the log several times; the first proof walks all of it)."""
+        self.proven = head.prove_log(conn, self.keys, *anchors, since=self.proven)
+        return self.proven
 
     def counter_read(self) -> int:
         with tpm_session(self.cfg) as tpm:
@@ -72,10 +79,12 @@ class Host:
                 conn.execute("BEGIN IMMEDIATE")  # the head read and the append see one state
             current, pending = head.read(conn, self.keys)
             # A record chained onto a cut or rewritten log would hide the damage it follows.
-            head.prove_log(conn, self.keys, current, pending)
+            self.prove_log(conn, current, pending)
             counter = current.counter if current else self.counter_read()
-            return audit.append(conn, self.keys, counter=counter, action=action, vm=vm, checkpoint=checkpoint,
-                                result=result, detail=detail)
+            record = audit.append(conn, self.keys, counter=counter, action=action, vm=vm, checkpoint=checkpoint,
+                                  result=result, detail=detail)
+            self.proven = (record["seq"], bytes.fromhex(record["hash"]))
+            return record
 
     def authorize_rollback(self, secret: bytes | None) -> str:
         """'authorized' or 'not-required'; AuthorizationDenied / TpmLockout / PcrPolicyMismatch otherwise."""

@@ -26,14 +26,14 @@ from .catalogdb import GENESIS, opened
 from .keys import SubKeys
 
 
-def ids_digest(ids: Iterable[str]) -> bytes:
+def _ids_digest(ids: Iterable[str]) -> bytes:
     return hashlib.sha256(b"xen-vtpm catalog ids v1\0" + "\n".join(sorted(ids)).encode()).digest()
 
 
 def _ids_part(bound: bytes) -> bytes | None:
     """The id-set half of a bound catalog digest (``init`` binds GENESIS: the empty catalog)."""
     if bound == GENESIS:
-        return ids_digest(())
+        return _ids_digest(())
     return bound[32:] if len(bound) == 64 else None
 
 
@@ -59,13 +59,13 @@ class HostTrust:
         (added or removed by the operation being bound).  Returns the catalog's digest now."""
         with opened(self.host.state_dir, "reading the catalog head") as conn:
             current, pending = head.read(conn, self.host.keys)
-            head.prove_log(conn, self.host.keys, current, pending)
+            self.host.prove_log(conn, current, pending)
         ids = set(self._ids())
-        digest = self._store_digest() + ids_digest(ids)
+        digest = self._store_digest() + _ids_digest(ids)
         bound = [h.catalog_digest for h in (current, pending) if h is not None]
         if digest in bound or (GENESIS in bound and not ids):
             return digest
-        if changing is not None and ids_digest(ids ^ {changing}) in [_ids_part(b) for b in bound]:
+        if changing is not None and _ids_digest(ids ^ {changing}) in [_ids_part(b) for b in bound]:
             return digest
         raise IntegrityError("catalog: its checkpoint rows differ from the ones the TPM-bound head records "
                              "(rows added, removed, edited or put back); if a command was interrupted run "
@@ -89,7 +89,7 @@ class HostTrust:
         with self.exclusive():
             self.host.recover_head()
             with opened(self.host.state_dir, "verifying the audit log") as conn:
-                head.prove_log(conn, self.host.keys, *head.read(conn, self.host.keys))
+                self.host.prove_log(conn, *head.read(conn, self.host.keys))
 
     def authorize_rollback(self, secret: bytes | None) -> None:
         self.host.authorize_rollback(secret)
