@@ -18,7 +18,7 @@ setup(
                     "fuzz": ["atheris>=2.3"],
                     "lint": ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.17"]},
     entry_points={
-        "console_scripts": ["xen-vtpm=xen_vtpm.cli:main"],
+        "console_scripts": ["xen-vtpm=xen_vtpm.__main__:run"],
         # The simulated host plugs its commands into the CLI; the tool never imports it.
         "xen_vtpm.commands": ["sim = xen_vtpm_sim.cli:register", "demo = xen_vtpm_sim.demo:register"],
     },

@@ -6,7 +6,6 @@ This is the only module that knows which class implements each port of the coord
 from __future__ import annotations
 
 import contextlib
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ from xen_vtpm.config import Config
 from xen_vtpm.core.coordinator import Coordinator
 from xen_vtpm.core.journal import Journal
 from xen_vtpm.core.locks import VmLock
-from xen_vtpm.errors import PreconditionFailed, StorageError, XlError
+from xen_vtpm.durable import check_private_dir
+from xen_vtpm.errors import XlError
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
 from xen_vtpm.model import VtpmCapture, VtpmRef
@@ -101,16 +101,9 @@ class Ports:
         self.xs.close()
 
 
-def _check_state_dir(state: Path) -> None:
-    if not state.is_dir():
-        raise PreconditionFailed(f"{state}: state dir missing; run `xen-vtpm init` first")
-    if stat.S_IMODE(state.stat().st_mode) & 0o077:
-        raise StorageError(f"{state}: state dir is accessible to other users; `chmod 700 {state}`")
-
-
 def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
     state = Path(cfg.state_dir)
-    _check_state_dir(state)
+    check_private_dir(state)
     with contextlib.suppress(XlError):  # no xl at all: commands that need it say so when they run it
         cfg.xl = real_xl(cfg.xl)
     xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
@@ -118,7 +111,7 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
     store: Checkpoints | None = None
     try:
         store = Checkpoints(Repository(state, open_host(cfg).keys))
-        host = HostTrust(cfg, store.catalog_digest, store.is_empty)
+        host = HostTrust(cfg, store.catalog_digest, lambda: [e.id for e in store.entries()])
         journal = Journal(state / "catalog.sqlite", host.keys.journal_mac)
     except BaseException:
         if store is not None:
@@ -133,7 +126,7 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
 @contextlib.contextmanager
 def swtpm_backend(cfg: Config) -> Iterator[SwtpmBackend]:
     """The swtpm backend alone (its keys need the unsealed host key), for `xen-vtpm vtpm ...`."""
-    _check_state_dir(Path(cfg.state_dir))
+    check_private_dir(Path(cfg.state_dir))
     keys = open_host(cfg).keys
     xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
     try:

@@ -9,8 +9,10 @@ from xen_vtpm import wiring
 from xen_vtpm.config import Config
 from xen_vtpm.core.coordinator import Coordinator
 from xen_vtpm.errors import UsageError
+from xen_vtpm.host.session import read_secret
 
 from . import render
+from .inputs import check_name, check_ref, check_save_target
 from .progress import Progress
 
 
@@ -23,18 +25,9 @@ def _run(args: argparse.Namespace, cfg: Config, call: Callable[[Coordinator], An
     return 0
 
 
-def _secret(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the rollback secret ({exc.strerror}); check --auth-file") from None
-
-
 def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> int:
-    return _run(args, cfg, lambda c: c.snapshot(args.domain, name=args.name), lambda r: r["id"])
+    name = None if args.name is None else check_name(args.name)
+    return _run(args, cfg, lambda c: c.snapshot(args.domain, name=name), lambda r: r["id"])
 
 
 def cmd_checkpoints(args: argparse.Namespace, cfg: Config) -> int:
@@ -44,6 +37,8 @@ def cmd_checkpoints(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
     if not args.all and not args.checkpoint:
         raise UsageError("verify: name a CHECKPOINT or pass --all")
+    if args.checkpoint:
+        check_ref(args.checkpoint)
     return _run(args, cfg, lambda c: c.verify(None if args.all else args.checkpoint))
 
 
@@ -51,17 +46,20 @@ def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
     if not args.yes:
         raise UsageError(f"rollback {args.domain} {args.checkpoint}: a rollback discards the guest's current "
                          "state and rolls its vTPM back; add --yes to confirm")
-    secret = _secret(args.auth_file)
+    check_ref(args.checkpoint)
+    secret = None if args.auth_file is None else read_secret(args.auth_file, "--auth-file")
     return _run(args, cfg, lambda c: c.rollback(args.domain, args.checkpoint, auth_secret=secret,
                                                 safety_checkpoint=not args.no_safety_checkpoint,
                                                 paused=args.paused))
 
 
 def cmd_delete(args: argparse.Namespace, cfg: Config) -> int:
+    check_ref(args.checkpoint)
     return _run(args, cfg, lambda c: c.delete(args.checkpoint))
 
 
 def cmd_save(args: argparse.Namespace, cfg: Config) -> int:
+    check_save_target(cfg.state_dir, args.file, force=args.force)
     return _run(args, cfg, lambda c: c.save(args.domain, args.file))
 
 
@@ -76,7 +74,8 @@ def cmd_recover(args: argparse.Namespace, cfg: Config) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("snapshot", help="checkpoint a running guest and its vTPM together")
     sp.add_argument("domain", metavar="DOMAIN")
-    sp.add_argument("--name", help="a name unique within the domain (default: snapshot-<time>)")
+    sp.add_argument("--name", help="a name unique within the domain: 1-64 letters, digits and . _ - + : @ "
+                                   "(default: snapshot-<time>)")
     sp.set_defaults(func=cmd_snapshot)
     sp = sub.add_parser("checkpoints", help="list checkpoints")
     sp.add_argument("domain", metavar="DOMAIN", nargs="?")
@@ -99,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_delete)
     sp = sub.add_parser("save", help="xl save plus a vTPM checkpoint bound to FILE")
     sp.add_argument("domain", metavar="DOMAIN")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE", help="outside the state dir")
+    sp.add_argument("--force", action="store_true", help="replace FILE if it exists")
     sp.set_defaults(func=cmd_save)
     sp = sub.add_parser("restore", help="xl restore FILE with its vTPM state")
     sp.add_argument("file", metavar="FILE")

@@ -13,6 +13,7 @@ from xen_vtpm.config import Config
 from xen_vtpm.vtpm.swtpmcfg import block_uuid
 from xen_vtpm.xen.wrapper import domain_has_vtpm, file_has_vtpm, real_xl, route
 
+from .inputs import check_save_target
 from .vtpm import start_for_cfg
 
 
@@ -38,7 +39,8 @@ def cmd_xl_hook(args: argparse.Namespace, cfg: Config) -> int:
     with wiring.coordinator(cfg) as coord:
         if decision.action == "save":
             assert decision.domain is not None and decision.file is not None
-            result = coord.save(decision.domain, decision.file)
+            # `xl save` replaces an existing FILE; the tool's own files it never does.
+            result = coord.save(decision.domain, check_save_target(cfg.state_dir, decision.file, force=True))
         else:
             assert decision.file is not None
             result = coord.restore(decision.file, paused=decision.paused)

@@ -1,7 +1,10 @@
 """Turning command results into text: tables for people, JSON for scripts (``--json``).
 
 Every command returns plain data; the functions here are the only place that decides how
-it looks on a terminal.
+it looks on a terminal.  Much of it came from outside the tool (checkpoint names and catalog
+rows, domain names, XenStore values, arguments echoed in errors), so every string is printed
+through ``clean``: a control character, an escape sequence or a newline in a name must not
+forge or hide a row that an approver reads before a rollback.
 """
 from __future__ import annotations
 
@@ -27,20 +30,39 @@ def emit(args: argparse.Namespace, data: Any, render: Renderer | None = None) ->
             print(text)
 
 
+def clean(text: str) -> str:
+    """``text`` as one printable line: every character a terminal would act on (control and format
+    characters, escapes, newlines, a byte that was not UTF-8) becomes a visible backslash escape."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:          # an undecodable byte kept by surrogateescape
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def render_default(data: Any) -> str:
     if isinstance(data, list):
         return render_table(data)
     if isinstance(data, dict):
-        width = max((len(str(k)) for k in data), default=0)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in data.items())
-    return "" if data is None else str(data)
+        width = max((len(clean(str(k))) for k in data), default=0)
+        return "\n".join(f"{clean(str(k)):<{width}}  {clean(str(v))}" for k, v in data.items())
+    return "" if data is None else clean(str(data))
 
 
 def render_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(none)"
     columns = list(columns or rows[0].keys())
-    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    cells = [[("-" if r.get(c) is None else clean(str(r.get(c)))) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
@@ -49,7 +71,9 @@ def render_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = Non
 
 # --- domains -----------------------------------------------------------------------------------
 def _xenbus_state(code: str | None) -> str | None:
-    return None if code is None else f"{code} {XENBUS_STATES.get(code, '?')}"
+    if code is None or code not in XENBUS_STATES:
+        return code                         # missing, or topology.INVALID: a domain wrote garbage
+    return f"{code} {XENBUS_STATES[code]}"
 
 
 def domains(rows: list[dict[str, Any]]) -> str:

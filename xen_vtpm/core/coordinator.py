@@ -42,6 +42,12 @@ def _default_name(kind: str, ckpt_id: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt_id[:6]}"
 
 
+def _changing(op: Operation) -> str | None:
+    """The checkpoint an operation adds to or removes from the catalog, if any: the head advance
+    that binds the operation accepts exactly that difference from the catalog it bound before."""
+    return op.params.checkpoint if op.kind in S.CAPTURING or op.kind == S.DELETE else None
+
+
 class Coordinator:
     def __init__(self, ports: Ports) -> None:
         self.p = ports
@@ -142,8 +148,10 @@ class Coordinator:
         """Commit the checkpoint and bind it to the head in one hold of the host lock.
 
         A crash in between leaves a committed checkpoint that `recover` binds (roll forward);
-        no freshness check ever sees the catalog without its head."""
+        no freshness check ever sees the catalog without its head.  Freshness is proved again
+        inside that hold: the catalog or the log may have been changed while the guest was saved."""
         with self.p.host.exclusive():
+            self._check_fresh(action, vm, checkpoint)
             summary = commit()
             self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
         return summary
@@ -155,7 +163,7 @@ class Coordinator:
             self.p.journal.step(op, S.ADVANCE_HEAD)
         # "op N" marks the operation ended in the anchored log: recover never runs it again.
         self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
-        self.p.host.advance()
+        self.p.host.advance(_changing(op))
         self.p.journal.finish(op, outcome)
 
     def _undo_snapshot(self, op: Operation, draft: Draft | None) -> bool:
@@ -284,6 +292,7 @@ class Coordinator:
                 raise
             # Once committed, the save image and the vTPM capture are a pair: end the guest as xl save does.
             with self.p.host.exclusive():
+                self._check_fresh("save", guest.name, ckpt_id)  # again, in the hold that binds the commit
                 summary = draft.commit(save_file=path, save_file_digest=digest)
                 self._finish_save(op)
             return {"id": ckpt_id, "name": name, "domain": guest.name, "file": path, **summary}
@@ -380,7 +389,7 @@ class Coordinator:
         that is down for the discard that follows leaves nothing that reads as tampering."""
         with self.p.host.exclusive():
             freed = self.p.store.delete(checkpoint_id, missing_ok=True)
-            self.p.host.advance()
+            self.p.host.advance(changing=checkpoint_id)
         return freed
 
     def checkpoints(self, domain: str | None) -> list[tuple[CatalogEntry, Checkpoint | IntegrityError]]:
@@ -441,7 +450,7 @@ class Coordinator:
                     raise IntegrityError(f"journal operation {op.op_id} ({op.kind} of {op.params.guest}): "
                                          "the audit log records its end but the journal was re-opened before "
                                          "it; recover will not run it again — inspect the catalog")
-                self.p.host.advance()  # the head may still have to bind what it committed
+                self.p.host.advance(_changing(op))  # the head may still have to bind what it committed
                 self.p.journal.finish(op, "closed (the audit log records its end)")
                 continue
             lock = self.p.lock(op.vm, op.params.guest)
@@ -470,6 +479,10 @@ class Coordinator:
         elif op.kind == S.SAVE:
             self._finish_save(op)
             outcome = "finished"
+        elif op.kind == S.ROLLBACK and not op.reached(S.DESTROY_GUEST):
+            # Interrupted before its point of no return: nothing running was touched yet.
+            self.p.journal.finish(op, "undone (interrupted before destroy-guest)")
+            outcome = "undone"
         elif op.kind == S.ROLLBACK:
             self._verify_logged(self.p.store.entry(ckpt_id), "recover rollback")  # again: the store may have changed
             self._rollback_forward(op, self.p.store.get(ckpt_id))

@@ -10,6 +10,7 @@ undo.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -133,8 +134,13 @@ class Journal:
             self._write("UPDATE op_journal SET mac=? WHERE op_id=?", (self._mac("op", op_id, kind, vm, text), op_id))
             self._write("COMMIT", ())
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite itself rolls a transaction back on some errors (a full disk among them); a
+            # ROLLBACK then fails and would replace the real error with "no transaction is active".
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
+        faults.reached(f"{kind}:begin")
         return Operation(op_id, kind, vm, params)
 
     def step(self, op: Operation, step: str, **data: Any) -> None:
@@ -150,6 +156,13 @@ class Journal:
 
     def unfinished(self) -> list[Operation]:
         """Unfinished operations, every row authenticated (IntegrityError names a forged one)."""
+        try:
+            return self._unfinished()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.db_path}: journal read failed ({exc}); check the state dir, "
+                               "then run `xen-vtpm recover`") from None
+
+    def _unfinished(self) -> list[Operation]:
         ops = []
         for op_id, kind, vm, params, mac, fin_mac in self.db.execute(
                 "SELECT op_id, kind, vm, params, mac, fin_mac FROM op_journal WHERE finished IS NULL ORDER BY op_id"):

@@ -167,12 +167,15 @@ class StubdomBackend:
                                      f"{failed.detail}; fix: {failed.fix}")
         self._disk(ref)
 
+    def _xl_state(self, ref: VtpmRef) -> str | None:
+        """`xl list`'s state flags for the stub domain, None if the toolstack does not list it."""
+        return next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), None)
+
     def is_running(self, ref: VtpmRef) -> bool:
         """Exists and has not crashed or begun dying (a crashed stub domain serves nothing)."""
         if domid_of(self.xs, ref.backend) is None:
             return False
-        state = next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), "")
-        return not ({"c", "d"} & set(state))
+        return not ({"c", "d"} & set(self._xl_state(ref) or ""))
 
     def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
         return self._slot_hashes(read_image(self._disk(ref)))
@@ -203,6 +206,8 @@ class StubdomBackend:
     def stop(self, ref: VtpmRef) -> None:
         domid = domid_of(self.xs, ref.backend)
         if domid is None:
+            if self._xl_state(ref) is not None:   # an `xl create` killed before the domain had its XenStore name
+                self.xl.destroy(ref.backend)
             return
         self._verified.pop(ref.backend, None)
         self.xl.destroy(ref.backend)
