@@ -108,6 +108,11 @@ def test_prune_keeps_the_rules_marks_and_save_bindings_and_frees_what_delete_fre
 def test_prune_never_removes_the_newest_and_with_all_prunes_every_vm(host):
     host.snapshot("n1")
     host.snapshot("n2")
+    out = host.tool("prune", GUEST, "--keep-monthly", "1", "--dry-run").stdout.splitlines()
+    assert out[0] == f"{GUEST}: kept 1, would remove 1"
+    assert out[1].split() == ["ACTION", "ID", "NAME", "KIND", "TIME", "RULES"]
+    assert out[2].split()[0] == "keep" and " n2 " in out[2] and out[2].endswith("monthly #1")
+    assert out[3].startswith("would remove") and " n1 " in out[3]
     (res,) = host.tool_json("prune", "--all", "--keep-monthly", "1")
     # one month: its newest is kept, the older one goes
     assert [e["name"] for e in res["kept"]] == ["n2"] and [e["name"] for e in res["removed"]] == ["n1"]
@@ -115,13 +120,13 @@ def test_prune_never_removes_the_newest_and_with_all_prunes_every_vm(host):
 
 
 def test_prune_uses_the_retention_section_of_the_config(host, tmp_path):
-    for name in ("c1", "c2", "c3"):
+    for name in ("c1", "c2"):
         host.snapshot(name)
     cfg = host.with_config(tmp_path)
     conf = tmp_path / "xen-vtpm.conf"
-    conf.write_text(conf.read_text() + "\n[retention]\nkeep_last = 3\n[retention.guest1]\nkeep_last = 2\n")
-    (res,) = cfg.tool_json("prune", GUEST)
-    assert [e["name"] for e in res["kept"]] == ["c3", "c2"] and [e["name"] for e in res["removed"]] == ["c1"]
+    conf.write_text(conf.read_text() + "\n[retention]\nkeep_last = 3\n[retention.guest1]\nkeep_last = 1\n")
+    (res,) = cfg.tool_json("prune", GUEST)   # the guest's own section over the general one
+    assert [e["name"] for e in res["kept"]] == ["c2"] and [e["name"] for e in res["removed"]] == ["c1"]
 
 
 def test_keep_protects_from_delete_until_unkeep(host):
@@ -141,29 +146,26 @@ def test_keep_protects_from_delete_until_unkeep(host):
     assert actions.count("keep") >= 1 and actions.count("unkeep") >= 1
 
 
-@pytest.mark.parametrize("attack", ["remove-mark", "add-mark"])
-def test_a_mark_changed_behind_the_tool_is_refused_and_nothing_changes(host, attack):
+def test_a_mark_changed_behind_the_tool_is_refused_and_nothing_changes(host):
     """An attacker with the state dir removes a mark to get a checkpoint pruned, or adds one to keep it."""
     host.snapshot("a1")
     host.snapshot("a2")
     marked, other = ids(host)["a1"], ids(host)["a2"]
     host.tool("keep", "a1")
-    with contextlib.closing(_db(host)) as db:
-        if attack == "remove-mark":
-            db.execute("DELETE FROM holds WHERE checkpoint=?", (marked,))
-        else:
-            db.execute("INSERT INTO holds VALUES (?)", (other,))
-    tampered = state(host)
-    for argv in (["prune", GUEST, "--keep-last", "1"], ["prune", GUEST, "--keep-last", "1", "--dry-run"],
-                 ["keep", "a2"], ["unkeep", "a1"], ["delete", "a2"]):
-        line = host.fails(5, *argv)
-        assert "catalog" in line and "rows differ" in line, line
-        assert state(host) == tampered, f"{' '.join(argv)} changed the store although the marks were forged"
+    for attack in ("DELETE FROM holds", f"INSERT INTO holds VALUES ('{other}')"):
+        with contextlib.closing(_db(host)) as db:
+            db.execute(attack)
+        tampered = state(host)
+        for argv in (["prune", GUEST, "--keep-last", "1"], ["prune", GUEST, "--keep-last", "1", "--dry-run"],
+                     ["keep", "a2"], ["unkeep", "a1"], ["delete", "a2"]):
+            line = host.fails(5, *argv)
+            assert "catalog" in line and "rows differ" in line, (attack, line)
+            assert state(host) == tampered, f"{attack}: {' '.join(argv)} changed the store"
+        with contextlib.closing(_db(host)) as db:   # put the mark back as the tool left it
+            db.execute("DELETE FROM holds")
+            db.execute("INSERT INTO holds VALUES (?)", (marked,))
+        host.tool("verify", "--all")
     assert any(r["action"] == "prune" and r["result"].startswith("refused") for r in audit(host))
-    with contextlib.closing(_db(host)) as db:   # put the mark back as the tool left it
-        db.execute("DELETE FROM holds")
-        db.execute("INSERT INTO holds VALUES (?)", (marked,))
-    host.tool("verify", "--all")
 
 
 BAD_INPUT = [
@@ -182,15 +184,3 @@ def test_bad_input_is_one_line_and_changes_nothing(host):
     for argv, code, words in BAD_INPUT:
         assert words in host.fails(code, *argv), argv
         assert state(host) == before, argv
-
-
-def test_prune_text_output(host):
-    host.snapshot("t1")
-    host.snapshot("t2")
-    out = host.tool("prune", GUEST, "--keep-last", "1", "--dry-run").stdout
-    lines = out.splitlines()
-    assert lines[0] == f"{GUEST}: kept 1, would remove 1"
-    assert lines[1].split() == ["ACTION", "ID", "NAME", "KIND", "TIME", "RULES"]
-    assert lines[2].split()[0] == "keep" and "last #1" in lines[2] and " t2 " in lines[2]
-    assert lines[3].startswith("would remove") and " t1 " in lines[3]
-    assert json.loads(host.tool("--json", "checkpoints", GUEST).stdout)[0]["kept"] is False

@@ -167,7 +167,7 @@ policies = st.builds(RetentionPolicy, **{f"keep_{r}": st.integers(min_value=0, m
 zones = st.sampled_from([UTC, dt.timezone(dt.timedelta(hours=-5)), dt.timezone(dt.timedelta(hours=5, minutes=30))])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(calendars(), policies, zones)
 def test_kept_set_is_what_the_rules_say(cands, policy, tz):
     result = select(cands, policy, tz=tz)
@@ -176,7 +176,7 @@ def test_kept_set_is_what_the_rules_say(cands, policy, tz):
     assert {k: set(v) for k, v in result.items()} == want
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(calendars(), policies, zones)
 def test_never_the_newest_never_a_marked_one_and_each_rule_within_its_count(cands, policy, tz):
     result = select(cands, policy, tz=tz)

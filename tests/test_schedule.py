@@ -33,7 +33,7 @@ on_calendar = hourly
 [retention]
 keep_daily = 7
 [retention.guest1]
-keep_last = 2
+keep_last = 1
 """
 
 
@@ -125,15 +125,15 @@ def test_the_service_command_line_snapshots_and_prunes_on_the_simulated_host(sim
     argv = exec_start(root, GUEST)
     assert argv[-3:] == ["schedule", "run", GUEST]
     before = checkpoint_names(sim, config)
-    for _ in range(3):
+    for _ in range(2):
         proc = subprocess.run(argv, env=SYSTEMD_ENV, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
     names = checkpoint_names(sim, config)
-    # [retention.guest1] keep_last = 2: of the three runs' snapshots the two newest stay
-    assert len(names) == 2 and not set(names) & set(before), names
+    # keep_daily = 7 and guest1's keep_last = 1: both runs fall on one day, only the second run's stays
+    assert len(names) == 1 and not set(names) & set(before), names
     runs = [r for r in json.loads(tool(sim, config, "--json", "audit").stdout) if r["action"] == "schedule"]
-    assert [r["result"] for r in runs[-3:]] == ["ok"] * 3
-    assert runs[-1]["checkpoint"] and runs[-1]["detail"].endswith("pruned 1")
+    assert [r["result"] for r in runs[-2:]] == ["ok"] * 2
+    assert runs[-1]["checkpoint"] and runs[-1]["detail"] == f"snapshot {names[0]}, pruned 1"
     (row,) = json.loads(tool(sim, config, "--json", "schedule", "list", "--root", str(root)).stdout)
     assert row["last_run"].endswith(" ok")
     tool(sim, config, "audit", "--verify")
