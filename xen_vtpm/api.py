@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 from xen_vtpm import schedule, wiring
 from xen_vtpm.config import Config
 from xen_vtpm.core.coordinator import Coordinator
-from xen_vtpm.errors import UsageError, XenVtpmError
+from xen_vtpm.errors import XenVtpmError
 from xen_vtpm.host import provision
 from xen_vtpm.model import Checkpoint, PruneEntry, PruneResult, RetentionPolicy
 
@@ -138,9 +137,6 @@ class ScheduledRun:
     prune: PruneResult | None
 
 
-Progress = Callable[[str, "int | None"], Any]
-
-
 class Host:
     """This host's checkpoints.  ``config``: the config file (default ``$XEN_VTPM_CONFIG``, then
     ``/etc/xen-vtpm/xen-vtpm.conf``) or a loaded ``Config``.  ``progress``, if given, is called as
@@ -148,7 +144,7 @@ class Host:
     ``update(n)`` and ``close()``."""
 
     def __init__(self, config: str | os.PathLike[str] | Config | None = None, *,
-                 progress: Progress | None = None) -> None:
+                 progress: wiring.Progress | None = None) -> None:
         self.config = config if isinstance(config, Config) else Config.load(config)
         self._progress = progress
 
@@ -233,15 +229,11 @@ class Host:
     def run_schedule(self, domain: str) -> ScheduledRun:
         """What the guest's timer runs: a snapshot, then a prune with the guest's [retention] rules
         (unless its [schedule] says ``prune = no``).  The outcome, failed or not, goes to the audit log."""
-        prune = self.config.schedule(domain)["prune"]
-        policy = self.retention(domain)
-        if prune and policy.empty:   # before the snapshot: a schedule that never prunes fills the disk
-            raise UsageError(f"schedule {domain}: prune = yes but no keep_* rule in [retention] or "
-                             f"[retention.{domain}] of {self.config.path}; set one, or prune = no")
+        policy = schedule.rules(self.config, domain)   # before the snapshot
         with self._coordinator() as coord:
             try:
                 snap = SnapshotResult(**coord.snapshot(domain))
-                pruned = coord.prune(domain, lambda _: policy)[0] if prune else None
+                pruned = coord.prune(domain, lambda _: policy)[0] if policy else None
             except XenVtpmError as exc:
                 with contextlib.suppress(XenVtpmError):   # the failure is what the caller must see
                     coord.p.audit.append(action=schedule.SCHEDULED, vm=domain, checkpoint=None,

@@ -24,6 +24,7 @@ from xen_vtpm.config import Config
 from xen_vtpm.durable import make_dirs, write_atomic
 from xen_vtpm.errors import NotFound, PreconditionFailed, UsageError, XenVtpmError
 from xen_vtpm.host import session
+from xen_vtpm.model import RetentionPolicy
 
 UNIT = "xen-vtpm-snapshot"
 TEMPLATES = (f"{UNIT}@.service", f"{UNIT}@.timer")
@@ -64,6 +65,18 @@ def command(cfg: Config) -> str:
     return " ".join(shlex.quote(a) for a in argv).replace("%", "%%")
 
 
+def rules(cfg: Config, guest: str) -> RetentionPolicy | None:
+    """The retention rules a run of ``guest``'s schedule prunes with (None: ``prune = no``).  A run that
+    would prune without any rule is refused, here and before each run: it would fill the disk."""
+    if not cfg.schedule(guest)["prune"]:
+        return None
+    policy = RetentionPolicy(**cfg.retention(guest))
+    if policy.empty:
+        raise UsageError(f"schedule {guest}: prune = yes but no keep_* rule in [retention] or [retention.{guest}] "
+                         f"of {cfg.path}; set one, or prune = no, so the runs do not fill the disk")
+    return policy
+
+
 def _check_calendar(expr: str, where: str) -> None:
     """Refuse an OnCalendar= systemd cannot parse now, not at the first run that never comes."""
     if "\n" in expr or not expr.strip():
@@ -99,10 +112,7 @@ def install(cfg: Config, guest: str, root: Path | None = None) -> dict[str, Any]
     unit = timer(guest)
     sched = cfg.schedule(guest)
     _check_calendar(sched["on_calendar"], f"{cfg.path}: [schedule.{guest}] or [schedule]")
-    if sched["prune"] and not any(v for k, v in cfg.retention(guest).items() if k.startswith("keep_")):
-        raise UsageError(f"schedule install {guest}: prune = yes but no keep_* rule in [retention] or "
-                         f"[retention.{guest}] of {cfg.path}; set one (or prune = no) so the runs do not fill "
-                         "the disk")
+    rules(cfg, guest)
     units = _unit_dir(root)
     make_dirs(units, what="creating the systemd unit directory")
     cmd = command(cfg)
