@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Synchronized, TPM-sealed checkpoints of Xen guests and their vTPMs",
     packages=find_packages(include=["xen_vtpm", "xen_vtpm.*", "xen_vtpm_sim", "xen_vtpm_sim.*"]),
+    # The API's type information (PEP 561) and the systemd unit templates `schedule install` writes.
+    package_data={"xen_vtpm": ["py.typed", "__init__.pyi", "units/*"]},
     python_requires=">=3.11",
     setup_requires=["cffi>=1.15"],
     cffi_modules=["cext/build_hashing.py:ffi"],

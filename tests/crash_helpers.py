@@ -35,7 +35,8 @@ from xen_vtpm_sim import domains
 # safety snapshot, save) and a delete pass.
 _WRITE_POINTS = ("write.journaled", "write.pack-published", "write.manifest-published", "write.committed")
 STORE_POINTS = {"snapshot": _WRITE_POINTS, "pre-rollback": _WRITE_POINTS, "save": _WRITE_POINTS,
-                "delete": ("delete.committed", "delete.unlinked-one")}
+                "delete": ("delete.committed", "delete.unlinked-one"),
+                "prune": ("delete.committed", "delete.unlinked-one")}
 
 MARK_OFFSET = 7 * 4096 + 2048     # the guest scribbles only the first 48 bytes of a page
 MARK_LEN = 32
@@ -308,6 +309,24 @@ def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
             assert "unknown checkpoint" in str(exc), str(exc)
             return False
     return True
+
+
+def manager_keeps(sim: SimHost, checkpoint_id: str, guest: str = GUEST) -> bool:
+    """Probe that leaves a live entry alone (unlike ``manager_knows``): a checkpoint request under the
+    same id is refused while the entry exists; where it is gone, the entry the probe made is discarded."""
+    from xen_vtpm.config import Config
+    from xen_vtpm.errors import ManagerError
+    from xen_vtpm.vtpm.manager import ManagerClient
+    # The manager knows a vTPM by the UUID on its stub domain's own vtpm= line.
+    vtpm_uuid = next(r for r in tool_json(sim, "list") if r["name"] == f"vtpm-{guest}")["vtpms"][0]["uuid"]
+    with ManagerClient(Config.load(sim.config)) as mgr:
+        try:
+            mgr.submit("checkpoint", checkpoint_id, vtpm_uuid)
+        except ManagerError as exc:
+            assert "already exists" in str(exc), str(exc)
+            return True
+        mgr.submit("discard", checkpoint_id)
+    return False
 
 
 def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str]:

@@ -10,12 +10,14 @@ host shared by a test module) by importing them into a test file::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,19 @@ def start_sim_host(path: Path, stock_manager: bool = False, **platform: object) 
 def stop_sim_host(sim: SimHost) -> None:
     host.down(sim.dir)
     assert domains.owned_pids(sim.dir) == [], "sim down left processes behind"
+
+
+@contextlib.contextmanager
+def initialised_host(path: Path, *guests: str) -> Iterator[SimHost]:
+    """A host after `xen-vtpm init`, with `guests` running (16 MiB each); always taken down."""
+    sim = start_sim_host(path)
+    try:
+        sim.tool("init")
+        for guest in guests:
+            sim.create_guest(guest)
+        yield sim
+    finally:
+        stop_sim_host(sim)
 
 
 @pytest.fixture

@@ -145,6 +145,13 @@ class Checkpoints:
     def delete(self, checkpoint_id: str, missing_ok: bool = False) -> int:
         return self.repo.delete(checkpoint_id, missing_ok=missing_ok)
 
+    def holds(self) -> set[str]:
+        """Checkpoints marked with `keep` (the catalog digest covers the marks)."""
+        return self.repo.holds()
+
+    def set_hold(self, checkpoint_id: str, held: bool) -> None:
+        self.repo.set_hold(checkpoint_id, held)
+
     def recover(self) -> dict[str, Any]:
         return self.repo.recover()
 

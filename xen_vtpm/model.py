@@ -156,3 +156,47 @@ class Check:
     passed: bool
     detail: str
     fix: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionPolicy:
+    """How many checkpoints `prune` keeps per rule (0: the rule is off; ``core.retention`` applies
+    them), and whether checkpoints a save file is bound to are candidates too."""
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    include_saves: bool = False
+
+    RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+    def counts(self) -> dict[str, int]:
+        """rule -> count, in the order the rules are listed."""
+        return {rule: int(getattr(self, f"keep_{rule}")) for rule in self.RULES}
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.counts().values())
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneEntry:
+    """One checkpoint `prune` looked at, and why it stays (``rules`` is empty for one it removes)."""
+    id: str
+    name: str
+    kind: str
+    time: str              # UTC, ISO 8601
+    rules: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    """What `prune` kept and removed of one VM's checkpoints, newest first."""
+    domain: str
+    vm_uuid: str
+    dry_run: bool
+    kept: tuple[PruneEntry, ...]
+    removed: tuple[PruneEntry, ...]
+    freed_bytes: int

@@ -17,11 +17,14 @@ from xen_vtpm.core.coordinator import Coordinator
 from xen_vtpm.core.journal import Journal
 from xen_vtpm.core.locks import VmLock
 from xen_vtpm.durable import check_private_dir
-from xen_vtpm.errors import XlError
+from xen_vtpm.errors import XenVtpmError, XlError
+from xen_vtpm.host import preflight as host_preflight
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
-from xen_vtpm.model import VtpmCapture, VtpmRef
+from xen_vtpm.model import Check, VtpmCapture, VtpmRef
 from xen_vtpm.store import Repository
+from xen_vtpm.vtpm import preflight as vtpm_preflight
+from xen_vtpm.vtpm.manager import ManagerClient
 from xen_vtpm.vtpm.stubdom import StubdomBackend
 from xen_vtpm.vtpm.swtpm import SwtpmBackend
 from xen_vtpm.xen.domains import Guests
@@ -143,3 +146,14 @@ def coordinator(cfg: Config, progress: Progress | None = None) -> Iterator[Coord
         yield Coordinator(ports)
     finally:
         ports.close()
+
+
+def doctor_checks(cfg: Config) -> list[Check]:
+    """`xen-vtpm doctor`: the vTPM stack's checks (they need XenStore) and the host's."""
+    checks = host_preflight.host_checks(cfg)
+    try:
+        xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
+    except XenVtpmError as exc:
+        return [Check("xenstore", False, str(exc), "run xen-vtpm in dom0 with xenstored running"), *checks]
+    with xs:
+        return vtpm_preflight.vtpm_checks(cfg, xs, Xl(cfg), ManagerClient(cfg, xs)) + checks

@@ -142,6 +142,16 @@ def _write_xl(sim_dir: Path) -> None:
     script.chmod(0o755)
 
 
+def _write_tool(sim_dir: Path) -> None:
+    """bin/xen-vtpm: the tool that started the host, so the exports' PATH finds it as it finds `xl`
+    (a shell that evaluated them has the sim's bin/ on PATH, not the tool's venv)."""
+    script = sim_dir / "bin" / "xen-vtpm"
+    script.write_text("#!/bin/sh\n"
+                      f"PYTHONPATH={shlex.quote(_env(sim_dir)['PYTHONPATH'])} "
+                      f"exec {shlex.quote(sys.executable)} -m xen_vtpm \"$@\"\n")
+    script.chmod(0o755)
+
+
 def module_available(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -187,6 +197,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "f
                      xen_lib_dir=d / "var" / "lib" / "xen")
         cfg.save(d / "config.ini")
         _write_xl(d)
+        _write_tool(d)
         if module_available("xen_vtpm_sim.vtpmmgr"):
             _create_manager(d, stock_manager)
         else:

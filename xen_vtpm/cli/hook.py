@@ -4,11 +4,12 @@ Routing is ``xen.wrapper.route``; this module only runs what it decides."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
 
-from xen_vtpm import wiring
+from xen_vtpm.api import Host, RestoreResult, SaveResult
 from xen_vtpm.config import Config
 from xen_vtpm.vtpm.swtpmcfg import block_uuid
 from xen_vtpm.xen.wrapper import domain_has_vtpm, file_has_vtpm, real_xl, route
@@ -36,16 +37,17 @@ def cmd_xl_hook(args: argparse.Namespace, cfg: Config) -> int:
         os.execv(xl_bin, [xl_bin, *argv])
     # xen-vtpm's own xl calls must reach the real xl, never this wrapper again.
     cfg.xl = xl_bin
-    with wiring.coordinator(cfg) as coord:
-        if decision.action == "save":
-            assert decision.domain is not None and decision.file is not None
-            # `xl save` replaces an existing FILE; the tool's own files it never does.
-            result = coord.save(decision.domain, check_save_target(cfg.state_dir, decision.file, force=True))
-        else:
-            assert decision.file is not None
-            result = coord.restore(decision.file, paused=decision.paused)
+    host = Host(cfg)
+    result: SaveResult | RestoreResult
+    if decision.action == "save":
+        assert decision.domain is not None and decision.file is not None
+        # `xl save` replaces an existing FILE; the tool's own files it never does.
+        result = host.save(decision.domain, check_save_target(cfg.state_dir, decision.file, force=True))
+    else:
+        assert decision.file is not None
+        result = host.restore(decision.file, paused=decision.paused)
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(json.dumps(dataclasses.asdict(result), sort_keys=True))
     return 0
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from xen_vtpm.api import Host
 from xen_vtpm.config import Config
 from xen_vtpm.host import provision, session
 from xen_vtpm.xen import topology
 
-from . import doctor, render
+from . import render
 
 
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
@@ -21,9 +22,7 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    out = provision.status(cfg)
-    out["real_host"] = doctor.summary(doctor.run_checks(cfg))
-    render.emit(args, out)
+    render.emit(args, Host(cfg).status())
     return 0
 
 

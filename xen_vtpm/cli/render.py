@@ -14,14 +14,13 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from xen_vtpm.errors import IntegrityError
-from xen_vtpm.model import CatalogEntry, Checkpoint
 from xen_vtpm.xen.topology import XENBUS_STATES
 
 Renderer = Callable[[Any], str]
 
 
 def emit(args: argparse.Namespace, data: Any, render: Renderer | None = None) -> None:
+    data = plain(data)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True, default=str))
     elif not args.quiet:
@@ -47,6 +46,15 @@ def clean(text: str) -> str:
         else:
             out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return "".join(out)
+
+
+def plain(data: Any) -> Any:
+    """The API's dataclasses as dicts (lists of them as lists of dicts): JSON and the tables print those."""
+    if isinstance(data, list):
+        return [plain(item) for item in data]
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        return dataclasses.asdict(data)
+    return data
 
 
 def render_default(data: Any) -> str:
@@ -97,7 +105,9 @@ def audit(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no audit records)"
     cols = ("seq", "time", "user", "action", "vm", "checkpoint", "counter", "result", "detail")
-    shown = [dict(r, result=_cut(r.get("result")), detail=_cut(r.get("detail"))) for r in rows]
+    # A prune's record names every checkpoint it removed.
+    shown = [dict(r, result=_cut(r.get("result")), detail=_cut(r.get("detail")), checkpoint=_cut(r.get("checkpoint")))
+             for r in rows]
     return render_table(shown, cols)
 
 
@@ -106,26 +116,38 @@ def _cut(text: Any, limit: int = 60) -> Any:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
-CHECKPOINT_COLUMNS = ["id", "name", "domain", "kind", "backend", "time", "size", "stored_bytes", "verified"]
-
-
-def checkpoint_rows(described: list[tuple[CatalogEntry, Checkpoint | IntegrityError]]) -> list[dict[str, Any]]:
-    """`verified` says whether the manifest MAC held (`verify` reads every chunk)."""
-    rows = []
-    for entry, ckpt in described:
-        if isinstance(ckpt, Checkpoint):
-            rows.append({"id": ckpt.id, "name": ckpt.name, "domain": ckpt.vm_name, "kind": ckpt.kind,
-                         "backend": ckpt.meta.backend_kind, "time": ckpt.time, "size": ckpt.size,
-                         "stored_bytes": ckpt.stored_bytes,
-                         "verified": "manifest ok"})
-        else:
-            rows.append({**dataclasses.asdict(entry), "domain": entry.vm_name, "kind": None,
-                         "verified": f"FAILED: {ckpt}"})
-    return [{c: r.get(c) for c in CHECKPOINT_COLUMNS} for r in rows]
+CHECKPOINT_COLUMNS = ["id", "name", "domain", "kind", "backend", "time", "size", "stored_bytes", "verified",
+                      "kept"]
 
 
 def checkpoints(rows: list[dict[str, Any]]) -> str:
-    return render_table(rows, CHECKPOINT_COLUMNS)
+    return render_table([dict(r, kept="keep" if r["kept"] else None) for r in rows], CHECKPOINT_COLUMNS)
+
+
+# --- prune ------------------------------------------------------------------------------------------
+def prune(results: list[dict[str, Any]]) -> str:
+    """Per VM: a summary line, then every checkpoint newest first with what happens to it and why."""
+    if not results:
+        return "(no checkpoints)"
+    out = []
+    for res in results:
+        verb = "would remove" if res["dry_run"] else "removed"
+        freed = "" if res["dry_run"] else f", freed {res['freed_bytes']} bytes"
+        rows = [dict(e, action="keep", rules=", ".join(e["rules"])) for e in res["kept"]]
+        rows += [dict(e, action=verb.replace("removed", "remove"), rules=None) for e in res["removed"]]
+        rows.sort(key=lambda r: (r["time"], r["id"]), reverse=True)
+        out.append(f"{res['domain']}: kept {len(res['kept'])}, {verb} {len(res['removed'])}{freed}\n"
+                   + render_table(rows, ["action", "id", "name", "kind", "time", "rules"]))
+    return "\n\n".join(out)
+
+
+# --- schedules -------------------------------------------------------------------------------------
+def schedules(rows: list[dict[str, Any]]) -> str:
+    """The last run's result is cut here, like the audit log's; `--json` has it whole."""
+    if not rows:
+        return "(no schedules)"
+    return render_table([dict(r, last_run=_cut(r["last_run"])) for r in rows],
+                        ["guest", "unit", "on_calendar", "enabled", "last_run"])
 
 
 # --- doctor ------------------------------------------------------------------------------------

@@ -28,10 +28,20 @@ from xen_vtpm.errors import (
     Locked,
     NoCheckpointFeature,
     PreconditionFailed,
+    UsageError,
     XenVtpmError,
 )
-from xen_vtpm.model import CatalogEntry, Checkpoint, Guest, VtpmCapture, VtpmRef
+from xen_vtpm.model import (
+    CatalogEntry,
+    Checkpoint,
+    Guest,
+    PruneResult,
+    RetentionPolicy,
+    VtpmCapture,
+    VtpmRef,
+)
 
+from . import retention
 from . import steps as S
 from .interfaces import Draft, Ports
 from .journal import Operation, OpParams
@@ -42,10 +52,17 @@ def _default_name(kind: str, ckpt_id: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt_id[:6]}"
 
 
-def _changing(op: Operation) -> str | None:
-    """The checkpoint an operation adds to or removes from the catalog, if any: the head advance
-    that binds the operation accepts exactly that difference from the catalog it bound before."""
-    return op.params.checkpoint if op.kind in S.CAPTURING or op.kind == S.DELETE else None
+def _changing(op: Operation) -> tuple[str, ...] | None:
+    """The checkpoints an operation adds to or removes from the catalog: the head advance that
+    binds the operation accepts exactly that difference in the id set from the catalog it bound
+    before.  A keep mark changes a row but no id (the empty tuple); None accepts no change."""
+    if op.kind in S.CAPTURING or op.kind == S.DELETE:
+        return (op.params.checkpoint or "",)
+    if op.kind == S.PRUNE:
+        return op.params.removes
+    if op.kind in (S.KEEP, S.UNKEEP):
+        return ()
+    return None
 
 
 class Coordinator:
@@ -372,25 +389,123 @@ class Coordinator:
         ckpt = self.p.store.get(checkpoint)
         with self.p.lock(ckpt.vm_uuid, ckpt.vm_name):
             self._check_fresh("delete", ckpt.vm_name, ckpt.id)
+            if ckpt.id in self.p.store.holds():
+                raise PreconditionFailed(f"checkpoint {ckpt.name}: marked with `keep`; "
+                                         f"`xen-vtpm unkeep {ckpt.id}` first if it may go")
             op = self.p.journal.begin(S.DELETE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
                                                                       vtpm=ckpt.meta.vtpm_backend,
                                                                       vtpm_kind=ckpt.meta.backend_kind,
                                                                       manager_checkpoint=ckpt.manager_checkpoint))
-            self.p.journal.step(op, S.DELETE_STORE)
-            freed = self._delete_and_bind(ckpt.id)
-            if ckpt.manager_checkpoint:
-                self.p.journal.step(op, S.DISCARD_MANAGER)
-                self.p.vtpm.discard(ckpt.vtpm_ref(), ckpt.manager_checkpoint)
+            freed = self._remove(op)
             self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
             return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
 
-    def _delete_and_bind(self, checkpoint_id: str) -> int:
+    def _remove(self, op: Operation) -> int:
+        """The steps of delete and prune, resumable by recover: the checkpoints leave the store
+        (bound to the head at once), then the manager discards their entries."""
+        params = op.params
+        ids = params.removes or (params.checkpoint or "",)
+        managers = params.manager_checkpoints or tuple(filter(None, (params.manager_checkpoint,)))
+        freed = 0
+
+        def delete_store() -> None:
+            nonlocal freed
+            freed = self._delete_and_bind(ids)
+
+        def discard_manager() -> None:
+            for manager_checkpoint in managers:
+                self.p.vtpm.discard(self._vtpm_of(op), manager_checkpoint)
+
+        self._step_once(op, S.DELETE_STORE, delete_store)
+        if managers:
+            self._step_once(op, S.DISCARD_MANAGER, discard_manager)
+        return freed
+
+    def _delete_and_bind(self, checkpoint_ids: tuple[str, ...]) -> int:
         """Delete from the store and bind the smaller catalog to the head at once, so a manager
         that is down for the discard that follows leaves nothing that reads as tampering."""
         with self.p.host.exclusive():
-            freed = self.p.store.delete(checkpoint_id, missing_ok=True)
-            self.p.host.advance(changing=checkpoint_id)
+            freed = sum(self.p.store.delete(checkpoint_id, missing_ok=True) for checkpoint_id in checkpoint_ids)
+            self.p.host.advance(changing=checkpoint_ids)
         return freed
+
+    # --- prune / keep ------------------------------------------------------------
+    def prune(self, domain: str | None, policy_for: Callable[[str], RetentionPolicy], *,
+              dry_run: bool = False) -> list[PruneResult]:
+        """Apply the retention rules (``retention``; ``policy_for(vm_name)``) to one VM's checkpoints,
+        or every VM's with ``domain`` None; each VM is one journaled operation, a delete of many."""
+        if not dry_run:
+            self.recover()
+        if domain is None:
+            vms = list({e.vm_uuid: e.vm_name for e in self.p.store.entries()}.items())
+        elif vm_uuid := self.p.store.vm_uuid_of(domain):   # checkpoints outlive their domain
+            vms = [(vm_uuid, domain)]
+        else:
+            guest = self.p.guests.find(domain)
+            vms = [(guest.uuid, guest.name)]
+        policies = {name: policy_for(name) for _, name in vms}
+        for name, policy in policies.items():   # before anything changes
+            if policy.empty:
+                raise UsageError(f"prune {name}: no rule given, so every checkpoint would stay; pass at least one "
+                                 "--keep-last/--keep-daily/... N, or set keep_* in the [retention] config section")
+        return [self._prune_vm(vm_uuid, name, policies[name], dry_run) for vm_uuid, name in vms]
+
+    def _prune_vm(self, vm_uuid: str, vm_name: str, policy: RetentionPolicy, dry_run: bool) -> PruneResult:
+        with self.p.lock(vm_uuid, vm_name):
+            # The rules read times, kinds and marks: only from a catalog the head vouches for.
+            if dry_run:
+                self._check_fresh_readonly("prune", vm_name)
+            else:
+                self._check_fresh("prune", vm_name)
+            ckpts = []
+            for entry, ckpt in self.p.store.described(vm_uuid):
+                if isinstance(ckpt, IntegrityError):   # logged like a failed verify: a security event
+                    with contextlib.suppress(XenVtpmError):
+                        self.p.audit.append(action=S.PRUNE, vm=vm_name, checkpoint=entry.id,
+                                            result=f"refused: {ckpt}"[:500])
+                    raise IntegrityError(f"{ckpt}; {vm_name} was not pruned — see `xen-vtpm verify --all`, "
+                                         "then delete the damaged checkpoint")
+                ckpts.append(ckpt)
+            entries = retention.plan(ckpts, self.p.store.holds(), policy)
+            removed = {e.id for e in entries if not e.rules}
+            gone = [c for c in ckpts if c.id in removed]
+            freed = 0
+            if gone and not dry_run:
+                op = self.p.journal.begin(S.PRUNE, vm_uuid, OpParams(
+                    guest=vm_name, removes=tuple(c.id for c in gone),
+                    # One guest's checkpoints share its vTPM; the backend routes the discards.
+                    vtpm=gone[0].meta.vtpm_backend, vtpm_kind=gone[0].meta.backend_kind,
+                    manager_checkpoints=tuple(c.manager_checkpoint for c in gone if c.manager_checkpoint)))
+                freed = self._remove(op)
+                self._finish(op, action=S.PRUNE, vm=vm_name, checkpoint=" ".join(op.params.removes))
+            return PruneResult(domain=vm_name, vm_uuid=vm_uuid, dry_run=dry_run,
+                               kept=tuple(e for e in entries if e.rules),
+                               removed=tuple(e for e in entries if not e.rules), freed_bytes=freed)
+
+    def keep(self, checkpoint: str, keep: bool = True) -> dict[str, Any]:
+        """Set (or clear) the mark that keeps a checkpoint from `prune` and `delete`.  The mark is a
+        catalog row the head binds, so one added or removed behind the tool's back is tampering."""
+        self.recover()
+        ckpt = self.p.store.get(checkpoint)
+        kind = S.KEEP if keep else S.UNKEEP
+        with self.p.lock(ckpt.vm_uuid, ckpt.vm_name):
+            self._check_fresh(kind, ckpt.vm_name, ckpt.id)
+            if (ckpt.id in self.p.store.holds()) != keep:
+                op = self.p.journal.begin(kind, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id))
+                self._mark(op)
+            return {"id": ckpt.id, "name": ckpt.name, "domain": ckpt.vm_name, "kept": keep}
+
+    def _mark(self, op: Operation) -> None:
+        """The mark and the head that binds it change in one hold of the host lock, as a commit does."""
+        ckpt_id = op.params.checkpoint or ""
+        first_run = not op.reached(S.MARK)
+        if first_run:
+            self.p.journal.step(op, S.MARK)
+        with self.p.host.exclusive():
+            if first_run:   # the advance below accepts any edited row, so prove none was edited before
+                self.p.host.check_fresh()
+            self.p.store.set_hold(ckpt_id, op.kind == S.KEEP)
+            self._finish(op, action=op.kind, vm=op.params.guest, checkpoint=ckpt_id)
 
     def checkpoints(self, domain: str | None) -> list[tuple[CatalogEntry, Checkpoint | IntegrityError]]:
         vm_uuid = None
@@ -399,10 +514,17 @@ class Coordinator:
         return self.p.store.described(vm_uuid)
 
     def verify(self, checkpoint: str | None) -> list[dict[str, Any]]:
+        self._check_fresh_readonly("verify", None, checkpoint)
+        # Catalog entries only: opening a manifest already checks its MAC, which must be logged too.
+        entries = [self.p.store.entry(checkpoint)] if checkpoint else self.p.store.entries()
+        return [self._verify_logged(entry, "verify") for entry in entries]
+
+    def _check_fresh_readonly(self, action: str, vm: str | None, checkpoint: str | None = None) -> None:
+        """Freshness for a command that changes nothing and so does not recover: say so if an
+        interrupted change explains a mismatch."""
         try:
-            self._check_fresh("verify", None, checkpoint)
+            self._check_fresh(action, vm, checkpoint)
         except (IntegrityError, FreshnessError):
-            # verify changes nothing, so it does not recover: say so if an interrupted change explains it.
             pending = self.p.journal.unfinished()
             if pending:
                 op = pending[0]
@@ -410,9 +532,6 @@ class Coordinator:
                                          f"{op.op_id}, at {op.last_step}) must be finished first; "
                                          "run `xen-vtpm recover`") from None
             raise
-        # Catalog entries only: opening a manifest already checks its MAC, which must be logged too.
-        entries = [self.p.store.entry(checkpoint)] if checkpoint else self.p.store.entries()
-        return [self._verify_logged(entry, "verify") for entry in entries]
 
     def _check_fresh(self, action: str, vm: str | None, checkpoint: str | None = None) -> None:
         """Freshness against the TPM counter and the bound catalog; damage found here is a
@@ -490,11 +609,13 @@ class Coordinator:
         elif op.kind == S.RESTORE:
             self._restore_forward(op, self.p.store.get(ckpt_id))
             outcome = "finished"
-        elif op.kind == S.DELETE:
-            self._delete_and_bind(ckpt_id)
-            if op.params.manager_checkpoint:
-                self.p.vtpm.discard(self._vtpm_of(op), op.params.manager_checkpoint)
-            self._finish(op, action=S.DELETE, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
+        elif op.kind in (S.DELETE, S.PRUNE):
+            self._remove(op)
+            ckpt_id = " ".join(op.params.removes) or ckpt_id
+            self._finish(op, action=op.kind, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
+            outcome = "finished"
+        elif op.kind in (S.KEEP, S.UNKEEP):
+            self._mark(op)
             outcome = "finished"
         else:
             self.p.journal.finish(op, f"abandoned (unknown kind {op.kind})")

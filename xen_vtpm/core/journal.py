@@ -63,14 +63,18 @@ class OpParams:
     path: str | None = None                    # save/restore: the save file
     moved: bool = False                        # restore: the vTPM moved on and is put back
     manager_checkpoint: str | None = None      # delete: the manager entry to discard
+    removes: tuple[str, ...] = ()              # prune: the checkpoints it deletes
+    manager_checkpoints: tuple[str, ...] = ()  # prune: their manager entries
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False)},
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False, ())},
                           sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> OpParams:
-        return cls(**json.loads(text))
+        # JSON has no tuples: the lists are the tuple fields.
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
+        return cls(**values)
 
 
 @dataclass

@@ -53,10 +53,11 @@ class HostTrust:
         so no freshness check ever sees one without the other."""
         return session.tpm_session(self.cfg)
 
-    def _prove(self, changing: str | None) -> bytes:
+    def _prove(self, changing: Iterable[str] | None) -> bytes:
         """Under the host lock: the log holds every record the head anchors, and the catalog is the
-        one the head binds — or, with ``changing``, differs from it by exactly that checkpoint
-        (added or removed by the operation being bound).  Returns the catalog's digest now."""
+        one the head binds — or, with ``changing``, differs from it by exactly those checkpoints
+        (added or removed by the operation being bound; none for a keep mark, which edits a row).
+        Returns the catalog's digest now."""
         with opened(self.host.state_dir, "reading the catalog head") as conn:
             current, pending = head.read(conn, self.host.keys)
             self.host.prove_log(conn, current, pending)
@@ -65,7 +66,7 @@ class HostTrust:
         bound = [h.catalog_digest for h in (current, pending) if h is not None]
         if digest in bound or (GENESIS in bound and not ids):
             return digest
-        if changing is not None and _ids_digest(ids ^ {changing}) in [_ids_part(b) for b in bound]:
+        if changing is not None and _ids_digest(ids ^ set(changing)) in [_ids_part(b) for b in bound]:
             return digest
         raise IntegrityError("catalog: its checkpoint rows differ from the ones the TPM-bound head records "
                              "(rows added, removed, edited or put back); if a command was interrupted run "
@@ -78,8 +79,8 @@ class HostTrust:
             self.host.check_fresh()
             self._prove(None)
 
-    def advance(self, changing: str | None = None) -> None:
-        """Bind the catalog as it is now; ``changing`` names the checkpoint the operation being
+    def advance(self, changing: Iterable[str] | None = None) -> None:
+        """Bind the catalog as it is now; ``changing`` names the checkpoints the operation being
         bound added or removed (a recover binds it long after the command that changed it)."""
         with self.exclusive():
             self.host.advance(self._prove(changing))
