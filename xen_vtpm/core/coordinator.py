@@ -148,7 +148,9 @@ class Coordinator:
             self.p.journal.step(op, S.ADVANCE_HEAD)
         # "op N" marks the operation ended in the anchored log: recover never runs it again.
         self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
+        self.p.journal.passed(op, S.ADVANCE_HEAD, S.AUDITED)
         self.p.host.advance()
+        self.p.journal.passed(op, S.ADVANCE_HEAD, S.ADVANCED)
         self.p.journal.finish(op, outcome)
 
     def _undo_snapshot(self, op: Operation, draft: Draft | None) -> bool:
@@ -172,12 +174,21 @@ class Coordinator:
             if draft is not None:
                 draft.abort()
 
+        def journal_undo() -> None:
+            # Journaled like a step so that a crash in the middle of an undo is recovered (and tested) as
+            # one; best effort: a journal that cannot be written must not keep the guest paused.
+            if not op.reached(S.UNDO):
+                self.p.journal.step(op, S.UNDO)
+
         errors: list[XenVtpmError] = []
-        for action in (unpause_guest, discard_manager_copy, abort_draft):
+        for action, point in ((journal_undo, None), (unpause_guest, S.UNPAUSED),
+                              (discard_manager_copy, S.DISCARDED), (abort_draft, None)):
             try:
                 action()
             except XenVtpmError as exc:  # keep undoing the rest; report the first problem
                 errors.append(exc)
+            if point:
+                self.p.journal.passed(op, S.UNDO, point)
         if not errors:
             self.p.journal.finish(op, "undone")
         result = "failed; undone" if not errors else f"failed; undo incomplete: {errors[0]}"[:500]
@@ -349,18 +360,19 @@ class Coordinator:
             op = self.p.journal.begin(S.DELETE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
                                                                       manager_checkpoint=ckpt.manager_checkpoint))
             self.p.journal.step(op, S.DELETE_STORE)
-            freed = self._delete_and_bind(ckpt.id)
+            freed = self._delete_and_bind(op)
             if ckpt.manager_checkpoint:
                 self.p.journal.step(op, S.DISCARD_MANAGER)
                 self.p.vtpm.discard(ckpt.manager_checkpoint)
             self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
             return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
 
-    def _delete_and_bind(self, checkpoint_id: str) -> int:
+    def _delete_and_bind(self, op: Operation) -> int:
         """Delete from the store and bind the smaller catalog to the head at once, so a manager
         that is down for the discard that follows leaves nothing that reads as tampering."""
         with self.p.host.exclusive():
-            freed = self.p.store.delete(checkpoint_id, missing_ok=True)
+            freed = self.p.store.delete(op.params.checkpoint or "", missing_ok=True)
+            self.p.journal.passed(op, S.DELETE_STORE, S.DELETED)
             self.p.host.advance()
         return freed
 
@@ -459,9 +471,11 @@ class Coordinator:
             self._restore_forward(op, self.p.store.get(ckpt_id))
             outcome = "finished"
         elif op.kind == S.DELETE:
-            self._delete_and_bind(ckpt_id)
-            if op.params.manager_checkpoint:
-                self.p.vtpm.discard(op.params.manager_checkpoint)
+            # Resumed like a rollback: steps that completed are skipped, the rest journaled as they start.
+            self._step_once(op, S.DELETE_STORE, lambda: self._delete_and_bind(op))
+            manager_checkpoint = op.params.manager_checkpoint
+            if manager_checkpoint:
+                self._step_once(op, S.DISCARD_MANAGER, lambda: self.p.vtpm.discard(manager_checkpoint))
             self._finish(op, action=S.DELETE, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
             outcome = "finished"
         else:
