@@ -172,10 +172,10 @@ def kept_checkpoints(sim: ch.SimHost, kind: str, op: dict, allowed: dict, ctx: d
         if roll_back:
             ch.rolls_back_to(sim, name, pair)
             notes.append(f"kept {name} rolls back to its pair")
-        else:
+            sim.tool("delete", name, timeout=150)
+        else:   # a delete needs the dead manager too; the host is not reused
             sim.tool("verify", ids[name], timeout=150)
             notes.append(f"kept {name} verifies")
-        sim.tool("delete", name, timeout=150)
     gone = op.get("manager_checkpoint") or op.get("checkpoint")
     if roll_back and gone and gone not in ids.values() and kind in ("snapshot", "delete", "save"):
         assert not ch.manager_knows(sim, gone), f"{kind}: manager entry {gone} outlived its checkpoint"
