@@ -19,6 +19,7 @@ import re
 import secrets
 import sqlite3
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -50,6 +51,22 @@ def coordinator_steps() -> dict[str, list[str]]:
     """kind -> journaled step names in order, from the coordinator's step table (core/steps.py);
     ``test_crash_recover`` cross-checks it against the op_steps a clean run really records."""
     return {kind: list(names) for kind, names in steps.SEQUENCES.items()}
+
+
+def crash_points(kind: str) -> list[str]:
+    """Every point of `kind`'s forward sequence where the tool can be stopped, in order: each journaled
+    step (``<step>``) and, after it, each point between two writes of that step (``<step>:<point>``)."""
+    return [label for step in steps.SEQUENCES[kind]
+            for label in (step, *(f"{step}:{p}" for p in steps.INNER_POINTS.get(step, ())))]
+
+
+def recover_points(kind: str) -> list[str]:
+    """Every point a `recover` of an interrupted `kind` may pass, as hook names: its forward sequence,
+    the undo of an uncommitted capture, and the store's own points."""
+    labels = crash_points(kind)
+    if kind in steps.CAPTURING:
+        labels += [steps.UNDO, *(f"{steps.UNDO}:{p}" for p in steps.INNER_POINTS[steps.UNDO])]
+    return [f"{kind}:{label}" for label in labels] + [f"store:{p}" for p in STORE_POINTS.get(kind, ())]
 
 
 def recorded_steps(state_dir: Path) -> dict[str, list[list[str]]]:
@@ -148,40 +165,78 @@ def sim_tool_argv() -> list[str]:
     return [sys.executable, "-m", "xen_vtpm"]
 
 
-def faulty_argv(*, crash_at: Iterable[str] = (), fault_at: str | None = None, fault_cmd: str | None = None,
-                log: Path | None = None) -> list[str]:
-    """xen-vtpm with the test hook installed (tests/faulty_tool.py); the tool's arguments follow."""
+def faulty_argv(*, crash_at: Iterable[str] = (), faults: Iterable[tuple[str, str]] = (), log: Path | None = None,
+                trace: bool = False) -> list[str]:
+    """xen-vtpm with the test hook installed (tests/faulty_tool.py); the tool's arguments follow.
+    `faults`: (point, command) pairs."""
     argv = [sys.executable, str(FAULTY_TOOL)]
     for point in crash_at:
         argv += ["--crash-at", point]
-    if fault_at:
-        argv += ["--fault-at", fault_at, "--fault-cmd", fault_cmd or ""]
+    for point, cmd in faults:
+        argv += ["--fault-at", point, "--fault-cmd", cmd]
     if log is not None:
         argv += ["--log", str(log)]
+    if trace:
+        argv.append("--trace")
     return [*argv, "--"]
 
 
+def hook_log(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def fresh_log(sim: SimHost) -> Path:
+    """A new, empty hook log for one run of the tool (so every line in it is that run's)."""
+    d = sim.dir / "hooklogs"
+    d.mkdir(exist_ok=True)
+    path = d / f"{time.monotonic_ns()}-{secrets.token_hex(4)}.log"
+    path.touch()
+    return path
+
+
+def killed_at(proc: subprocess.CompletedProcess, log: Path, candidates: Iterable[str]) -> str | None:
+    """The point the hook killed this run at, proved twice: the process died of SIGKILL and the hook's
+    log (written just before the kill) names one of `candidates` as its last line.
+    None if the run finished without reaching any of them; anything else fails the test."""
+    lines = hook_log(log)
+    last = lines[-1] if lines else ""
+    point = last.removeprefix("reached ").removesuffix(" crash") if last.endswith(" crash") else None
+    if proc.returncode == -9:
+        assert point in set(candidates), (f"killed by SIGKILL, but the hook log does not show a kill at one of "
+                                          f"the requested points: {lines[-3:]}")
+        return point
+    assert point is None, f"the hook logged a kill at {point}, but the process exited {proc.returncode}"
+    return None
+
+
 def crash(sim: SimHost, *argv: str, at: str | None = None, store_at: str | None = None) -> None:
-    """Run xen-vtpm with a crash point; it must have died by SIGKILL there (else the case proves nothing)."""
+    """Run xen-vtpm with a crash point; it must have been killed exactly there (else the case proves nothing)."""
     point = at or f"store:{store_at}"
-    proc = sim.run([*faulty_argv(crash_at=[point]), *argv], check=False, timeout=120)
-    assert proc.returncode == -9, (f"{' '.join(argv)} with crash point {point} exited "
-                                   f"{proc.returncode} instead of being killed there: {proc.stderr.strip()}")
+    log = fresh_log(sim)
+    proc = sim.run([*faulty_argv(crash_at=[point], log=log), *argv], check=False, timeout=120)
+    assert killed_at(proc, log, [point]) == point, (
+        f"{' '.join(argv)} with crash point {point} exited {proc.returncode} instead of being killed there: "
+        f"{proc.stderr.strip()}")
 
 
-def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> int:
-    """`xen-vtpm recover`, first killed at each of `kill_at` in turn (while it still gets that far);
-    the last run must finish.  Returns how many runs were killed."""
-    kills = 0
-    for point in kill_at:
-        proc = sim.run([*faulty_argv(crash_at=[point]), "recover"], check=False, timeout=120)
-        if proc.returncode == 0:
-            break                       # recover finished without journaling that step
-        assert proc.returncode == -9, f"recover (crash point {point}) exited {proc.returncode}: {proc.stderr.strip()}"
-        kills += 1
+def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> list[str]:
+    """`xen-vtpm recover`, first killed at each of `kill_at` it reaches, one kill per run in the order
+    recover reaches them, until a run reaches none of the rest; that run must finish.  Returns the
+    points it was killed at, each proved (SIGKILL and the hook's log line)."""
+    left, killed = list(kill_at), []
+    while left:
+        log = fresh_log(sim)
+        proc = sim.run([*faulty_argv(crash_at=left, log=log), "recover"], check=False, timeout=120)
+        point = killed_at(proc, log, left)
+        if point is None:
+            assert proc.returncode == 0, f"recover (crash points {left}) exited {proc.returncode}: " \
+                                         f"{proc.stderr.strip()}"
+            break
+        killed.append(point)
+        left.remove(point)
     proc = sim.tool("--json", "recover", check=False, timeout=120)
     assert proc.returncode == 0, f"recover exited {proc.returncode}: {proc.stderr.strip()}"
-    return kills
+    return killed
 
 
 def tool_json(sim: SimHost, *argv: str) -> object:
@@ -199,6 +254,15 @@ def last_op(sim: SimHost) -> dict:
         op_id, kind, params = db.execute(
             "SELECT op_id, kind, params FROM op_journal ORDER BY op_id DESC LIMIT 1").fetchone()
         return {"op_id": op_id, "kind": kind, **json.loads(params)}
+    finally:
+        db.close()
+
+
+def op_outcome(sim: SimHost, op_id: int) -> str:
+    db = sqlite3.connect(f"file:{state_dir(sim) / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        (outcome,) = db.execute("SELECT outcome FROM op_journal WHERE op_id=?", (op_id,)).fetchone()
+        return outcome or ""
     finally:
         db.close()
 
@@ -248,10 +312,13 @@ def vtpm_boot_ok(sim: SimHost, backend: str, domid: int) -> str:
     return verdict.reason
 
 
-def no_unfinished_ops(sim: SimHost) -> None:
+def no_unfinished_ops(sim: SimHost, open_op: int | None = None) -> None:
+    """Nothing half done: no unfinished operation (but `open_op`, one that waits for a component that
+    stays dead), no store journal entry, store files and catalog agree, no temporary file left."""
     db = sqlite3.connect(f"file:{state_dir(sim) / 'catalog.sqlite'}?mode=ro", uri=True)
     try:
-        left = db.execute("SELECT op_id, kind FROM op_journal WHERE finished IS NULL").fetchall()
+        left = db.execute("SELECT op_id, kind FROM op_journal WHERE finished IS NULL AND op_id IS NOT ?",
+                          (open_op,)).fetchall()
         store_left = db.execute("SELECT id, op, checkpoint FROM journal").fetchall()
         packs = {n for (n,) in db.execute("SELECT name FROM packs")}
         ckpts = {i for (i,) in db.execute("SELECT id FROM checkpoints")}
@@ -266,7 +333,8 @@ def no_unfinished_ops(sim: SimHost) -> None:
     assert manifest_files == ckpts, f"manifests on disk {sorted(manifest_files ^ ckpts)} disagree with the catalog"
     tmp_files = [p.name for d in ("packs", "manifests") for p in (sd / d).glob("*.tmp")]
     assert not tmp_files, f"temporary store files left: {tmp_files}"
-    fifos = [p.name for p in (sd / "tmp").iterdir() if stat.S_ISFIFO(p.lstat().st_mode)] if (sd / "tmp").is_dir() else []
+    spool = sd / "tmp"
+    fifos = [p.name for p in spool.iterdir() if stat.S_ISFIFO(p.lstat().st_mode)] if spool.is_dir() else []
     assert not fifos, f"fifos left in state_dir/tmp: {fifos}"
     half_written = [p.name for p in (sim.dir / "images").glob("*.xen-vtpm.tmp")]
     assert not half_written, f"half-written vTPM images left: {half_written}"
@@ -275,11 +343,11 @@ def no_unfinished_ops(sim: SimHost) -> None:
 def no_stray_processes(sim: SimHost) -> None:
     """Every process of the host belongs to a domain `xl list` shows or to a host daemon."""
     table = domains.snapshot(sim.dir)["domains"]
-    listed = set(xl_rows(sim))
+    listed = xl_rows(sim)
     leaders = set()
     for dom in table.values():
         assert dom["name"] in listed, f"{dom['name']}: in the domain table but not in `xl list`"
-        if dom.get("pid"):
+        if dom.get("pid") and "c" not in listed[dom["name"]]:     # a crashed domain has no process
             assert domains.is_alive(dom["pid"]), f"{dom['name']}: its process {dom['pid']} is gone"
             leaders.add(dom["pid"])
     for pidfile in (sim.dir / "run").glob("*.pid"):
@@ -343,11 +411,12 @@ def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str
 
 
 def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool | None = True,
-               paused: bool = False) -> str:
+               paused: bool = False, open_op: int | None = None) -> str:
     """All the after-recover checks; returns the name of the allowed state the pair is in, or 'absent'.
 
-    guest_expected: True (must run), False (must be gone), None (either)."""
-    no_unfinished_ops(sim)
+    guest_expected: True (must run), False (must be gone), None (either).  open_op: the one operation
+    allowed to stay unfinished (it needs a component that stays dead)."""
+    no_unfinished_ops(sim, open_op)
     rows = no_paused_domains(sim, paused)
     present = GUEST in rows
     if guest_expected is not None:
@@ -374,6 +443,14 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
     sim.tool("audit", "--verify")
     no_stray_processes(sim)
     return outcome
+
+
+def rolls_back_to(sim: SimHost, checkpoint: str, expected: Pair) -> None:
+    """A checkpoint that was kept must hold exactly the pair it was taken of: move the pair on, roll
+    back to it, and find that pair again (with every other after-recover check)."""
+    new_state(sim)
+    sim.tool("rollback", GUEST, checkpoint, "--yes", "--no-safety-checkpoint", timeout=150)
+    assert check_host(sim, {"checkpoint": expected}) == "checkpoint", f"checkpoint {checkpoint}: not its pair"
 
 
 _bystanders: dict[Path, Pair] = {}

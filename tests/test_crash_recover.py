@@ -26,6 +26,8 @@ from crash_helpers import GUEST
 from e2e_helpers import TPM_VERSIONS
 from sim_fixture import start_sim_host, stop_sim_host
 
+from xen_vtpm.core import steps as S
+
 STEPS = ch.coordinator_steps()
 RESULTS: list[tuple[str, str, str]] = []
 KILLED_RECOVER = "+recover-killed"
@@ -38,6 +40,9 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {}
 FULL_ONLY = pytest.mark.crash_full
 NO_RETURN = ("commit", "destroy-guest")
 REPRESENTATIVE_STORE = ("write.committed", "delete.committed")
+# Inside advance-head, after the audit record: the one crash that leaves an operation the audit log
+# records as ended, i.e. recover's "closed" branch; and the undo of a capture, killed part way.
+REPRESENTATIVE_EXTRA = {("snapshot", f"advance-head:{S.AUDITED}"), ("snapshot", "manager-checkpoint" + KILLED_RECOVER)}
 # Same code as a representative case already in the default run (the safety snapshot is
 # _snapshot_locked again; --paused only changes the last restore step).
 FULL_ONLY_ALSO = {("pre-rollback", "commit"), ("restore --paused", "stop-vtpm")}
@@ -45,17 +50,20 @@ FULL_ONLY_ALSO = {("pre-rollback", "commit"), ("restore --paused", "stop-vtpm")}
 
 def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | None = None,
           extra: tuple = ()) -> list:
-    """One case per journaled step of `kind` (and per store crash point if `store`); `chained` adds, per
-    step, a case whose recover is itself killed at every later step before a last, clean recover."""
+    """One case per crash point of `kind` (each journaled step and each point between two writes of
+    one step, core/steps.py) and per store crash point if `store`; `chained` adds, per journaled step,
+    a case whose recover is itself killed at every point it reaches, one per run, before a last, clean
+    recover (every step's recover journals at least one step or passes one point; asserted)."""
     seq = seq or kind
     steps = STEPS[kind]
-    labels = [(s, s in (steps[0], steps[-1]) or s in NO_RETURN) for s in steps]
+    labels = [(p, p in (steps[0], steps[-1]) or p in NO_RETURN) for p in ch.crash_points(kind)]
     if store:
         labels += [(f"store:{p}", p in REPRESENTATIVE_STORE) for p in ch.STORE_POINTS[kind]]
     if chained:
-        labels += [(s + KILLED_RECOVER, kind == "rollback" and s == steps[0]) for s in steps[:-1]]
+        labels += [(s + KILLED_RECOVER, kind == "rollback" and s == steps[0]) for s in steps]
     params = []
     for label, representative in labels:
+        representative = representative or (seq, label) in REPRESENTATIVE_EXTRA
         marks = [] if representative and (seq, label) not in FULL_ONLY_ALSO else [FULL_ONLY]
         bug = KNOWN_BUGS.get((seq, label))
         if bug:
@@ -65,7 +73,8 @@ def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | No
 
 
 def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tuple[dict, str]:
-    """Kill `xen-vtpm ARGV` at the label's crash point, then recover; returns the crashed op and a note."""
+    """Kill `xen-vtpm ARGV` at the label's crash point, then recover; returns the crashed op and a note.
+    Every kill is proved (SIGKILL and the hook's log line at that point)."""
     base = label.removesuffix(KILLED_RECOVER)
     if base.startswith("store:"):
         ch.crash(sim, *argv, store_at=base[len("store:"):])
@@ -75,10 +84,16 @@ def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tup
     assert op["kind"] == kind, f"the last journaled op is a {op['kind']}, expected {kind}"
     if base == label:
         ch.recover(sim)
-        return op, ""
-    later = STEPS[kind][STEPS[kind].index(base) + 1:]
-    kills = ch.recover(sim, kill_at=[f"{kind}:{s}" for s in later])
-    return op, f" (recover itself killed {kills}x first)"
+        note = ""
+    else:
+        kills = ch.recover(sim, kill_at=ch.recover_points(kind))
+        assert kills, f"{kind}:{base}: recover passed none of its crash points, so it could not be killed"
+        note = f" (recover itself killed {len(kills)}x first: {', '.join(k.split(':', 1)[1] for k in kills)})"
+    if base.startswith(f"{S.ADVANCE_HEAD}:"):
+        # Killed after the audit record that ends the op: recover must close it, never run it again.
+        outcome = ch.op_outcome(sim, op["op_id"])
+        assert outcome.startswith("closed"), f"op {op['op_id']} after a crash at {base}: outcome {outcome!r}"
+    return op, note
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,28 +157,23 @@ def record(kind: str, label: str, outcome: str) -> None:
     RESULTS.append((kind, label, outcome))
 
 
-def rolls_back_to(sim: ch.SimHost, checkpoint: str, expected: ch.Pair) -> None:
-    """A checkpoint recover kept must hold exactly the pair it was taken of."""
-    ch.new_state(sim)
-    sim.tool("rollback", GUEST, checkpoint, "--yes", "--no-safety-checkpoint")
-    assert ch.check_host(sim, {"checkpoint": expected}) == "checkpoint"
-
-
 def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
-    """The step list parsed from coordinator.py is exactly what clean runs journal (op_steps)."""
+    """The step table (core/steps.py) is exactly what clean runs journal (op_steps), and every crash
+    point the matrix uses — each step and each point between two writes of one step — is passed by a
+    clean run in that order (the hook's trace), so no crash case can name a point the code lacks."""
     sim = new_host(tmp_path_factory)
+    log = tmp_path / "trace.log"
+    traced = ch.faulty_argv(log=log, trace=True)
     try:
-        sim.tool("snapshot", GUEST, "--name", "t")
-        sim.tool("rollback", GUEST, "t", "--yes")
-        save = tmp_path / "g.save"
-        sim.tool("save", GUEST, str(save))
-        ch.advance_vtpm_nv(sim)           # the vTPM moves on: restore must put it back (all its steps)
-        sim.tool("restore", str(save))
-        sim.tool("delete", "t")
-        sim.tool("snapshot", GUEST, "--name", "t2")
-        sim.tool("keep", "t2")
-        sim.tool("unkeep", "t2")
-        sim.tool("prune", GUEST, "--keep-last", "1")   # removes the safety checkpoint: every delete step
+        for argv in (["snapshot", GUEST, "--name", "t"], ["rollback", GUEST, "t", "--yes"],
+                     ["save", GUEST, str(tmp_path / "g.save")], None, ["restore", str(tmp_path / "g.save")],
+                     ["delete", "t"], ["snapshot", GUEST, "--name", "t2"], ["keep", "t2"], ["unkeep", "t2"],
+                     # removes the safety checkpoint: every delete step
+                     ["prune", GUEST, "--keep-last", "1"]):
+            if argv is None:
+                ch.advance_vtpm_nv(sim)     # the vTPM moves on: restore must put it back (all its steps)
+            else:
+                sim.run([*traced, *argv], timeout=120)
         seen = ch.recorded_steps(ch.state_dir(sim))
     finally:
         stop_sim_host(sim)
@@ -171,6 +181,14 @@ def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
         assert seen.get(kind), f"no clean {kind} was journaled"
         assert seen[kind][-1] == steps, f"{kind}: journal recorded {seen[kind][-1]}, source lists {steps}"
     assert set(seen) == set(STEPS), f"journaled kinds {sorted(seen)} vs covered {sorted(STEPS)}"
+    passed = [line.split(" ")[1] for line in ch.hook_log(log)]
+    for kind in STEPS:
+        points = [p.split(":", 1)[1] for p in passed if p.split(":", 1)[0] == kind]
+        # Each run of the kind starts at ``begin`` (the operation journaled, no step yet).
+        runs = [run.strip().split("\n") for run in "\n".join(points).split("begin\n") if run]
+        assert points[0] == "begin" and runs, f"{kind}: a clean run passed {points}"
+        for run in runs:
+            assert run == ch.crash_points(kind), f"{kind}: a clean run passed {run}"
 
 
 class TestSnapshot:
@@ -184,7 +202,7 @@ class TestSnapshot:
             ids = ch.checkpoint_ids(sim)
             if name in ids:
                 assert ids[name] == op["checkpoint"]
-                rolls_back_to(sim, name, cur)
+                ch.rolls_back_to(sim, name, cur)
                 sim.tool("delete", name)
                 outcome = "finished: checkpoint kept, rolls back to its pair"
             else:
@@ -201,9 +219,10 @@ class TestSnapshot:
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             assert "crashed" not in ch.checkpoint_ids(sim)
-            rolls_back_to(sim, "next", cur)
+            ch.rolls_back_to(sim, "next", cur)
             sim.tool("delete", "next")
-            record("snapshot, then snapshot", "manager-checkpoint", "ok — the next snapshot undid the crashed one first")
+            record("snapshot, then snapshot", "manager-checkpoint",
+                   "ok — the next snapshot undid the crashed one first")
 
     def test_checks_catch_an_unrecovered_crash(self, host):
         """Negative control: without recover, the checks must see the crash (paused domains, open op)."""
@@ -238,7 +257,7 @@ class TestRollback:
             kept = {n: i for n, i in ch.checkpoint_ids(sim).items() if n not in before}
             if kept:
                 assert list(kept.values()) == [op["checkpoint"]]
-                rolls_back_to(sim, op["checkpoint"], cur)
+                ch.rolls_back_to(sim, op["checkpoint"], cur)
                 sim.tool("delete", op["checkpoint"])
                 outcome = "old state; safety checkpoint kept, rolls back to its pair"
             else:
@@ -287,9 +306,11 @@ class TestSave:
                 assert ch.check_host(sim, {"saved": cur}) == "saved"
                 outcome = "finished: guest saved, restore gives its pair back"
             else:
-                if op["checkpoint"] not in ch.checkpoint_ids(sim).values():
-                    assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
-                outcome = "undone: guest runs on in its old state"
+                # Undone: the guest runs on, so the save must have left nothing behind.
+                assert op["checkpoint"] not in ch.checkpoint_ids(sim).values(), \
+                    "the guest runs on, but the undone save's checkpoint is still in the catalog"
+                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                outcome = "undone: guest runs on in its old state, no checkpoint, manager entry gone"
             record("save", label, f"ok — {outcome}{note}")
 
 
@@ -331,7 +352,7 @@ class TestDelete:
             _, note = crash_and_recover(sim, "delete", label, "delete", name)
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             if name in ch.checkpoint_ids(sim):
-                rolls_back_to(sim, name, taken)
+                ch.rolls_back_to(sim, name, taken)
                 sim.tool("delete", name)
                 outcome = "undone: checkpoint kept, rolls back to its pair"
             else:

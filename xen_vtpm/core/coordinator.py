@@ -180,7 +180,9 @@ class Coordinator:
             self.p.journal.step(op, S.ADVANCE_HEAD)
         # "op N" marks the operation ended in the anchored log: recover never runs it again.
         self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
+        self.p.journal.passed(op, S.ADVANCE_HEAD, S.AUDITED)
         self.p.host.advance(_changing(op))
+        self.p.journal.passed(op, S.ADVANCE_HEAD, S.ADVANCED)
         self.p.journal.finish(op, outcome)
 
     def _undo_snapshot(self, op: Operation, draft: Draft | None) -> bool:
@@ -204,12 +206,21 @@ class Coordinator:
             if draft is not None:
                 draft.abort()
 
+        def journal_undo() -> None:
+            # Journaled like a step so that a crash in the middle of an undo is recovered (and tested) as
+            # one; best effort: a journal that cannot be written must not keep the guest paused.
+            if not op.reached(S.UNDO):
+                self.p.journal.step(op, S.UNDO)
+
         errors: list[XenVtpmError] = []
-        for action in (unpause_guest, discard_manager_copy, abort_draft):
+        for action, point in ((journal_undo, None), (unpause_guest, S.UNPAUSED),
+                              (discard_manager_copy, S.DISCARDED), (abort_draft, None)):
             try:
                 action()
             except XenVtpmError as exc:  # keep undoing the rest; report the first problem
                 errors.append(exc)
+            if point:
+                self.p.journal.passed(op, S.UNDO, point)
         if not errors:
             self.p.journal.finish(op, "undone")
         result = "failed; undone" if not errors else f"failed; undo incomplete: {errors[0]}"[:500]
@@ -410,7 +421,7 @@ class Coordinator:
 
         def delete_store() -> None:
             nonlocal freed
-            freed = self._delete_and_bind(ids)
+            freed = self._delete_and_bind(op, ids)
 
         def discard_manager() -> None:
             for manager_checkpoint in managers:
@@ -421,11 +432,12 @@ class Coordinator:
             self._step_once(op, S.DISCARD_MANAGER, discard_manager)
         return freed
 
-    def _delete_and_bind(self, checkpoint_ids: tuple[str, ...]) -> int:
+    def _delete_and_bind(self, op: Operation, checkpoint_ids: tuple[str, ...]) -> int:
         """Delete from the store and bind the smaller catalog to the head at once, so a manager
         that is down for the discard that follows leaves nothing that reads as tampering."""
         with self.p.host.exclusive():
             freed = sum(self.p.store.delete(checkpoint_id, missing_ok=True) for checkpoint_id in checkpoint_ids)
+            self.p.journal.passed(op, S.DELETE_STORE, S.DELETED)
             self.p.host.advance(changing=checkpoint_ids)
         return freed
 

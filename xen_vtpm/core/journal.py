@@ -154,6 +154,10 @@ class Journal:
         op.steps.append((step, data))
         faults.reached(f"{op.kind}:{step}")
 
+    def passed(self, op: Operation, step: str, point: str) -> None:
+        """Mark a point between two writes of `step` (``steps.INNER_POINTS``): inert but for a test's hook."""
+        faults.reached(f"{op.kind}:{step}:{point}")
+
     def finish(self, op: Operation, outcome: str) -> None:
         self._write("UPDATE op_journal SET finished=?, outcome=?, fin_mac=? WHERE op_id=?",
                     (time.time(), outcome, self._mac("finished", op.op_id, outcome), op.op_id))
