@@ -29,7 +29,7 @@ from pathlib import Path
 
 from crash_helpers import faulty_argv, hook_log
 
-from xen_vtpm_sim.demo import GUEST, NV_COUNTER, PCR
+from xen_vtpm_sim.demo import GUEST, HVM_GUEST, NV_COUNTER, PCR
 from xen_vtpm_sim.domains import OWNER_ENV
 
 
@@ -68,6 +68,9 @@ def _extend(pcr: bytes, label: str) -> bytes:
 # PCR 16 of a fresh vTPM is zero; the demo extends it once before the snapshot and once after.
 AT_SNAPSHOT = _extend(bytes(32), "demo: measured at boot").hex()
 CHANGED = _extend(bytes.fromhex(AT_SNAPSHOT), "demo: changed after the snapshot").hex()
+# The same story on the swtpm backend's guest.
+HVM_AT_SNAPSHOT = _extend(bytes(32), "demo: hvm1 measured at boot").hex()
+HVM_CHANGED = _extend(bytes.fromhex(HVM_AT_SNAPSHOT), "demo: hvm1 changed after the snapshot").hex()
 
 
 PROBES = {   # point -> what to read there
@@ -104,9 +107,13 @@ def test_demo_json(tmp_path):
     assert summary["ok"] is True
     readings, passed = _probed(log)
     points = [p for p, _ in readings]
-    assert points == ["snapshot:guest-save", "snapshot:manager-checkpoint", "pre-rollback:guest-save",
-                      "rollback:unpause-guest", "snapshot:guest-save", "snapshot:manager-checkpoint"], points
-    snap_tpm, snap_mem, changed, rolled_back, second_tpm, _ = (r for _, r in readings)
+    one_rollback = ["snapshot:guest-save", "snapshot:manager-checkpoint", "pre-rollback:guest-save",
+                    "rollback:unpause-guest"]
+    # guest1's rollback, its second snapshot, then the swtpm guest's snapshot and rollback (the probes
+    # still read guest1 there: the other guest's rollback must leave guest1's vTPM alone).
+    assert points == [*one_rollback, "snapshot:guest-save", "snapshot:manager-checkpoint", *one_rollback], points
+    snap_tpm, snap_mem, changed, rolled_back, second_tpm, _, *during_hvm = (r for _, r in readings)
+    assert [(r["pcr"], r["nv"]) for r in during_hvm if "nv" in r] == [(AT_SNAPSHOT, 1)] * 3, during_hvm
     assert snap_tpm == {"pcr": AT_SNAPSHOT, "nv": 1}, snap_tpm
     assert changed == {"pcr": CHANGED, "nv": 2}, changed
     assert rolled_back == {"pcr": AT_SNAPSHOT, "nv": 1, "memory": snap_mem["memory"]}, \
@@ -114,12 +121,18 @@ def test_demo_json(tmp_path):
     assert second_tpm == {"pcr": AT_SNAPSHOT, "nv": 1}, second_tpm
     # The rollback to the corrupted checkpoint never began: after the second snapshot the tool
     # passed no rollback step and took no safety snapshot.
-    after_second = passed[len(passed) - passed[::-1].index("snapshot:manager-checkpoint"):]
+    second = [i for i, p in enumerate(passed) if p == "snapshot:manager-checkpoint"][1]
+    hvm_snapshot = [i for i, p in enumerate(passed) if p == "snapshot:begin"][2]
+    after_second = passed[second + 1:hvm_snapshot]
     assert not [p for p in after_second if p.startswith(("rollback:", "pre-rollback:"))], after_second
-    assert passed.count("rollback:destroy-guest") == 1
+    assert passed.count("rollback:destroy-guest") == 2
     # The summary agrees with the outside view.
     assert summary["pcr16"] == {"snapshot": AT_SNAPSHOT, "changed": CHANGED, "after_rollback": AT_SNAPSHOT}
     assert summary["nv_counter"] == {"snapshot": 1, "changed": 2, "after_rollback": 1}
+    hvm = summary["swtpm"]
+    assert hvm["snapshot"] == hvm["after_rollback"] == {"pcr16": HVM_AT_SNAPSHOT, "counter": 1}, hvm
+    assert hvm["changed"] == {"pcr16": HVM_CHANGED, "counter": 2}, hvm
+    assert {(c["domain"], c["backend"]) for c in summary["checkpoints"]} == {(GUEST, "stubdom")}
     assert {r["action"] for r in summary["audit"]} >= {"init", "snapshot", "pre-rollback", "rollback"}
     refused = [r for r in summary["audit"] if r["result"].startswith("refused")]
     assert [r["action"] for r in refused] == ["verify", "rollback"], refused
@@ -132,7 +145,7 @@ def test_demo_text(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for line in ("== 1/8 start a throwaway simulated Xen host",
+    for line in ("== 1/9 start a throwaway simulated Xen host",
                  "$ tpm2_pcrextend -T swtpm:",
                  "$ tpm2_nvincrement -T swtpm:",
                  "$ xen-vtpm snapshot guest1 --name before-change",
@@ -142,8 +155,10 @@ def test_demo_text(tmp_path):
                  f"after rollback: PCR 16 = {AT_SNAPSHOT[:16]}…  NV counter = 1",
                  "$ xen-vtpm verify second",
                  "refused: exit 5",
+                 f"$ xen-vtpm sim create {HVM_GUEST} --vtpm swtpm",
+                 f"$ xen-vtpm rollback {HVM_GUEST} hvm-before --yes",
                  "== stopped the simulated host",
-                 "== demo passed: 13/13 checks held"):
+                 "== demo passed: 15/15 checks held"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "FAILED" not in out
     # The audit table lists the snapshot, the safety checkpoint and the rollback.

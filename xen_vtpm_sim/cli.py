@@ -37,7 +37,7 @@ def cmd_down(args: argparse.Namespace, cfg) -> int:
 def cmd_create(args: argparse.Namespace, cfg) -> int:
     info = host.create_guest(_sim_dir(args), args.name, memory=args.memory,
                              vtpm=False if args.no_vtpm else args.vtpm, tpm_version=args.tpm_version,
-                             startup=args.startup, vtpm_disk=args.vtpm_disk)
+                             startup=args.startup, vtpm_disk=args.vtpm_disk, swtpm_state=args.swtpm_state)
     if not args.quiet:
         print(" ".join(f"{k}={v}" for k, v in info.items()))
     return 0
@@ -119,6 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="1.2: Xen's vTPM (TPM 1.2 emulator); 2.0: the simulator's TPM 2.0 stand-in (default)")
     p.add_argument("--startup", choices=("save", "clear"), default="save",
                    help="the vTPM stub's startup mode: save (keeps PCRs across restarts) or clear (Xen's default)")
+    p.add_argument("--swtpm-state", metavar="DIR",
+                   help="with --vtpm swtpm: adopt this swtpm TPM 2.0 state directory (`xen-vtpm vtpm import`)")
     p.add_argument("--vtpm-disk", metavar="TARGET",
                    help="the vTPM stub's disk instead of a new image file, e.g. phy:/dev/loop3 (blanked by you)")
     p = add("xenstored", cmd_xenstored, "run the simulated xenstored in the foreground", dir_arg=False)

@@ -31,7 +31,9 @@ GUEST = "guest1"
 MEMORY_MIB = 64
 PCR = 16
 NV_COUNTER = "0x1500100"   # owner-range NV index for the guest's monotonic counter
-STEPS = 8
+HVM_GUEST = "hvm1"         # the second backend: an HVM guest whose QEMU has an swtpm TPM 2.0 in dom0
+HVM_MIB = 16
+STEPS = 9
 
 
 class DemoError(XenVtpmError):
@@ -201,7 +203,30 @@ class Demo:
         rc_ok = self.tool("verify", "before-change", expect=None)[0]
         self.check("the untouched checkpoint still verifies", rc_ok == 0, f"exit {rc_ok}")
 
-        self.step(8, "the audit log")
+        self.step(8, f"the second backend: {HVM_GUEST}, an HVM guest whose TPM 2.0 is an swtpm in dom0")
+        self.tool("sim", "create", HVM_GUEST, "--vtpm", "swtpm", "--memory", str(HVM_MIB), "--dir", str(self.sim_dir))
+        self.say(self.tool("checkpoints")[1].rstrip() or "   (no checkpoints yet)")
+        self.tcti = self.sim("tcti", HVM_GUEST)
+        self.tpm("tpm2_nvdefine", "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite|nt=counter", NV_COUNTER)
+        self.extend_and_increment("demo: hvm1 measured at boot")
+        hvm_snapshot = self.read_state()
+        self.tool("snapshot", HVM_GUEST, "--name", "hvm-before", bars=True)
+        self.extend_and_increment("demo: hvm1 changed after the snapshot")
+        hvm_changed = self.read_state()
+        self.tool("rollback", HVM_GUEST, "hvm-before", "--yes", bars=True)
+        self.tcti = self.sim("tcti", HVM_GUEST)
+        hvm_after = self.read_state()
+        self.show_state(f"{HVM_GUEST} after rollback", hvm_after)
+        self.check(f"{HVM_GUEST}: PCR {PCR} and NV counter back at the snapshot (swtpm backend)",
+                   hvm_after == hvm_snapshot and hvm_changed != hvm_snapshot,
+                   f"counter {hvm_after['counter']} (snapshot {hvm_snapshot['counter']}, "
+                   f"before rollback {hvm_changed['counter']})")
+        backends = {r["domain"]: r["backend"] for r in self.tool_json("checkpoints")}
+        self.check("checkpoints name each guest's backend", backends == {GUEST: "stubdom", HVM_GUEST: "swtpm"},
+                   str(backends))
+        self.facts["swtpm"] = {"snapshot": hvm_snapshot, "changed": hvm_changed, "after_rollback": hvm_after}
+
+        self.step(9, "the audit log")
         self.say(self.tool("audit")[1].rstrip())
         rc_audit = self.tool("audit", "--verify", expect=None)[0]
         self.check("audit chain verifies against the TPM counter", rc_audit == 0, f"exit {rc_audit}")

@@ -244,9 +244,11 @@ def _vtpm_disk(d: Path, name: str, disk: str | None) -> str:
 
 
 def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: bool | str = True, *,
-                 tpm_version: str = "2.0", startup: str = "save", vtpm_disk: str | None = None) -> dict[str, Any]:
+                 tpm_version: str = "2.0", startup: str = "save", vtpm_disk: str | None = None,
+                 swtpm_state: str | None = None) -> dict[str, Any]:
     """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order.
-    vtpm="swtpm": an HVM guest whose device model has an swtpm TPM 2.0 (swtpm_guest).
+    vtpm="swtpm": an HVM guest whose device model has an swtpm TPM 2.0 (swtpm_guest), a new one or the
+    one in the swtpm state directory ``swtpm_state``.
 
     ``tpm_version`` 1.2 is Xen's vTPM (the TPM 1.2 emulator), 2.0 the simulator's stand-in; ``startup`` is
     the stub's startup mode, ``save`` (xen-vtpm's requirement) or ``clear`` (Xen's default)."""
@@ -256,8 +258,10 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     d = Path(sim_dir).resolve()
     if not is_up(d):
         raise PreconditionFailed(f"sim create: no simulated host runs in {d}; run `xen-vtpm sim up --dir {d}`")
+    if swtpm_state is not None and vtpm != "swtpm":
+        raise UsageError("sim create: --swtpm-state needs --vtpm swtpm")
     if vtpm == "swtpm":
-        return swtpm_guest(d, name, memory)
+        return swtpm_guest(d, name, memory, swtpm_state)
     table = domains.snapshot(d)
     if vtpm and not module_available("xen_vtpm_sim.vtpm_stubdom"):
         print("xen-vtpm: warning: xen_vtpm_sim.vtpm_stubdom not available; creating the guest without a vTPM",
@@ -312,17 +316,20 @@ def _tool(d: Path, *argv: str) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def swtpm_guest(d: Path, name: str, memory: int) -> dict[str, Any]:
+def swtpm_guest(d: Path, name: str, memory: int, swtpm_state: str | None = None) -> dict[str, Any]:
     """An HVM guest with an swtpm vTPM, set up the way the user guide tells an administrator to:
-    `xen-vtpm vtpm add` wires it into the cfg, `xen-vtpm vtpm start` runs its swtpm, then xl create
-    starts the guest and its device model."""
+    `xen-vtpm vtpm add` (or `vtpm import` of an existing state directory) wires it into the cfg,
+    `xen-vtpm vtpm start` runs its swtpm, then xl create starts the guest and its device model."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,50}", name):
         raise UsageError(f"sim create: invalid domain name {name!r}; use letters, digits, '.', '_' and '-'")
     if domains.find(domains.snapshot(d), name) is not None:
         raise PreconditionFailed(f"sim create {name}: domain {name} already exists; `xl destroy {name}` first")
     cfg_path = d / "images" / f"{name}.cfg"
     cfg_path.write_text(f'name="{name}"\ntype="hvm"\nmemory={int(memory)}\n')
-    added = _tool(d, "vtpm", "add", name, "--backend", "swtpm", "--cfg", str(cfg_path))
+    if swtpm_state is None:
+        added = _tool(d, "vtpm", "add", name, "--backend", "swtpm", "--cfg", str(cfg_path))
+    else:
+        added = _tool(d, "vtpm", "import", name, "--swtpm-state", swtpm_state, "--cfg", str(cfg_path))
     _tool(d, "vtpm", "start", name, "--cfg", str(cfg_path))
     domid = xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path))))
     return {"name": name, "domid": domid, "vtpm_uuid": added["vtpm_uuid"], "backend": "swtpm"}

@@ -17,6 +17,7 @@ from typing import Any
 from xen_vtpm.config import Config
 from xen_vtpm.errors import XenStoreError, XenStoreNotFound, XlError
 
+from .devicemodel import managed_uuid, tpm_sockets
 from .xenstore import XenStore
 from .xl import Xl
 
@@ -107,6 +108,19 @@ def vtpm_links(xs: XenStore, domid: int) -> list[dict[str, Any]]:
     return rows
 
 
+def swtpm_links(cfg: Config, xs: XenStore, domid: int) -> list[dict[str, Any]]:
+    """An HVM guest's emulator TPM (the swtpm backend), in the shape of ``vtpm_links``.  The socket
+    comes from the device model's argv, read in dom0; a socket xen-vtpm does not manage shows
+    ``unmanaged`` (``vtpm import`` adopts it)."""
+    rows = []
+    for devid, sock in enumerate(tpm_sockets(xs, domid)):
+        vtpm_uuid = managed_uuid(cfg.swtpm_run_dir, sock)
+        rows.append({"devid": devid, "state": None, "backend_domid": 0, "backend_name": "swtpm",
+                     "backend_path": sock, "backend_state": None, "uuid": vtpm_uuid, "backend_uuid": None,
+                     "uuid_check": "ok" if vtpm_uuid else "unmanaged"})
+    return rows
+
+
 def list_domains(cfg: Config) -> list[dict[str, Any]]:
     """One dict per domain: domid, name, state, role, vtpms (frontends) and served frontends."""
     states = _run_states(cfg)
@@ -117,7 +131,7 @@ def list_domains(cfg: Config) -> list[dict[str, Any]]:
         for d in domids:
             served_base = f"/local/domain/{d}/backend/vtpm"
             served = sorted(int(f) for f in _ls(xs, served_base) if f.isdigit())
-            vtpms = vtpm_links(xs, d)
+            vtpms = vtpm_links(xs, d) or swtpm_links(cfg, xs, d)
             if d == 0:
                 role = "dom0"
             elif names[d] == cfg.manager:
