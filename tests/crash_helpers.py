@@ -4,11 +4,17 @@ The step list is the coordinator's step table (``xen_vtpm.core.steps``), so a ne
 editing the tests; ``test_crash_recover`` cross-checks it against the op_steps a clean run really records.
 Kills and faults go through the test-only seam ``tests/faulty_tool.py`` (``xen_vtpm.faults``).
 
-The VM/vTPM pair is tracked by two values that must move together: a marker the test writes into the
+The VM/vTPM pair is tracked by values that must move together: a marker the test writes into the
 guest's memory (bytes a guest would write; the simulated guest's own scribbling never touches them) and
-PCR 16 of its vTPM, extended with a fresh value at the same time.  After recover the (marker, PCR 16)
+PCR 16 of its vTPM, extended with a fresh value at the same time (and, on an swtpm vTPM, whose PCRs are
+its volatile state, an NV counter of its permanent state, incremented with them).  After recover the
 pair read back must be one of the pairs the sequence allows — old or new, never one half of each, never
 the zero PCR of a vTPM that came up fresh.
+
+guest1's vTPM is one of e2e_helpers.VTPMS (``prime_host``): a vTPM stub domain (TPM 2.0 stand-in or
+Xen's TPM 1.2) or an swtpm in dom0 behind an HVM guest's device model; every check below has each
+backend's own form of it (the stub's console verdict / the swtpm the tool started on its own state;
+the vtpmmgr's checkpoint entry / nothing of the checkpoint kept outside the store).
 """
 from __future__ import annotations
 
@@ -26,11 +32,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import tpm12
-from sim_fixture import SimHost
+from e2e_helpers import VTPMS
+from sim_fixture import SimHost, swtpm_home, swtpm_pid
 
+from xen_vtpm.config import Config
 from xen_vtpm.core import steps
-from xen_vtpm.vtpm import console
-from xen_vtpm_sim import domains
+from xen_vtpm.vtpm import console, swtpmctl
+from xen_vtpm.xen.devicemodel import pid_path
+from xen_vtpm_sim import devicemodel, domains, host
 
 # The store's own crash points (xen_vtpm/store/writer.py, repository.py) that a checkpoint write (snapshot,
 # safety snapshot, save) and a delete pass.
@@ -87,9 +96,11 @@ def recorded_steps(state_dir: Path) -> dict[str, list[list[str]]]:
 class Pair:
     marker: bytes
     pcr16: str
+    counter: int | None = None      # swtpm: the NV counter (permanent state; PCRs are volatile state)
 
     def __str__(self) -> str:
-        return f"(mem {self.marker[:4].hex()}…, pcr16 {self.pcr16[:12]}…)"
+        nv = "" if self.counter is None else f", nv {self.counter}"
+        return f"(mem {self.marker[:4].hex()}…, pcr16 {self.pcr16[:12]}…{nv})"
 
 
 def memfile(sim: SimHost, name: str = GUEST) -> Path:
@@ -98,24 +109,40 @@ def memfile(sim: SimHost, name: str = GUEST) -> Path:
     return Path(dom["memfile"])
 
 
-def tcti(sim: SimHost, name: str = GUEST) -> str:
-    """The TCTI the vTPM stub domain of guest `name` published (what `xen-vtpm sim tcti` prints); it
-    also answers while the guest itself is saved away.  A stub that just booted publishes it once it
-    serves, so wait for the file."""
-    path = sim.dir / "run" / f"vtpm-{name}.tcti"
+# guest name -> its vTPM (a key of VTPMS), per simulated host (prime_host sets it; a TPM 2.0 stub otherwise)
+_vtpms: dict[Path, dict[str, str]] = {}
+
+
+def vtpm_of(sim: SimHost, name: str = GUEST) -> str:
+    return _vtpms.get(sim.dir, {}).get(name, "stubdom-tpm2.0")
+
+
+def backend(sim: SimHost, name: str = GUEST) -> str:
+    """"stubdom" or "swtpm": what serves guest `name`'s vTPM."""
+    return VTPMS[vtpm_of(sim, name)][0]
+
+
+def tpm_version(sim: SimHost, name: str = GUEST) -> str:
+    return VTPMS[vtpm_of(sim, name)][1]
+
+
+def _published(path: Path, what: str) -> str:
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while not path.exists():
-        assert time.monotonic() < deadline, f"vtpm-{name}: never published its TCTI ({path.name})"
+        assert time.monotonic() < deadline, f"{what}: never published its TCTI ({path.name})"
         time.sleep(0.05)
     return path.read_text().strip()
 
 
-# guest name -> its vTPM's TPM version, per simulated host (prime_host sets it; 2.0 unless said otherwise)
-_versions: dict[Path, dict[str, str]] = {}
-
-
-def tpm_version(sim: SimHost, name: str = GUEST) -> str:
-    return _versions.get(sim.dir, {}).get(name, "2.0")
+def tcti(sim: SimHost, name: str = GUEST) -> str:
+    """The TCTI of guest `name`'s vTPM (what `xen-vtpm sim tcti` prints): the one its vTPM stub domain
+    published, which also answers while the guest itself is saved away; or, for an swtpm, its device
+    model's (no device model, no TPM: the swtpm ends with it).  Waits for a vTPM that just started."""
+    if backend(sim, name) == "swtpm":
+        dom = domains.find(domains.snapshot(sim.dir), name)
+        assert dom is not None, f"{name}: not running, so its swtpm vTPM has no device model to reach it by"
+        return _published(devicemodel.tcti_file(sim.dir, dom["domid"]), f"{name}'s device model")
+    return _published(sim.dir / "run" / f"vtpm-{name}.tcti", f"vtpm-{name}")
 
 
 def read_pcr16(sim: SimHost, name: str = GUEST) -> str:
@@ -127,15 +154,29 @@ def read_pcr16(sim: SimHost, name: str = GUEST) -> str:
     return m.group(1).lower()
 
 
+NV_COUNTER = "0x1500020"
+
+
+def read_counter(sim: SimHost, name: str = GUEST) -> int:
+    """The NV counter of an swtpm vTPM; prime_host defined it, so a TPM without it came up fresh."""
+    proc = subprocess.run(["tpm2_nvread", "-T", tcti(sim, name), "-C", "o", "-s", "8", NV_COUNTER], env=sim.env,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0 and len(proc.stdout) == 8, (
+        f"{name}: its swtpm vTPM has no NV counter {NV_COUNTER} — it came up fresh, not from its state "
+        f"({proc.stderr.decode(errors='replace').strip()[-120:]})")
+    return int.from_bytes(proc.stdout, "big")
+
+
 def read_pair(sim: SimHost, name: str = GUEST) -> Pair:
     with open(memfile(sim, name), "rb") as fh:
         fh.seek(MARK_OFFSET)
         marker = fh.read(MARK_LEN)
-    return Pair(marker, read_pcr16(sim, name))
+    counter = read_counter(sim, name) if backend(sim, name) == "swtpm" else None
+    return Pair(marker, read_pcr16(sim, name), counter)
 
 
 def new_state(sim: SimHost, name: str = GUEST) -> Pair:
-    """Move both halves of the pair on: a new memory marker and a new PCR 16 value."""
+    """Move the pair on: a new memory marker, a new PCR 16 value (and a new NV counter on swtpm)."""
     marker = secrets.token_bytes(MARK_LEN)
     with open(memfile(sim, name), "r+b") as fh:
         fh.seek(MARK_OFFSET)
@@ -144,17 +185,34 @@ def new_state(sim: SimHost, name: str = GUEST) -> Pair:
         tpm12.pcr_extend(tcti(sim, name), 16, secrets.token_bytes(32))
     else:
         sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), f"16:sha256={secrets.token_hex(32)}"])
+    if backend(sim, name) == "swtpm":
+        sim.run(["tpm2_nvincrement", "-T", tcti(sim, name), NV_COUNTER, "-C", "o"])
     pair = read_pair(sim, name)
     assert pair.marker == marker
     return pair
 
 
-def advance_vtpm_nv(sim: SimHost, name: str = GUEST, index: str = "0x1500020") -> None:
+def advance_vtpm_nv(sim: SimHost, name: str = GUEST, index: str = NV_COUNTER) -> None:
     """Change the vTPM's persistent state (its disk image) without its guest: define + bump an NV counter."""
     t = tcti(sim, name)
     sim.run(["tpm2_nvdefine", "-T", t, index, "-s", "8", "-a", "ownerread|ownerwrite|nt=counter"],
             check=False)
     sim.run(["tpm2_nvincrement", "-T", t, index, "-C", "o"])
+
+
+def move_vtpm_on_while_saved(sim: SimHost, save_file: Path, name: str = GUEST) -> None:
+    """guest `name` is saved away in `save_file`; someone changes its vTPM meanwhile (a PCR and its
+    permanent state), so a restore must put it back.  A vTPM stub domain serves anyone; an swtpm only
+    a device model, so the file is restored with plain `xl` (the tool bypassed), used, and destroyed."""
+    if backend(sim, name) == "swtpm":
+        sim.tool("vtpm", "start", name)
+        sim.xl("restore", str(save_file))
+    advance_vtpm_nv(sim, name)
+    sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), "16:sha256=" + "5a" * 32])
+    if backend(sim, name) == "swtpm":
+        sim.xl("destroy", name)
+        assert domains.wait_until(lambda: swtpm_pid(sim, name) is None, 30), \
+            f"{name}: its swtpm outlived its device model"
 
 
 # --- running the tool ----------------------------------------------------------------------
@@ -282,12 +340,16 @@ def xl_rows(sim: SimHost) -> dict[str, str]:
 
 
 def wait_connected(sim: SimHost, name: str) -> dict:
-    """The guest's vTPM frontend and backend reach Connected (4) with a verified UUID; returns its row."""
+    """The guest's vTPM frontend and backend reach Connected (4) with a verified UUID, or (swtpm) its
+    device model is wired to the vTPM's socket and serves the guest's TPM; returns its row."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
+    swtpm = backend(sim, name) == "swtpm"
     while True:
         rows = {r["name"]: r for r in tool_json(sim, "list")}
         row = rows.get(name)
         links = row["vtpms"] if row else []
+        if swtpm and len(links) == 1 and devicemodel.tcti_file(sim.dir, row["domid"]).exists():
+            return row
         if len(links) == 1 and links[0]["state"] == "4" and links[0]["backend_state"] == "4":
             return row
         assert time.monotonic() < deadline, f"{name}: vTPM link never reached Connected: {row}"
@@ -350,8 +412,12 @@ def no_stray_processes(sim: SimHost) -> None:
         if dom.get("pid") and "c" not in listed[dom["name"]]:     # a crashed domain has no process
             assert domains.is_alive(dom["pid"]), f"{dom['name']}: its process {dom['pid']} is gone"
             leaders.add(dom["pid"])
-    for pidfile in (sim.dir / "run").glob("*.pid"):
-        leaders.add(int(pidfile.read_text().strip()))
+        # An HVM guest's device model, where libxl records it.
+        dm = sim.run(["xenstore-read", pid_path(dom["domid"])], check=False)
+        if dm.returncode == 0:
+            leaders.add(int(dm.stdout))
+    for pidfile in [*(sim.dir / "run").glob("*.pid"), *(sim.dir / host.SWTPM_RUN).glob("*.pid")]:
+        leaders.add(int(pidfile.read_text().strip()))      # host daemons; the tool's swtpms
     stray = []
     for pid in domains.owned_pids(sim.dir):
         try:
@@ -364,10 +430,37 @@ def no_stray_processes(sim: SimHost) -> None:
     assert not stray, f"processes left beyond the host's domains: {stray}"
 
 
+def swtpm_leftovers(sim: SimHost, guest: str = GUEST) -> list[str]:
+    """What of a checkpoint an swtpm vTPM could hold outside the store: anything in its home beyond
+    its record, its state files and its log, and libxl's device-model copy (qemu-save.<domid>, the
+    blobs a capture read) left after the capture."""
+    home = swtpm_home(sim, guest)
+    extra = [str(p.relative_to(home)) for p in home.rglob("*")
+             if str(p.relative_to(home)) not in ("vtpm.json", "state", "swtpm.log", "state/.lock",
+                                                 *(f"state/{n}" for n in swtpmctl.STATE_FILES))]
+    return extra + [p.name for p in Path(Config.load(sim.config).xen_lib_dir).glob("qemu-save.*")]
+
+
+def backend_holds(sim: SimHost, checkpoint_id: str) -> bool:
+    """Does guest1's vTPM backend still hold something of this checkpoint outside the store?  The
+    vtpmmgr: its checkpoint entry (``manager_knows``); an swtpm keeps nothing per checkpoint, so any
+    leftover (``swtpm_leftovers``) counts."""
+    if backend(sim) == "swtpm":
+        return bool(swtpm_leftovers(sim))
+    return manager_knows(sim, checkpoint_id)
+
+
+def backend_keeps(sim: SimHost, checkpoint_id: str) -> bool:
+    """Does a live checkpoint still have what its backend needs to put the vTPM back?  The vtpmmgr's
+    entry (``manager_keeps``); for swtpm, the vTPM image in the store, checked whole by `verify`."""
+    if backend(sim) == "swtpm":
+        return sim.tool("verify", checkpoint_id, check=False, timeout=150).returncode == 0
+    return manager_keeps(sim, checkpoint_id)
+
+
 def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
     """Probe: does the vtpmmgr still hold this checkpoint entry?  (A discard that succeeds: the probe
     removes a leaked entry, which is fine since the test then fails.)"""
-    from xen_vtpm.config import Config
     from xen_vtpm.errors import ManagerError
     from xen_vtpm.vtpm.manager import ManagerClient
     with ManagerClient(Config.load(sim.config)) as mgr:
@@ -382,7 +475,6 @@ def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
 def manager_keeps(sim: SimHost, checkpoint_id: str, guest: str = GUEST) -> bool:
     """Probe that leaves a live entry alone (unlike ``manager_knows``): a checkpoint request under the
     same id is refused while the entry exists; where it is gone, the entry the probe made is discarded."""
-    from xen_vtpm.config import Config
     from xen_vtpm.errors import ManagerError
     from xen_vtpm.vtpm.manager import ManagerClient
     # The manager knows a vTPM by the UUID on its stub domain's own vtpm= line.
@@ -397,16 +489,35 @@ def manager_keeps(sim: SimHost, checkpoint_id: str, guest: str = GUEST) -> bool:
     return False
 
 
+def swtpm_started_by_tool(sim: SimHost) -> int:
+    """guest1's swtpm runs as the tool starts it: on the vTPM's own state directory, with its state and
+    migration keys (so it decrypted that state: it never manufactures one, ``SwtpmBackend.prove``), and
+    its permanent state is there, encrypted.  Returns its pid."""
+    pid = swtpm_pid(sim)
+    assert pid is not None, f"{GUEST}: runs, but its swtpm does not"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    state = swtpm_home(sim) / "state"
+    assert any(a.startswith(f"dir={state},".encode()) for a in argv), f"swtpm {pid} serves another state: {argv}"
+    assert b"--key" in argv and b"--migration-key" in argv, f"swtpm {pid} runs without its keys: {argv}"
+    permall = state / swtpmctl.PERMANENT
+    assert permall.exists() and swtpmctl.encrypted_at_rest(permall.read_bytes()), \
+        f"{permall.name}: missing or not encrypted"
+    return pid
+
+
 def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str]:
-    """The vTPM stub runs, loaded its state at its last boot; nothing is paused but a guest paused before."""
+    """The vTPM stub runs, loaded its state at its last boot (an swtpm vTPM: ``check_host`` checks it
+    with its guest, the only one it serves); nothing is paused but a guest paused before."""
     rows = xl_rows(sim)
-    backend = f"vtpm-{GUEST}"
-    assert backend in rows, f"{backend}: the vTPM stub domain is not running after recover"
+    stub = f"vtpm-{GUEST}"
+    if backend(sim) == "stubdom":
+        assert stub in rows, f"{stub}: the vTPM stub domain is not running after recover"
     for name, state in rows.items():
         if "p" in state and not (name == GUEST and guest_paused):
             raise AssertionError(f"{name}: left paused ({state}) after recover")
-    table = domains.snapshot(sim.dir)["domains"]
-    vtpm_boot_ok(sim, backend, next(d["domid"] for d in table.values() if d["name"] == backend))
+    if backend(sim) == "stubdom":
+        table = domains.snapshot(sim.dir)["domains"]
+        vtpm_boot_ok(sim, stub, next(d["domid"] for d in table.values() if d["name"] == stub))
     return rows
 
 
@@ -429,7 +540,12 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
         else:
             row = wait_connected(sim, GUEST)
         assert len(row["vtpms"]) == 1 and row["vtpms"][0]["uuid_check"] == "ok", row
-        assert row["vtpms"][0]["backend_name"] == f"vtpm-{GUEST}", row
+        if backend(sim) == "swtpm":
+            assert row["vtpms"][0]["backend_name"] == "swtpm", row
+            assert row["vtpms"][0]["uuid"] == swtpm_home(sim).name, row
+            swtpm_started_by_tool(sim)
+        else:
+            assert row["vtpms"][0]["backend_name"] == f"vtpm-{GUEST}", row
         pair = read_pair(sim)
         assert set(pair.pcr16) != {"0"}, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
         matches = [k for k, v in allowed.items() if v == pair]
@@ -437,7 +553,11 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
                          f"{ {k: str(v) for k, v in allowed.items()} } (mixed or fresh)")
         outcome = matches[0]
     else:
+        # The stub domain outlives its saved guest; an swtpm ends with the guest's device model.
+        assert backend(sim) == "stubdom" or swtpm_pid(sim) is None, f"{GUEST} is gone, its swtpm still runs"
         outcome = "absent"
+    if backend(sim) == "swtpm":
+        assert not swtpm_leftovers(sim), f"{GUEST}'s swtpm vTPM left behind {swtpm_leftovers(sim)}"
     bystander_untouched(sim)
     sim.tool("verify", "--all")
     sim.tool("audit", "--verify")
@@ -465,12 +585,15 @@ def bystander_untouched(sim: SimHost) -> None:
     assert read_pair(sim, BYSTANDER) == expected, f"{BYSTANDER}: its VM/vTPM pair changed"
 
 
-def prime_host(sim: SimHost, tpm_version: str = "2.0") -> None:
-    """guest1 (its vTPM a TPM ``tpm_version``) and a bystander guest; guest1 gets a clean snapshot +
-    rollback so its running vTPM booted from stored state (a first boot is fresh by design), then every
-    later boot must load."""
-    _versions.setdefault(sim.dir, {})[GUEST] = tpm_version
-    sim.create_guest(GUEST, memory=16, tpm_version=tpm_version)
+def prime_host(sim: SimHost, vtpm: str = "stubdom-tpm2.0") -> None:
+    """guest1 (its vTPM one of VTPMS) and a bystander guest (a TPM 2.0 stub domain); guest1 gets a clean
+    snapshot + rollback so its running vTPM booted from stored state (a first boot is fresh by design),
+    then every later boot must load.  An swtpm vTPM gets the NV counter of its pairs first."""
+    _vtpms.setdefault(sim.dir, {})[GUEST] = vtpm
+    kind, version = VTPMS[vtpm]
+    sim.create_guest(GUEST, memory=16, tpm_version=version, vtpm=kind)
+    if kind == "swtpm":
+        advance_vtpm_nv(sim)
     sim.create_guest(BYSTANDER, memory=16)
     _bystanders[sim.dir] = new_state(sim, BYSTANDER)
     sim.tool("snapshot", GUEST, "--name", "prime")

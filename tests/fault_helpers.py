@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import crash_helpers as ch
-from sim_fixture import SimHost
+from sim_fixture import SimHost, swtpm_pid
 
 from xen_vtpm.config import Config
 from xen_vtpm_sim import domains, host
@@ -31,13 +31,19 @@ from xen_vtpm_sim import domains, host
 #   hosttpm    the swtpm behind the tool's host TPM: comes back (hardware / resource manager)
 #   vtpm       the guest's vTPM stub domain: a domain that crashed stays dead until re-created
 #   vtpmmgr    the vTPM manager domain: stays dead; every vTPM must be re-created with it
-COMPONENTS = ("xenstored", "hosttpm", "vtpm", "vtpmmgr")
+#   swtpm      (an swtpm vTPM instead of the last two) the guest's swtpm in dom0: a process that died
+#              stays dead until the tool starts it again (a rollback or restore)
+COMPONENTS = {"stubdom": ("xenstored", "hosttpm", "vtpm", "vtpmmgr"), "swtpm": ("xenstored", "hosttpm", "swtpm")}
 COMES_BACK = {"xenstored", "hosttpm"}
 
 
 def pid_of(sim: SimHost, component: str) -> int:
     if component in ("xenstored", "hosttpm"):
         return int((sim.dir / "run" / f"{component}.pid").read_text())
+    if component == "swtpm":
+        pid = swtpm_pid(sim, ch.GUEST)
+        assert pid is not None, f"{ch.GUEST}: its swtpm does not run"
+        return pid
     name = f"vtpm-{ch.GUEST}" if component == "vtpm" else "vtpmmgr"
     dom = domains.find(domains.snapshot(sim.dir), name)
     assert dom is not None and dom.get("pid"), f"{name}: not in the domain table"
@@ -59,7 +65,10 @@ def take_down(sim: SimHost, component: str) -> int:
         domains.kill_group(pid, sim.dir, 19)     # SIGSTOP
         assert domains.wait_until(lambda: domains.is_stopped(pid), 10), f"{component}: {pid} did not stop"
         return pid
-    domains.kill_group(pid, sim.dir)
+    if component == "swtpm":    # a daemon of the tool's (its pid file in the host's swtpm_run_dir), no domain
+        os.kill(pid, 9)
+    else:
+        domains.kill_group(pid, sim.dir)
     assert domains.wait_until(lambda: not domains.is_alive(pid), 10), f"{component}: {pid} survived SIGKILL"
     return pid
 

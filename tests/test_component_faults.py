@@ -1,9 +1,10 @@
 """Component failures at every journaled step: a simulated component dies while the tool runs.
 
-For each sequence (snapshot, rollback, save, restore, delete), each step the coordinator journals
-(crash_helpers.coordinator_steps) and each component (fault_helpers.COMPONENTS) that runs at that
-point, the tool runs with its test hook (tests/faulty_tool.py, xen_vtpm.faults) taking the component
-down right after that step is journaled.  Then:
+For each vTPM backend (a stub domain, an swtpm in dom0), each sequence (snapshot, rollback, save,
+restore, delete), each step the coordinator journals (crash_helpers.coordinator_steps) and each
+component of that backend's host (fault_helpers.COMPONENTS) that runs at that point, the tool runs
+with its test hook (tests/faulty_tool.py, xen_vtpm.faults) taking the component down right after
+that step is journaled.  Then:
 
 1. the fault is proved to have happened: the hook's log shows the fault command ran there and saw the
    component down, and the test itself still sees it down (fault_helpers.prove_fault); a fault that
@@ -16,7 +17,7 @@ down right after that step is journaled.  Then:
    or new (never mixed, never fresh), nothing paused or leaked, store and audit log verify; every
    checkpoint the faulted command kept is rolled back to and must give back the pair it was taken of.
 
-A dead vTPM stub domain: recover must still succeed; rolling back re-creates the stub from a
+A dead vTPM stub domain or swtpm: recover must still succeed; rolling back re-creates the vTPM from a
 checkpoint, so the full check runs after rolling back to the kept checkpoint and to the target.
 A dead manager: recover succeeds or fails in one line (exit 9) leaving only this case's operation
 open; the full check runs with the manager dead (guest1 keeps its pair, since its vTPM still runs);
@@ -41,7 +42,7 @@ from xen_vtpm.core import steps as S
 
 STEPS = ch.coordinator_steps()
 KINDS = ("snapshot", "rollback", "save", "restore", "delete")
-EXIT = {"xenstored": (9,), "hosttpm": (8,), "vtpm": (9,), "vtpmmgr": (9,)}
+EXIT = {"xenstored": (9,), "hosttpm": (8,), "vtpm": (9,), "vtpmmgr": (9,), "swtpm": (9,)}
 RESULTS: list[tuple[str, str, str]] = []
 
 # (kind, step, component) -> open entry in docs/reliability.md (CF-n); such cases run as xfail(strict=True).
@@ -56,33 +57,40 @@ REPRESENTATIVE = {
     ("save", "destroy-guest", "xenstored"), ("restore", "restore-guest", "hosttpm"),
     ("delete", "discard-manager", "vtpmmgr"),
 }
+# On swtpm (the same code but the backend): its swtpm killed at the guest's capture.
+SWTPM_REPRESENTATIVE = {("snapshot", "manager-checkpoint", "swtpm")}
 
-# A dead vTPM stub domain or manager is tried at every step of the sequences that lean on it most
+# A dead vTPM stub domain, swtpm or manager is tried at every step of the sequences that lean on it most
 # (the others reach it through the same ports: pause/capture, stop/start, discard).
-DEAD_DOMAIN_KINDS = {"vtpm": ("snapshot", "rollback"), "vtpmmgr": ("snapshot", "delete")}
+DEAD_DOMAIN_KINDS = {"vtpm": ("snapshot", "rollback"), "swtpm": ("snapshot", "rollback"),
+                     "vtpmmgr": ("snapshot", "delete")}
 
 
 def runs_at(kind: str, step: str, comp: str) -> bool:
-    """Is `comp` running right after `step` is journaled?  A vTPM stub domain is not from the step
-    after stop-vtpm through start-vtpm (journaled before it re-creates the stub): nothing to take down."""
+    """Is `comp` running right after `step` is journaled?  A vTPM stub domain or swtpm is not from the
+    step after stop-vtpm through start-vtpm (journaled before it re-creates it): nothing to take down."""
     seq = STEPS[kind]
-    if comp != "vtpm" or S.STOP_VTPM not in seq:
+    if comp not in ("vtpm", "swtpm") or S.STOP_VTPM not in seq:
         return True
     return not seq.index(S.STOP_VTPM) < seq.index(step) <= seq.index(S.START_VTPM)
 
 
 def cases() -> list:
     params = []
-    for kind in KINDS:
-        for step in STEPS[kind]:
-            for comp in fh.COMPONENTS:
-                if kind not in DEAD_DOMAIN_KINDS.get(comp, KINDS) or not runs_at(kind, step, comp):
-                    continue
-                marks = [] if (kind, step, comp) in REPRESENTATIVE else [pytest.mark.crash_full]
-                bug = KNOWN_BUGS.get((kind, step, comp))
-                if bug:
-                    marks.append(pytest.mark.xfail(strict=True, reason=bug))
-                params.append(pytest.param(kind, step, comp, id=f"{kind}:{step}:{comp}", marks=marks))
+    for backend, vtpm, representative in (("stubdom", "stubdom-tpm2.0", REPRESENTATIVE),
+                                          ("swtpm", "swtpm", SWTPM_REPRESENTATIVE)):
+        for kind in KINDS:
+            for step in STEPS[kind]:
+                for comp in fh.COMPONENTS[backend]:
+                    if kind not in DEAD_DOMAIN_KINDS.get(comp, KINDS) or not runs_at(kind, step, comp):
+                        continue
+                    marks = [] if (kind, step, comp) in representative else [pytest.mark.crash_full]
+                    bug = KNOWN_BUGS.get((kind, step, comp))
+                    if bug:
+                        marks.append(pytest.mark.xfail(strict=True, reason=bug))
+                    prefix = "" if backend == "stubdom" else "swtpm-"
+                    params.append(pytest.param(vtpm, kind, step, comp, id=f"{prefix}{kind}:{step}:{comp}",
+                                               marks=marks))
     return params
 
 
@@ -93,27 +101,30 @@ def report_table():
 
 
 class Host:
-    """One simulated host reused while cases leave it whole; a dead vTPM or manager, or a failed
-    case, gets the next case a fresh one."""
+    """One simulated host reused while cases leave it whole and want the same vTPM; a dead vTPM or
+    manager, or a failed case, gets the next case a fresh one."""
 
     def __init__(self, factory) -> None:
         self.factory = factory
         self.sim: ch.SimHost | None = None
         self.target: ch.Pair | None = None
+        self.vtpm = ""
 
-    def get(self) -> ch.SimHost:
+    def get(self, vtpm: str = "stubdom-tpm2.0") -> ch.SimHost:
+        if self.sim is not None and vtpm != self.vtpm:
+            self.discard()
         if self.sim is None:
             sim = start_sim_host(self.factory.mktemp("fault") / "h")
             try:
                 sim.tool("init")
-                ch.prime_host(sim)
+                ch.prime_host(sim, vtpm)
                 fh.set_timeouts(sim)
                 self.target = ch.new_state(sim)
                 sim.tool("snapshot", GUEST, "--name", "target")
             except BaseException:
                 stop_sim_host(sim)
                 raise
-            self.sim = sim
+            self.sim, self.vtpm = sim, vtpm
         return self.sim
 
     def discard(self) -> None:
@@ -149,8 +160,7 @@ def prepare(sim: ch.SimHost, kind: str, target: ch.Pair, tmp_path: Path) -> tupl
         saved = ch.new_state(sim)
         ctx["path"] = tmp_path / "guest.save"
         sim.tool("save", GUEST, str(ctx["path"]))
-        ch.advance_vtpm_nv(sim)
-        sim.run(["tpm2_pcrextend", "-T", ch.tcti(sim, GUEST), "16:sha256=" + "5a" * 32])
+        ch.move_vtpm_on_while_saved(sim, ctx["path"])
         return ["restore", str(ctx["path"])], {"saved": saved}, ctx
     assert kind == "delete"
     ctx["doomed"] = ch.new_state(sim)
@@ -178,7 +188,7 @@ def kept_checkpoints(sim: ch.SimHost, kind: str, op: dict, allowed: dict, ctx: d
             notes.append(f"kept {name} verifies")
     gone = op.get("manager_checkpoint") or op.get("checkpoint")
     if roll_back and gone and gone not in ids.values() and kind in ("snapshot", "delete", "save"):
-        assert not ch.manager_knows(sim, gone), f"{kind}: manager entry {gone} outlived its checkpoint"
+        assert not ch.backend_holds(sim, gone), f"{kind}: the vTPM backend kept {gone} after its checkpoint"
         notes.append("manager entry gone")
     return "; ".join(notes)
 
@@ -216,8 +226,8 @@ def dead_manager_checks(sim: ch.SimHost, kind: str, op: dict, allowed: dict, ctx
 
 
 def repair_dead_vtpm(sim: ch.SimHost, target: ch.Pair, allowed: dict) -> str:
-    """The admin's repair for a guest whose vTPM stub domain crashed (its PCRs are gone with it):
-    roll the guest back to a checkpoint, which re-creates the stub domain from the stored pair.
+    """The admin's repair for a guest whose vTPM stub domain or swtpm died (its PCRs are gone with it):
+    roll the guest back to a checkpoint, which re-creates the vTPM from the stored pair.
     A checkpoint the faulted snapshot kept must hold the pair it claims: the one before it."""
     ids = ch.checkpoint_ids(sim)
     checks = [("faulted", allowed["old"])] if "faulted" in ids else []
@@ -229,9 +239,9 @@ def repair_dead_vtpm(sim: ch.SimHost, target: ch.Pair, allowed: dict) -> str:
     return ("kept checkpoint rolls back to its pair; " if checks else "") + "rollback rebuilt the pair"
 
 
-@pytest.mark.parametrize("kind,step,comp", cases())
-def test_component_dies(host, tmp_path, kind, step, comp):
-    sim = host.get()
+@pytest.mark.parametrize("vtpm,kind,step,comp", cases())
+def test_component_dies(host, tmp_path, vtpm, kind, step, comp):
+    sim = host.get(vtpm)
     whole = False
     try:
         argv, allowed, ctx = prepare(sim, kind, host.target, tmp_path)
@@ -253,13 +263,13 @@ def test_component_dies(host, tmp_path, kind, step, comp):
         elif comp == "vtpmmgr":
             outcome = dead_manager_checks(sim, kind, op, allowed, ctx)
         else:
-            # The tool can always re-create a vTPM stub domain from its cfg and a checkpoint:
-            # recover must not stay stuck on a dead one, and the guest must still exist.
+            # The tool can always re-create a vTPM stub domain from its cfg, or start an swtpm, and put
+            # a checkpoint back: recover must not stay stuck on a dead one, and the guest must still exist.
             proc = sim.tool("recover", check=False, timeout=150)
-            assert proc.returncode == 0, f"recover cannot get past the dead vTPM stub domain: {proc.stderr.strip()}"
+            assert proc.returncode == 0, f"recover cannot get past the dead vTPM ({comp}): {proc.stderr.strip()}"
             outcome = "recover ok; " + repair_dead_vtpm(sim, host.target, allowed)
             whole = True
-        RESULTS.append((kind, f"{step} × {comp}", f"fault proved; {tool}; {outcome}"))
+        RESULTS.append((f"{kind} ({vtpm})", f"{step} × {comp}", f"fault proved; {tool}; {outcome}"))
     finally:
         if not whole:
             host.discard()
@@ -267,8 +277,9 @@ def test_component_dies(host, tmp_path, kind, step, comp):
 
 def test_a_fault_that_injects_nothing_is_caught(host):
     """Negative control for prove_fault: a fault command that takes nothing down, one that fails, and
-    a point the command never reaches must each fail the proof."""
-    sim = host.get()
+    a point the command never reaches must each fail the proof (on the host the cases left, whichever
+    its vTPM)."""
+    sim = host.get(host.vtpm or "stubdom-tpm2.0")
     log = ch.fresh_log(sim)
     noop = ("snapshot:guest-save", "true")
     failing = ("snapshot:manager-checkpoint", shlex.join(["sh", "-c", "echo 'down hosttpm pid 1' >&2; exit 1"]))

@@ -11,10 +11,13 @@ crash points during every checkpoint write (snapshot, safety snapshot, save) and
    mixed or fresh), the vTPM's last boot loaded its state, nothing paused/leaked, verify + audit pass,
 4. if recover kept a checkpoint / save file, prove it holds the right pair by using it.
 
-One simulated host per sequence type; recover leaves it consistent, so the next step runs on it.
-The default run takes a representative subset (first and last step of each sequence, its points of no
-return, two store points, one chain of killed recovers); `make crash` (`pytest -m crash_full`) runs the
-rest of the matrix.  XEN_VTPM_CRASH_TABLE=FILE writes the outcome table there.
+Every case runs on a vTPM stub domain and on an swtpm in dom0 behind an HVM guest's device model
+(the rollback cases also on Xen's TPM 1.2 stub): the same steps, each backend's own checks
+(crash_helpers).  One simulated host per sequence type and vTPM; recover leaves it consistent, so the
+next step runs on it.  The default run takes a representative subset (on the stub domain: first and
+last step of each sequence, its points of no return, two store points, one chain of killed recovers; on
+swtpm: ``SWTPM_REPRESENTATIVE``); `make crash` (`pytest -m crash_full`) runs the rest of the matrix.
+XEN_VTPM_CRASH_TABLE=FILE writes the outcome table there.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import contextlib
 import crash_helpers as ch
 import pytest
 from crash_helpers import GUEST
-from e2e_helpers import TPM_VERSIONS
+from e2e_helpers import VTPMS
 from sim_fixture import start_sim_host, stop_sim_host
 
 from xen_vtpm.core import steps as S
@@ -47,13 +50,23 @@ REPRESENTATIVE_EXTRA = {("snapshot", f"advance-head:{S.AUDITED}"), ("snapshot", 
 # _snapshot_locked again; --paused only changes the last restore step).
 FULL_ONLY_ALSO = {("pre-rollback", "commit"), ("restore --paused", "stop-vtpm")}
 
+# The vTPMs every sequence runs on (rollback: every one of VTPMS) and the prefix of their case ids.
+STUB, SWTPM = "stubdom-tpm2.0", "swtpm"
+BACKENDS = (STUB, SWTPM)
+ID_PREFIX = {STUB: "", "stubdom-tpm1.2": "tpm1.2-", SWTPM: "swtpm-"}
+# On swtpm the default run takes a handful (the same code as the stub domain's apart from the backend's
+# own steps: its capture, stop/put-back/start, and the restart before a restore); the rest is crash_full.
+SWTPM_REPRESENTATIVE = {("rollback", "destroy-guest"), ("rollback", "start-vtpm"),
+                        ("snapshot", "manager-checkpoint")}
+
 
 def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | None = None,
-          extra: tuple = ()) -> list:
-    """One case per crash point of `kind` (each journaled step and each point between two writes of
-    one step, core/steps.py) and per store crash point if `store`; `chained` adds, per journaled step,
-    a case whose recover is itself killed at every point it reaches, one per run, before a last, clean
-    recover (every step's recover journals at least one step or passes one point; asserted)."""
+          extra: tuple = (), vtpms: tuple[str, ...] = BACKENDS) -> list:
+    """One case per vTPM of `vtpms` (``vtpm``: the class's host on it) and crash point of `kind`
+    (each journaled step and each point between two writes of one step, core/steps.py) and per store
+    crash point if `store`; `chained` adds, per journaled step, a case whose recover is itself killed at
+    every point it reaches, one per run, before a last, clean recover (every step's recover journals at
+    least one step or passes one point; asserted)."""
     seq = seq or kind
     steps = STEPS[kind]
     labels = [(p, p in (steps[0], steps[-1]) or p in NO_RETURN) for p in ch.crash_points(kind)]
@@ -62,14 +75,25 @@ def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | No
     if chained:
         labels += [(s + KILLED_RECOVER, kind == "rollback" and s == steps[0]) for s in steps]
     params = []
-    for label, representative in labels:
-        representative = representative or (seq, label) in REPRESENTATIVE_EXTRA
-        marks = [] if representative and (seq, label) not in FULL_ONLY_ALSO else [FULL_ONLY]
-        bug = KNOWN_BUGS.get((seq, label))
-        if bug:
-            marks.append(pytest.mark.xfail(strict=True, reason=bug))
-        params.append(pytest.param(label, *extra, id=f"{seq}:{label}", marks=marks))
+    for vtpm in vtpms:
+        for label, representative in labels:
+            if vtpm == SWTPM:
+                representative = (seq, label) in SWTPM_REPRESENTATIVE
+            else:
+                representative = (representative or (seq, label) in REPRESENTATIVE_EXTRA) \
+                    and (seq, label) not in FULL_ONLY_ALSO
+            marks = [] if representative else [FULL_ONLY]
+            bug = KNOWN_BUGS.get((seq, label))
+            if bug:
+                marks.append(pytest.mark.xfail(strict=True, reason=bug))
+            params.append(pytest.param(vtpm, label, *extra, id=f"{ID_PREFIX[vtpm]}{seq}:{label}", marks=marks))
     return params
+
+
+def on_vtpms(vtpms: tuple[str, ...] = BACKENDS) -> pytest.MarkDecorator:
+    """A one-off test of a class, on each of `vtpms` (its host on it); on swtpm crash_full."""
+    return pytest.mark.parametrize("vtpm", [pytest.param(v, id=v, marks=[FULL_ONLY] if v == SWTPM else [])
+                                            for v in vtpms])
 
 
 def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tuple[dict, str]:
@@ -102,11 +126,11 @@ def report_table():
     ch.report(RESULTS, "XEN_VTPM_CRASH_TABLE")
 
 
-def new_host(tmp_path_factory, tpm_version: str = "2.0") -> ch.SimHost:
+def new_host(tmp_path_factory, vtpm: str = STUB) -> ch.SimHost:
     sim = start_sim_host(tmp_path_factory.mktemp("crash") / "h")
     try:
         sim.tool("init")
-        ch.prime_host(sim, tpm_version)
+        ch.prime_host(sim, vtpm)
     except BaseException:
         stop_sim_host(sim)
         raise
@@ -117,8 +141,8 @@ class HostHolder:
     """One simulated host per sequence type, reused across its steps.  A case that fails may leave the
     host wedged (that is what it found); the next case then gets a fresh host instead of a cascade."""
 
-    def __init__(self, factory, setup=None, tpm_version: str = "2.0") -> None:
-        self.factory, self.setup, self.tpm_version = factory, setup, tpm_version
+    def __init__(self, factory, setup=None, vtpm: str = STUB) -> None:
+        self.factory, self.setup, self.vtpm = factory, setup, vtpm
         self.sim: ch.SimHost | None = None
         self.broken = False
         self.extra: dict = {}
@@ -129,7 +153,7 @@ class HostHolder:
             self.close()
         try:
             if self.sim is None:
-                self.sim = new_host(self.factory, self.tpm_version)
+                self.sim = new_host(self.factory, self.vtpm)
                 self.broken = False
                 self.extra = self.setup(self.sim) if self.setup else {}
             yield self.sim
@@ -144,13 +168,26 @@ class HostHolder:
 
 
 @pytest.fixture(scope="class")
-def host(request, tmp_path_factory):
-    """One host per class; a class parametrized on it (TestRollback) gets one per TPM version."""
-    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None), getattr(request, "param", "2.0"))
+def holders(request, tmp_path_factory):
+    """One host per class and vTPM, made when a case first needs it and kept for the class (the cases
+    of one class alternate between vTPMs, so a parametrized class-scoped fixture would be rebuilt)."""
+    made: dict[str, HostHolder] = {}
+
+    def holder(vtpm: str) -> HostHolder:
+        if vtpm not in made:
+            made[vtpm] = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None), vtpm)
+        return made[vtpm]
     try:
         yield holder
     finally:
-        holder.close()
+        for h in made.values():
+            h.close()
+
+
+@pytest.fixture
+def host(holders, vtpm):
+    """The class's host on the case's vTPM (``vtpm``: one of VTPMS, a parameter of every case)."""
+    return holders(vtpm)
 
 
 def record(kind: str, label: str, outcome: str) -> None:
@@ -192,7 +229,7 @@ def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
 
 
 class TestSnapshot:
-    @pytest.mark.parametrize("label", cases("snapshot", store=True))
+    @pytest.mark.parametrize("vtpm,label", cases("snapshot", store=True))
     def test_crash(self, host, label):
         with host.case() as sim:
             cur = ch.new_state(sim)
@@ -206,10 +243,11 @@ class TestSnapshot:
                 sim.tool("delete", name)
                 outcome = "finished: checkpoint kept, rolls back to its pair"
             else:
-                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                assert not ch.backend_holds(sim, op["checkpoint"]), "the vTPM backend kept the undone checkpoint"
                 outcome = "undone: no checkpoint, manager entry gone"
-            record("snapshot", label, f"ok — {outcome}{note}")
+            record(f"snapshot ({host.vtpm})", label, f"ok — {outcome}{note}")
 
+    @on_vtpms()
     def test_next_command_recovers_first(self, host):
         """No explicit recover: the admin just runs the next command, which must recover first
         (here the crash left guest1 paused, which a snapshot would otherwise refuse)."""
@@ -221,9 +259,10 @@ class TestSnapshot:
             assert "crashed" not in ch.checkpoint_ids(sim)
             ch.rolls_back_to(sim, "next", cur)
             sim.tool("delete", "next")
-            record("snapshot, then snapshot", "manager-checkpoint",
+            record(f"snapshot, then snapshot ({host.vtpm})", "manager-checkpoint",
                    "ok — the next snapshot undid the crashed one first")
 
+    @on_vtpms()
     def test_checks_catch_an_unrecovered_crash(self, host):
         """Negative control: without recover, the checks must see the crash (paused domains, open op)."""
         with host.case() as sim:
@@ -236,8 +275,8 @@ class TestSnapshot:
             ch.recover(sim)
 
 
-# Every synchronized-rollback case runs with the TPM 2.0 stand-in and with Xen's own TPM 1.2 vTPM.
-@pytest.mark.parametrize("host", TPM_VERSIONS, indirect=True, scope="class", ids=lambda v: f"tpm{v}")
+# Every synchronized-rollback case runs on every vTPM: the TPM 2.0 stand-in and Xen's own TPM 1.2 in a
+# stub domain, and swtpm in dom0.
 class TestRollback:
     @staticmethod
     def setup_host(sim: ch.SimHost) -> dict:
@@ -245,7 +284,7 @@ class TestRollback:
         sim.tool("snapshot", GUEST, "--name", "target")
         return {"target": pair}
 
-    @pytest.mark.parametrize("label", cases("pre-rollback", store=True))
+    @pytest.mark.parametrize("vtpm,label", cases("pre-rollback", store=True, vtpms=tuple(VTPMS)))
     def test_crash_in_safety_snapshot(self, host, label):
         with host.case() as sim:
             target = host.extra["target"]
@@ -261,11 +300,11 @@ class TestRollback:
                 sim.tool("delete", op["checkpoint"])
                 outcome = "old state; safety checkpoint kept, rolls back to its pair"
             else:
-                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                assert not ch.backend_holds(sim, op["checkpoint"]), "the vTPM backend kept the undone checkpoint"
                 outcome = "old state; safety checkpoint undone"
-            record(f"pre-rollback (TPM {host.tpm_version})", label, f"ok — {outcome}{note}")
+            record(f"pre-rollback ({host.vtpm})", label, f"ok — {outcome}{note}")
 
-    @pytest.mark.parametrize("label", cases("rollback"))
+    @pytest.mark.parametrize("vtpm,label", cases("rollback", vtpms=tuple(VTPMS)))
     def test_crash(self, host, label):
         with host.case() as sim:
             target = host.extra["target"]
@@ -273,10 +312,10 @@ class TestRollback:
             _, note = crash_and_recover(sim, "rollback", label, "rollback", GUEST, "target", "--yes",
                                         "--no-safety-checkpoint")
             state = ch.check_host(sim, {"old": cur, "new": target})
-            record(f"rollback (TPM {host.tpm_version})", label, "ok — " + {"new": "rolled forward to the checkpoint",
-                                                 "old": "undone: old state kept"}[state] + note)
+            record(f"rollback ({host.vtpm})", label, "ok — " + {"new": "rolled forward to the checkpoint",
+                                                                 "old": "undone: old state kept"}[state] + note)
 
-
+    @on_vtpms(tuple(VTPMS))
     def test_next_command_recovers_first(self, host):
         """A rollback cut short after its point of no return; the next command finishes it first."""
         with host.case() as sim:
@@ -286,12 +325,12 @@ class TestRollback:
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"old": cur, "new": host.extra["target"]}) == "new"
             sim.tool("delete", "next")
-            record(f"rollback, then snapshot (TPM {host.tpm_version})", "put-back-vtpm",
+            record(f"rollback, then snapshot ({host.vtpm})", "put-back-vtpm",
                    "ok — the snapshot finished the rollback first")
 
 
 class TestSave:
-    @pytest.mark.parametrize("label", cases("save", store=True))
+    @pytest.mark.parametrize("vtpm,label", cases("save", store=True))
     def test_crash(self, host, tmp_path, label):
         with host.case() as sim:
             cur = ch.new_state(sim)
@@ -309,13 +348,13 @@ class TestSave:
                 # Undone: the guest runs on, so the save must have left nothing behind.
                 assert op["checkpoint"] not in ch.checkpoint_ids(sim).values(), \
                     "the guest runs on, but the undone save's checkpoint is still in the catalog"
-                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                assert not ch.backend_holds(sim, op["checkpoint"]), "the vTPM backend kept the undone checkpoint"
                 outcome = "undone: guest runs on in its old state, no checkpoint, manager entry gone"
-            record("save", label, f"ok — {outcome}{note}")
+            record(f"save ({host.vtpm})", label, f"ok — {outcome}{note}")
 
 
 class TestRestore:
-    @pytest.mark.parametrize("label,paused", cases("restore", extra=(False,))
+    @pytest.mark.parametrize("vtpm,label,paused", cases("restore", extra=(False,))
                              + cases("restore", chained=False, seq="restore --paused", extra=(True,)))
     def test_crash(self, host, tmp_path, label, paused):
         with host.case() as sim:
@@ -323,8 +362,7 @@ class TestRestore:
             path = tmp_path / "guest.save"
             sim.tool("save", GUEST, str(path))
             # The vTPM moves on without its guest (a PCR and its disk image), so restore must put it back.
-            ch.advance_vtpm_nv(sim)
-            sim.run(["tpm2_pcrextend", "-T", ch.tcti(sim, GUEST), "16:sha256=" + "5a" * 32])
+            ch.move_vtpm_on_while_saved(sim, path)
             flags = ["--paused"] if paused else []
             _, note = crash_and_recover(sim, "restore", label, "restore", str(path), *flags)
             state = ch.check_host(sim, {"saved": saved}, guest_expected=None, paused=paused)
@@ -337,11 +375,11 @@ class TestRestore:
             if paused:
                 sim.xl("unpause", GUEST)
                 ch.wait_connected(sim, GUEST)
-            record("restore --paused" if paused else "restore", label, f"ok — {outcome}{note}")
+            record(f"restore{' --paused' if paused else ''} ({host.vtpm})", label, f"ok — {outcome}{note}")
 
 
 class TestDelete:
-    @pytest.mark.parametrize("label", cases("delete", store=True))
+    @pytest.mark.parametrize("vtpm,label", cases("delete", store=True))
     def test_crash(self, host, label):
         with host.case() as sim:
             taken = ch.new_state(sim)
@@ -356,9 +394,9 @@ class TestDelete:
                 sim.tool("delete", name)
                 outcome = "undone: checkpoint kept, rolls back to its pair"
             else:
-                assert not ch.manager_knows(sim, ckpt), "manager checkpoint entry leaked"
+                assert not ch.backend_holds(sim, ckpt), "the vTPM backend kept the deleted checkpoint"
                 outcome = "finished: checkpoint and manager entry gone"
-            record("delete", label, f"ok — {outcome}{note}")
+            record(f"delete ({host.vtpm})", label, f"ok — {outcome}{note}")
 
 
 def every_step(kind: str, store: bool = False) -> list:
@@ -366,8 +404,9 @@ def every_step(kind: str, store: bool = False) -> list:
     sequences are short, so `make test` kills each of their steps; chained recovers stay in `make crash`."""
     out = []
     for p in cases(kind, store=store):
-        label = p.values[0]
-        full = label.endswith(KILLED_RECOVER) or label.startswith("store:") and label[6:] not in REPRESENTATIVE_STORE
+        vtpm, label = p.values[:2]
+        full = vtpm == SWTPM or label.endswith(KILLED_RECOVER) or \
+            label.startswith("store:") and label[6:] not in REPRESENTATIVE_STORE
         out.append(p if full else pytest.param(*p.values, id=p.id, marks=[m for m in p.marks if m is not FULL_ONLY]))
     return out
 
@@ -383,7 +422,7 @@ class TestPrune:
         sim.tool("keep", "marked")
         return {}
 
-    @pytest.mark.parametrize("label", every_step("prune", store=True))
+    @pytest.mark.parametrize("vtpm,label", every_step("prune", store=True))
     def test_crash(self, host, label):
         with host.case() as sim:
             tag = label.replace(":", "-").replace(".", "-").replace("+", "-")
@@ -397,11 +436,12 @@ class TestPrune:
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             after = ch.checkpoint_ids(sim)
             assert set(after) == {"marked", new}, f"after recover: {sorted(after)}"
-            assert not ch.manager_knows(sim, before[old]), "the pruned checkpoint's manager entry leaked"
-            assert all(ch.manager_keeps(sim, before[n]) for n in after), "a kept checkpoint lost its entry"
+            assert not ch.backend_holds(sim, before[old]), "the pruned checkpoint's manager entry leaked"
+            assert all(ch.backend_keeps(sim, before[n]) for n in after), "a kept checkpoint lost its entry"
             assert [c["kept"] for c in ch.tool_json(sim, "checkpoints", GUEST)] == [True, False]
             sim.tool("delete", new)
-            record("prune", label, f"ok — finished: the older gone with its manager entry, the rest intact{note}")
+            record(f"prune ({host.vtpm})", label,
+                   f"ok — finished: the older gone with its manager entry, the rest intact{note}")
 
 
 class TestKeep:
@@ -413,8 +453,8 @@ class TestKeep:
         sim.tool("snapshot", GUEST, "--name", "k")
         return {}
 
-    @pytest.mark.parametrize("label,kind", [pytest.param(*p.values, k, id=p.id, marks=p.marks)
-                                            for k in ("keep", "unkeep") for p in every_step(k)])
+    @pytest.mark.parametrize("vtpm,label,kind", [pytest.param(*p.values, k, id=p.id, marks=p.marks)
+                                                 for k in ("keep", "unkeep") for p in every_step(k)])
     def test_crash(self, host, label, kind):
         with host.case() as sim:
             sim.tool("unkeep" if kind == "keep" else "keep", "k")    # the state the command changes
@@ -423,4 +463,5 @@ class TestKeep:
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             (row,) = ch.tool_json(sim, "checkpoints", GUEST)
             assert row["kept"] is (kind == "keep"), f"{kind} not finished by recover: {row}"
-            record(kind, label, f"ok — finished: {'marked' if kind == 'keep' else 'unmarked'}, bound to the head{note}")
+            record(f"{kind} ({host.vtpm})", label,
+                   f"ok — finished: {'marked' if kind == 'keep' else 'unmarked'}, bound to the head{note}")

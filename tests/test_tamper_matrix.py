@@ -11,15 +11,17 @@ Every command must fail with the case's one exit code on exactly one stderr line
 (anything the head still binds to the TPM counter but that no longer matches it or its MAC), 6 for a
 replay (an older, consistent head put back: behind the counter), 8 where the TPM itself refuses a
 sealed blob, 4 for a schema from the future.  Nothing running may change: the domain ids, the memory
-of the paused guest1, and the slot fingerprints of both vTPM images.  Then the pristine state dir is
+of the paused guest1, and the slot fingerprints of both vTPM images (on swtpm: both guests' swtpm
+state files and which swtpm processes run).  Then the pristine state dir is
 put back; before each case, the state is proven pristine: its files are byte for byte the pristine
 copy, the host TPM's counter (read with tpm2-tools, not the tool) is where the pristine head says,
 and the VMs and vTPMs are as observed at the start.  So a refused command that moved the counter
 would fail the next case instead of turning every later case into a pass on exit 6.
 
-The default suite runs the `CORE` cases, a representative subset, with every command (verify, then
-rollback and, for the save binding, restore); the full cross product is marked `crash_full`
-(`make crash`).
+Every case runs on both vTPM backends (guest1 and guest2 with vTPM stub domains, or with swtpm in dom0
+behind their device models; one world each).  The default suite runs the `CORE` cases, a representative
+subset, with every command (verify, then rollback and, for the save binding, restore) on the stub
+domain, and `SWTPM_CORE` on swtpm; the full cross product is marked `crash_full` (`make crash`).
 
 The damage a case does is chosen so that it lands in what the target checkpoint needs: a chunk "own"
 to A (no other checkpoint references it; B's delta chunks may still use it as a base), the pack
@@ -38,12 +40,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from e2e_helpers import GUEST, E2EHost, advance_guest_tpm, assert_one_line_error, e2e_host, provision_guest_tpm
+from sim_fixture import swtpm_pid, swtpm_state_fingerprints
 
 from xen_vtpm.config import Config
 from xen_vtpm.store import manifest as manifest_format
@@ -78,14 +81,18 @@ def _copy_state(src: Path, dst: Path) -> None:
 
 def _observe(w: World) -> dict:
     """What no refused command may change, read from outside the tool: `xl list` (domain ids and
-    states), guest1's memory file, the vTPM images' slot fingerprints."""
+    states), guest1's memory file, the vTPM images' slot fingerprints (swtpm: its state files' and
+    its process, if it runs)."""
     h = w.host
     rows = [r.split() for r in h.xl("list").stdout.splitlines()[1:] if r.strip()]
     guest = domains.find(domains.snapshot(h.dir), GUEST)
     assert guest is not None, f"{GUEST}: gone"
-    return {"domains": {r[0]: (int(r[1]), r[4]) for r in rows},
-            "memory": hashlib.sha256(Path(guest["memfile"]).read_bytes()).hexdigest(),
-            "slots1": h.slot_fingerprints(f"vtpm-{GUEST}"),
+    seen = {"domains": {r[0]: (int(r[1]), r[4]) for r in rows},
+            "memory": hashlib.sha256(Path(guest["memfile"]).read_bytes()).hexdigest()}
+    if h.backend == "swtpm":
+        return {**seen, **{f"{g}-swtpm": (swtpm_state_fingerprints(h.sim, g), swtpm_pid(h.sim, g))
+                           for g in (GUEST, GUEST2)}}
+    return {**seen, "slots1": h.slot_fingerprints(f"vtpm-{GUEST}"),
             "slots2": h.slot_fingerprints(f"vtpm-{GUEST2}") if h.vtpm_image(f"vtpm-{GUEST2}").exists() else None}
 
 
@@ -122,17 +129,17 @@ def _prove_pristine(w: World) -> None:
     assert _observe(w) == w.baseline, "the running VMs or vTPMs differ from the start of the matrix"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tm")
-    with e2e_host(base) as h:
+@contextlib.contextmanager
+def _make_world(base: Path, backend: str) -> Iterator[World]:
+    """A host whose guests' vTPMs are of `backend`, with the four checkpoints; always taken down."""
+    with e2e_host(base, backend=backend) as h:
         provision_guest_tpm(h.tcti())
         ids = {"A": h.snapshot("a")["id"]}
         old = base / "old-state"
         _copy_state(h.state_dir, old)
         advance_guest_tpm(h.tcti(), b"b")
         ids["B"] = h.snapshot("b")["id"]
-        h.tool("sim", "create", GUEST2, "--memory", "16")
+        h.tool("sim", "create", GUEST2, "--memory", "16", "--vtpm", backend)
         ids["C"] = h.snapshot("c", guest=GUEST2)["id"]
         save_file = base / "g2.save"
         ids["D"] = h.tool_json("save", GUEST2, str(save_file))["id"]
@@ -145,10 +152,30 @@ def world(tmp_path_factory):
         yield w
 
 
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """The four checkpoints on one host per vTPM backend, made when a case first needs it and kept for
+    the module (the cases alternate between backends: a parametrized module fixture would be rebuilt)."""
+    with contextlib.ExitStack() as stack:
+        made: dict[str, World] = {}
+
+        def world(backend: str) -> World:
+            if backend not in made:
+                made[backend] = stack.enter_context(_make_world(tmp_path_factory.mktemp("tm"), backend))
+            return made[backend]
+        yield world
+
+
 @pytest.fixture
-def small_world(tmp_path):
+def world(worlds, backend):
+    """The world of the case's vTPM backend (``backend``, a parameter of every case)."""
+    return worlds(backend)
+
+
+@pytest.fixture
+def small_world(backend, tmp_path):
     """guest1 with A and B only, for a case that (while its bug is open) really changes the host."""
-    with e2e_host(tmp_path) as h:
+    with e2e_host(tmp_path, backend=backend) as h:
         provision_guest_tpm(h.tcti())
         ids = {"A": h.snapshot("a")["id"]}
         advance_guest_tpm(h.tcti(), b"b")
@@ -580,16 +607,39 @@ def _run_case(w: World, case: Case) -> None:
         shutil.copyfile(w.save_file.parent / "pristine.save", w.save_file)
 
 
-def _params(names: list[str]) -> list:
-    return [pytest.param(n, id=n, marks=[pytest.mark.xfail(strict=True, reason=XFAIL[n])] if n in XFAIL else [])
-            for n in names]
+# On swtpm: a tampered chunk of A and a replayed head in the default suite (the rest is the same store
+# code; the backend only changes what must stay untouched); the whole matrix under crash_full.
+SWTPM_CORE = ["pack-flip-entry-ciphertext", "head-replay-row"]
+assert set(SWTPM_CORE) <= set(CORE)
+BACKENDS = ("stubdom", "swtpm")
 
 
-@pytest.mark.parametrize("name", _params(CORE))
+def _params(names: list[str], *, full: bool = False) -> list:
+    """(backend, case name): the world of that backend and the case: on the stub domain, the
+    cases `names`; on swtpm the same, crash_full but for SWTPM_CORE (`full`: every one crash_full)."""
+    out = []
+    for backend in BACKENDS:
+        for n in names:
+            marks = [pytest.mark.xfail(strict=True, reason=XFAIL[n])] if n in XFAIL else []
+            if backend == "swtpm" and not full and n not in SWTPM_CORE:
+                marks.append(pytest.mark.crash_full)
+            out.append(pytest.param(backend, n, id=n if backend == "stubdom" else f"swtpm-{n}", marks=marks))
+    return out
+
+
+def _on(*, swtpm_full: bool) -> pytest.MarkDecorator:
+    """A test of the world itself, on each backend's world (swtpm's crash_full if `swtpm_full`)."""
+    return pytest.mark.parametrize("backend", [
+        pytest.param("stubdom", id="stubdom"),
+        pytest.param("swtpm", id="swtpm", marks=[pytest.mark.crash_full] if swtpm_full else [])])
+
+
+@pytest.mark.parametrize("backend,name", _params(CORE))
 def test_tamper_core(world, name):
     _run_case(world, BY_NAME[name])
 
 
+@_on(swtpm_full=True)
 def test_a_moved_counter_is_caught(world):
     """Negative control for `_prove_pristine`: had a refused command advanced the host TPM counter, the
     next case must fail at its start (and not pass on exit 6 without testing anything)."""
@@ -604,12 +654,13 @@ def test_a_moved_counter_is_caught(world):
 
 
 @pytest.mark.crash_full
-@pytest.mark.parametrize("name", _params([c.name for c in ALL if c.name not in CORE]))
+@pytest.mark.parametrize("backend,name", _params([c.name for c in ALL if c.name not in CORE], full=True))
 def test_tamper_full(world, name):
     _run_case(world, BY_NAME[name])
 
 
 @pytest.mark.crash_full
+@_on(swtpm_full=True)
 def test_full_matrix_left_a_fresh_store(world):
     """After the whole matrix: no case moved the counter or left damage behind."""
     _prove_pristine(world)
@@ -617,11 +668,12 @@ def test_full_matrix_left_a_fresh_store(world):
 
 
 @pytest.mark.crash_full
-@pytest.mark.parametrize("name", _params([c.name for c in ISOLATED]))
+@pytest.mark.parametrize("backend,name", _params([c.name for c in ISOLATED], full=True))
 def test_tamper_isolated(small_world, name):
     _run_case(small_world, BY_NAME[name])
 
 
+@_on(swtpm_full=False)
 def test_pristine_state_still_verifies(world):
     """The put-back after each case really restores a healthy, fresh store (no case moved the counter)."""
     _prove_pristine(world)

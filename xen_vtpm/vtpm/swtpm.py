@@ -455,7 +455,10 @@ class SwtpmBackend:
             raise
 
     def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
-        """Nothing is held outside the checkpoint itself."""
+        """The one copy of a capture held outside the checkpoint is libxl's device-model save of the
+        guest, which ``capture`` wipes: a capture undone before it ran (a crash or failure between
+        `xl save -p` and the capture) still left one behind."""
+        self._wipe_device_model_save(ref)
 
 
 def new_uuid() -> str:
