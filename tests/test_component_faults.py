@@ -67,12 +67,14 @@ DEAD_DOMAIN_KINDS = {"vtpm": ("snapshot", "rollback"), "swtpm": ("snapshot", "ro
 
 
 def runs_at(kind: str, step: str, comp: str) -> bool:
-    """Is `comp` running right after `step` is journaled?  A vTPM stub domain or swtpm is not from the
-    step after stop-vtpm through start-vtpm (journaled before it re-creates it): nothing to take down."""
+    """Is `comp` running right after `step` is journaled?  A vTPM stub domain is not from the step
+    after stop-vtpm through start-vtpm (journaled before it re-creates the stub); an swtpm already
+    ends with its guest's device model, so from the step after destroy-guest: nothing to take down."""
     seq = STEPS[kind]
     if comp not in ("vtpm", "swtpm") or S.STOP_VTPM not in seq:
         return True
-    return not seq.index(S.STOP_VTPM) < seq.index(step) <= seq.index(S.START_VTPM)
+    gone = S.DESTROY_GUEST if comp == "swtpm" and S.DESTROY_GUEST in seq else S.STOP_VTPM
+    return not seq.index(gone) < seq.index(step) <= seq.index(S.START_VTPM)
 
 
 def cases() -> list:
