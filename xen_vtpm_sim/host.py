@@ -25,12 +25,16 @@ from typing import Any
 from xen_vtpm.config import Config
 from xen_vtpm.errors import PreconditionFailed, UsageError, XenError
 from xen_vtpm.xen.xlcfg import load_cfg
-from xen_vtpm_sim import domains, xl
+from xen_vtpm_sim import boot, domains, xl
 
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
 DAEMONS = ("xenstored", "hosttpm", "ptpm")
+# A TPM 2.0 host's manager, provisioned on its first start: sealed to the boot chain (PCRs 0-7) or
+# a boot the host's policy authority approves (boot.authority), letting vTPM stub domains with the
+# label every simulated frontend has reload their state (vtpmmgr/README.md, docs/real-xen.md).
+MANAGER_EXTRA = "tpm2=1 tpm2_pcrs=0-7 vtpm_label=system_u:system_r:vtpm_t"
 
 
 def _dirs(sim_dir: Path) -> None:
@@ -103,8 +107,8 @@ def _wait_connect(target: Any, family: int, timeout: float, what: str, pid: int)
         time.sleep(0.05)
 
 
-def _swtpm(sim_dir: Path, name: str, state: Path) -> int:
-    port = _port_pair()
+def _swtpm(sim_dir: Path, name: str, state: Path, port: int | None = None) -> int:
+    port = port or _port_pair()
     pid = _daemon(sim_dir, name, ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port}",
                                   "--ctrl", f"type=tcp,port={port + 1}", "--flags", "not-need-init,startup-clear",
                                   "--tpmstate", f"dir={state}"])
@@ -146,17 +150,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
     _dirs(d)
     (d / "run" / "domains.json").unlink(missing_ok=True)
     try:
-        sock = d / "xenstored.sock"
-        pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
-        _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
-        host_port = _swtpm(d, "hosttpm", d / "hosttpm")
-        ptpm_port = _swtpm(d, "ptpm", d / "ptpm")
-        (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
-        cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
-                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images")
-        cfg.save(d / "config.ini")
-        _write_xl(d)
+        power_on(d)
         if module_available("xen_vtpm_sim.vtpmmgr"):
             _create_manager(d, stock_manager)
         else:
@@ -166,6 +160,27 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
         down(d)
         raise
     return exports(d)
+
+
+def power_on(d: Path, ports: tuple[int, int] | None = None) -> None:
+    """dom0's daemons and the two TPMs, the boot measured into the manager's; ports: (host TPM,
+    physical TPM) of the boot before, so the configs that name them stay valid."""
+    sock = d / "xenstored.sock"
+    pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
+    _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
+    host_port = _swtpm(d, "hosttpm", d / "hosttpm", ports[0] if ports else None)
+    ptpm_port = _swtpm(d, "ptpm", d / "ptpm", ports[1] if ports else None)
+    ptpm_tcti = f"swtpm:host=127.0.0.1,port={ptpm_port}"
+    (d / "run" / "ptpm.tcti").write_text(ptpm_tcti + "\n")
+    events = boot.load(d)
+    boot.save(d, events)
+    boot.measure(ptpm_tcti, events)
+    if ports is None:
+        cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
+                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
+                     domain_cfg_dir=d / "images")
+        cfg.save(d / "config.ini")
+        _write_xl(d)
 
 
 def exports(d: Path) -> dict[str, str]:
@@ -182,7 +197,7 @@ def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
 def _create_manager(d: Path, stock: bool) -> None:
     img = d / "images" / "vtpmmgr.img"
     write_image(img)
-    extra = "tpm2=1" + (" checkpoint=0" if stock else "")
+    extra = f"{MANAGER_EXTRA} tpm2_authority={boot.authority(d)}" + (" checkpoint=0" if stock else "")
     _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
                             'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
@@ -221,7 +236,7 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
         out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
                                                f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
         if vtpm:
-            _wait_connected(d, out["domid"], name)
+            wait_connected(d, out["domid"], name)
     except BaseException:
         # Leave the host as it was: no half-built guest/vTPM pair.
         for key in ("domid", "vtpm_domid"):
@@ -231,7 +246,7 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     return out
 
 
-def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
+def wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
     """Readiness as in docs/xen-internals.md §9.6: frontend and backend of the guest's vTPM both Connected (4)."""
     fe = f"/local/domain/{domid}/device/vtpm/0"
     with xl.xenstore(str(d)) as xs:
