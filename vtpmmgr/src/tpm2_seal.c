@@ -674,21 +674,6 @@ int tpm2_seal_by_authority(const struct disk_seal_entry *entry)
 
 /* --- starting ------------------------------------------------------------------------------- */
 
-/* This boot's PolicyPCR digest for mask: what the authority signs to approve this boot. */
-static uint32_t boot_policy(uint32_t mask, uint8_t policy[32])
-{
-	uint32_t session, rc;
-	uint8_t digest[32];
-	if ((rc = start_session(T2_SE_TRIAL, &session)))
-		return rc;
-	composite(mask & PCR_MASK, digest);
-	rc = policy_pcr(session, mask, digest);
-	if (!rc)
-		rc = policy_get_digest(session, policy);
-	t2_flush(session);
-	return rc;
-}
-
 static void explain(const struct disk_seal_list *seal)
 {
 	uint32_t i, nr = be32_native(seal->length), pcr_mask = 0;
@@ -727,7 +712,8 @@ static void explain(const struct disk_seal_list *seal)
 		printk("vtpmmgr: TPM 2.0: the table has no policy authority: a changed boot cannot be approved\n");
 		return;
 	}
-	if (boot_policy(pcr_mask, policy))
+	/* this boot's PolicyPCR digest: what the authority signs to approve it */
+	if (entry_policy(pcr_mask, policy))
 		return;
 	hex(policy, 32, policy_hex);
 	if (opt.have_approval)
