@@ -97,6 +97,33 @@ def _last_boot(sim: SimHost) -> str:
     return log[log.rindex("Starting vTPM manager domain"):]
 
 
+def _damage_newest_root(sim: SimHost) -> None:
+    """Flip a bit in the root the manager would load first, as a write that never completed."""
+    disk = MgrDisk(_image(sim), PtpmSealer((sim.dir / "run" / "ptpm.tcti").read_text().strip()))
+    assert disk.load() is not None
+    raw = bytearray(_image(sim).read_bytes())
+    raw[MgrDisk.root_sector_offset(disk.active) + 200] ^= 0x01
+    _image(sim).write_bytes(bytes(raw))
+
+
+def _die_in_the_next_save(lab: VtpmLab, dom: VtpmDom, event: bytes) -> None:
+    """Start the vTPM on a manager that dies after writing its table for the vTPM's next save and
+    before counting that write; one guest command (one save) extends PCR 16 with event.  Both
+    domains are gone afterwards, and the manager's config is as before."""
+    _stop_manager(lab)
+    original = _manager_cfg(lab.sim).read_text()
+    _set_cfg(lab.sim, sim_crash_before_tpm_command=f"{NV_INCREMENT}:1")
+    assert "table opened" in _start_manager(lab)
+    again = lab.create(dom.name, dom.uuid)
+    with lab.tpm(again) as tpm:
+        tpm.extend16(event)
+    log = _manager_log(lab.sim)
+    assert domains.wait_until(lambda: "stopping the domain before TPM command 0x134" in log.read_text(), 10)
+    lab.sim.xl("destroy", again.name)
+    lab.sim.xl("destroy", "vtpmmgr")
+    _manager_cfg(lab.sim).write_text(original)
+
+
 def _policy_tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(POLICY_TOOL), *args], capture_output=True, text=True, timeout=60)
 
@@ -258,11 +285,7 @@ def test_a_damaged_newest_root_is_not_rolled_back_to_the_older_one(lab):
     _populate(lab, dom)
     lab.destroy(dom)
     _stop_manager(lab)
-    disk = MgrDisk(_image(lab.sim), PtpmSealer((lab.sim.dir / "run" / "ptpm.tcti").read_text().strip()))
-    assert disk.load() is not None
-    raw = bytearray(_image(lab.sim).read_bytes())
-    raw[MgrDisk.root_sector_offset(disk.active) + 200] ^= 0x01
-    _image(lab.sim).write_bytes(bytes(raw))
+    _damage_newest_root(lab.sim)
     boot_log = _start_manager(lab)
     # The other slot holds the table one write earlier: loading it would undo that write.
     assert "(replayed); refused" in boot_log and MANAGER_STOPPED in boot_log
@@ -272,25 +295,13 @@ def test_a_crash_between_the_disk_write_and_the_counter_is_recovered(lab):
     dom = lab.create("vtpm-c")
     state = _populate(lab, dom)
     lab.destroy(dom)
-    _stop_manager(lab)
-    original = _manager_cfg(lab.sim).read_text()
-    _set_cfg(lab.sim, sim_crash_before_tpm_command=f"{NV_INCREMENT}:1")
-    assert "table opened" in _start_manager(lab)
-    again = lab.create("vtpm-c", dom.uuid)
     event = b"the save the manager died in"
-    with lab.tpm(again) as tpm:                         # its save kills the manager after the table
-        tpm.extend16(event)                             # is written, before the write is counted
-    latest = dict(state, pcr16=hashlib.sha256(state["pcr16"] + hashlib.sha256(event).digest()).digest())
-    log = _manager_log(lab.sim)
-    assert domains.wait_until(lambda: "stopping the domain before TPM command 0x134" in log.read_text(), 10)
-    lab.sim.xl("destroy", again.name)
-    lab.sim.xl("destroy", "vtpmmgr")
-    _manager_cfg(lab.sim).write_text(original)
+    _die_in_the_next_save(lab, dom, event)
     boot_log = _start_manager(lab)
     assert "the last write of the table was not counted yet; NV counter advanced" in boot_log
     last = lab.create("vtpm-c", dom.uuid)
     assert last.status.kind == "loaded"
-    _check(lab, last, latest)
+    _check(lab, last, dict(state, pcr16=hashlib.sha256(state["pcr16"] + hashlib.sha256(event).digest()).digest()))
     lab.destroy(last)
 
 
@@ -298,23 +309,8 @@ def test_a_write_torn_before_it_was_counted_falls_back_to_the_previous_table(lab
     dom = lab.create("vtpm-t")
     state = _populate(lab, dom)
     lab.destroy(dom)
-    _stop_manager(lab)
-    original = _manager_cfg(lab.sim).read_text()
-    _set_cfg(lab.sim, sim_crash_before_tpm_command=f"{NV_INCREMENT}:1")
-    _start_manager(lab)
-    again = lab.create("vtpm-t", dom.uuid)
-    with lab.tpm(again) as tpm:
-        tpm.extend16(b"lost")                            # one command: the save the manager dies in
-    log = _manager_log(lab.sim)
-    assert domains.wait_until(lambda: "stopping the domain before TPM command 0x134" in log.read_text(), 10)
-    lab.sim.xl("destroy", again.name)
-    lab.sim.xl("destroy", "vtpmmgr")
-    disk = MgrDisk(_image(lab.sim), PtpmSealer((lab.sim.dir / "run" / "ptpm.tcti").read_text().strip()))
-    assert disk.load() is not None
-    raw = bytearray(_image(lab.sim).read_bytes())
-    raw[MgrDisk.root_sector_offset(disk.active) + 200] ^= 0x01   # and the write never completed
-    _image(lab.sim).write_bytes(bytes(raw))
-    _manager_cfg(lab.sim).write_text(original)
+    _die_in_the_next_save(lab, dom, b"lost")
+    _damage_newest_root(lab.sim)                         # and the write never completed
     assert "table opened" in _start_manager(lab)
     last = lab.create("vtpm-t", dom.uuid)
     assert last.status.kind == "loaded"                  # the vTPM's other slot matches the older H

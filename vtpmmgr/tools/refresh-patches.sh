@@ -41,14 +41,15 @@ cp -r "$xen/stubdom/vtpmmgr" "$tmp/stubdom/"
 cd "$tmp"
 git init -q
 git add -A
-git $id commit -qm "Xen 4.17 stubdom/vtpmmgr"
+# Fixed dates: a patch whose content did not change comes out byte for byte the same.
+GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z git $id commit -qm "Xen 4.17 stubdom/vtpmmgr"
 for patch in $(ls "$here"/patches/*.patch | sort); do
-    git $id am -q "$patch"
+    git $id am -q --committer-date-is-author-date "$patch"
     for file in $(git diff --name-only --diff-filter=A HEAD~1 HEAD); do
         cp "$here/src/$(basename "$file")" "$file"
     done
     git add -A
-    git $id commit -q --amend --no-edit
+    GIT_COMMITTER_DATE=$(git log -1 --format=%aI) git $id commit -q --amend --no-edit
 done
 export_series "$tmp"
 [ "${KEEP:-0}" = 1 ] && echo "tree kept in $tmp"
