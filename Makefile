@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-utils xen-utils-4.17 strace \
-                build-essential pkg-config python3-dev python3-venv libxen-dev clang-14 libclang-rt-14-dev
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-utils xen-utils-4.17 strace qemu-system-x86 \
+                build-essential pkg-config python3-dev python3-venv libxen-dev clang-14 libclang-rt-14-dev \
+                systemd
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint crash fuzz soak bench clean
@@ -17,7 +18,7 @@ setup: $(STAMP)
 	$(MAKE) -s -C vtpmmgr
 
 # System packages first: tpm2-pytss builds against libtss2-dev, the C extension links libcrypto.
-$(STAMP): setup.py pyproject.toml cext/build_hashing.py cext/hashing.c cext/hashing.h
+$(STAMP): setup.py pyproject.toml $(wildcard cext/*.py cext/*.c cext/*.h)
 	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -c 'install ok installed')" = "$(words $(APT_PACKAGES))" ]; then \
 	    echo "system packages: present"; \
 	else \

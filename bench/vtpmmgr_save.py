@@ -20,11 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception  # noqa: E402
-from tpm2_pytss.constants import ESYS_TR  # noqa: E402
-
 from sim_fixture import start_sim_host, stop_sim_host  # noqa: E402
 from test_vtpm_stubdom import VtpmLab, wait_manager_console  # noqa: E402
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception  # noqa: E402
+from tpm2_pytss.constants import ESYS_TR  # noqa: E402
 
 COUNTER_INDEX = 0x0100A100        # tpm2_counter.h TPM2_COUNTER_DEFAULT_INDEX
 

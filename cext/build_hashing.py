@@ -1,20 +1,37 @@
-"""cffi (API mode) builder for xen_vtpm._hashing; run by setup.py's cffi_modules."""
+"""cffi (API mode) builder for xen_vtpm._hashing; run by setup.py's cffi_modules.
+
+``make_ffi`` also serves tests/test_hashing.py, which builds the same sources with the sanitizers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+SOURCES = ["hashing.c", "sha256_lanes.c"]
+HEADERS = ["hashing.h", "sha256.h", "hashing_cdef.h"]
+WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 
-ffi = FFI()
-ffi.cdef((HERE / "hashing.h").read_text())
-ffi.set_source(
-    "xen_vtpm._hashing",
-    '#include <stdint.h>\n#include <stddef.h>\n#include "hashing.h"',
-    sources=[str(HERE / "hashing.c"), str(HERE / "sha256_lanes.c")],
-    include_dirs=[str(HERE)],
-    libraries=["crypto", "pthread"],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-)
+
+def make_ffi(extra_compile_args: Sequence[str] = ("-O3",), extra_link_args: Sequence[str] = ()) -> FFI:
+    ffi = FFI()
+    ffi.cdef((HERE / "hashing_cdef.h").read_text())
+    ffi.set_source(
+        "xen_vtpm._hashing",
+        '#include "hashing.h"',
+        sources=[str(HERE / name) for name in SOURCES],
+        depends=[str(HERE / name) for name in HEADERS],
+        include_dirs=[str(HERE)],
+        libraries=["crypto", "pthread"],
+        extra_compile_args=["-std=gnu11", *WARNINGS, *extra_compile_args],
+        extra_link_args=list(extra_link_args),
+    )
+    return ffi
+
+
+ffi = make_ffi()
 
 if __name__ == "__main__":
     ffi.compile(verbose=True)

@@ -6,36 +6,45 @@
  * tree's leaves and the chunker's chunks are independent messages, so they hash four at a time.
  *
  * Lanes are refilled as messages end, so messages of different lengths keep four lanes busy until the
- * queue runs dry.  Without SHA-NI (or with XEN_VTPM_SHA256=libcrypto in the environment, which the
- * tests use to check one path against the other) every message goes through libcrypto one by one. */
+ * queue runs dry.  Without SHA-NI, or with XEN_VTPM_SHA256=libcrypto in the environment (which lets the
+ * tests run that engine on a CPU with SHA-NI), every message goes through libcrypto one by one. */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <pthread.h>
 
 #include <openssl/evp.h>
 
 #include "hashing.h"
+#include "sha256.h"
 
 #define LANES 4
 
 static const uint32_t H0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                                0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
 
-static int g_ni;
+static EVP_MD *g_md;
+static enum xv_engine g_engine;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void init_once(void);
+
+enum xv_status xv_sha256_md(const EVP_MD **md)
+{
+    pthread_once(&g_once, init_once);
+    *md = g_md;
+    return g_md ? XV_OK : XV_ECRYPTO;
+}
 
 /* ---------------------------------------------------------------- fallback: libcrypto */
 
-static int one_libcrypto(int prefix, const unsigned char *p, size_t n, unsigned char *out)
+static enum xv_status one_libcrypto(EVP_MD_CTX *ctx, const EVP_MD *md, int prefix, const unsigned char *p,
+                                    size_t n, unsigned char *out)
 {
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     unsigned char b = (unsigned char)prefix;
-    int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
-             (prefix < 0 || EVP_DigestUpdate(ctx, &b, 1) == 1) &&
+    int ok = EVP_DigestInit_ex(ctx, md, NULL) == 1 && (prefix < 0 || EVP_DigestUpdate(ctx, &b, 1) == 1) &&
              EVP_DigestUpdate(ctx, p, n) == 1 && EVP_DigestFinal_ex(ctx, out, NULL) == 1;
-    EVP_MD_CTX_free(ctx);
     return ok ? XV_OK : XV_ECRYPTO;
 }
 
@@ -143,7 +152,7 @@ NI static void compress_lanes(int n, uint32_t *const *h, const unsigned char *co
 
 /* One message in flight: the prefix byte (if any) and the data's first 63 bytes are hashed as a
  * separate first block, so the rest is read in place. */
-typedef struct {
+struct lane {
     uint32_t h[8];
     const unsigned char *p;     /* next unhashed byte */
     size_t blocks;              /* whole blocks left at p */
@@ -151,9 +160,9 @@ typedef struct {
     uint64_t total;             /* message length, prefix included */
     int head;                   /* prefix byte still to go in front of p's bytes in the tail, or -1 */
     size_t idx;
-} lane_t;
+};
 
-static void lane_start(lane_t *ln, size_t idx, int prefix, const unsigned char *p, size_t n)
+static void lane_start(struct lane *ln, size_t idx, int prefix, const unsigned char *p, size_t n)
 {
     memcpy(ln->h, H0, sizeof H0);
     ln->idx = idx;
@@ -174,14 +183,15 @@ static void lane_start(lane_t *ln, size_t idx, int prefix, const unsigned char *
     ln->rest = n % 64;
 }
 
-static void lane_finish(lane_t *ln, unsigned char *out)
+static void lane_finish(struct lane *ln, unsigned char *out)
 {
     unsigned char tail[128];
     size_t r = 0;
     memset(tail, 0, sizeof tail);
     if (ln->head >= 0)
         tail[r++] = (unsigned char)ln->head;
-    memcpy(tail + r, ln->p, ln->rest);
+    if (ln->rest)               /* p may be NULL for an empty message */
+        memcpy(tail + r, ln->p, ln->rest);
     r += ln->rest;
     tail[r] = 0x80;
     size_t nb = r + 9 > 64 ? 2 : 1;
@@ -200,7 +210,7 @@ static void lane_finish(lane_t *ln, unsigned char *out)
 static void batch_ni(size_t n, const unsigned char *const *p, const size_t *len, int prefix,
                      unsigned char *out)
 {
-    lane_t lanes[LANES];
+    struct lane lanes[LANES];
     int active = 0;
     size_t next = 0;
     for (;;) {
@@ -251,32 +261,53 @@ static void batch_ni(size_t n, const unsigned char *const *p, const size_t *len,
 }
 #endif
 
-static void pick_engine(void)
+/* Chosen once per process, so the engine it reports is the one that did all its work. */
+static void init_once(void)
 {
     const char *forced = getenv("XEN_VTPM_SHA256");
-    g_ni = cpu_has_sha_ni() && !(forced && strcmp(forced, "libcrypto") == 0);
+    int libcrypto = forced && strcmp(forced, "libcrypto") == 0;
+    g_engine = cpu_has_sha_ni() && !libcrypto ? XV_ENGINE_SHA_NI_LANES : XV_ENGINE_LIBCRYPTO;
+    g_md = EVP_MD_fetch(NULL, "SHA256", NULL);
 }
 
-const char *xv_sha256_engine(void)
+enum xv_status xv_sha256_engine(enum xv_engine *engine)
 {
-    pthread_once(&g_once, pick_engine);
-    return g_ni ? "sha-ni, 4 lanes" : "libcrypto";
+    if (!engine)
+        return XV_EINVAL;
+    pthread_once(&g_once, init_once);
+    *engine = g_engine;
+    return XV_OK;
 }
 
-int xv_sha256_batch(size_t n, const unsigned char *const *p, const size_t *len, int prefix,
-                    unsigned char *out)
+enum xv_status xv_sha256_batch_ctx(EVP_MD_CTX *ctx, size_t n, const unsigned char *const *p,
+                                   const size_t *len, int prefix, unsigned char *out)
 {
-    if (prefix > 255)
-        return XV_EARG;
-    pthread_once(&g_once, pick_engine);
-    if (g_ni) {
+    if (prefix < -1 || prefix > 255 || (n && (!p || !len || !out)))
+        return XV_EINVAL;
+    const EVP_MD *md;
+    enum xv_status rc = xv_sha256_md(&md);
+    if (rc)
+        return rc;
+    if (g_engine == XV_ENGINE_SHA_NI_LANES) {
         batch_ni(n, p, len, prefix, out);
         return XV_OK;
     }
-    for (size_t i = 0; i < n; i++) {
-        int rc = one_libcrypto(prefix, p[i], len[i], out + 32 * i);
-        if (rc)
-            return rc;
-    }
-    return XV_OK;
+    if (n && !ctx)
+        return XV_EINVAL;
+    for (size_t i = 0; i < n && !rc; i++)
+        rc = one_libcrypto(ctx, md, prefix, p[i], len[i], out + 32 * i);
+    return rc;
+}
+
+enum xv_status xv_sha256_batch(size_t n, const unsigned char *const *p, const size_t *len, int prefix,
+                               unsigned char *out)
+{
+    EVP_MD_CTX *ctx = NULL;
+    enum xv_engine engine;
+    xv_sha256_engine(&engine);
+    if (engine == XV_ENGINE_LIBCRYPTO && n && !(ctx = EVP_MD_CTX_new()))
+        return XV_ENOMEM;
+    enum xv_status rc = xv_sha256_batch_ctx(ctx, n, p, len, prefix, out);
+    EVP_MD_CTX_free(ctx);
+    return rc;
 }

@@ -21,18 +21,22 @@ import sqlite3
 import stat
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
+import tpm12
 from sim_fixture import SimHost
+
 from xen_vtpm.core import steps
+from xen_vtpm.vtpm import console
 from xen_vtpm_sim import domains
 
 # The store's own crash points (xen_vtpm/store/writer.py, repository.py) that a checkpoint write (snapshot,
 # safety snapshot, save) and a delete pass.
 _WRITE_POINTS = ("write.journaled", "write.pack-published", "write.manifest-published", "write.committed")
 STORE_POINTS = {"snapshot": _WRITE_POINTS, "pre-rollback": _WRITE_POINTS, "save": _WRITE_POINTS,
-                "delete": ("delete.committed", "delete.unlinked-one")}
+                "delete": ("delete.committed", "delete.unlinked-one"),
+                "prune": ("delete.committed", "delete.unlinked-one")}
 
 MARK_OFFSET = 7 * 4096 + 2048     # the guest scribbles only the first 48 bytes of a page
 MARK_LEN = 32
@@ -89,7 +93,17 @@ def tcti(sim: SimHost, name: str = GUEST) -> str:
     return path.read_text().strip()
 
 
+# guest name -> its vTPM's TPM version, per simulated host (prime_host sets it; 2.0 unless said otherwise)
+_versions: dict[Path, dict[str, str]] = {}
+
+
+def tpm_version(sim: SimHost, name: str = GUEST) -> str:
+    return _versions.get(sim.dir, {}).get(name, "2.0")
+
+
 def read_pcr16(sim: SimHost, name: str = GUEST) -> str:
+    if tpm_version(sim, name) == "1.2":
+        return tpm12.pcr_read(tcti(sim, name), 16).hex()
     out = sim.run(["tpm2_pcrread", "-T", tcti(sim, name), "sha256:16"]).stdout
     m = re.search(r"16\s*:\s*0x([0-9A-Fa-f]{64})", out)
     assert m, f"tpm2_pcrread printed no PCR 16: {out!r}"
@@ -109,7 +123,10 @@ def new_state(sim: SimHost, name: str = GUEST) -> Pair:
     with open(memfile(sim, name), "r+b") as fh:
         fh.seek(MARK_OFFSET)
         fh.write(marker)
-    sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), f"16:sha256={secrets.token_hex(32)}"])
+    if tpm_version(sim, name) == "1.2":
+        tpm12.pcr_extend(tcti(sim, name), 16, secrets.token_bytes(32))
+    else:
+        sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), f"16:sha256={secrets.token_hex(32)}"])
     pair = read_pair(sim, name)
     assert pair.marker == marker
     return pair
@@ -214,18 +231,21 @@ def wait_connected(sim: SimHost, name: str) -> dict:
 
 
 def vtpm_boot_ok(sim: SimHost, backend: str, domid: int) -> str:
-    """The running vTPM instance's boot (the console after its own 'starting' line) loaded its state."""
-    log = (sim.dir / "logs" / f"guest-{backend}.log").read_text(errors="replace")
-    starts = [m for m in re.finditer(r"vTPM stub domain \S+ \(domid (\d+)\) starting", log)]
-    assert starts, f"{backend}: no boot on its console"
-    last = starts[-1]
-    assert int(last.group(1)) == domid, f"{backend}: the console's last boot is domid {last.group(1)}, running {domid}"
-    boot = log[last.end():]
-    assert "NVM Storage Checksum failed!" not in boot, f"{backend}: came up fresh (checksum failed)"
-    assert "VTPM_LoadHashKey failed" not in boot, f"{backend}: came up fresh (no key for its state)"
-    m = re.search(r"Read (\d+) bytes from NVM persistent storage", boot)
-    assert m, f"{backend}: no 'Read <n> bytes from NVM persistent storage' after its last start"
-    return m.group(0)
+    """The running vTPM instance's boot (the console after its own boot banner) loaded its state."""
+    path = sim.dir / "logs" / f"guest-{backend}.log"
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:   # xenconsoled writes the log a moment after the stub printed
+        log = path.read_text(errors="replace")
+        starts = list(re.finditer(r"vTPM stub domain \S+ \(domid (\d+)\) starting", log))
+        assert starts, f"{backend}: no boot on its console"
+        verdict = console.boot_verdict(log[starts[-1].end():])
+        if int(starts[-1].group(1)) == domid and verdict.kind not in ("none", "pending"):
+            break
+        assert time.monotonic() < deadline, f"{backend}: the console's last boot is domid {starts[-1].group(1)} " \
+                                            f"({verdict.reason}), running {domid}"
+        time.sleep(0.05)
+    assert verdict.loaded, f"{backend}: came up fresh ({verdict.reason})"
+    return verdict.reason
 
 
 def no_unfinished_ops(sim: SimHost) -> None:
@@ -291,6 +311,24 @@ def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
     return True
 
 
+def manager_keeps(sim: SimHost, checkpoint_id: str, guest: str = GUEST) -> bool:
+    """Probe that leaves a live entry alone (unlike ``manager_knows``): a checkpoint request under the
+    same id is refused while the entry exists; where it is gone, the entry the probe made is discarded."""
+    from xen_vtpm.config import Config
+    from xen_vtpm.errors import ManagerError
+    from xen_vtpm.vtpm.manager import ManagerClient
+    # The manager knows a vTPM by the UUID on its stub domain's own vtpm= line.
+    vtpm_uuid = next(r for r in tool_json(sim, "list") if r["name"] == f"vtpm-{guest}")["vtpms"][0]["uuid"]
+    with ManagerClient(Config.load(sim.config)) as mgr:
+        try:
+            mgr.submit("checkpoint", checkpoint_id, vtpm_uuid)
+        except ManagerError as exc:
+            assert "already exists" in str(exc), str(exc)
+            return True
+        mgr.submit("discard", checkpoint_id)
+    return False
+
+
 def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str]:
     """The vTPM stub runs, loaded its state at its last boot; nothing is paused but a guest paused before."""
     rows = xl_rows(sim)
@@ -324,7 +362,7 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
         assert len(row["vtpms"]) == 1 and row["vtpms"][0]["uuid_check"] == "ok", row
         assert row["vtpms"][0]["backend_name"] == f"vtpm-{GUEST}", row
         pair = read_pair(sim)
-        assert pair.pcr16 != "0" * 64, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
+        assert set(pair.pcr16) != {"0"}, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
         matches = [k for k, v in allowed.items() if v == pair]
         assert matches, (f"{GUEST}: VM/vTPM pair {pair} is none of the allowed states "
                          f"{ {k: str(v) for k, v in allowed.items()} } (mixed or fresh)")
@@ -350,10 +388,12 @@ def bystander_untouched(sim: SimHost) -> None:
     assert read_pair(sim, BYSTANDER) == expected, f"{BYSTANDER}: its VM/vTPM pair changed"
 
 
-def prime_host(sim: SimHost) -> None:
-    """guest1 and a bystander guest; guest1 gets a clean snapshot + rollback so its running vTPM
-    booted from stored state (a first boot is fresh by design), then every later boot must load."""
-    sim.create_guest(GUEST, memory=16)
+def prime_host(sim: SimHost, tpm_version: str = "2.0") -> None:
+    """guest1 (its vTPM a TPM ``tpm_version``) and a bystander guest; guest1 gets a clean snapshot +
+    rollback so its running vTPM booted from stored state (a first boot is fresh by design), then every
+    later boot must load."""
+    _versions.setdefault(sim.dir, {})[GUEST] = tpm_version
+    sim.create_guest(GUEST, memory=16, tpm_version=tpm_version)
     sim.create_guest(BYSTANDER, memory=16)
     _bystanders[sim.dir] = new_state(sim, BYSTANDER)
     sim.tool("snapshot", GUEST, "--name", "prime")

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
-
 import crash_helpers as ch
+import pytest
 from crash_helpers import GUEST
+from e2e_helpers import TPM_VERSIONS
 from sim_fixture import start_sim_host, stop_sim_host
 
 STEPS = ch.coordinator_steps()
@@ -87,11 +87,11 @@ def report_table():
     ch.report(RESULTS, "XEN_VTPM_CRASH_TABLE")
 
 
-def new_host(tmp_path_factory) -> ch.SimHost:
+def new_host(tmp_path_factory, tpm_version: str = "2.0") -> ch.SimHost:
     sim = start_sim_host(tmp_path_factory.mktemp("crash") / "h")
     try:
         sim.tool("init")
-        ch.prime_host(sim)
+        ch.prime_host(sim, tpm_version)
     except BaseException:
         stop_sim_host(sim)
         raise
@@ -102,8 +102,8 @@ class HostHolder:
     """One simulated host per sequence type, reused across its steps.  A case that fails may leave the
     host wedged (that is what it found); the next case then gets a fresh host instead of a cascade."""
 
-    def __init__(self, factory, setup=None) -> None:
-        self.factory, self.setup = factory, setup
+    def __init__(self, factory, setup=None, tpm_version: str = "2.0") -> None:
+        self.factory, self.setup, self.tpm_version = factory, setup, tpm_version
         self.sim: ch.SimHost | None = None
         self.broken = False
         self.extra: dict = {}
@@ -114,7 +114,7 @@ class HostHolder:
             self.close()
         try:
             if self.sim is None:
-                self.sim = new_host(self.factory)
+                self.sim = new_host(self.factory, self.tpm_version)
                 self.broken = False
                 self.extra = self.setup(self.sim) if self.setup else {}
             yield self.sim
@@ -130,7 +130,8 @@ class HostHolder:
 
 @pytest.fixture(scope="class")
 def host(request, tmp_path_factory):
-    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None))
+    """One host per class; a class parametrized on it (TestRollback) gets one per TPM version."""
+    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None), getattr(request, "param", "2.0"))
     try:
         yield holder
     finally:
@@ -159,6 +160,10 @@ def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
         ch.advance_vtpm_nv(sim)           # the vTPM moves on: restore must put it back (all its steps)
         sim.tool("restore", str(save))
         sim.tool("delete", "t")
+        sim.tool("snapshot", GUEST, "--name", "t2")
+        sim.tool("keep", "t2")
+        sim.tool("unkeep", "t2")
+        sim.tool("prune", GUEST, "--keep-last", "1")   # removes the safety checkpoint: every delete step
         seen = ch.recorded_steps(ch.state_dir(sim))
     finally:
         stop_sim_host(sim)
@@ -212,6 +217,8 @@ class TestSnapshot:
             ch.recover(sim)
 
 
+# Every synchronized-rollback case runs with the TPM 2.0 stand-in and with Xen's own TPM 1.2 vTPM.
+@pytest.mark.parametrize("host", TPM_VERSIONS, indirect=True, scope="class", ids=lambda v: f"tpm{v}")
 class TestRollback:
     @staticmethod
     def setup_host(sim: ch.SimHost) -> dict:
@@ -237,7 +244,7 @@ class TestRollback:
             else:
                 assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
                 outcome = "old state; safety checkpoint undone"
-            record("pre-rollback", label, f"ok — {outcome}{note}")
+            record(f"pre-rollback (TPM {host.tpm_version})", label, f"ok — {outcome}{note}")
 
     @pytest.mark.parametrize("label", cases("rollback"))
     def test_crash(self, host, label):
@@ -247,7 +254,7 @@ class TestRollback:
             _, note = crash_and_recover(sim, "rollback", label, "rollback", GUEST, "target", "--yes",
                                         "--no-safety-checkpoint")
             state = ch.check_host(sim, {"old": cur, "new": target})
-            record("rollback", label, "ok — " + {"new": "rolled forward to the checkpoint",
+            record(f"rollback (TPM {host.tpm_version})", label, "ok — " + {"new": "rolled forward to the checkpoint",
                                                  "old": "undone: old state kept"}[state] + note)
 
 
@@ -260,7 +267,8 @@ class TestRollback:
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"old": cur, "new": host.extra["target"]}) == "new"
             sim.tool("delete", "next")
-            record("rollback, then snapshot", "put-back-vtpm", "ok — the snapshot finished the rollback first")
+            record(f"rollback, then snapshot (TPM {host.tpm_version})", "put-back-vtpm",
+                   "ok — the snapshot finished the rollback first")
 
 
 class TestSave:
@@ -330,3 +338,68 @@ class TestDelete:
                 assert not ch.manager_knows(sim, ckpt), "manager checkpoint entry leaked"
                 outcome = "finished: checkpoint and manager entry gone"
             record("delete", label, f"ok — {outcome}{note}")
+
+
+def every_step(kind: str, store: bool = False) -> list:
+    """``cases`` with every journaled step (and the first store point) in the default run: the day-two
+    sequences are short, so `make test` kills each of their steps; chained recovers stay in `make crash`."""
+    out = []
+    for p in cases(kind, store=store):
+        label = p.values[0]
+        full = label.endswith(KILLED_RECOVER) or label.startswith("store:") and label[6:] not in REPRESENTATIVE_STORE
+        out.append(p if full else pytest.param(*p.values, id=p.id, marks=[m for m in p.marks if m is not FULL_ONLY]))
+    return out
+
+
+class TestPrune:
+    """prune with `--keep-last 1` removes the older of two new snapshots; a third, marked with `keep`,
+    stays.  Once journaled, a prune is finished by recover: the checkpoint and its manager entry are
+    gone, the others intact."""
+
+    @staticmethod
+    def setup_host(sim: ch.SimHost) -> dict:
+        sim.tool("snapshot", GUEST, "--name", "marked")
+        sim.tool("keep", "marked")
+        return {}
+
+    @pytest.mark.parametrize("label", every_step("prune", store=True))
+    def test_crash(self, host, label):
+        with host.case() as sim:
+            tag = label.replace(":", "-").replace(".", "-").replace("+", "-")
+            old, new = f"old-{tag}", f"new-{tag}"
+            for name in (old, new):
+                ch.new_state(sim)
+                sim.tool("snapshot", GUEST, "--name", name)
+            cur = ch.new_state(sim)
+            before = ch.checkpoint_ids(sim)
+            _, note = crash_and_recover(sim, "prune", label, "prune", GUEST, "--keep-last", "1")
+            assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+            after = ch.checkpoint_ids(sim)
+            assert set(after) == {"marked", new}, f"after recover: {sorted(after)}"
+            assert not ch.manager_knows(sim, before[old]), "the pruned checkpoint's manager entry leaked"
+            assert all(ch.manager_keeps(sim, before[n]) for n in after), "a kept checkpoint lost its entry"
+            assert [c["kept"] for c in ch.tool_json(sim, "checkpoints", GUEST)] == [True, False]
+            sim.tool("delete", new)
+            record("prune", label, f"ok — finished: the older gone with its manager entry, the rest intact{note}")
+
+
+class TestKeep:
+    """A mark set or cleared, with the head that binds it, or neither: recover finishes it, and every
+    check of the catalog (verify, audit --verify) passes afterwards."""
+
+    @staticmethod
+    def setup_host(sim: ch.SimHost) -> dict:
+        sim.tool("snapshot", GUEST, "--name", "k")
+        return {}
+
+    @pytest.mark.parametrize("label,kind", [pytest.param(*p.values, k, id=p.id, marks=p.marks)
+                                            for k in ("keep", "unkeep") for p in every_step(k)])
+    def test_crash(self, host, label, kind):
+        with host.case() as sim:
+            sim.tool("unkeep" if kind == "keep" else "keep", "k")    # the state the command changes
+            cur = ch.new_state(sim)
+            _, note = crash_and_recover(sim, kind, label, kind, "k")
+            assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+            (row,) = ch.tool_json(sim, "checkpoints", GUEST)
+            assert row["kept"] is (kind == "keep"), f"{kind} not finished by recover: {row}"
+            record(kind, label, f"ok — finished: {'marked' if kind == 'keep' else 'unmarked'}, bound to the head{note}")

@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL a writer or deleter at each journaled step, then recover and verify.
 
-The child process runs the real store code; ``XEN_VTPM_STORE_CRASH_AT`` makes it SIGKILL itself
-at the named step (docs/formats.md, "Checkpoint store" §4).  A second variant kills a writer while it is blocked
+The child process runs the real store code with a test hook installed (``xen_vtpm.faults``) that
+SIGKILLs it at the named step (docs/formats.md, "Checkpoint store" §4).  A second variant kills a writer while it is blocked
 reading its input pipe after N bytes.
 """
 from __future__ import annotations
@@ -26,10 +26,14 @@ ROOT = TESTS.parent
 CHILD = r"""
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import os, signal
 from pathlib import Path
 from test_store_helpers import open_repo, guest_memory, randbytes, rewrite_pages, write_checkpoint
+from xen_vtpm import faults
 from xen_vtpm.errors import XenVtpmError
-state, op, arg = Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+state, op, arg, crash_at = Path(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[7]
+if crash_at:
+    faults.install(lambda name: name == "store:" + crash_at and os.kill(os.getpid(), signal.SIGKILL))
 try:
     repo = open_repo(state, pack_target=int(sys.argv[6]))
     if op == "write":
@@ -69,12 +73,8 @@ def reap_children():
 
 def child(state: Path, op: str, arg: str, *, crash_at: str | None = None, pack_target: int = 8 << 20,
           stdin=None, preexec=None) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("XEN_VTPM_STORE_CRASH_AT", None)
-    if crash_at:
-        env["XEN_VTPM_STORE_CRASH_AT"] = crash_at
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(TESTS), str(ROOT), str(state), op, arg,
-                             str(pack_target)], env=env, stdin=stdin, stdout=subprocess.PIPE,
+                             str(pack_target), crash_at or ""], stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=preexec)
     _children.append(proc)
     return proc

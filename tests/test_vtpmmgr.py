@@ -8,13 +8,13 @@ import uuid as uuidlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sim_fixture import sim_host_module  # noqa: F401
 from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
+
 from xen_vtpm.errors import ManagerError, XenStorePermission
+from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm_sim import mgrproto as mp
 from xen_vtpm_sim.mgrdisk import MgrDisk
-from xen_vtpm.xen.xenstore import XenStore
 
 # --- the wire format ---------------------------------------------------------------------------
 

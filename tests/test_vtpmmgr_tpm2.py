@@ -14,7 +14,7 @@ from sim_fixture import SimHost, sim_host  # noqa: F401
 from test_vtpm_stubdom import MANAGER_STOPPED, VtpmDom, VtpmLab, _populate, wait_manager_console
 
 from xen_vtpm.errors import XenError, XenStorePermission
-from xen_vtpm.vtpm import console
+from xen_vtpm.xen.consoles import LogTail, log_path
 from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm_sim import boot, domains, reboot
 from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
@@ -82,9 +82,16 @@ def _reboot(sim: SimHost, measure: list[tuple[int, str]] | None = None) -> tuple
 
 def _came_back(lab: VtpmLab, dom: VtpmDom, offsets: dict[str, int]) -> VtpmDom:
     """The stub domain the reboot created again, and whether it loaded its state (its console says)."""
-    status = console.wait_console_status(lab.cfg, dom.name, offsets.get(f"guest-{dom.name}.log", 0), 20)
+    status = lab.verdict(LogTail(log_path(lab.cfg.log_dir, dom.name), offsets.get(f"guest-{dom.name}.log", 0)))
     assert domains.wait_until(lambda: lab.tcti_file(dom.name).exists(), 20)
     return VtpmDom(dom.name, dom.uuid, dom.image, status)
+
+
+def _boots_in_save_mode(lab: VtpmLab, dom: VtpmDom) -> None:
+    """From its next boot on (a reboot reads its cfg again) the stub starts with `save`, as `sim create`
+    leaves a guest's vTPM once it has saved: its PCRs then come back too."""
+    cfg = lab.sim.dir / "images" / f"{dom.name}.cfg"
+    cfg.write_text(cfg.read_text().replace('extra=""', 'extra="save"'))
 
 
 def _check(lab: VtpmLab, dom: VtpmDom, expected: dict) -> None:
@@ -114,7 +121,7 @@ def _die_in_the_next_save(lab: VtpmLab, dom: VtpmDom, event: bytes) -> None:
     original = _manager_cfg(lab.sim).read_text()
     _set_cfg(lab.sim, sim_crash_before_tpm_command=f"{NV_INCREMENT}:1")
     assert "table opened" in _start_manager(lab)
-    again = lab.create(dom.name, dom.uuid)
+    again = lab.create(dom.name, dom.uuid, startup="save")
     with lab.tpm(again) as tpm:
         tpm.extend16(event)
     log = _manager_log(lab.sim)
@@ -141,7 +148,7 @@ def test_manager_restart_and_host_reboot_keep_every_vtpm(lab):
     boot_log = _start_manager(lab)
     assert "table opened with PCRs 0-7 of this boot" in boot_log and "first time" not in boot_log
     for dom, state in zip(doms, states, strict=True):
-        again = lab.create(dom.name, dom.uuid)
+        again = lab.create(dom.name, dom.uuid, startup="save")
         assert again.status.kind == "loaded"
         _check(lab, again, state)
     lab.close()
@@ -180,6 +187,7 @@ def test_a_host_reboot_brings_back_guests_with_their_vtpm_state(sim_host):  # no
 def test_a_changed_boot_measurement_is_refused_and_says_so(lab):
     dom = lab.create("vtpm-m")
     state = _populate(lab, dom)
+    _boots_in_save_mode(lab, dom)
     lab.close()
     sealed = _image(lab.sim).read_bytes()
     with pytest.raises(XenError) as exc:
@@ -206,6 +214,7 @@ def test_a_changed_boot_measurement_is_refused_and_says_so(lab):
 def test_an_authorized_update_keeps_the_data(lab):
     dom = lab.create("vtpm-u")
     state = _populate(lab, dom)
+    _boots_in_save_mode(lab, dom)
     lab.close()
     with pytest.raises(XenError):
         reboot.reboot(lab.sim.dir, FIRMWARE_UPDATE)
@@ -274,7 +283,7 @@ def test_a_replayed_manager_disk_is_refused(lab):
     lab.sim.xl("destroy", "vtpmmgr")
     _image(lab.sim).write_bytes(current)
     assert "table opened" in _start_manager(lab)
-    again = lab.create("vtpm-r", dom.uuid)
+    again = lab.create("vtpm-r", dom.uuid, startup="save")
     assert again.status.kind == "loaded"
     _check(lab, again, latest)
     lab.destroy(again)
@@ -291,6 +300,7 @@ def test_a_damaged_newest_root_is_not_rolled_back_to_the_older_one(lab):
     assert "(replayed); refused" in boot_log and MANAGER_STOPPED in boot_log
 
 
+@pytest.mark.crash_full
 def test_a_crash_between_the_disk_write_and_the_counter_is_recovered(lab):
     dom = lab.create("vtpm-c")
     state = _populate(lab, dom)
@@ -299,12 +309,13 @@ def test_a_crash_between_the_disk_write_and_the_counter_is_recovered(lab):
     _die_in_the_next_save(lab, dom, event)
     boot_log = _start_manager(lab)
     assert "the last write of the table was not counted yet; NV counter advanced" in boot_log
-    last = lab.create("vtpm-c", dom.uuid)
+    last = lab.create("vtpm-c", dom.uuid, startup="save")
     assert last.status.kind == "loaded"
     _check(lab, last, dict(state, pcr16=hashlib.sha256(state["pcr16"] + hashlib.sha256(event).digest()).digest()))
     lab.destroy(last)
 
 
+@pytest.mark.crash_full
 def test_a_write_torn_before_it_was_counted_falls_back_to_the_previous_table(lab):
     dom = lab.create("vtpm-t")
     state = _populate(lab, dom)
@@ -312,7 +323,7 @@ def test_a_write_torn_before_it_was_counted_falls_back_to_the_previous_table(lab
     _die_in_the_next_save(lab, dom, b"lost")
     _damage_newest_root(lab.sim)                         # and the write never completed
     assert "table opened" in _start_manager(lab)
-    last = lab.create("vtpm-t", dom.uuid)
+    last = lab.create("vtpm-t", dom.uuid, startup="save")
     assert last.status.kind == "loaded"                  # the vTPM's other slot matches the older H
     _check(lab, last, state)
     lab.destroy(last)

@@ -156,3 +156,8 @@ class DiskFull(StorageError):
 
 class HashSourceError(StorageError):
     """tree_hash cannot hash its source: missing, unreadable, not a regular file, or changed meanwhile."""
+
+
+class HashEngineError(XenVtpmError):
+    """The C hashing engine failed for a reason outside its input: libcrypto cannot compute SHA-256,
+    or the engine and its Python face disagree (a bug)."""

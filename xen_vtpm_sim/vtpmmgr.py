@@ -10,14 +10,19 @@ is built by ``make setup`` with AddressSanitizer and UBSan; a sanitizer report e
 console log says why).
 
 Console log = the process output, as for every simulated domain.  ``extra=`` words go to the manager
-as its mini-os command line.  What Xen leaves to the host is chosen by simulator-only keys of the
-domain's xl cfg (a real xl ignores them):
+as its mini-os command line (``checkpoint=0`` = stock manager).  What Xen leaves to the host comes
+from the simulated platform (``platform.py``: `sim up --unprovisioned`, `--xsm none`,
+`--release-delay`) and, for one manager, from simulator-only keys of its xl cfg (a real xl ignores
+them; a key wins over the platform):
 
-  sim_xsm = "flask" | "none"          XSM/FLASK on the host (default "flask")
+  sim_xsm = "flask" | "none"          XSM/FLASK on the host
   sim_xsm_label = "LABEL"             the label of every vTPM stub domain under FLASK
-  sim_unprovisioned = 1               nobody provisioned group 0 (provisioning words ignored)
-  sim_release_race_ms = MS            libxl removes the backend before the manager frees it
+  sim_unprovisioned = 1               nobody provisioned group 0 (provisioning words ignored);
+                                      the ``extra=`` word ``provision=0`` does the same
+  sim_release_delay = S               libxl removes the backend S seconds before the manager frees it
   sim_crash_before_tpm_command = "CC[:N]"   die before the Nth TPM command CC (tests)
+
+Each becomes an option of the native manager (vtpmmgr/README.md).
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import domain_args
 from xen_vtpm.xen.xlcfg import disk_target
+
+from . import domain_args, platform
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "vtpmmgr" / "build" / "vtpmmgr-native"
@@ -37,26 +43,32 @@ SANITIZER_ENV = {
     "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
 }
 # xl cfg key -> option of vtpmmgr-native
-SIM_OPTIONS = {"sim_xsm": "--xsm", "sim_xsm_label": "--xsm-label", "sim_release_race_ms": "--release-race",
+SIM_OPTIONS = {"sim_xsm": "--xsm", "sim_xsm_label": "--xsm-label", "sim_release_delay": "--release-delay",
                "sim_crash_before_tpm_command": "--crash-before-tpm-command"}
 
 
-def sim_options(cfg: dict[str, Any]) -> list[str]:
-    """The host behaviours the domain's cfg asks for, as options of the native manager."""
+def sim_options(sim_dir: Path, cfg: dict[str, Any]) -> list[str]:
+    """The host behaviours the platform and the domain's cfg ask for, as options of the native manager."""
+    host = platform.load(sim_dir)
+    chosen = {"sim_xsm": host.xsm}
+    if host.release_delay:
+        chosen["sim_release_delay"] = f"{host.release_delay:g}"
+    chosen.update({key: str(cfg[key]) for key in SIM_OPTIONS if key in cfg})
     argv = []
     for key, option in SIM_OPTIONS.items():
-        if key in cfg:
-            argv += [option, str(cfg[key])]
-    if cfg.get("sim_unprovisioned"):
-        argv.append("--unprovisioned")
+        if key in chosen:
+            argv += [option, chosen[key]]
+    if cfg.get("sim_unprovisioned") or "provision=0" in str(cfg.get("extra", "")).split() or not host.provisioned:
+        argv.append("--no-provision")
     return argv
 
 
 def command(sim_dir: Path, domid: int, cfg: dict[str, Any]) -> list[str]:
     """The native manager's argv for this domain."""
     tcti = (sim_dir / "run" / "ptpm.tcti").read_text().strip()
+    words = [w for w in str(cfg.get("extra", "")).split() if w != "provision=0"]
     return [str(BINARY), "--domid", str(domid), "--disk", str(disk_target(cfg)), "--tcti", tcti,
-            "--run-dir", str(sim_dir / "run"), *sim_options(cfg), "--", *str(cfg.get("extra", "")).split()]
+            "--run-dir", str(sim_dir / "run"), *sim_options(sim_dir, cfg), "--", *words]
 
 
 def main(argv: list[str] | None = None) -> int:

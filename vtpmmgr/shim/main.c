@@ -12,10 +12,10 @@
  *   --xsm flask|none      FLASK (default): every frontend has the label --xsm-label; none: the dummy
  *                         XSM module fails tpmback_get_peercontext, as on x86 Xen 4.17 without FLASK
  *   --xsm-label LABEL     default system_u:system_r:vtpm_t
- *   --unprovisioned       ignore the provisioning words (tpm2_pcrs=, vtpm_label=, tpm2_authority=):
+ *   --no-provision        ignore the provisioning words (tpm2_pcrs=, vtpm_label=, tpm2_authority=):
  *                         group 0 gets no seal and no kernel, as a manager nobody provisioned
- *   --release-race MS     run tpmback's close callback MS ms after a frontend went away, while new
- *                         frontends are served: libxl removed the backend before the manager freed it
+ *   --release-delay S     run tpmback's close callback S seconds after a frontend went away, while
+ *                         new frontends are served: libxl removed the backend before the manager freed it
  *   --crash-before-tpm-command CC[:N]
  *                         die (SIGKILL) just before the Nth TPM command with code CC (test seam) */
 #include <getopt.h>
@@ -141,7 +141,7 @@ static int is_provisioning_word(const char *word)
 static void usage(void)
 {
 	fprintf(stderr, "usage: vtpmmgr-native --domid M --disk IMG --tcti TCTI --run-dir DIR [--xsm flask|none] "
-		"[--xsm-label LABEL] [--unprovisioned] [--release-race MS] [--crash-before-tpm-command CC[:N]] "
+		"[--xsm-label LABEL] [--no-provision] [--release-delay S] [--crash-before-tpm-command CC[:N]] "
 		"[-- ARGS...]\n       vtpmmgr-native --dump --disk IMG --tcti TCTI [-- ARGS...]\n");
 	exit(64);
 }
@@ -154,8 +154,8 @@ int main(int argc, char **argv)
 		{ "tcti", required_argument, NULL, 't' }, { "run-dir", required_argument, NULL, 'r' },
 		{ "dump", no_argument, NULL, 'D' }, { "xsm", required_argument, NULL, O_XSM },
 		{ "xsm-label", required_argument, NULL, O_LABEL },
-		{ "unprovisioned", no_argument, NULL, O_UNPROVISIONED },
-		{ "release-race", required_argument, NULL, O_RACE },
+		{ "no-provision", no_argument, NULL, O_UNPROVISIONED },
+		{ "release-delay", required_argument, NULL, O_RACE },
 		{ "crash-before-tpm-command", required_argument, NULL, O_CRASH }, { 0 },
 	};
 	static char default_hw[] = "tpm2=1";
@@ -178,7 +178,14 @@ int main(int argc, char **argv)
 			break;
 		case O_LABEL: shim_config.xsm_label = optarg; break;
 		case O_UNPROVISIONED: unprovisioned = 1; break;
-		case O_RACE: shim_config.release_race_ms = (unsigned int)strtoul(optarg, NULL, 10); break;
+		case O_RACE: {
+			char *end;
+			double s = strtod(optarg, &end);
+			if (end == optarg || *end || !(s >= 0 && s <= 3600))
+				usage();
+			shim_config.release_delay_ms = (unsigned int)(s * 1000 + 0.5);
+			break;
+		}
 		case O_CRASH:
 			shim_config.crash_nth = 1;
 			if (sscanf(optarg, "%" SCNx32 ":%u", &shim_config.crash_cc, &shim_config.crash_nth) < 1 ||
@@ -219,8 +226,8 @@ int main(int argc, char **argv)
 	}
 	if (!shim_config.xsm)
 		printk("xsm: no XSM module (dummy): tpmback_get_peercontext fails for every frontend\n");
-	if (shim_config.release_race_ms)
+	if (shim_config.release_delay_ms)
 		printk("tpmback: a frontend's release (close callback, OPEN cleared) runs %u ms after it went away\n",
-		       shim_config.release_race_ms);
+		       shim_config.release_delay_ms);
 	return vtpmmgr_stubdom_main(dom_argc, dom_argv) ? 1 : 0;
 }

@@ -11,7 +11,7 @@ struct shim_config {
 	const char *run_dir;      /* where the ring sockets live: <run_dir>/tpmif/<B>-<F>-<N>.sock */
 	int xsm;                  /* 1: FLASK, tpmback_get_peercontext reports xsm_label; 0: no XSM */
 	const char *xsm_label;    /* the label every frontend has under FLASK */
-	unsigned int release_race_ms;   /* delay of the close callback after a frontend went away */
+	unsigned int release_delay_ms;  /* delay of the close callback after a frontend went away */
 	uint32_t crash_cc;        /* die before sending the crash_nth TPM command with this code */
 	unsigned int crash_nth;
 };

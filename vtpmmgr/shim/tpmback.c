@@ -194,7 +194,7 @@ struct late_release {
 static void release_later(void *arg)
 {
 	struct late_release *late = arg;
-	msleep(shim_config.release_race_ms);
+	msleep(shim_config.release_delay_ms);
 	release(late->t, late->remove);
 	free(late);
 }
@@ -208,8 +208,8 @@ static void free_tpmif(struct tpmif *t, int remove)
 	pthread_mutex_lock(&lock);
 	t->closing = 1;
 	pthread_mutex_unlock(&lock);
-	if (shim_config.release_race_ms) {
-		/* --release-race: the toolstack saw the frontend go (and may remove the backend) before
+	if (shim_config.release_delay_ms) {
+		/* --release-delay: the toolstack saw the frontend go (and may remove the backend) before
 		 * the close callback clears OPEN; meanwhile new frontends are served. */
 		struct late_release *late = malloc(sizeof(*late));
 		if (!late)

@@ -4,7 +4,8 @@ The coordinator journals a step *before* its side effect (``Journal.step``), so 
 ``recover`` knows the last step that may have started.  The lists below are the steps each
 kind of operation journals, in order; the crash tests kill the tool at every one of them.
 Where a sequence skips a step (a restore whose vTPM did not move, a delete without a manager
-entry), the order of the rest is still this one.
+entry), the order of the rest is still this one.  A prune journals each step once for all the
+checkpoints it removes (their ids are in its parameters).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ RESTORE_GUEST: Final = "restore-guest"
 UNPAUSE_GUEST: Final = "unpause-guest"
 DELETE_STORE: Final = "delete-store"
 DISCARD_MANAGER: Final = "discard-manager"
+MARK: Final = "mark"                               # a `keep` mark is set or cleared
 ADVANCE_HEAD: Final = "advance-head"               # audit record, counter increment, journal end
 
 # --- operation kinds and their steps ------------------------------------------------------------
@@ -31,9 +33,13 @@ ROLLBACK: Final = "rollback"
 SAVE: Final = "save"
 RESTORE: Final = "restore"
 DELETE: Final = "delete"
+PRUNE: Final = "prune"                             # delete's steps, for every checkpoint the rules drop
+KEEP: Final = "keep"
+UNKEEP: Final = "unkeep"
 
 _CAPTURE = (GUEST_SAVE, MANAGER_CHECKPOINT, COMMIT)
 _PUT_BACK = (STOP_VTPM, PUT_BACK_VTPM, START_VTPM)
+_REMOVE = (DELETE_STORE, DISCARD_MANAGER)
 
 SEQUENCES: Final[dict[str, tuple[str, ...]]] = {
     SNAPSHOT: (*_CAPTURE, ADVANCE_HEAD),
@@ -41,7 +47,10 @@ SEQUENCES: Final[dict[str, tuple[str, ...]]] = {
     ROLLBACK: (DESTROY_GUEST, *_PUT_BACK, RESTORE_GUEST, UNPAUSE_GUEST, ADVANCE_HEAD),
     SAVE: (*_CAPTURE, DESTROY_GUEST, ADVANCE_HEAD),
     RESTORE: (*_PUT_BACK, RESTORE_GUEST, ADVANCE_HEAD),
-    DELETE: (DELETE_STORE, DISCARD_MANAGER, ADVANCE_HEAD),
+    DELETE: (*_REMOVE, ADVANCE_HEAD),
+    PRUNE: (*_REMOVE, ADVANCE_HEAD),
+    KEEP: (MARK, ADVANCE_HEAD),
+    UNKEEP: (MARK, ADVANCE_HEAD),
 }
 
 # Kinds that write a checkpoint: until it is committed, recover undoes them.

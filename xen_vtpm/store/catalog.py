@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..errors import IntegrityError, PreconditionFailed
 from .fsio import storage_error
 
-SCHEMA_VERSION = 2   # 2: delta chunks (chunks.delta, deps)
+SCHEMA_VERSION = 3   # 2: delta chunks (chunks.delta, deps); 3: holds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_meta (
@@ -63,6 +64,9 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (checkpoint, chunk)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS refs_by_chunk ON refs(chunk);
+CREATE TABLE IF NOT EXISTS holds (
+    checkpoint TEXT PRIMARY KEY REFERENCES checkpoints(id) ON DELETE CASCADE
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (
     id         INTEGER PRIMARY KEY,
     op         TEXT NOT NULL,
@@ -90,8 +94,9 @@ class Catalog:
                 row = self.db.execute("SELECT value FROM store_meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     self.db.execute("INSERT INTO store_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif row[0] == "1":   # version 1 had no delta chunks: every chunk is full, deps is empty
-                    self.db.execute("ALTER TABLE chunks ADD COLUMN delta INTEGER NOT NULL DEFAULT 0")
+                elif row[0] in ("1", "2"):   # the schema script above created what they lack, empty
+                    if row[0] == "1":        # version 1 had no delta chunks: every chunk is full
+                        self.db.execute("ALTER TABLE chunks ADD COLUMN delta INTEGER NOT NULL DEFAULT 0")
                     self.db.execute("UPDATE store_meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
                 elif row[0] != str(SCHEMA_VERSION):
                     raise PreconditionFailed(f"{path}: store schema version {row[0]} is not the supported "
@@ -130,10 +135,10 @@ class Catalog:
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
 
-    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return list(self.rows(sql, args))
 
-    def rows(self, sql: str, args: tuple = ()) -> Iterator[tuple]:
+    def rows(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
         """Like ``query``, a few hundred rows at a time (for results that grow with a guest's size)."""
         try:
             cur = self.db.execute(sql, args)
@@ -178,7 +183,7 @@ class Catalog:
         with self.transaction() as db:
             cur = db.execute("INSERT INTO journal (op, checkpoint, state, lock, payload) VALUES (?,?,?,?,?)",
                              (op, checkpoint, state, lock, json.dumps(payload)))
-            return int(cur.lastrowid)
+            return int(cur.lastrowid or 0)
 
     def journal_update(self, db: sqlite3.Connection, jid: int, payload: dict[str, Any],
                        state: str | None = None) -> None:

@@ -17,7 +17,8 @@ import collections
 import struct
 from array import array
 from bisect import bisect_left, bisect_right
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import IntegrityError
 from .chunks import ID_SIZE
@@ -38,7 +39,7 @@ _COPY = struct.Struct("<HI")
 
 # A segment: (kind, length, base index or base id, offset) - the offset is in the base for a copy,
 # in the chunk (encoding) or the payload (decoding) for a literal.
-Segment = tuple
+Segment = tuple[Any, ...]
 
 
 def encode(base_ids: list[bytes], segments: list[Segment], data: bytes) -> bytes:
@@ -209,9 +210,9 @@ class DeltaEncoder:
         self._cipher = cipher
         self._packs = packs
         # id -> (plaintext, segments or None, {base id: base plaintext}); None segments = a full chunk
-        self._cache: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[bytes, tuple[Any, ...]] = collections.OrderedDict()
 
-    def _open(self, cid: bytes, places: dict, want_full: bool = False) -> tuple:
+    def _open(self, cid: bytes, places: dict[Any, Any], want_full: bool = False) -> tuple[Any, ...]:
         hit = self._cache.get(cid)
         if hit is not None:
             self._cache.move_to_end(cid)
@@ -226,7 +227,7 @@ class DeltaEncoder:
             plain = self._cipher.decrypt(cid, nonce, sealed, where)
             if len(plain) != plain_len:
                 raise _Unusable()
-            entry: tuple = (plain, None, {cid: plain})
+            entry: tuple[Any, ...] = (plain, None, {cid: plain})
         elif want_full:
             raise _Unusable()   # a base must be a full chunk
         else:
@@ -239,13 +240,13 @@ class DeltaEncoder:
             for kind, length, index, off in segs:
                 mapped.append((pos, length, base_ids[index] if kind == COPY else None, off))
                 pos += length
-            entry = (plain, mapped, dict(zip(base_ids, base_plain)))
+            entry = (plain, mapped, dict(zip(base_ids, base_plain, strict=True)))
         self._cache[cid] = entry
         while len(self._cache) > _CACHE:
             self._cache.popitem(last=False)
         return entry
 
-    def encode(self, data: bytes, start: int, places: dict) -> tuple[bytes, list[bytes]] | None:
+    def encode(self, data: bytes, start: int, places: dict[Any, Any]) -> tuple[bytes, list[bytes]] | None:
         """(payload, base ids) if a delta saves at least half of the chunk, else None."""
         end = start + len(data)
         span = self.parent.span(start, end)
@@ -263,7 +264,7 @@ class DeltaEncoder:
         runs = equal_runs(data, old)
         if sum(b - a for a, b in runs) * 2 < len(data):
             return None
-        segs: list[list] = []   # [kind, length, base id (copy), offset (base for copy, chunk for literal)]
+        segs: list[list[Any]] = []   # [kind, length, base id (copy), offset (base for copy, chunk for literal)]
         used: dict[bytes, bytes] = {}
 
         def add(kind: int, length: int, base: bytes | None, offset: int) -> None:

@@ -10,7 +10,8 @@ import dataclasses
 import hashlib
 import hmac
 import struct
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from ..errors import IntegrityError, UsageError
 from .chunks import ID_SIZE
@@ -176,7 +177,7 @@ class _Reader:
         self.pos += n
         return raw
 
-    def unpack(self, fmt: str, what: str) -> tuple:
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
 
     def text(self, what: str) -> str:
@@ -215,7 +216,9 @@ def parse(body: bytes, label: str) -> Manifest:
         raise r.fail("duplicate stream name")
     if r.pos != len(r.data):
         raise r.fail("trailing bytes")
-    return Manifest(*texts, created_us=created_us, metadata=metadata, streams=tuple(streams))
+    checkpoint_id, name, vm_uuid, vm_name, tool_version = texts
+    return Manifest(checkpoint_id=checkpoint_id, name=name, vm_uuid=vm_uuid, vm_name=vm_name, tool_version=tool_version,
+                    created_us=created_us, metadata=metadata, streams=tuple(streams))
 
 
 def _parse_stream(r: _Reader) -> StreamRecord:

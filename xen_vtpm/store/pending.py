@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import secrets
 import sqlite3
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+from .catalog import Catalog
 from .fsio import storage_error
 
 _TEMP_CACHE_KIB = 8192   # the temp database's page cache: what these tables may cost in RAM
@@ -20,7 +22,7 @@ _ROWS_PER_INSERT = 256   # well under SQLite's 32766 bound parameters per statem
 class PendingChunks:
     """New chunks (claimed, then placed in a pack), their bases if deltas, and the ids the manifest uses."""
 
-    def __init__(self, catalog) -> None:
+    def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
         self._db: sqlite3.Connection = catalog.db
         tag = secrets.token_hex(6)
@@ -36,13 +38,13 @@ class PendingChunks:
         # Claimed, not yet placed: at most the batches in flight to the sealing thread.
         self._sealing: set[bytes] = set()
 
-    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise storage_error(exc, self._catalog.path, "keeping the new chunks of a write") from None
 
-    def _insert(self, head: str, rows: Iterable[tuple]) -> None:
+    def _insert(self, head: str, rows: Iterable[tuple[Any, ...]]) -> None:
         """``head`` ("INSERT INTO t (a, b) VALUES") for every row, a few hundred rows per statement: one
         SQLite step per statement, so the GIL (released around each step) changes hands rarely; per
         row, the threads chunking and sealing beside this one would keep taking it."""

@@ -16,8 +16,9 @@ import collections
 import hashlib
 import hmac
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import IntegrityError, UsageError
 from ..hashing import sha256_many
@@ -51,7 +52,7 @@ class CheckpointReader:
             self.close()
             raise
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -85,7 +86,7 @@ class CheckpointReader:
         got = (manifest.checkpoint_id, manifest.name, manifest.vm_uuid, manifest.vm_name, manifest.created_us,
                manifest.size)
         want = (self.checkpoint_id, name, vm_uuid, vm_name, created_us, size)
-        for field, a, b in zip(("id", "name", "vm_uuid", "vm_name", "time", "size"), got, want):
+        for field, a, b in zip(("id", "name", "vm_uuid", "vm_name", "time", "size"), got, want, strict=True):
             if a != b:
                 raise IntegrityError(f"{self.label}: catalog {field} {b!r} does not match the signed manifest "
                                      f"({a!r}); the catalog was altered — do not use this checkpoint")
@@ -99,7 +100,7 @@ class CheckpointReader:
         not look each reference up again."""
         self._refs_checked = True
 
-    def _places_of(self, ids: list[bytes], with_refs: bool) -> dict[bytes, tuple]:
+    def _places_of(self, ids: list[bytes], with_refs: bool) -> dict[bytes, tuple[Any, ...]]:
         """Where the chunks are: {id: (pack, offset, sealed length, plaintext length, delta flag,
         {base id: its place} for a delta)}.  ``with_refs`` also requires this checkpoint's reference
         to each (a full check; a verified checkpoint skips that second lookup per chunk).  A delta's
@@ -110,7 +111,7 @@ class CheckpointReader:
         else:
             rows = self._ctx.catalog.query(
                 f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})", tuple(ids))
-        places = {bytes(r[0]): (r[1], r[2], r[3], r[4], r[5], {}) for r in rows}
+        places: dict[bytes, tuple[Any, ...]] = {bytes(r[0]): (r[1], r[2], r[3], r[4], r[5], {}) for r in rows}
         delta_ids = [cid for cid, p in places.items() if p[4]]
         if delta_ids:
             marks = ",".join("?" * len(delta_ids))
@@ -120,7 +121,7 @@ class CheckpointReader:
                 places[bytes(cid)][5][bytes(base)] = None if where[0] is None else tuple(where)
         return places
 
-    def _base(self, bid: bytes, place: tuple | None, cid: bytes, where: str) -> bytes:
+    def _base(self, bid: bytes, place: tuple[Any, ...] | None, cid: bytes, where: str) -> bytes:
         """The plaintext of a delta's base (a full chunk), decrypted once for neighbouring deltas."""
         with self._base_lock:
             data = self._bases.get(bid)
@@ -146,7 +147,7 @@ class CheckpointReader:
                 self._bases.popitem(last=False)
         return data
 
-    def _assemble(self, cid: bytes, payload: bytes, length: int, deps: dict[bytes, tuple | None],
+    def _assemble(self, cid: bytes, payload: bytes, length: int, deps: dict[bytes, tuple[Any, ...] | None],
                   where: str) -> bytes:
         base_ids, segments = deltas.decode(payload, length, where)
         if set(base_ids) != set(deps):
@@ -154,7 +155,7 @@ class CheckpointReader:
                                  "not list (or the reverse); the catalog was altered — do not use this checkpoint")
         return deltas.apply(payload, segments, [self._base(b, deps[b], cid, where) for b in base_ids], where)
 
-    def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple | None]],
+    def _open_batch(self, jobs: list[tuple[bytes, int, str, tuple[Any, ...] | None]],
                     full_check: bool) -> list[tuple[bytes, bytes | None]]:
         """Decrypt a batch (on a worker thread): [(plaintext, its SHA-256 or None)]."""
         cipher, plain = self._ctx.cipher, []
@@ -175,9 +176,9 @@ class CheckpointReader:
         if not full_check:
             return [(data, None) for data in plain]
         digests = sha256_many(plain)   # the C engine: the batch's digests several at a time per core
-        for (cid, _, where, _), digest in zip(jobs, digests):
+        for (cid, _, where, _), digest in zip(jobs, digests, strict=True):
             cipher.check_id(cid, digest, where)
-        return list(zip(plain, digests))
+        return list(zip(plain, digests, strict=True))
 
     def stream(self, name: str, progress: Callable[[int], Any] | None = None, *,
                full_check: bool = True) -> Iterator[bytes]:
@@ -189,7 +190,7 @@ class CheckpointReader:
         root = StreamRoot()
         chunks = record.chunks
         with ThreadPoolExecutor(2, thread_name_prefix="open") as pool:
-            pending: collections.deque = collections.deque()
+            pending: collections.deque[Any] = collections.deque()
             for start in range(0, len(chunks), _BATCH):
                 part = [chunks[i] for i in range(start, min(start + _BATCH, len(chunks)))]
                 places = self._places_of(list({cid for cid, _ in part}), full_check)

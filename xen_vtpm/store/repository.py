@@ -1,4 +1,4 @@
-"""The checkpoint store's public face: write, read, list, verify, delete, recover.
+"""The checkpoint store's public face: write, read, list[Any], verify, delete, recover.
 
 Layers (each testable alone): ``chunks`` (ids and AEAD), ``packs`` (file format), ``manifest``
 (record format and MAC), ``catalog`` (SQLite tables), ``writer``/``reader`` (one checkpoint, given
@@ -37,7 +37,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class Repository:
-    def __init__(self, state_dir: os.PathLike | str, keys: Any, *, pack_target: int = DEFAULT_PACK_TARGET,
+    def __init__(self, state_dir: os.PathLike[str] | str, keys: Any, *, pack_target: int = DEFAULT_PACK_TARGET,
                  chunk_sizes: tuple[int, int, int] = DEFAULT_CHUNK_SIZES, compact_below: float = 0.5,
                  lock_timeout: float = 60.0) -> None:
         """``keys``: any object with chunk_enc, chunk_id and manifest_mac (32-byte keys)."""
@@ -62,7 +62,7 @@ class Repository:
     def close(self) -> None:
         self.catalog.close()
 
-    def __enter__(self) -> "Repository":
+    def __enter__(self) -> Repository:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -126,8 +126,8 @@ class Repository:
     _COLUMNS = "id, name, vm_uuid, vm_name, created_us, size, stored_bytes"
 
     @staticmethod
-    def _as_dict(row: tuple) -> dict[str, Any]:
-        when = dt.datetime.fromtimestamp(row[4] / 1e6, dt.timezone.utc)
+    def _as_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+        when = dt.datetime.fromtimestamp(row[4] / 1e6, dt.UTC)
         return {"id": row[0], "name": row[1], "vm_uuid": row[2], "vm_name": row[3],
                 "time": when.isoformat(timespec="seconds").replace("+00:00", "Z"),
                 "size": row[5], "stored_bytes": row[6]}
@@ -164,14 +164,33 @@ class Repository:
         return bool(self.catalog.query("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)))
 
     def catalog_digest(self) -> bytes:
-        """SHA-256 over every checkpoint row (its columns and its manifest MAC), for the TPM-bound
-        catalog head: a row added, removed or edited — even a display-only column such as
-        stored_bytes, which no manifest can hold — no longer matches the head."""
+        """SHA-256 over every checkpoint row (its columns and its manifest MAC) and every hold, for the
+        TPM-bound catalog head: a row added, removed or edited — even a display-only column such as
+        stored_bytes, which no manifest can hold — or a hold added or removed no longer matches the head.
+        Holds come last and only when there are some, so a catalog without any keeps its digest."""
         h = hashlib.sha256(b"xen-vtpm store v2\0")
         for row in self.catalog.query("SELECT id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest "
                                       "FROM checkpoints ORDER BY id"):
             h.update(json.dumps([*row[:7], bytes(row[7])[-32:].hex()]).encode() + b"\n")
+        for (held,) in self.catalog.query("SELECT checkpoint FROM holds ORDER BY checkpoint"):
+            h.update(json.dumps(["hold", held]).encode() + b"\n")
         return h.digest()
+
+    # --- holds ---------------------------------------------------------------------------
+    def holds(self) -> set[str]:
+        """Checkpoints the caller asked to keep; the store only records them (the catalog digest
+        covers them) and drops a hold with its checkpoint."""
+        return {row[0] for row in self.catalog.query("SELECT checkpoint FROM holds")}
+
+    def set_hold(self, checkpoint_id: str, held: bool) -> None:
+        """Add or remove a hold; idempotent, so a journaled caller can repeat it."""
+        with self.catalog.transaction() as db:
+            if not held:
+                db.execute("DELETE FROM holds WHERE checkpoint=?", (checkpoint_id,))
+            elif db.execute("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)).fetchone():
+                db.execute("INSERT OR IGNORE INTO holds (checkpoint) VALUES (?)", (checkpoint_id,))
+            else:
+                raise CheckpointNotFound(f"checkpoint {checkpoint_id}: not found; see `xen-vtpm checkpoints`")
 
     # --- verify ------------------------------------------------------------------------
     def verify(self, checkpoint_id: str) -> dict[str, Any]:
@@ -192,10 +211,11 @@ class Repository:
             # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
             # files no row claims, so a deleted row would turn into a deleted live pack.
             known = {row[0] for row in self.catalog.query("SELECT name FROM packs")}
-            for pack in sorted(reader.pack_names() - known):
-                raise IntegrityError(f"{label}: pack {pack} holds chunks of this checkpoint but has no catalog "
+            for missing in sorted(reader.pack_names() - known):
+                raise IntegrityError(f"{label}: pack {missing} holds chunks of this checkpoint but has no catalog "
                                      "row; the catalog was altered — restore it before any other command")
-            pack, index = None, {}
+            pack: str | None = None
+            index: dict[int, tuple[bytes, int]] = {}
             for name, cid, off, ln in self.catalog.rows(   # our chunks and the bases of our delta chunks
                     "SELECT c.pack, c.id, c.offset, c.length FROM chunks c WHERE c.id IN "
                     "(SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
@@ -282,7 +302,7 @@ class Repository:
                 cur = db.execute("INSERT INTO journal (op, checkpoint, state, lock, payload) "
                                  "VALUES ('delete', ?, 'committed', ?, ?)",
                                  (checkpoint_id, token, json.dumps({"unlink": files})))
-                return int(cur.lastrowid), files
+                return int(cur.lastrowid or 0), files
         except StorageError as exc:
             if "FOREIGN KEY" in str(exc):
                 raise IntegrityError(f"checkpoint {checkpoint_id}: chunk refcounts disagree with the references "
@@ -290,7 +310,7 @@ class Repository:
             raise
 
     @staticmethod
-    def _release_bases(db: Any, dead: list[bytes], checkpoint_id: str) -> list[tuple]:
+    def _release_bases(db: Any, dead: list[bytes], checkpoint_id: str) -> list[tuple[Any, ...]]:
         """The freed delta chunks release their bases: drop their deps rows, lower each base's
         refcount by the deltas it loses and return the bases nothing uses any more (bases are full
         chunks, so one round frees everything)."""
@@ -437,8 +457,8 @@ class Repository:
                    if not pack_path(self.pack_dir, name).exists()]
         if missing:
             users = self.catalog.query(
-                "SELECT DISTINCT r.checkpoint FROM refs r JOIN chunks c ON c.id = r.chunk WHERE c.pack IN (%s)"
-                % ",".join("?" * len(missing)), tuple(missing))
+                "SELECT DISTINCT r.checkpoint FROM refs r JOIN chunks c ON c.id = r.chunk WHERE c.pack IN "
+                f"({','.join('?' * len(missing))})", tuple(missing))
             raise IntegrityError(f"pack {missing[0]} (and {len(missing) - 1} more) is missing but committed "
                                  f"checkpoints {', '.join(sorted(u[0] for u in users))} use it; restore the state "
                                  "dir from backup or delete those checkpoints")
@@ -446,6 +466,7 @@ class Repository:
 
 def _unjson(text: str) -> dict[str, Any]:
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        return value if isinstance(value, dict) else {}
     except ValueError:
         return {}

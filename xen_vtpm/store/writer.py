@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any
 
 from .. import __version__, hashing
 from ..errors import IntegrityError, PreconditionFailed, UsageError
@@ -50,7 +51,7 @@ class CheckpointWriter:
         self.stored_bytes = 0                   # bytes this checkpoint added to the store (after commit)
         self.delta_chunks = 0                   # new chunks stored as deltas against the parent
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -58,7 +59,7 @@ class CheckpointWriter:
             self.abort()
 
     # --- input ---------------------------------------------------------------------
-    def add_stream(self, name: str, source: BinaryIO | Iterable[bytes],
+    def add_stream(self, name: str, source: hashing.Readable | Iterable[bytes],
                    progress: Callable[[int], Any] | None = None) -> StreamRecord:
         """Read ``source`` once (a binary file object, a fifo included, or an iterable of byte blocks):
         content-defined chunks, the tree root and the stored chunks come out of the same pass.
@@ -82,14 +83,14 @@ class CheckpointWriter:
                              f"{MAX_METADATA} a manifest holds; keep large data in a blob stream")
         self._metadata = blob
 
-    def _add(self, name: str, kind: str, source: BinaryIO | Iterable[bytes],
+    def _add(self, name: str, kind: str, source: hashing.Readable | Iterable[bytes],
              progress: Callable[[int], Any] | None, sha256: bytes | None = None) -> StreamRecord:
         self._check_open()
         if not name or any(s.name == name for s in self._streams):
             raise UsageError(f"checkpoint {self.checkpoint_id}: stream name {name!r} is empty or used twice")
         min_size, avg_size, max_size = self._ctx.chunk_sizes
         engine = hashing.Chunker(min_size=min_size, avg_size=avg_size, max_size=max_size)
-        pieces = engine.consume(source) if hasattr(source, "readinto") else _feed_all(engine, source)
+        pieces = engine.consume(source) if not isinstance(source, Iterable) else _feed_all(engine, source)
         id_of = self._ctx.cipher.id_of_digest
         root = StreamRoot()
         entries = bytearray()
@@ -99,7 +100,7 @@ class CheckpointWriter:
         self._delta = DeltaEncoder(parent, self._ctx.cipher, self._parent_packs) if parent is not None else None
         # One sealing job in flight (AES-GCM releases the GIL) while this thread chunks the next batch.
         with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
-            sealing: Future | None = None
+            sealing: Future[Any] | None = None
             for chunk in pieces:
                 cid = id_of(chunk.digest)
                 root.add(chunk.digest, chunk.length)
@@ -119,8 +120,8 @@ class CheckpointWriter:
         self._streams.append(record)
         return record
 
-    def _store_batch(self, pool: ThreadPoolExecutor, sealing: Future | None, batch: list[tuple[bytes, bytes, int]],
-                     progress: Callable[[int], Any] | None) -> Future | None:
+    def _store_batch(self, pool: ThreadPoolExecutor, sealing: Future[Any] | None, batch: list[tuple[bytes, bytes, int]],
+                     progress: Callable[[int], Any] | None) -> Future[Any] | None:
         """Queue the batch's new chunks for sealing, then append the previous batch's sealed chunks."""
         fresh = self._fresh(batch)
         nxt = None
@@ -162,19 +163,20 @@ class CheckpointWriter:
                     return ParentStream(pid, rec.chunks)
         return None
 
-    def _parent_places(self, fresh: list[tuple[bytes, bytes, int]]) -> dict[bytes, tuple]:
+    def _parent_places(self, fresh: list[tuple[bytes, bytes, int]]) -> dict[bytes, tuple[Any, ...]]:
         """Where the parent chunks overlapping ``fresh`` are, and the bases of those that are deltas:
         {id: (pack, offset, sealed length, plaintext length, delta)} (looked up on this thread, which
         owns the catalog connection, for the sealing thread)."""
         assert self._delta is not None
         ids = list(self._delta.parent.ids_for((off, off + len(data)) for _, data, off in fresh))
-        places: dict[bytes, tuple] = {}
+        places: dict[bytes, tuple[Any, ...]] = {}
         catalog = self._ctx.catalog
         for i in range(0, len(ids), _BATCH):
             part = ids[i:i + _BATCH]
             marks = ",".join("?" * len(part))
             for cid, *place in catalog.query(
-                    f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})", tuple(part)):
+                    f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})",
+                    tuple(part)):
                 places[bytes(cid)] = tuple(place)
             for cid, *place in catalog.query(
                     "SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM deps d "
@@ -309,7 +311,7 @@ class CheckpointWriter:
 
 
 def _seal_all(cipher: Any, chunks: list[tuple[bytes, bytes, int]], delta: DeltaEncoder | None,
-              places: dict[bytes, tuple]) -> list[tuple[bytes, bytes, bytes, int, list[bytes] | None]]:
+              places: dict[bytes, tuple[Any, ...]]) -> list[tuple[bytes, bytes, bytes, int, list[bytes] | None]]:
     """Seal each chunk whole, or as a delta against the parent when that saves at least half of it:
     (id, nonce, sealed, plaintext length, base ids of a delta or None)."""
     out = []
