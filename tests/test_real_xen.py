@@ -123,7 +123,7 @@ class TestNoXsm:
         noxsm.tool("save", GUEST, str(save))
         assert noxsm.tool_json("restore", str(save))["vtpm_restored"] is False   # no restart: allowed
         assert noxsm.tpm_state() == at_save
-        noxsm.tool("save", GUEST, str(save))
+        noxsm.tool("save", GUEST, str(save), "--force")         # the restored guest again, over the old image
         noxsm.xl("destroy", f"vtpm-{GUEST}")                        # as after a host reboot
         before = noxsm.domids()
         line = noxsm.fails(4, "restore", str(save))

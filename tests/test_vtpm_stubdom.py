@@ -43,6 +43,22 @@ class VtpmDom:
     status: console.BootVerdict | None = None
 
 
+# Xen's main_loop() prints this before it waits for the first command (vtpmmgr.c); main() prints the
+# other when vtpmmgr2_init() failed, e.g. a table it refuses to replace.
+MANAGER_SERVES = "INFO[VTPM]: Waiting for commands from vTPM's:"
+MANAGER_STOPPED = "Unable to initialize vtpmmgr domain!"
+
+
+def wait_manager_console(log: Path, offset: int, timeout: float = 30) -> str:
+    """The manager's console from offset once it serves; AssertionError if it stopped or hangs."""
+    deadline = time.monotonic() + timeout
+    while MANAGER_SERVES not in (text := log.read_bytes()[offset:].decode(errors="replace")):
+        assert MANAGER_STOPPED not in text, f"vtpmmgr stopped: {text[-1500:]}"
+        assert time.monotonic() < deadline, f"vtpmmgr not ready: {text[-300:]}"
+        time.sleep(0.05)
+    return text
+
+
 class VtpmLab:
     """Creates vTPM stub domains (no guest: the test is the guest's TPM software) on one sim host."""
 
@@ -55,12 +71,7 @@ class VtpmLab:
 
     def wait_manager_ready(self, offset: int) -> str:
         """`sim up` returns once the manager process runs; it serves after unsealing its table."""
-        log = log_path(self.cfg.log_dir, "vtpmmgr")
-        deadline = time.monotonic() + 30
-        while "vtpmmgr: ready" not in (text := log.read_bytes()[offset:].decode(errors="replace")):
-            assert time.monotonic() < deadline, f"vtpmmgr not ready: {text[-300:]}"
-            time.sleep(0.05)
-        return text
+        return wait_manager_console(log_path(self.cfg.log_dir, "vtpmmgr"), offset)
 
     def close(self) -> None:
         self.xs.close()

@@ -1,4 +1,5 @@
-"""The simulated vtpmmgr: wire format (fuzzed), checkpoint extension, bad input, sealed disk."""
+"""The simulated vtpmmgr: wire format (fuzzed), checkpoint extension, bad input, sealed disk.
+Restarts, reboots, changed boots and replayed disks: test_vtpmmgr_tpm2.py."""
 from __future__ import annotations
 
 import subprocess
@@ -7,14 +8,13 @@ import uuid as uuidlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sim_fixture import sim_host_module  # noqa: F401
 from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
+
 from xen_vtpm.errors import ManagerError, XenStorePermission
-from xen_vtpm_sim import mgrproto as mp
-from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
-from xen_vtpm.xen.consoles import log_path
 from xen_vtpm.xen.xenstore import XenStore
+from xen_vtpm_sim import mgrproto as mp
+from xen_vtpm_sim.mgrdisk import MgrDisk
 
 # --- the wire format ---------------------------------------------------------------------------
 
@@ -167,58 +167,3 @@ def test_only_dom0_can_submit(lab):
     assert out.returncode != 0
     assert not lab.xs.exists(target)
     lab.destroy(dom)
-
-
-def _restart_manager(lab: VtpmLab, while_down=lambda: None) -> str:
-    log = log_path(lab.cfg.log_dir, "vtpmmgr")
-    offset = log.stat().st_size
-    old = lab.mgr.info().domid
-    lab.sim.xl("destroy", "vtpmmgr")
-    assert lab.xs.wait_for(lambda: not lab.xs.is_introduced(old), ["@releaseDomain"], 20)
-    while_down()
-    lab.sim.xl("create", str(lab.sim.dir / "images" / "vtpmmgr.cfg"))
-    return lab.wait_manager_ready(offset)
-
-
-def test_torn_manager_write_falls_back_to_the_previous_pair(lab):
-    dom = lab.create("vtpm-m5")
-    _populate(lab, dom)                                   # counter = 2
-    with lab.tpm(dom) as tpm:
-        tpm.counter_increment()                           # the last command: counter = 3
-    lab.destroy(dom)
-    path = lab.sim.dir / "images" / "vtpmmgr.img"
-
-    def tear_newest_slot() -> None:
-        disk = MgrDisk(path, PtpmSealer((lab.sim.dir / "run" / "ptpm.tcti").read_text().strip()))
-        assert disk.load() is not None
-        raw = bytearray(path.read_bytes())
-        raw[MgrDisk.root_sector_offset(disk.active) + 200] ^= 0x01   # as if the last write never completed
-        path.write_bytes(bytes(raw))
-    boot = _restart_manager(lab, tear_newest_slot)
-    assert "loaded" in boot and "Failed to read manager file" not in boot
-    again = lab.create("vtpm-m5", dom.uuid)
-    assert again.status.loaded                            # the vTPM's other slot matches the older H
-    with lab.tpm(again) as tpm:
-        assert tpm.counter() == 2
-    lab.destroy(again)
-
-
-def test_table_survives_manager_restart_but_not_a_pcr_change(lab):
-    dom = lab.create("vtpm-m4")
-    before = _populate(lab, dom)
-    lab.destroy(dom)
-    boot = _restart_manager(lab)
-    assert "Failed to read manager file" not in boot and "loaded" in boot
-    again = lab.create("vtpm-m4", dom.uuid, startup="save")
-    assert again.status.loaded
-    with lab.tpm(again) as tpm:
-        assert tpm.snapshot() == before
-    lab.destroy(again)
-    tcti = (lab.sim.dir / "run" / "ptpm.tcti").read_text().strip()
-    subprocess.run(["tpm2_pcrextend", "-T", tcti, "0:sha256=" + "ab" * 32], check=True, capture_output=True,
-                   timeout=30)                            # "a BIOS update" on the manager's physical TPM
-    boot = _restart_manager(lab)
-    assert "Failed to read manager file. Assuming first time initialization." in boot
-    fresh = lab.create("vtpm-m4", dom.uuid)
-    assert fresh.status.fresh and fresh.status.manager_rc == 3
-    lab.destroy(fresh)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xen_vtpm.errors import DomainNotFound, NotFound, UsageError
 
-from . import domains, host, xenstored
+from . import boot, domains, host, reboot, xenstored
 
 
 def _sim_dir(args: argparse.Namespace) -> Path:
@@ -31,6 +31,14 @@ def cmd_up(args: argparse.Namespace, cfg) -> int:
 
 def cmd_down(args: argparse.Namespace, cfg) -> int:
     host.down(_sim_dir(args))
+    return 0
+
+
+def cmd_reboot(args: argparse.Namespace, cfg) -> int:
+    changes = [boot.parse_change(text) for text in args.measure]
+    info = reboot.reboot(_sim_dir(args), changes)
+    if not args.quiet:
+        print("started " + " ".join(info["started"]))
     return 0
 
 
@@ -109,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--release-delay", type=float, default=0.0, metavar="S",
                    help="the manager clears a destroyed vTPM's OPEN flag S seconds after its backend dir is gone")
     add("down", cmd_down, "stop every process of the simulated host")
+    p = add("reboot", cmd_reboot, "power-cycle the host: TPMs reset, boot measured again, every domain re-created")
+    p.add_argument("--measure", action="append", default=[], metavar="PCR=TEXT",
+                   help="what PCR measures from this boot on (a firmware or Xen update); repeatable")
     p = add("create", cmd_create, "create a guest and its vTPM stub domain")
     p.add_argument("name")
     p.add_argument("--memory", type=int, default=64, metavar="MiB")

@@ -32,13 +32,18 @@ from typing import Any
 from xen_vtpm.config import Config
 from xen_vtpm.errors import PreconditionFailed, UsageError, XenError, XenVtpmError
 from xen_vtpm.xen.xlcfg import load_cfg
-from xen_vtpm_sim import domains, platform, xl
+from xen_vtpm_sim import boot, domains, platform, xl
 
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
 SWTPM_RUN = "sw"      # where the tool's swtpm sockets and pid files live (its swtpm_run_dir, by a short link)
 DAEMONS = ("xenconsoled", "xenstored", "hosttpm", "ptpm")   # stopped in this order
+# A TPM 2.0 host's manager, provisioned on its first start: sealed to the boot chain (PCRs 0-7) or
+# a boot the host's policy authority approves (boot.authority), letting vTPM stub domains with the
+# label every simulated frontend has reload their state (vtpmmgr/README.md, docs/real-xen.md).
+# tpmlocality=2 as xen-vtpmmgr(7) recommends: dom0's driver keeps locality 0.
+MANAGER_EXTRA = "tpm2=1 tpmlocality=2 tpm2_pcrs=0-7 vtpm_label=system_u:system_r:vtpm_t"
 
 
 def swtpm_run_link(sim_dir: Path) -> Path:
@@ -117,8 +122,8 @@ def _wait_connect(target: Any, family: int, timeout: float, what: str, pid: int)
         time.sleep(0.05)
 
 
-def _swtpm(sim_dir: Path, name: str, state: Path) -> int:
-    port = _port_pair()
+def _swtpm(sim_dir: Path, name: str, state: Path, port: int | None = None) -> int:
+    port = port or _port_pair()
     pid = _daemon(sim_dir, name, ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port}",
                                   "--ctrl", f"type=tcp,port={port + 1}", "--flags", "not-need-init,startup-clear",
                                   "--tpmstate", f"dir={state}"])
@@ -174,30 +179,10 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "f
     if len(str(d / "run" / "xenconsoled.sock")) >= 104:
         raise UsageError(f"sim up: {d} is too long for a Unix socket path; use a shorter directory")
     _dirs(d)
-    (d / SWTPM_RUN).mkdir(mode=0o700, exist_ok=True)
-    link = swtpm_run_link(d)
-    link.unlink(missing_ok=True)
-    link.symlink_to(d / SWTPM_RUN)
     (d / "run" / "domains.json").unlink(missing_ok=True)
     try:
         platform.save(d, plat)
-        sock = d / "xenstored.sock"
-        pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
-        _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
-        consoles = d / "run" / "xenconsoled.sock"
-        pid = _daemon(d, "xenconsoled", [sys.executable, "-m", "xen_vtpm_sim.xenconsoled", "--socket", str(consoles),
-                                         "--log", plat.console_log, "--log-dir", str(d / "logs")])
-        _wait_connect(str(consoles), socket.AF_UNIX, 10, "xenconsoled", pid)
-        host_port = _swtpm(d, "hosttpm", d / "hosttpm")
-        ptpm_port = _swtpm(d, "ptpm", d / "ptpm")
-        (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
-        cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
-                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images", swtpm_run_dir=link,
-                     xen_lib_dir=d / "var" / "lib" / "xen")
-        cfg.save(d / "config.ini")
-        _write_xl(d)
-        _write_tool(d)
+        power_on(d)
         if module_available("xen_vtpm_sim.vtpmmgr"):
             _create_manager(d, stock_manager)
         else:
@@ -207,6 +192,38 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "f
         down(d)
         raise
     return exports(d)
+
+
+def power_on(d: Path, ports: tuple[int, int] | None = None) -> None:
+    """dom0's daemons and the two TPMs, the boot measured into the manager's; ports: (host TPM,
+    physical TPM) of the boot before, so the configs that name them stay valid."""
+    plat = platform.load(d)
+    (d / SWTPM_RUN).mkdir(mode=0o700, exist_ok=True)
+    link = swtpm_run_link(d)
+    link.unlink(missing_ok=True)
+    link.symlink_to(d / SWTPM_RUN)
+    sock = d / "xenstored.sock"
+    pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
+    _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
+    consoles = d / "run" / "xenconsoled.sock"
+    pid = _daemon(d, "xenconsoled", [sys.executable, "-m", "xen_vtpm_sim.xenconsoled", "--socket", str(consoles),
+                                     "--log", plat.console_log, "--log-dir", str(d / "logs")])
+    _wait_connect(str(consoles), socket.AF_UNIX, 10, "xenconsoled", pid)
+    host_port = _swtpm(d, "hosttpm", d / "hosttpm", ports[0] if ports else None)
+    ptpm_port = _swtpm(d, "ptpm", d / "ptpm", ports[1] if ports else None)
+    ptpm_tcti = f"swtpm:host=127.0.0.1,port={ptpm_port}"
+    (d / "run" / "ptpm.tcti").write_text(ptpm_tcti + "\n")
+    events = boot.load(d)
+    boot.save(d, events)
+    boot.measure(ptpm_tcti, events)
+    if ports is None:
+        cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
+                     xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
+                     domain_cfg_dir=d / "images", swtpm_run_dir=link,
+                     xen_lib_dir=d / "var" / "lib" / "xen")
+        cfg.save(d / "config.ini")
+        _write_xl(d)
+        _write_tool(d)
 
 
 def exports(d: Path) -> dict[str, str]:
@@ -223,8 +240,7 @@ def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
 def _create_manager(d: Path, stock: bool) -> None:
     img = d / "images" / "vtpmmgr.img"
     write_image(img)
-    # tpmlocality=2 as xen-vtpmmgr(7) recommends: dom0's driver keeps locality 0.
-    extra = "tpm2=1 tpmlocality=2" + (" checkpoint=0" if stock else "")
+    extra = f"{MANAGER_EXTRA} tpm2_authority={boot.authority(d)}" + (" checkpoint=0" if stock else "")
     _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
                             'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
@@ -292,7 +308,7 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
         out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
                                                f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
         if vtpm:
-            _wait_connected(d, out["domid"], name)
+            wait_connected(d, out["domid"], name)
     except BaseException:
         # Leave the host as it was: no half-built guest/vTPM pair.
         for key in ("domid", "vtpm_domid"):
@@ -348,7 +364,7 @@ def _stop_swtpms(d: Path) -> None:
                     domains.wait_until(lambda pid=pid: not domains.is_alive(pid), 5)
 
 
-def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
+def wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
     """Readiness as in docs/xen-internals.md §9.6: frontend and backend of the guest's vTPM both Connected (4)."""
     fe = f"/local/domain/{domid}/device/vtpm/0"
     with xl.xenstore(str(d)) as xs:

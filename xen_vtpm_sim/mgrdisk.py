@@ -2,8 +2,10 @@
 
 The disk is Xen 4.17's own format (``stubdom/vtpmmgr/disk_format.h``: seal lists in sectors 0/1, the
 encrypted root in 2/3, copy-on-write group and vTPM sectors), written by the native manager.  Reading
-it runs that same code: ``vtpmmgr-native --dump`` unseals the root key with the manager's physical TPM,
-verifies every sector and prints the table.  Nothing here re-implements the format.
+it runs that same code: ``vtpmmgr-native --dump`` unseals the root key with the manager's physical TPM
+(TPM 2.0 seals of the patch series), verifies every sector and prints the table.  It reads only: a
+root behind the NV counter is reported on its console, not refused, and the counter is not
+advanced.  Nothing here re-implements the format.
 """
 from __future__ import annotations
 
@@ -43,19 +45,21 @@ class Entry:
 class MgrDisk:
     """The table of a manager image, as the manager itself would load it."""
 
-    def __init__(self, path: Path, sealer: PtpmSealer) -> None:
+    def __init__(self, path: Path, sealer: PtpmSealer, words: tuple[str, ...] = ("tpm2=1",)) -> None:
         self.path = Path(path)
         self.sealer = sealer
+        self.words = words                 # the manager's command line words that matter to a load
         self.key: bytes | None = None      # tm_key: encrypts and authenticates every sector
         self.group_keys: dict[int, bytes] = {}
         self.seq = 0
+        self.counter = 0                   # the NV counter value the loaded root carries
         self.active = -1
 
     def load(self) -> dict[bytes, Entry] | None:
         """The newest loadable table, or None when the manager would start empty."""
         env = dict(os.environ, **SANITIZER_ENV)
-        proc = subprocess.run([str(BINARY), "--dump", "--disk", str(self.path), "--tcti", self.sealer.tcti],
-                              capture_output=True, text=True, timeout=60, env=env)
+        proc = subprocess.run([str(BINARY), "--dump", "--disk", str(self.path), "--tcti", self.sealer.tcti,
+                               "--", *self.words], capture_output=True, text=True, timeout=60, env=env)
         if proc.returncode == 2:
             return None
         if proc.returncode != 0:
@@ -65,7 +69,7 @@ class MgrDisk:
         for line in proc.stdout.splitlines():
             words = line.split()[1:] if line.startswith("dump ") else []   # the rest is the console
             if words[:1] == ["slot"]:
-                self.active, self.seq = int(words[1]), int(words[3])
+                self.active, self.seq, self.counter = int(words[1]), int(words[3]), int(words[5])
             elif words[:1] == ["tm_key"]:
                 self.key = bytes.fromhex(words[1])
             elif words[:1] == ["group"]:

@@ -1,15 +1,23 @@
-/* The manager's boot for a native build: what vtpmmgr.c main() and init.c vtpmmgr_init() do on
- * mini-os, with the simulator's disk, TPM and rings.
+/* The manager's process for a native build: what mini-os and Xen give the domain, then Xen's own
+ * main() (vtpmmgr.c, built as vtpmmgr_stubdom_main) with the patched init.c, disk code, TPM code.
  *
- *   vtpmmgr-native --domid M --disk IMG --tcti TCTI --run-dir DIR [--no-provision] [-- ARGS...]
+ *   vtpmmgr-native --domid M --disk IMG --tcti TCTI --run-dir DIR [OPTIONS] [-- ARGS...]
  *       serve as domain M (XENSTORED_PATH names M's xenstored connection); ARGS are the domain's
- *       command line (extra=), e.g. tpm2=1 checkpoint=0.
- *   vtpmmgr-native --dump --disk IMG --tcti TCTI
- *       load the table with Xen's disk code and print it (tests read the sealed disk this way).
+ *       command line (extra=), e.g. tpm2=1 tpm2_pcrs=0-7 vtpm_label=system_u:system_r:vtpm_t
+ *   vtpmmgr-native --dump --disk IMG --tcti TCTI [-- ARGS...]
+ *       load the table with Xen's disk code (read-only: a stale root is reported, not refused, and
+ *       the NV counter is not advanced) and print it; ARGS as for the manager, tpm2=1 by default
  *
- * A fresh manager is provisioned like `manage-vtpmmgr.pl group-update 0` would: one seal for the
- * current PCRs 0-7 and one kernel hash, SHA-1 of the XSM label tpmback reports, so the table
- * persists and reconnecting vTPMs are authorized (docs/protocol.md, "The simulated host"). */
+ * OPTIONS are the hypervisor and toolstack behaviours Xen 4.17 leaves to the host (vtpmmgr/README.md):
+ *   --xsm flask|none      FLASK (default): every frontend has the label --xsm-label; none: the dummy
+ *                         XSM module fails tpmback_get_peercontext, as on x86 Xen 4.17 without FLASK
+ *   --xsm-label LABEL     default system_u:system_r:vtpm_t
+ *   --no-provision        ignore the provisioning words (tpm2_pcrs=, vtpm_label=, tpm2_authority=):
+ *                         group 0 gets no seal and no kernel, as a manager nobody provisioned
+ *   --release-delay S     run tpmback's close callback S seconds after a frontend went away, while
+ *                         new frontends are served: libxl removed the backend before the manager freed it
+ *   --crash-before-tpm-command CC[:N]
+ *                         die (SIGKILL) just before the Nth TPM command with code CC (test seam) */
 #include <getopt.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -20,9 +28,8 @@
 #include <unistd.h>
 
 #include <mini-os/console.h>
-#include <mini-os/tpmback.h>
+#include <mini-os/tpm_tis.h>
 #include <mini-os/xenbus.h>
-#include <polarssl/sha1.h>
 
 #include "log.h"
 #include "uuid.h"
@@ -30,69 +37,22 @@
 #include "vtpm_manager.h"
 #include "vtpmmgr.h"
 #include "vtpm_disk.h"
-#include "disk_tpm.h"
-#include "vtpm_checkpoint.h"
+#include "tpm2.h"
+#include "tpm2_seal.h"
+#include "tpm2_counter.h"
 
 #include "shim.h"
 
 struct shim_config shim_config = {
+	.xsm = 1,
 	.xsm_label = "system_u:system_r:vtpm_t",
-	.provision = 1,
 };
 
-static volatile sig_atomic_t do_shutdown;
+/* Xen's main() of vtpmmgr.c, renamed by the build. */
+int vtpmmgr_stubdom_main(int argc, char **argv);
+void app_shutdown(unsigned int reason);
 
-/* init.c set_opaque/free_opaque, as patched by the checkpoint extension. */
-static void set_opaque(domid_t domid, unsigned int handle)
-{
-	struct tpm_opaque *opq = calloc(1, sizeof(*opq));
-	if (!opq)
-		abort();
-	opq->uuid = (uuid_t *)tpmback_get_uuid(domid, handle);
-	opq->domid = domid;
-	opq->handle = handle;
-	tpmback_set_opaque(domid, handle, opq);
-	vtpm_ckpt_conn_opened(opq);
-}
-
-static void free_opaque(domid_t domid, unsigned int handle)
-{
-	struct tpm_opaque *opq = tpmback_get_opaque(domid, handle);
-	vtpm_ckpt_lock();
-	vtpm_ckpt_conn_closed(opq);
-	if (opq && opq->vtpm)
-		opq->vtpm->flags &= ~VTPM_FLAG_OPEN;
-	vtpm_ckpt_unlock();
-	free(opq);
-}
-
-/* What a signed GROUP_UPDATE of group 0 commits (vtpm_cmd_handler.c vtpmmgr_GroupUpdate). */
-static void provision_group0(void)
-{
-	struct mem_group *group = g_mgr->groups[0].v;
-	group->seals = calloc(1, sizeof(group->seals[0]));
-	if (!group->seals)
-		abort();
-	group->nr_seals = 1;
-	group->seals[0].pcr_selection = native_le32(0xff);
-	TPM_pcr_digest(&group->seals[0].digest_release, group->seals[0].pcr_selection);
-	sha1((const unsigned char *)shim_config.xsm_label, strlen(shim_config.xsm_label),
-	     group->seal_bits.kernels[0].bits);
-	group->seal_bits.nr_kerns = native_be32(1);
-	group->details.cfg_seq = native_be64(1);
-	group->flags &= ~MEM_GROUP_FLAG_SEAL_VALID;
-	g_mgr->root_seals_valid = 0;
-}
-
-static int count_entries(void)
-{
-	int g, p, n = 0;
-	for (g = 0; g < g_mgr->nr_groups; g++)
-		if (g_mgr->groups[g].v)
-			for (p = 0; p < g_mgr->groups[g].v->nr_pages; p++)
-				n += g_mgr->groups[g].v->data[p].size;
-	return n;
-}
+static const char *const PROVISIONING_WORDS[] = { "tpm2_pcrs=", "vtpm_label=", "tpm2_authority=" };
 
 static void hex(const void *buf, size_t len)
 {
@@ -102,13 +62,11 @@ static void hex(const void *buf, size_t len)
 		printf("%02x", b[i]);
 }
 
-static int dump(void)
+static void print_table(void)
 {
 	int g, p, i;
-	TPM_read_pcrs();
-	if (vtpm_load_disk())
-		return 2;
-	printf("dump slot %d sequence %" PRIu64 "\ndump tm_key ", g_mgr->active_root, g_mgr->sequence);
+	printf("dump slot %d sequence %" PRIu64 " counter %" PRIu32 "\ndump tm_key ", g_mgr->active_root,
+	       g_mgr->sequence, be32_native(g_mgr->counter_value));
 	hex(&g_mgr->tm_key, 16);
 	printf("\n");
 	for (g = 0; g < g_mgr->nr_groups; g++) {
@@ -128,7 +86,38 @@ static int dump(void)
 				printf("\n");
 			}
 	}
-	return 0;
+}
+
+/* vtpmmgr2_init up to the load, without what would disturb a running manager: no flush of the
+ * TPM's objects, no tpmback; the SRK is the persistent one (srk_handle=) or a transient copy. */
+static int dump(int argc, char **argv)
+{
+	struct tpm_chip *tpm;
+	int i, rc, transient_srk;
+
+	parse_cmdline_hw(argc, argv);
+	if (!hw_is_tpm2()) {
+		fprintf(stderr, "vtpmmgr-native --dump: only TPM 2.0 tables (tpm2=1) can be read\n");
+		return 64;
+	}
+	for (i = 1; i < argc; i++)
+		if (!strncmp(argv[i], "srk_handle=", 11) && sscanf(argv[i] + 11, "%x", &vtpm_globals.srk_handle) != 1)
+			return 64;
+	if (tpm2_seal_parse_args(argc, argv) || tpm2_counter_parse_args(argc, argv))
+		return 64;
+	tpm2_counter_read_only();
+	if (vtpm_storage_init() || !(tpm = init_tpm2_tis(0, 0, 0)))
+		return 1;
+	vtpm_globals.tpm_fd = tpm_tis_open(tpm);
+	transient_srk = vtpm_globals.srk_handle == 0;
+	if (transient_srk && tpm2_take_ownership())
+		return 1;
+	rc = vtpm_load_disk();
+	if (!rc)
+		print_table();
+	if (transient_srk)
+		TPM2_FlushContext(vtpm_globals.srk_handle);
+	return rc ? 2 : 0;
 }
 
 static void *signal_thread(void *arg)
@@ -136,31 +125,44 @@ static void *signal_thread(void *arg)
 	sigset_t *set = arg;
 	int sig;
 	sigwait(set, &sig);
-	printk("Shutdown requested: %d\n", sig);
-	do_shutdown = 1;
-	shutdown_tpmback();
+	app_shutdown((unsigned int)sig);
 	return NULL;
+}
+
+static int is_provisioning_word(const char *word)
+{
+	size_t i;
+	for (i = 0; i < sizeof(PROVISIONING_WORDS) / sizeof(PROVISIONING_WORDS[0]); i++)
+		if (!strncmp(word, PROVISIONING_WORDS[i], strlen(PROVISIONING_WORDS[i])))
+			return 1;
+	return 0;
 }
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: vtpmmgr-native --domid M --disk IMG --tcti TCTI --run-dir DIR [--no-provision]"
-		" [-- ARGS...]\n       vtpmmgr-native --dump --disk IMG --tcti TCTI\n");
+	fprintf(stderr, "usage: vtpmmgr-native --domid M --disk IMG --tcti TCTI --run-dir DIR [--xsm flask|none] "
+		"[--xsm-label LABEL] [--no-provision] [--release-delay S] [--crash-before-tpm-command CC[:N]] "
+		"[-- ARGS...]\n       vtpmmgr-native --dump --disk IMG --tcti TCTI [-- ARGS...]\n");
 	exit(64);
 }
 
 int main(int argc, char **argv)
 {
+	enum { O_XSM = 256, O_LABEL, O_UNPROVISIONED, O_RACE, O_CRASH };
 	static const struct option options[] = {
 		{ "domid", required_argument, NULL, 'd' }, { "disk", required_argument, NULL, 'k' },
 		{ "tcti", required_argument, NULL, 't' }, { "run-dir", required_argument, NULL, 'r' },
-		{ "no-provision", no_argument, NULL, 'n' }, { "dump", no_argument, NULL, 'D' }, { 0 },
+		{ "dump", no_argument, NULL, 'D' }, { "xsm", required_argument, NULL, O_XSM },
+		{ "xsm-label", required_argument, NULL, O_LABEL },
+		{ "no-provision", no_argument, NULL, O_UNPROVISIONED },
+		{ "release-delay", required_argument, NULL, O_RACE },
+		{ "crash-before-tpm-command", required_argument, NULL, O_CRASH }, { 0 },
 	};
-	static uint8_t respbuf[TCPA_MAX_BUFFER_LENGTH];
+	static char default_hw[] = "tpm2=1";
+	char **dom_argv;
 	sigset_t set;
 	pthread_t tid;
-	int opt, dump_only = 0, dom_argc;
-	char **dom_argv;
+	int opt, dump_only = 0, unprovisioned = 0, dom_argc, i, n;
 
 	while ((opt = getopt_long(argc, argv, "", options, NULL)) != -1) {
 		switch (opt) {
@@ -168,24 +170,48 @@ int main(int argc, char **argv)
 		case 'k': shim_config.disk_path = optarg; break;
 		case 't': shim_config.tcti = optarg; break;
 		case 'r': shim_config.run_dir = optarg; break;
-		case 'n': shim_config.provision = 0; break;
 		case 'D': dump_only = 1; break;
+		case O_XSM:
+			if (strcmp(optarg, "flask") && strcmp(optarg, "none"))
+				usage();
+			shim_config.xsm = !strcmp(optarg, "flask");
+			break;
+		case O_LABEL: shim_config.xsm_label = optarg; break;
+		case O_UNPROVISIONED: unprovisioned = 1; break;
+		case O_RACE: {
+			char *end;
+			double s = strtod(optarg, &end);
+			if (end == optarg || *end || !(s >= 0 && s <= 3600))
+				usage();
+			shim_config.release_delay_ms = (unsigned int)(s * 1000 + 0.5);
+			break;
+		}
+		case O_CRASH:
+			shim_config.crash_nth = 1;
+			if (sscanf(optarg, "%" SCNx32 ":%u", &shim_config.crash_cc, &shim_config.crash_nth) < 1 ||
+			    !shim_config.crash_cc || !shim_config.crash_nth)
+				usage();
+			break;
 		default: usage();
 		}
 	}
 	if (!shim_config.disk_path || !shim_config.tcti || (!dump_only && !shim_config.run_dir))
 		usage();
-	/* The domain's own command line: argv[0] then the extra= words, as mini-os passes them. */
-	dom_argc = argc - optind + 1;
-	dom_argv = argv + optind - 1;
-	dom_argv[0] = argv[0];
 
-	if (vtpm_storage_init()) {
-		printk("ERROR[VTPM]: Unable to initialize storage subsystem!\n");
-		return 1;
-	}
+	/* The domain's own command line: argv[0] then the extra= words, as mini-os passes them. */
+	dom_argv = calloc((size_t)(argc - optind + 2), sizeof(*dom_argv));
+	if (!dom_argv)
+		abort();
+	dom_argv[0] = argv[0];
+	for (i = optind, n = 1; i < argc; i++)
+		if (!(unprovisioned && is_provisioning_word(argv[i])))
+			dom_argv[n++] = argv[i];
+	if (dump_only && n == 1)
+		dom_argv[n++] = default_hw;
+	dom_argc = n;
+
 	if (dump_only)
-		return dump();
+		return dump(dom_argc, dom_argv);
 
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
@@ -194,37 +220,14 @@ int main(int argc, char **argv)
 	pthread_create(&tid, NULL, signal_thread, &set);
 	pthread_detach(tid);
 
-	printk("INFO[VTPM]: Starting vTPM manager domain %u\n", shim_config.domid);
 	if (shim_xenbus_init()) {
 		printk("xenbus: cannot connect to xenstored (XENSTORED_PATH)\n");
 		return 1;
 	}
-	init_tpmback(set_opaque, free_opaque);
-
-	TPM_read_pcrs();
-	if (vtpm_load_disk()) {
-		printk("INFO[VTPM]: Failed to read manager file. Assuming first time initialization.\n");
-		if (vtpm_new_disk())
-			return 1;
-		if (shim_config.provision)
-			provision_group0();
-	} else {
-		printk("vtpmmgr: loaded %d entries (sequence %" PRIu64 ", slot %d)\n", count_entries(),
-		       g_mgr->sequence, g_mgr->active_root);
-	}
-
-	vtpm_ckpt_start(dom_argc, dom_argv);
-	printk("vtpmmgr: ready\n");
-
-	/* vtpmmgr.c main_loop, as patched by the checkpoint extension */
-	while (!do_shutdown) {
-		tpmcmd_t *tpmcmd = tpmback_req_any();
-		if (tpmcmd == NULL)
-			continue;
-		tpmcmd->resp = respbuf;
-		vtpm_ckpt_handle_cmd(tpmcmd->opaque, tpmcmd);
-		tpmback_resp(tpmcmd);
-	}
-	printk("INFO[VTPM]: vTPM Manager shutting down...\n");
-	return 0;
+	if (!shim_config.xsm)
+		printk("xsm: no XSM module (dummy): tpmback_get_peercontext fails for every frontend\n");
+	if (shim_config.release_delay_ms)
+		printk("tpmback: a frontend's release (close callback, OPEN cleared) runs %u ms after it went away\n",
+		       shim_config.release_delay_ms);
+	return vtpmmgr_stubdom_main(dom_argc, dom_argv) ? 1 : 0;
 }

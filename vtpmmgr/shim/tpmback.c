@@ -184,16 +184,49 @@ static void new_tpmif(domid_t domid, unsigned int handle)
 	open_callback(domid, handle);
 }
 
+static void release(struct tpmif *t, int remove);
+
+struct late_release {
+	struct tpmif *t;
+	int remove;
+};
+
+static void release_later(void *arg)
+{
+	struct late_release *late = arg;
+	msleep(shim_config.release_delay_ms);
+	release(late->t, late->remove);
+	free(late);
+}
+
 static void free_tpmif(struct tpmif *t, int remove)
 {
-	struct tpmif **pp;
-	char path[300];
 	if (remove) {
 		set_state(t, 5);
 		set_state(t, 6);
 	}
 	pthread_mutex_lock(&lock);
 	t->closing = 1;
+	pthread_mutex_unlock(&lock);
+	if (shim_config.release_delay_ms) {
+		/* --release-delay: the toolstack saw the frontend go (and may remove the backend) before
+		 * the close callback clears OPEN; meanwhile new frontends are served. */
+		struct late_release *late = malloc(sizeof(*late));
+		if (!late)
+			abort();
+		late->t = t;
+		late->remove = remove;
+		create_thread("tpmback-release", release_later, late);
+		return;
+	}
+	release(t, remove);
+}
+
+static void release(struct tpmif *t, int remove)
+{
+	struct tpmif **pp;
+	char path[300];
+	pthread_mutex_lock(&lock);
 	while (t->busy)
 		pthread_cond_wait(&idle, &lock);
 	pthread_mutex_unlock(&lock);
@@ -244,9 +277,13 @@ static void scan(void)
 	pthread_mutex_unlock(&lock);
 	for (; t; t = next) {
 		char *be_state, *fe_state;
+		int closing;
 		pthread_mutex_lock(&lock);
 		next = t->next;
+		closing = t->closing;
 		pthread_mutex_unlock(&lock);
+		if (closing)
+			continue;                /* being released (--release-race) */
 		be_state = read_node(t->be_path, "state");
 		if (!be_state) {
 			free_tpmif(t, 0);
@@ -496,10 +533,14 @@ int tpmback_set_opaque(domid_t domid, unsigned int handle, void *opaque)
 	return t ? 0 : -1;
 }
 
+/* evtchn_get_peercontext: two xsm_ops.  Without FLASK, Xen's dummy XSM module answers them with
+ * -ENOSYS (docs/xen-internals.md §3.5), and so does this without --xsm flask. */
 int tpmback_get_peercontext(domid_t domid, unsigned int handle, void *buffer, int buflen)
 {
 	(void)domid;
 	(void)handle;
+	if (!shim_config.xsm)
+		return -ENOSYS;
 	if (buflen <= (int)strlen(shim_config.xsm_label))
 		return -1;
 	strcpy(buffer, shim_config.xsm_label);

@@ -120,8 +120,8 @@ static void publish_provisioned(void)
 	}
 }
 
-/* The active slot must still hold what this manager last wrote: the seal list header and the root
- * sector authenticated under tm_key with our sequence number.  Otherwise someone changed the disk
+/* The active slot must still hold what this manager last wrote: a seal list and the root sector
+ * authenticated under tm_key with our sequence number.  Otherwise someone changed the disk
  * under us, and a write now would build on a table nobody can load. */
 static int check_disk(char *err, size_t errlen)
 {
@@ -133,8 +133,7 @@ static int check_disk(char *err, size_t errlen)
 	if (g_mgr->sequence == 0)
 		return 0;                 /* nothing written yet */
 	seal = disk_read_sector(seal_loc(g_mgr));
-	if (memcmp(seal->hdr.magic, TPM_MGR_MAGIC, sizeof(TPM_MGR_MAGIC)) ||
-	    be32_native(seal->hdr.version) != TPM_MGR_VERSION) {
+	if (memcmp(seal->hdr.magic, TPM_MGR_MAGIC, sizeof(TPM_MGR_MAGIC))) {
 		snprintf(err, errlen, "manager disk corrupted: seal list of slot %d has no manager header; "
 			 "table unchanged, restart the manager", slot);
 		return -1;

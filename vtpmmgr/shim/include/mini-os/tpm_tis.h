@@ -1,5 +1,5 @@
-/* mini-os tpm_tis: declarations only, so init.c compiles in the patch check.  The native manager
- * reaches its TPM through shim/ptpm.c instead of TIS MMIO. */
+/* mini-os tpm_tis: the manager's physical TPM.  In the native build (shim/tpm_tis.c) the descriptor
+ * reaches a TPM behind a TCTI instead of TIS MMIO. */
 #ifndef SHIM_MINIOS_TPM_TIS_H
 #define SHIM_MINIOS_TPM_TIS_H
 #include <stddef.h>

@@ -1,4 +1,4 @@
-/* mini-os tpmfront: declarations only, so init.c compiles in the patch check. */
+/* mini-os tpmfront (tpmdriver=tpmfront): not simulated (shim/tpm_tis.c). */
 #ifndef SHIM_MINIOS_TPMFRONT_H
 #define SHIM_MINIOS_TPMFRONT_H
 struct tpmfront_dev;

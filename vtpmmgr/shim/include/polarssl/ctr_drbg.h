@@ -1,4 +1,4 @@
-/* The manager's DRBG (seeded from the pTPM on Xen); here OpenSSL's RAND_bytes. */
+/* The manager's DRBG (seeded from the pTPM on Xen); here OpenSSL's RAND_bytes, given the pTPM's bytes too. */
 #ifndef SHIM_POLARSSL_CTR_DRBG_H
 #define SHIM_POLARSSL_CTR_DRBG_H
 #include <stddef.h>
