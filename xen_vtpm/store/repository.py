@@ -26,6 +26,7 @@ from .fsio import make_dirs, storage_error, unlink_if_present
 from .locking import OwnerLock, StoreLock, owner_alive
 from .packs import ENTRY, HEADER, SUFFIX, PackReader, PackWriter, new_pack_name, pack_path, read_index
 from .reader import CheckpointReader
+from .restore import Sink
 from .writer import CheckpointWriter
 
 DEFAULT_PACK_TARGET = 32 << 20
@@ -174,9 +175,12 @@ class Repository:
         return h.digest()
 
     # --- verify ------------------------------------------------------------------------
-    def verify(self, checkpoint_id: str) -> dict[str, Any]:
-        """Check every MAC, tag and digest of one checkpoint, reading all of it; changes nothing.
-        Memory stays bounded: the catalog answers the set comparisons and is read per pack and per batch."""
+    def verify(self, checkpoint_id: str, sinks: dict[str, Sink] | None = None) -> dict[str, Any]:
+        """Check every MAC, tag and digest of one checkpoint, reading all of it; changes nothing in the
+        store.  ``sinks`` receive the checked plaintext of the streams they are named after (a rollback
+        restores from that copy instead of reading the checkpoint a second time); they hold a whole
+        image only if this returns.  Memory stays bounded: the catalog answers the set comparisons and
+        is read per pack and per batch."""
         info = self._row(checkpoint_id)
         with self.open_checkpoint(checkpoint_id) as reader:
             label = reader.label
@@ -216,8 +220,7 @@ class Repository:
                 if record.kind == "blob":
                     reader.read_blob(record.name)
                 else:
-                    for _ in reader.stream(record.name):
-                        pass
+                    reader.check_into(record.name, (sinks or {}).get(record.name))
             return {"id": checkpoint_id, "name": info["name"], "vm_name": info["vm_name"],
                     "streams": len(reader.manifest.streams), "chunks": count, "size": info["size"],
                     "packs": len(reader.pack_names()), "status": "ok"}
