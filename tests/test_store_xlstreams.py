@@ -190,7 +190,7 @@ def test_named_leftover_spools_are_swept(env):
 def test_format_2_ids_and_stream_root_byte_for_byte(env):
     """docs/formats.md, "Checkpoint store" §0 and §2, recomputed with the pure-Python chunker."""
     state, repo = env
-    data = guest_memory(2 << 20, seed=8) + bytes(200_000)
+    data = guest_memory(2 << 20, seed=8) + bytes(3 * repo.chunk_sizes[2])   # zeros: max-size chunks repeat
     w = repo.begin_checkpoint("vm-1", "guest1", name="exact")
     w.add_stream("memory", [data])
     manifest = w.commit()

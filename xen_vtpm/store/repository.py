@@ -30,10 +30,11 @@ from .restore import Sink
 from .writer import CheckpointWriter
 
 DEFAULT_PACK_TARGET = 32 << 20
-# min/avg/max chunk sizes, smaller than the chunker's defaults: guests dirty memory in runs of
-# pages and a changed run costs about (run + avg) stored bytes; with 5% of an image rewritten in
-# 64 KiB runs, avg 16 KiB stores 8% new bytes where 64 KiB stores 15% (docs/formats.md, "Checkpoint store" §5).
-DEFAULT_CHUNK_SIZES = (4 << 10, 16 << 10, 64 << 10)
+# min/avg/max chunk sizes: the chunker's defaults.  A changed page costs about a page, whatever the
+# chunk around it, since a new chunk is stored as a delta against its parent (docs/formats.md,
+# "Checkpoint store" §5); every chunk costs a catalog row, a manifest entry and a share of per-chunk
+# work, so a 64 KiB average takes a quarter of what 16 KiB did.
+DEFAULT_CHUNK_SIZES = (16 << 10, 64 << 10, 256 << 10)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
