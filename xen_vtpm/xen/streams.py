@@ -5,13 +5,16 @@ budget the spool is an unnamed memory file `xl save` writes directly (the pause 
 a bare `xl save` costs); otherwise `xl save` writes a fifo and a thread tees it, encrypted, into
 an unnamed file on disk, which the store reads as it grows.  ``start_save`` returns as soon as
 `xl save` has finished, so the guest's pause never waits for ingestion; the caller waits for
-it (``SaveIngest.wait``) before committing.  Rollback: the store feeds
-`xl restore` through a fifo, decrypting ahead of the writes.
+it (``SaveIngest.wait``) before committing.  Rollback: the store checks the checkpoint once, writing
+the guest memory it checked into an image spool (``image_spool``), and `xl restore` reads that copy:
+straight from an unnamed memory file when it fits the RAM budget, else through a fifo from an
+encrypted nameless file.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import io
@@ -19,9 +22,9 @@ import os
 import resource
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -265,6 +268,38 @@ class SaveIngest:
             self._bar = None
 
 
+class Image(Protocol):
+    """A checkpoint's guest memory, checked: written at stream offsets of ``fd``; on disk its bytes are
+    AES-256-CTR under ``ctr = (key, counter block of offset 0)``, a key that exists only in this process."""
+    @property
+    def fd(self) -> int: ...
+    @property
+    def ctr(self) -> tuple[bytes, bytes] | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpool:
+    """Where a rollback's check of a checkpoint writes the guest memory it checked (an ``Image``), and
+    what `xl restore` reads afterwards."""
+    fd: int
+    ctr: tuple[bytes, bytes] | None
+
+
+def _image_blocks(image: Image, where: str) -> Iterator[bytes]:
+    """The plaintext from offset 0 (for the disk kind: decrypted)."""
+    dec = Cipher(algorithms.AES(image.ctr[0]), modes.CTR(image.ctr[1])).decryptor() if image.ctr else None
+    pos = 0
+    while True:
+        try:
+            block = os.pread(image.fd, _BLOCK, pos)
+        except OSError as exc:
+            raise storage_error(exc, Path(where), "reading the image spool") from None
+        if not block:
+            return
+        pos += len(block)
+        yield dec.update(block) if dec is not None else block
+
+
 class XlStreams:
     """`xl save`/`xl restore` wired to the store; the only file is the encrypted, nameless spool."""
 
@@ -376,9 +411,31 @@ class XlStreams:
         if "error" in result:
             raise result["error"]
 
-    def restore_from(self, guest: str, blocks: Iterable[bytes], total: int | None, *, paused: bool) -> None:
-        """Feed the image ``blocks`` yields (a checkpoint already verified) into `xl restore` through
-        a fifo.  ``blocks`` is consumed, and closed, on a thread of its own."""
+    @contextlib.contextmanager
+    def image_spool(self, expected_bytes: int) -> Iterator[ImageSpool]:
+        """A spool for a checkpoint's guest memory of about ``expected_bytes``: an unnamed memory file when
+        it fits the RAM budget (`spool_ram_mib`), else an encrypted nameless file.  Freed on exit."""
+        self.sweep_spools()
+        if expected_bytes + (expected_bytes >> 6) + (16 << 20) <= self._ram_budget():
+            spool = ImageSpool(os.memfd_create("xen-vtpm-image", os.MFD_CLOEXEC), None)
+        else:
+            self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+            spool = ImageSpool(_nameless_file(self.tmp), (os.urandom(32), os.urandom(16)))
+        try:
+            yield spool
+        finally:
+            os.close(spool.fd)
+
+    def restore_image(self, guest: str, image: Image, *, paused: bool) -> None:
+        """`xl restore` of a checked image: read in place when it is in memory (the cost of a bare
+        restore), else decrypted into a fifo."""
+        if image.ctr is None:
+            self.xl.restore(f"/proc/{os.getpid()}/fd/{image.fd}", paused=paused)
+        else:
+            self._restore_through_fifo(guest, _image_blocks(image, str(self.tmp)), os.fstat(image.fd).st_size,
+                                       paused=paused)
+
+    def _restore_through_fifo(self, guest: str, blocks: Iterator[bytes], total: int | None, *, paused: bool) -> None:
         with self._fifo() as fifo:
             result: dict[str, Any] = {}
 
