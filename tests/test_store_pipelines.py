@@ -74,13 +74,13 @@ def test_ingest_writes_the_reference_chunks_sealed_under_their_ids(repo, tmp_pat
 def test_ingest_fills_each_pack_to_its_target_and_no_further(repo, tmp_path):
     data = randbytes(3 << 20, seed=5)
     cid = write_checkpoint(repo, data)
-    packs = sorted((tmp_path / "state" / "packs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
-    assert len(packs) >= 10
-    for pack in packs[:-1]:
+    bodies = []
+    for pack in (tmp_path / "state" / "packs").iterdir():
         index = read_index(tmp_path / "state" / "packs", pack.name.removesuffix(".pack"))
-        body = index[-1][1] + ENTRY.size + index[-1][2]
-        last = ENTRY.size + index[-1][2]
-        assert body >= repo.pack_target > body - last      # it closed at the chunk that took it past
+        body, last = index[-1][1] + ENTRY.size + index[-1][2], ENTRY.size + index[-1][2]
+        assert body - last < repo.pack_target        # it closed at the chunk that took it past ...
+        bodies.append(body)
+    assert len(bodies) >= 10 and sum(b < repo.pack_target for b in bodies) == 1   # ... but the last one
     assert read_all(repo, cid) == data
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import timings
 from .._hashing import ffi, lib
 from ..errors import HashEngineError, UsageError
 from ..hashing import Readable
@@ -113,6 +114,10 @@ class IngestPipe:
         check(lib.xv_ingest_commit(self._g, n, int(final)), self._label)
 
     def _feed(self, source: Readable | Iterable[bytes]) -> None:
+        with timings.stage("read"):
+            self._feed_all(source)
+
+    def _feed_all(self, source: Readable | Iterable[bytes]) -> None:
         try:
             if isinstance(source, Iterable) and not hasattr(source, "readinto"):
                 for block in source:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .. import timings
 from .._hashing import lib
 from ..errors import IntegrityError, UsageError
 from ..hashing import sha256_many
@@ -221,11 +222,12 @@ class CheckpointReader:
             offset = 0
             for start in range(0, len(chunks), _CHECK_BATCH):
                 part = [chunks[i] for i in range(start, min(start + _CHECK_BATCH, len(chunks)))]
-                places = self._places_of(list({cid for cid, _ in part}), True)
-                batch = []
-                for k, (cid, length) in enumerate(part):
-                    batch.append(self._located(cid, length, offset, places.get(cid), f"{where} chunk {start + k}"))
-                    offset += length
+                with timings.stage("catalog"):
+                    places = self._places_of(list({cid for cid, _ in part}), True)
+                    batch = []
+                    for k, (cid, length) in enumerate(part):
+                        batch.append(self._located(cid, length, offset, places.get(cid), f"{where} chunk {start + k}"))
+                        offset += length
                 failure = pipe.submit(batch)
                 if failure is None and progress is not None:
                     progress(sum(length for _, length in part))
@@ -238,7 +240,10 @@ class CheckpointReader:
             if not hmac.compare_digest(pipe.root(), record.tree_root):
                 raise IntegrityError(f"{where}: stream root mismatch (chunks reordered or replaced); "
                                      "do not use this checkpoint")
-            return pipe.stats()
+            stats = pipe.stats()
+            for stage, seconds in stats.items():
+                timings.add(stage, seconds)
+            return stats
         finally:
             pipe.close()
 

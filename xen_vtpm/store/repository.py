@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from .. import timings
 from ..errors import CheckpointNotFound, IntegrityError, StorageError, UsageError
 from .catalog import Catalog
 from .chunks import ChunkCipher
@@ -184,39 +185,8 @@ class Repository:
         is read per pack and per batch."""
         info = self._row(checkpoint_id)
         with self.open_checkpoint(checkpoint_id) as reader:
-            label = reader.label
-            listed = (cid for rec in reader.manifest.streams for cid, _ in rec.chunks)
-            count, unreferenced, unlisted = self.catalog.compare_refs(checkpoint_id, listed)
-            if unreferenced:
-                raise IntegrityError(f"{label}: chunk {unreferenced.hex()[:16]} of the manifest has no catalog "
-                                     "reference; the catalog was altered — do not use this checkpoint")
-            if unlisted:
-                raise IntegrityError(f"{label}: catalog references chunk {unlisted.hex()[:16]} the manifest does "
-                                     "not list; the catalog was altered")
-            self._check_refcounts(checkpoint_id, label)
-            # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
-            # files no row claims, so a deleted row would turn into a deleted live pack.
-            known = {row[0] for row in self.catalog.query("SELECT name FROM packs")}
-            for missing in sorted(reader.pack_names() - known):
-                raise IntegrityError(f"{label}: pack {missing} holds chunks of this checkpoint but has no catalog "
-                                     "row; the catalog was altered — restore it before any other command")
-            pack: str | None = None
-            index: dict[int, tuple[bytes, int]] = {}
-            for name, cid, off, ln in self.catalog.rows(   # our chunks and the bases of our delta chunks
-                    "SELECT c.pack, c.id, c.offset, c.length FROM chunks c WHERE c.id IN "
-                    "(SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
-                    "(SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1) "
-                    "ORDER BY c.pack", (checkpoint_id,)):
-                if name != pack:   # one pack's index in memory at a time
-                    pack = name
-                    try:
-                        index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack)}
-                    except IntegrityError as exc:
-                        raise IntegrityError(f"{label}: {exc}") from None
-                if index.get(off) != (bytes(cid), ln):
-                    raise IntegrityError(f"{label}: pack {pack} index has no entry for chunk {bytes(cid).hex()[:16]} "
-                                         f"at offset {off}; the catalog or the pack was altered")
-            reader.refs_checked()
+            with timings.stage("catalog"):
+                count = self._verify_catalog(checkpoint_id, reader)
             for record in reader.manifest.streams:
                 if record.kind == "blob":
                     reader.read_blob(record.name)
@@ -225,6 +195,44 @@ class Repository:
             return {"id": checkpoint_id, "name": info["name"], "vm_name": info["vm_name"],
                     "streams": len(reader.manifest.streams), "chunks": count, "size": info["size"],
                     "packs": len(reader.pack_names()), "status": "ok"}
+
+    def _verify_catalog(self, checkpoint_id: str, reader: CheckpointReader) -> int:
+        """The catalog's side of a verify (references, refcounts, packs and their indexes); returns
+        the checkpoint's number of distinct chunks."""
+        label = reader.label
+        listed = (cid for rec in reader.manifest.streams for cid, _ in rec.chunks)
+        count, unreferenced, unlisted = self.catalog.compare_refs(checkpoint_id, listed)
+        if unreferenced:
+            raise IntegrityError(f"{label}: chunk {unreferenced.hex()[:16]} of the manifest has no catalog "
+                                 "reference; the catalog was altered — do not use this checkpoint")
+        if unlisted:
+            raise IntegrityError(f"{label}: catalog references chunk {unlisted.hex()[:16]} the manifest does "
+                                 "not list; the catalog was altered")
+        self._check_refcounts(checkpoint_id, label)
+        # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
+        # files no row claims, so a deleted row would turn into a deleted live pack.
+        known = {row[0] for row in self.catalog.query("SELECT name FROM packs")}
+        for missing in sorted(reader.pack_names() - known):
+            raise IntegrityError(f"{label}: pack {missing} holds chunks of this checkpoint but has no catalog "
+                                 "row; the catalog was altered — restore it before any other command")
+        pack: str | None = None
+        index: dict[int, tuple[bytes, int]] = {}
+        for name, cid, off, ln in self.catalog.rows(   # our chunks and the bases of our delta chunks
+                "SELECT c.pack, c.id, c.offset, c.length FROM chunks c WHERE c.id IN "
+                "(SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
+                "(SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1) "
+                "ORDER BY c.pack", (checkpoint_id,)):
+            if name != pack:   # one pack's index in memory at a time
+                pack = name
+                try:
+                    index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack)}
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{label}: {exc}") from None
+            if index.get(off) != (bytes(cid), ln):
+                raise IntegrityError(f"{label}: pack {pack} index has no entry for chunk {bytes(cid).hex()[:16]} "
+                                     f"at offset {off}; the catalog or the pack was altered")
+        reader.refs_checked()
+        return count
 
     def _check_refcounts(self, checkpoint_id: str, label: str) -> None:
         """refcount = checkpoints referencing the chunk + delta chunks depending on it, for this

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .. import __version__, hashing
+from .. import __version__, hashing, timings
 from ..errors import IntegrityError, PreconditionFailed, UsageError
 from .chunks import TAG_SIZE
 from .context import StoreContext
@@ -114,6 +114,7 @@ class CheckpointWriter:
             root, length, _ = pipe.result()
             for stage, seconds in pipe.stats().items():
                 self.stats[stage] = self.stats.get(stage, 0.0) + seconds
+                timings.add(stage, seconds)
         finally:
             pipe.close()
         record = StreamRecord(name=name, kind=kind, length=length, tree_root=root, sha256=sha256,
@@ -123,21 +124,23 @@ class CheckpointWriter:
 
     def _store_batch(self, pipe: IngestPipe, batch: Batch, delta: DeltaEncoder | None) -> None:
         """Seal the batch's chunks the store lacks (whole, or as deltas against the parent) into the pack."""
-        self._new.use(batch.ids)
-        asked = [cid for cid, known in zip(batch.ids, batch.known, strict=True) if not known]
-        fresh = self._new.unknown(asked) if asked else set()
+        with timings.stage("lookup"):
+            self._new.use(batch.ids)
+            asked = [cid for cid, known in zip(batch.ids, batch.known, strict=True) if not known]
+            fresh = self._new.unknown(asked) if asked else set()
         plan = bytearray(len(batch))
         payloads: dict[int, bytes] = {}
         bases: dict[int, list[bytes]] = {}
         if fresh:
             indexes = [i for i, cid in enumerate(batch.ids) if cid in fresh and not batch.known[i]]
-            places = self._parent_places(delta, batch, indexes) if delta is not None else {}
-            for i in indexes:
-                plan[i] = SEAL
-                found = delta.encode(batch.data(i), batch.offsets[i], places) if delta is not None else None
-                if found is not None:
-                    plan[i] = DELTA
-                    payloads[i], bases[i] = found
+            with timings.stage("delta"):
+                places = self._parent_places(delta, batch, indexes) if delta is not None else {}
+                for i in indexes:
+                    plan[i] = SEAL
+                    found = delta.encode(batch.data(i), batch.offsets[i], places) if delta is not None else None
+                    if found is not None:
+                        plan[i] = DELTA
+                        payloads[i], bases[i] = found
         start = 0
         while start < len(batch):   # one pack at a time: it closes at the first chunk that takes it past target
             pack = (self._pack or self._start_pack()) if any(plan[start:]) else None
@@ -251,17 +254,20 @@ class CheckpointWriter:
         self._check_open()
         if self._pack is not None:
             self._finish_pack()
-        try:
-            self._published()
-        finally:
-            self._stop_publisher()
-        manifest = self._manifest()
-        data = encode(manifest, self._ctx.mac_key)
-        manifest_rel = self._ctx.manifest_rel(self.checkpoint_id)
-        self._note_files(manifest_rel, manifest_rel + ".tmp")
-        write_atomic(self._ctx.manifest_path(self.checkpoint_id), data)
+        with timings.stage("fsync"):
+            try:
+                self._published()
+            finally:
+                self._stop_publisher()
+        with timings.stage("commit"):
+            manifest = self._manifest()
+            data = encode(manifest, self._ctx.mac_key)
+            manifest_rel = self._ctx.manifest_rel(self.checkpoint_id)
+            self._note_files(manifest_rel, manifest_rel + ".tmp")
+        with timings.stage("fsync"):
+            write_atomic(self._ctx.manifest_path(self.checkpoint_id), data)
         crashpoint("write.manifest-published")
-        with self._ctx.catalog.transaction() as db:
+        with timings.stage("commit"), self._ctx.catalog.transaction() as db:
             stored = self._insert_rows(db, manifest, data)
             db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
             if in_transaction is not None:
@@ -341,6 +347,7 @@ class CheckpointWriter:
 
 def _publish(pack: PackWriter, live: int) -> tuple[str, int, int, int]:
     """(name, size, entries, live bytes) of a pack made durable under its final name."""
-    size = pack.finish(publish_dir=False)
+    with timings.stage("fsync"):
+        size = pack.finish(publish_dir=False)
     crashpoint("write.pack-published")
     return pack.name, size, pack.entries, live
