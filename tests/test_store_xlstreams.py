@@ -12,6 +12,7 @@ import hmac
 import io
 import os
 import threading
+import time
 
 import pytest
 
@@ -307,3 +308,30 @@ def test_the_snapshot_progress_bar_has_a_total(env, ram_mib):
     w.commit()
     [bar] = bars
     assert bar.total == (len(DATA) if ram_mib else guest_memory_size) and bar.done == len(DATA)
+
+
+def test_ingestion_reads_the_memory_spool_while_xl_save_still_writes(env):
+    """The store does not wait for the whole image: it reads what `xl save` has written so far."""
+    state, repo = env
+    data = guest_memory(24 << 20, seed=79)
+    read_before_end = {}
+
+    class SlowXl(StandInXl):
+        def save(self, guest, file, cfg=None, checkpoint=False, leave_paused=False):
+            with open(file, "wb") as out:
+                for i in range(0, len(data), 1 << 20):
+                    out.write(data[i:i + (1 << 20)])
+                    out.flush()
+                    time.sleep(0.02)
+                spool_fd = int(file.rsplit("/", 1)[1])
+                deadline = time.monotonic() + 10
+                # All written, xl not returned yet: the reader must have consumed (punched out) some of it.
+                while os.fstat(spool_fd).st_blocks * 512 >= len(data) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                read_before_end["yes"] = os.fstat(spool_fd).st_blocks * 512 < len(data)
+
+    streams = XlStreams(Config(state_dir=state, spool_ram_mib=-1), SlowXl(data), None)
+    w = repo.begin_checkpoint("vm-1", "guest1", name="overlap")
+    assert streams.start_save("guest1", w, leave_paused=True, expected_bytes=len(data)).wait() == {"bytes": len(data)}
+    w.commit()
+    assert read_before_end == {"yes": True} and read_all(repo, w.checkpoint_id) == data

@@ -41,6 +41,7 @@ _PIPE_SIZE = 1 << 20          # fewer wake-ups per GiB than the default 64 KiB p
 _F_SETPIPE_SZ = 1031
 _SPOOL_SUFFIX = ".spool"
 _LOW_PRIORITY = 19
+_FOLLOW_S = 0.01              # how often ingestion learns how far `xl save` has written into memory
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -84,38 +85,44 @@ class _Spool:
         self._ended = False        # the writer stopped: at EOF (``_complete``) or on an error
         self._complete = False
         self._cancelled = False
+        self._pos = 0              # the reader's: what it has consumed
+        self._punch = True         # until the file system refuses a hole
 
-    def _plain(self, data: memoryview, out: bytearray) -> memoryview:
-        """What was written, from what the file holds."""
-        return data
+    def _read_at(self, view: memoryview, pos: int) -> int:
+        """Read what the file holds at ``pos`` as plaintext into ``view``."""
+        assert self._fd is not None
+        try:
+            return os.preadv(self._fd, [view], pos)
+        except OSError as exc:
+            raise storage_error(exc, Path(self._where), "reading the snapshot spool") from None
+
+    def readinto(self, buffer: Any) -> int:
+        """Up to ``len(buffer)`` bytes of the plaintext as they arrive, 0 at the end; what was read is
+        punched out of the spool.  The store's feeding thread reads straight into its ring."""
+        view = memoryview(buffer).cast("B")
+        with self._cond:
+            while self._pos == self._size and not self._ended and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise XlError("snapshot cancelled while the store was ingesting the guest memory")
+            size = self._size
+        if self._pos == size:
+            if not self._complete:
+                raise XlError("the guest memory stream from `xl save` broke off; see the error above")
+            return 0
+        assert self._fd is not None
+        n = self._read_at(view[:min(size - self._pos, len(view))], self._pos)
+        if n <= 0:
+            raise XlError(f"{self._where}: the snapshot spool is shorter than what was written to it")
+        self._punch = self._punch and _punch_hole(self._fd, self._pos, n)
+        self._pos += n
+        return n
 
     def blocks(self) -> Iterator[memoryview]:
         """The plaintext, block by block, as it arrives; each block is valid until the next."""
-        buf, out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
-        pos = 0
-        punch = True
-        while True:
-            with self._cond:
-                while pos == self._size and not self._ended and not self._cancelled:
-                    self._cond.wait()
-                if self._cancelled:
-                    raise XlError("snapshot cancelled while the store was ingesting the guest memory")
-                size = self._size
-            if pos == size:
-                if not self._complete:
-                    raise XlError("the guest memory stream from `xl save` broke off; see the error above")
-                return
-            assert self._fd is not None
-            want = min(size - pos, _BLOCK)
-            try:
-                n = os.preadv(self._fd, [memoryview(buf)[:want]], pos)
-            except OSError as exc:
-                raise storage_error(exc, Path(self._where), "reading the snapshot spool") from None
-            if n <= 0:
-                raise XlError(f"{self._where}: the snapshot spool is shorter than what was written to it")
-            yield self._plain(memoryview(buf)[:n], out)
-            punch = punch and _punch_hole(self._fd, pos, n)
-            pos += n
+        buf = bytearray(_BLOCK)
+        while n := self.readinto(buf):
+            yield memoryview(buf)[:n]
 
     def _grew(self, size: int, *, ended: bool = False, complete: bool = False) -> None:
         with self._cond:
@@ -159,6 +166,15 @@ class _MemorySpool(_Spool):
     def size(self) -> int:
         return self._size
 
+    def follow(self, done: threading.Event) -> None:
+        """While `xl save` writes (until ``done``), let the store read what it has written so far:
+        xl writes its stream in order and the file's size only covers bytes already copied in, so
+        ingestion overlaps the save (at the lowest priority, on the core xl leaves free)."""
+        while not done.wait(_FOLLOW_S):
+            size = os.fstat(self._fd).st_size if self._fd is not None else 0
+            if size > self._size:
+                self._grew(size)
+
     def written(self) -> None:
         """`xl save` returned: the store may read all it wrote."""
         assert self._fd is not None
@@ -175,6 +191,7 @@ class _DiskSpool(_Spool):
         key, nonce = os.urandom(32), os.urandom(16)
         self._enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
         self._dec = Cipher(algorithms.AES(key), modes.CTR(nonce)).decryptor()
+        self._scratch, self._out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
 
     def fill(self, source: io.RawIOBase) -> int:
         """Append ``source`` to EOF; returns the byte count."""
@@ -203,9 +220,14 @@ class _DiskSpool(_Spool):
             except OSError as exc:
                 raise storage_error(exc, Path(self._where), "writing the snapshot spool") from None
 
-    def _plain(self, data: memoryview, out: bytearray) -> memoryview:
-        self._dec.update_into(data, out)
-        return memoryview(out)[:len(data)]
+    def _read_at(self, view: memoryview, pos: int) -> int:
+        """Decrypt what the file holds at ``pos`` into ``view`` (the keystream runs on in read order)."""
+        scratch = memoryview(self._scratch)[:min(len(view), _BLOCK)]
+        n = super()._read_at(scratch, pos)
+        out = self._out
+        self._dec.update_into(scratch[:n], out)
+        view[:n] = memoryview(out)[:n]
+        return n
 
 
 def _restore_priority() -> None:
@@ -241,7 +263,7 @@ class SaveIngest:
             if os.getpriority(os.PRIO_PROCESS, 0) < _LOW_PRIORITY:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOW_PRIORITY)
         try:
-            record = writer.add_stream("memory", self._spool.blocks(),
+            record = writer.add_stream("memory", self._spool,
                                        progress=self._bar.update if self._bar is not None else None)
             self._outcome["bytes"] = record.length
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
@@ -374,8 +396,15 @@ class XlStreams:
         spool = _MemorySpool()
         bar = self._open_bar("snapshot: guest memory")
         ingest = SaveIngest(spool, writer, bar)
+        saved = threading.Event()
+        follower = threading.Thread(target=spool.follow, args=(saved,), name="spool-follow", daemon=True)
+        follower.start()
         try:
-            self.xl.save(guest, spool.path, leave_paused=leave_paused)
+            try:
+                self.xl.save(guest, spool.path, leave_paused=leave_paused)
+            finally:
+                saved.set()
+                follower.join()
         except XlError:
             try:
                 spool.check_within_file_size_limit()
@@ -387,7 +416,7 @@ class XlStreams:
             raise
         spool.written()
         if bar is not None:
-            bar.total = spool.size   # known exactly before ingestion starts
+            bar.total = spool.size   # known exactly once `xl save` returned
         return ingest
 
     def _save_into(self, guest: str, fifo: Path, spool: _DiskSpool, leave_paused: bool) -> None:
