@@ -10,8 +10,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["hashing.c", "sha256_lanes.c", "seal.c", "ingest.c", "restore.c"]
-HEADERS = ["hashing.h", "sha256.h", "hashing_cdef.h", "cdc.h", "seal.h", "store.h", "store_cdef.h"]
+SOURCES = ["hashing.c", "sha256_lanes.c", "seal.c", "delta.c", "ingest.c", "restore.c"]
+HEADERS = ["hashing.h", "sha256.h", "hashing_cdef.h", "cdc.h", "seal.h", "delta.h", "store.h", "store_cdef.h"]
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 
 

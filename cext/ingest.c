@@ -12,11 +12,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "cdc.h"
+#include "delta.h"
 #include "seal.h"
 #include "store.h"
 
@@ -141,12 +144,16 @@ struct job {
     unsigned char sha[32], id[32];
 };
 
-struct task {               /* one chunk of the batch being sealed */
+struct task {               /* one chunk of the taken batch: what sealing it gave */
     const unsigned char *in;
     uint32_t len;
-    int delta;
-    size_t out;             /* its entry's offset in obuf */
+    uint64_t offset;        /* stream offset: where a delta looks in the parent */
+    int plan;               /* 0: not stored, 1: whole, 2: a delta if worth it */
     const unsigned char *id;
+    size_t out;             /* its entry's slot in the arena (room for a whole entry) */
+    uint32_t entry;         /* the entry's bytes once sealed */
+    int nbases;
+    unsigned char bases[16][32];
 };
 
 struct worker {
@@ -154,6 +161,16 @@ struct worker {
     xv_ingest *g;
     struct xv_sealer sl;
     EVP_MD_CTX *md;
+    struct xv_dctx *dctx;
+};
+
+enum { MAX_IOV = 1024 };
+
+struct wjob {               /* entries the writer thread writes back to back at fd:off */
+    int fd, arena;
+    uint64_t off, len;
+    struct iovec *iov;
+    int niov;
 };
 
 struct xv_ingest {
@@ -172,19 +189,24 @@ struct xv_ingest {
     uint64_t jadd, jclaim, jtake;
     size_t outstanding;     /* chunks of the last take not sealed yet: jobs jtake - outstanding ... */
 
+    /* The taken batch's tasks, sealed all at once (on the workers) into the current arena, then
+     * written in order, in as many pieces as packs need, by the writer thread. */
     struct task *tasks;
-    size_t ntasks, tclaim, tdone, tcap;
-    unsigned char *obuf;    /* ob[cur].p while a batch is sealed */
+    size_t ntasks, tcap, tclaim, tdone, tnext;   /* tnext: the first task not yet handed to a write */
+    int sealed;                                  /* every task of the taken batch is sealed */
+    const xv_parent *parent;
+    unsigned char *obuf;    /* arena[cur].p while a batch is sealed */
 
-    /* Two output buffers: the writer thread writes one to its pack while the next batch is sealed
-     * into the other, so the page-cache copy of the write overlaps hashing and sealing. */
-    struct outbuf {
+    /* Two arenas: the writer thread writes one's entries to their pack while the next batch is
+     * sealed into the other, so the page-cache copy of the write overlaps hashing and sealing. */
+    struct arena {
         unsigned char *p;
-        size_t cap, len;
-        int fd, busy;
-        uint64_t off;
-    } ob[2];
-    int cur, next_write, write_errno, writer_running;
+        size_t cap;
+        int pending;        /* write jobs still reading it */
+    } arena[2];
+    int cur;
+    struct wjob wq[4];      /* FIFO of write jobs */
+    int wq_head, wq_n, write_errno, writer_running;
     pthread_t writer;
     pthread_cond_t write_cv, wrote_cv;
 
@@ -235,23 +257,50 @@ static enum xv_status hash_jobs(xv_ingest *g, struct worker *w, uint64_t first, 
     return rc;
 }
 
-static enum xv_status seal_task(xv_ingest *g, struct worker *w, struct task *t)
+/* Seals one task into its slot: as a delta against the parent when asked and worth it, else whole. */
+static enum xv_status seal_task(xv_ingest *g, struct worker *w, struct task *t, uint64_t *delta_ns)
 {
-    return xv_seal_entry(&w->sl, t->id, t->delta, t->in, t->len, g->obuf + t->out);
+    t->nbases = 0;
+    if (t->plan == 2 && g->parent) {
+        uint64_t t0 = xv_thread_ns();
+        unsigned char *payload = NULL;
+        size_t plen = 0;
+        enum xv_status rc = xv_delta_encode(w->dctx, g->parent, t->in, t->len, t->offset, &payload, &plen,
+                                            t->bases, &t->nbases);
+        *delta_ns += xv_thread_ns() - t0;
+        if (rc)
+            return rc;
+        if (plen) {
+            rc = xv_seal_entry(&w->sl, t->id, 1, payload, (uint32_t)plen, g->obuf + t->out);
+            free(payload);
+            t->entry = XV_ENTRY_HEAD + (uint32_t)plen + XV_TAG_SIZE;
+            return rc;
+        }
+        t->nbases = 0;
+    }
+    t->entry = XV_ENTRY_HEAD + t->len + XV_TAG_SIZE;
+    return xv_seal_entry(&w->sl, t->id, 0, t->in, t->len, g->obuf + t->out);
 }
 
 /* Runs one unit of work (a seal task first: the deciding thread waits on it), with mu held on entry
  * and exit.  0 when there was nothing to do. */
 static int work_one_locked(xv_ingest *g, struct worker *w)
 {
+    while (g->tclaim < g->ntasks && !g->tasks[g->tclaim].plan) {
+        g->tclaim++;
+        g->tdone++;
+    }
+    if (g->tdone == g->ntasks && g->ntasks)
+        pthread_cond_broadcast(&g->done_cv);
     if (g->tclaim < g->ntasks) {
         struct task *t = &g->tasks[g->tclaim++];
         pthread_mutex_unlock(&g->mu);
-        uint64_t t0 = xv_thread_ns();
-        enum xv_status rc = seal_task(g, w, t);
+        uint64_t t0 = xv_thread_ns(), delta_ns = 0;
+        enum xv_status rc = seal_task(g, w, t, &delta_ns);
         uint64_t dt = xv_thread_ns() - t0;
         pthread_mutex_lock(&g->mu);
-        g->ns[XV_STAGE_SEAL] += dt;
+        g->ns[XV_STAGE_SEAL] += dt - delta_ns;
+        g->ns[XV_STAGE_DELTA] += delta_ns;
         if (rc)
             fail_locked(g, rc);
         if (++g->tdone == g->ntasks)
@@ -281,34 +330,36 @@ static int work_one_locked(xv_ingest *g, struct worker *w)
     return 0;
 }
 
-static int write_all(int fd, const unsigned char *p, size_t n, uint64_t off);
+static int write_iov(int fd, struct iovec *iov, int n, uint64_t off);
 
 static void *writer_main(void *arg)
 {
     xv_ingest *g = arg;
     pthread_mutex_lock(&g->mu);
     for (;;) {
-        struct outbuf *b = &g->ob[g->next_write];
-        if (!b->busy) {
+        if (!g->wq_n) {
             if (g->stop)
                 break;
             pthread_cond_wait(&g->write_cv, &g->mu);
             continue;
         }
+        struct wjob job = g->wq[g->wq_head];
         pthread_mutex_unlock(&g->mu);
         uint64_t t0 = xv_thread_ns();
-        int e = g->write_errno ? 0 : write_all(b->fd, b->p, b->len, b->off);
+        int e = g->write_errno ? 0 : write_iov(job.fd, job.iov, job.niov, job.off);
         /* Start the write-back now, so the pack's fsync has little left to wait for.  Only a hint: a
          * file system without it loses nothing but the head start. */
         if (!e)
-            sync_file_range(b->fd, (off_t)b->off, (off_t)b->len, SYNC_FILE_RANGE_WRITE);
+            sync_file_range(job.fd, (off_t)job.off, (off_t)job.len, SYNC_FILE_RANGE_WRITE);
         uint64_t dt = xv_thread_ns() - t0;
+        free(job.iov);
         pthread_mutex_lock(&g->mu);
         g->ns[XV_STAGE_WRITE] += dt;
         if (e && !g->write_errno)
             g->write_errno = e;
-        b->busy = 0;
-        g->next_write ^= 1;
+        g->arena[job.arena].pending--;
+        g->wq_head = (g->wq_head + 1) % 4;
+        g->wq_n--;
         pthread_cond_broadcast(&g->wrote_cv);
     }
     pthread_mutex_unlock(&g->mu);
@@ -334,11 +385,14 @@ static enum xv_status worker_init(struct worker *w, xv_ingest *g, const unsigned
     w->g = g;
     if (!(w->md = EVP_MD_CTX_new()))
         return XV_ENOMEM;
-    return xv_sealer_init(&w->sl, id_key, enc_key);
+    enum xv_status rc = xv_sealer_init(&w->sl, id_key, enc_key);
+    return rc ? rc : xv_dctx_new(&w->sl, &w->dctx);
 }
 
 static void worker_free(struct worker *w)
 {
+    xv_dctx_free(w->dctx);
+    w->dctx = NULL;
     xv_sealer_free(&w->sl);
     EVP_MD_CTX_free(w->md);
     w->md = NULL;
@@ -371,8 +425,8 @@ void xv_ingest_free(xv_ingest *g)
         munmap(g->ring, 2 * g->rcap);
     free(g->jobs);
     free(g->tasks);
-    free(g->ob[0].p);
-    free(g->ob[1].p);
+    free(g->arena[0].p);
+    free(g->arena[1].p);
     EVP_MD_CTX_free(g->root);
     free(g);
 }
@@ -644,121 +698,156 @@ enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned
     return rc;
 }
 
-static enum xv_status plan_tasks_locked(xv_ingest *g, size_t n, const unsigned char *seal,
-                                        const unsigned char *const *payload, const uint32_t *payload_len)
+/* The taken batch's tasks, laid out in the current arena (each with room for its whole entry). */
+static enum xv_status plan_tasks_locked(xv_ingest *g, size_t n, const unsigned char *seal)
 {
-    size_t bytes = 0, count = 0;
+    size_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
-        if (seal[i] > 2 || (seal[i] == 2 && (!payload || !payload_len || !payload[i])))
+        if (seal[i] > 2)
             return XV_EINVAL;
-        if (seal[i]) {
-            uint32_t len = seal[i] == 2 ? payload_len[i] : g->jobs[(g->jtake - g->outstanding + i) % g->jcap].len;
-            bytes += XV_ENTRY_HEAD + (size_t)len + XV_TAG_SIZE;
-            count++;
-        }
+        if (seal[i])
+            bytes += XV_ENTRY_HEAD + (size_t)g->jobs[(g->jtake - n + i) % g->jcap].len + XV_TAG_SIZE;
     }
-    if (count > g->tcap) {
-        struct task *t = realloc(g->tasks, count * sizeof *t);
+    if (n > g->tcap) {
+        struct task *t = realloc(g->tasks, n * sizeof *t);
         if (!t)
             return XV_ENOMEM;
         g->tasks = t;
-        g->tcap = count;
+        g->tcap = n;
     }
-    struct outbuf *b = &g->ob[g->cur];
-    if (bytes > b->cap) {
-        free(b->p);
-        b->cap = 0;
-        if (!(b->p = malloc(bytes)))
+    struct arena *a = &g->arena[g->cur];
+    if (bytes > a->cap) {
+        free(a->p);
+        a->cap = 0;
+        if (!(a->p = malloc(bytes)))
             return XV_ENOMEM;
-        b->cap = bytes;
+        a->cap = bytes;
     }
-    g->obuf = b->p;
+    g->obuf = a->p;
     size_t at = 0;
-    g->ntasks = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!seal[i])
-            continue;
-        struct job *j = &g->jobs[(g->jtake - g->outstanding + i) % g->jcap];
-        struct task *t = &g->tasks[g->ntasks++];
-        t->delta = seal[i] == 2;
-        t->in = t->delta ? payload[i] : g->ring + j->off % g->rcap;
-        t->len = t->delta ? payload_len[i] : j->len;
+        struct job *j = &g->jobs[(g->jtake - n + i) % g->jcap];
+        struct task *t = &g->tasks[i];
+        t->plan = seal[i];
+        t->in = g->ring + j->off % g->rcap;
+        t->len = j->len;
+        t->offset = j->off;
         t->id = j->id;
         t->out = at;
-        at += XV_ENTRY_HEAD + (size_t)t->len + XV_TAG_SIZE;
+        t->entry = 0;
+        t->nbases = 0;
+        if (seal[i])
+            at += XV_ENTRY_HEAD + (size_t)j->len + XV_TAG_SIZE;
     }
-    g->tclaim = g->tdone = 0;
+    g->ntasks = n;
+    g->tclaim = g->tdone = g->tnext = 0;
     return XV_OK;
 }
 
-static int write_all(int fd, const unsigned char *p, size_t n, uint64_t off)
+static int write_iov(int fd, struct iovec *iov, int n, uint64_t off)
 {
     while (n) {
-        ssize_t w = pwrite(fd, p, n, (off_t)off);
+        ssize_t w = pwritev(fd, iov, n < IOV_MAX ? n : IOV_MAX, (off_t)off);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
             return w < 0 ? errno : EIO;
-        p += w;
-        n -= (size_t)w;
         off += (uint64_t)w;
+        while (n && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n) {
+            iov->iov_base = (char *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
     }
     return 0;
 }
 
-enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const unsigned char *const *payload,
-                              const uint32_t *payload_len, int fd, uint64_t offset, uint64_t *entry_offset,
-                              uint32_t *sealed_len, uint64_t *written, int *err_errno)
+enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const xv_parent *parent, int fd,
+                              uint64_t offset, uint64_t limit, uint64_t *entry_offset, uint32_t *sealed_len,
+                              unsigned char *nbases, unsigned char (*base_ids)[32], uint64_t *written,
+                              size_t *done, int *err_errno)
 {
-    if (!g || (n && (!seal || !entry_offset || !sealed_len)) || !written)
+    if (!g || (n && (!seal || !entry_offset || !sealed_len || !nbases || !base_ids)) || !written || !done)
         return XV_EINVAL;
     *written = 0;
+    *done = 0;
     pthread_mutex_lock(&g->mu);
-    enum xv_status rc = n > g->outstanding ? XV_ESTATE : status_locked(g);
-    while (!rc && g->ob[g->cur].busy && !g->write_errno)
-        pthread_cond_wait(&g->wrote_cv, &g->mu);
-    if (!rc && g->write_errno) {
-        if (err_errno)
-            *err_errno = g->write_errno;
-        rc = XV_EIO;
+    enum xv_status rc = status_locked(g);
+    if (!rc && g->sealed ? n != g->ntasks - g->tnext : n != g->outstanding)
+        rc = XV_ESTATE;
+    if (!rc && !g->sealed) {
+        /* The first call for a batch seals all of it; later ones write what the first did not. */
+        while (g->arena[g->cur].pending && !g->write_errno)
+            pthread_cond_wait(&g->wrote_cv, &g->mu);
+        if (g->write_errno) {
+            if (err_errno)
+                *err_errno = g->write_errno;
+            rc = XV_EIO;
+        }
+        g->parent = parent;
+        if (!rc)
+            rc = plan_tasks_locked(g, n, seal);
+        if (!rc) {
+            pthread_cond_broadcast(&g->work_cv);
+            while (g->tdone < g->ntasks && !g->err && !g->cancelled)
+                if (!work_one_locked(g, &g->self))
+                    pthread_cond_wait(&g->done_cv, &g->mu);
+            rc = status_locked(g);
+        }
+        if (!rc) {   /* the entries are sealed: the ring space of the whole batch is free again */
+            g->sealed = 1;
+            if (n) {
+                const struct job *last = &g->jobs[(g->jtake - 1) % g->jcap];
+                g->released = last->off + last->len;
+            }
+            pthread_cond_broadcast(&g->space_cv);
+        }
     }
-    if (!rc)
-        rc = plan_tasks_locked(g, n, seal, payload, payload_len);
-    if (!rc && g->ntasks) {
-        pthread_cond_broadcast(&g->work_cv);
-        while (g->tdone < g->ntasks && !g->err && !g->cancelled)
-            if (!work_one_locked(g, &g->self))
-                pthread_cond_wait(&g->done_cv, &g->mu);
-        rc = status_locked(g);
-    }
-    size_t bytes = 0;
-    for (size_t i = 0, t = 0; !rc && i < n; i++) {
-        if (!seal[i])
+    /* Entries in order up to the one that takes the pack to `limit`. */
+    size_t k = 0, niov = 0;
+    uint64_t bytes = 0;
+    struct iovec *iov = NULL;
+    if (!rc && n && !(iov = malloc(sizeof *iov * n)))
+        rc = XV_ENOMEM;
+    for (; !rc && k < n && bytes < limit; k++) {
+        struct task *t = &g->tasks[g->tnext + k];
+        if (!t->plan)
             continue;
-        entry_offset[i] = offset + g->tasks[t].out;
-        sealed_len[i] = g->tasks[t].len + XV_TAG_SIZE;
-        bytes = g->tasks[t].out + XV_ENTRY_HEAD + sealed_len[i];
-        t++;
+        entry_offset[k] = offset + bytes;
+        sealed_len[k] = t->entry - XV_ENTRY_HEAD;
+        nbases[k] = (unsigned char)t->nbases;
+        memcpy(base_ids[16 * k], t->bases, 32 * (size_t)t->nbases);
+        iov[niov].iov_base = g->obuf + t->out;
+        iov[niov++].iov_len = t->entry;
+        bytes += t->entry;
     }
-    if (!rc && bytes) {   /* the entries are the writer thread's now; the ring space is free again */
-        struct outbuf *b = &g->ob[g->cur];
-        b->len = bytes;
-        b->fd = fd;
-        b->off = offset;
-        b->busy = 1;
-        g->cur ^= 1;
+    while (!rc && k < n && !g->tasks[g->tnext + k].plan)   /* skipped chunks need no pack */
+        k++;
+    if (!rc && niov) {
+        while (g->wq_n == 4 && !g->write_errno)
+            pthread_cond_wait(&g->wrote_cv, &g->mu);
+        struct wjob *job = &g->wq[(g->wq_head + g->wq_n) % 4];
+        *job = (struct wjob){fd, g->cur, offset, bytes, iov, (int)niov};
+        iov = NULL;
+        g->wq_n++;
+        g->arena[g->cur].pending++;
         pthread_cond_signal(&g->write_cv);
     }
+    free(iov);
     if (!rc) {
         *written = bytes;
-        if (n) {
-            const struct job *last = &g->jobs[(g->jtake - g->outstanding + n - 1) % g->jcap];
-            g->released = last->off + last->len;
+        *done = k;
+        g->tnext += k;
+        g->outstanding -= k;
+        if (!g->outstanding) {   /* the batch is handed over: the next one seals into the other arena */
+            g->sealed = 0;
+            g->cur ^= 1;
         }
-        g->outstanding -= n;
-        pthread_cond_broadcast(&g->space_cv);
     }
-    g->ntasks = g->tclaim = g->tdone = 0;
     pthread_mutex_unlock(&g->mu);
     return rc;
 }
@@ -768,7 +857,7 @@ enum xv_status xv_ingest_flush(xv_ingest *g, int *err_errno)
     if (!g)
         return XV_EINVAL;
     pthread_mutex_lock(&g->mu);
-    while ((g->ob[0].busy || g->ob[1].busy) && !g->write_errno)
+    while (g->wq_n && !g->write_errno)
         pthread_cond_wait(&g->wrote_cv, &g->mu);
     int e = g->write_errno;
     pthread_mutex_unlock(&g->mu);

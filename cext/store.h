@@ -28,6 +28,28 @@ enum xv_status xv_idset_new(xv_idset **out);
 enum xv_status xv_idset_add(xv_idset *set, const unsigned char *ids, size_t n, size_t *added);
 void xv_idset_free(xv_idset *set);
 
+/* Where a sealed chunk is, as the catalog says: pack descriptor, entry offset, sealed length (the
+ * entry's n), plaintext length. */
+typedef struct {
+    int fd;
+    uint64_t entry_offset;
+    uint32_t sealed_len;
+    uint32_t plain_len;
+    unsigned char id[32];
+} xv_rplace;
+
+/* ---------------------------------------------------------------- the parent of a delta */
+
+/* The stream a new memory stream is delta-encoded against (docs/formats.md, "Checkpoint store" §0):
+ * its manifest entries (36 bytes each, stream order) and the places of its chunks and of its delta
+ * chunks' bases (is_delta[i]: places[i] is a delta), added in any number of calls, then ready. */
+typedef struct xv_parent xv_parent;
+
+enum xv_status xv_parent_new(const unsigned char *entries, size_t n, xv_parent **out);
+enum xv_status xv_parent_places(xv_parent *p, const xv_rplace *places, const unsigned char *is_delta, size_t n);
+enum xv_status xv_parent_ready(xv_parent *p);
+void xv_parent_free(xv_parent *p);
+
 /* ---------------------------------------------------------------- ingest */
 
 enum { XV_CHUNK_KNOWN = 1 };   /* xv_ichunk.flags: the id was in the set (the store or this write has it) */
@@ -42,7 +64,7 @@ typedef struct {
 
 /* Stages whose thread CPU time an ingest or restore adds up (nanoseconds), indexes of xv_*_stats. */
 enum { XV_STAGE_CHUNK, XV_STAGE_HASH, XV_STAGE_SEAL, XV_STAGE_WRITE, XV_STAGE_READ, XV_STAGE_OPEN,
-       XV_STAGE_COUNT };
+       XV_STAGE_DELTA, XV_STAGE_COUNT };
 
 typedef struct xv_ingest xv_ingest;
 
@@ -59,12 +81,15 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final);
 /* entries: 36 bytes per chunk taken, the manifest's (id | length u32 LE). */
 enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned char *entries, size_t *n);
 /* For the first n chunks of the last take not sealed yet (several calls may share out one take), chunk
- * i: seal[i] = 0 skips it, 1 seals its data, 2 seals payload[i] (payload_len[i] bytes) as its delta.
- * entry_offset[i] / sealed_len[i] are set for the sealed ones; *written is the bytes written at
- * fd:offset. */
-enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const unsigned char *const *payload,
-                              const uint32_t *payload_len, int fd, uint64_t offset, uint64_t *entry_offset,
-                              uint32_t *sealed_len, uint64_t *written, int *err_errno);
+ * i: seal[i] = 0 skips it, 1 seals it whole, 2 seals it as a delta against `parent` when that is worth
+ * it (else whole).  Sealed chunks get entry_offset[i], sealed_len[i] and nbases[i] (0: whole; else
+ * the delta's base ids at base_ids[16 * i ...]); *written is the bytes written at fd:offset.  A seal
+ * that may take the entries past `limit` bytes from offset stops after the chunk that does: *done
+ * says how many of the n it handled. */
+enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const xv_parent *parent, int fd,
+                              uint64_t offset, uint64_t limit, uint64_t *entry_offset, uint32_t *sealed_len,
+                              unsigned char *nbases, unsigned char (*base_ids)[32], uint64_t *written,
+                              size_t *done, int *err_errno);
 /* The entries are written by a thread of the pipeline: wait until every one handed over so far is
  * (before the pack is finished).  XV_EIO with *err_errno if a write failed (seal reports it too). */
 enum xv_status xv_ingest_flush(xv_ingest *g, int *err_errno);
@@ -77,16 +102,6 @@ enum xv_status xv_ingest_stats(const xv_ingest *g, uint64_t ns[XV_STAGE_COUNT]);
 void xv_ingest_free(xv_ingest *g);
 
 /* ---------------------------------------------------------------- restore */
-
-/* Where a sealed chunk is, as the catalog says: pack descriptor, entry offset, sealed length (the
- * entry's n), plaintext length. */
-typedef struct {
-    int fd;
-    uint64_t entry_offset;
-    uint32_t sealed_len;
-    uint32_t plain_len;
-    unsigned char id[32];
-} xv_rplace;
 
 /* One chunk of a stream, in stream order: its place, the length the manifest gives it, its stream
  * offset; a delta (docs/formats.md, "Checkpoint store" §0) names its bases as bases[first_base ..

@@ -1,7 +1,7 @@
 """The store's C pipelines (cext/ingest.c, cext/restore.c) through the store that drives them: what they
 write opens with the Python reader and equals the reference chunker's chunks; what they check and
 write out is the checkpoint, byte for byte, or an error naming the chunk; every failure stops their
-threads; and this file's tests again over a build with AddressSanitizer and UBSan."""
+threads; and this file's tests, with the delta tests, again over a build with AddressSanitizer and UBSan."""
 from __future__ import annotations
 
 import hashlib
@@ -219,8 +219,8 @@ def test_store_header_is_self_contained_and_include_guarded(tmp_path):
 
 
 def test_the_pipelines_under_address_and_undefined_behaviour_sanitizers(tmp_path):
-    """This file's tests over the extension built with ASan and UBSan: any out-of-bounds access, use
-    after free or undefined behaviour in the pipelines aborts the run."""
+    """This file's tests and the delta tests over the extension built with ASan and UBSan: any
+    out-of-bounds access, use after free or undefined behaviour in the pipelines aborts the run."""
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     assert os.path.isabs(libasan) and SANITIZE
     so = _sanitized_build(tmp_path)
@@ -231,7 +231,9 @@ def test_the_pipelines_under_address_and_undefined_behaviour_sanitizers(tmp_path
            "ASAN_OPTIONS": "detect_leaks=0:allocator_may_return_null=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
     loaded = _run_python("import xen_vtpm._hashing as m; print(m.__file__)", env=env)
     assert loaded.stdout.split() == [so], loaded.stderr
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+    # this file and the delta tests: generations of deltas made, and read, by the C code
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, str(ROOT / "tests" / "test_store_delta.py"),
+                           "-q", "-x", "-p", "no:cacheprovider",
                            "-k", "not sanitizers and not header"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     report = proc.stdout[-4000:] + proc.stderr[-4000:]

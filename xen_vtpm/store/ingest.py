@@ -24,8 +24,8 @@ BATCH_BYTES = 8 << 20     # chunks per decision: one catalog query, one pack wri
 BATCH_MAX = 1024          # ... and at most this many (SQLite binds up to 32766 parameters)
 _FEED = 1 << 20           # bytes per read from a file source
 _CORES = max(1, len(os.sched_getaffinity(0)))
-SEAL, DELTA = 1, 2        # what ``seal`` does with a chunk (0: nothing, the store has it)
-STAGES = ("chunk", "hash", "seal", "write", "read", "open")
+SEAL, DELTA = 1, 2        # what ``seal`` does with a chunk (0: nothing, the store has it; DELTA: whole if not worth it)
+STAGES = ("chunk", "hash", "seal", "write", "read", "open", "delta")
 
 
 class _Cancelled(Exception):
@@ -65,6 +65,35 @@ class KnownIds:
     @property
     def handle(self) -> Any:
         return self._set
+
+
+class Parent:
+    """The stream a new memory stream is delta-encoded against, for the pipeline's workers: its chunk
+    list and where its chunks and its deltas' bases are (docs/formats.md, "Checkpoint store" §0)."""
+
+    def __init__(self, entries: bytes) -> None:
+        made = ffi.new("xv_parent **")
+        check(lib.xv_parent_new(entries, len(entries) // 36, made), "the parent of a delta")
+        self._p = ffi.gc(made[0], lib.xv_parent_free)
+
+    def add(self, places: list[tuple[int, int, int, int, bytes, bool]]) -> None:
+        """(pack fd, entry offset, sealed length, plaintext length, id, is a delta) of some chunks."""
+        arr = ffi.new("xv_rplace[]", max(len(places), 1))
+        flags = bytearray(len(places))
+        for i, (fd, off, sealed, plain, cid, delta) in enumerate(places):
+            p = arr[i]
+            p.fd, p.entry_offset, p.sealed_len, p.plain_len = fd, off, sealed, plain
+            ffi.memmove(p.id, cid, 32)
+            flags[i] = delta
+        check(lib.xv_parent_places(self._p, arr, ffi.from_buffer("unsigned char[]", flags) if places else ffi.NULL,
+                                   len(places)), "the parent of a delta")
+
+    def ready(self) -> None:
+        check(lib.xv_parent_ready(self._p), "the parent of a delta")
+
+    @property
+    def handle(self) -> Any:
+        return self._p
 
 
 @dataclass
@@ -170,28 +199,32 @@ class IngestPipe:
             known.append(bool(c.flags & lib.XV_CHUNK_KNOWN))
         return Batch(ids, offsets, lengths, known, bytes(ffi.buffer(self._entries, 36 * n)), out)
 
-    def seal(self, batch: Batch, start: int, stop: int, plan: bytearray, payloads: dict[int, bytes], fd: int,
-             offset: int, path: Any) -> tuple[list[tuple[int, int, int]], int]:
-        """Seal the chunks ``start:stop`` of the batch (the next ones not sealed yet) that ``plan`` marks
-        (SEAL: their data, DELTA: ``payloads[i]``) into entries written back to back at ``fd``:``offset``.
-        Returns [(index, entry offset, sealed length)] and the bytes written; frees their ring space."""
-        n = stop - start
-        keep = [ffi.from_buffer(payloads[i]) if plan[i] == DELTA else ffi.NULL for i in range(start, stop)]
-        lens = [len(payloads[i]) if plan[i] == DELTA else 0 for i in range(start, stop)]
-        entry_offset = ffi.new("uint64_t[]", max(n, 1))
-        sealed_len = ffi.new("uint32_t[]", max(n, 1))
-        written, err = ffi.new("uint64_t *"), ffi.new("int *")
-        rc = lib.xv_ingest_seal(self._g, n, ffi.from_buffer("unsigned char[]", plan)[start:stop] if n else ffi.NULL,
-                                ffi.new("const unsigned char *[]", keep or [ffi.NULL]),
-                                ffi.new("uint32_t[]", lens or [0]), fd, offset, entry_offset, sealed_len, written,
-                                err)
+    def seal(self, batch: Batch, start: int, plan: bytearray, parent: Parent | None, fd: int, offset: int,
+             limit: int, path: Any) -> tuple[list[tuple[int, int, int, list[bytes] | None]], int, int]:
+        """Seal the chunks ``start:`` of the batch (those not handed over yet) that ``plan`` marks into
+        entries written back to back at ``fd``:``offset``, up to the one that takes them to ``limit``
+        bytes.  Returns [(index, entry offset, sealed length, base ids of a delta or None)], the bytes
+        written and how many chunks from ``start`` it handled."""
+        n = len(batch) - start
+        entry_offset, sealed_len = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint32_t[]", max(n, 1))
+        nbases, base_ids = ffi.new("unsigned char[]", max(n, 1)), ffi.new("unsigned char[][32]", 16 * max(n, 1))
+        written, done, err = ffi.new("uint64_t *"), ffi.new("size_t *"), ffi.new("int *")
+        todo = ffi.from_buffer("unsigned char[]", plan)[start:len(plan)] if n else ffi.NULL
+        rc = lib.xv_ingest_seal(self._g, n, todo,
+                                parent.handle if parent is not None else ffi.NULL, fd, offset, limit, entry_offset,
+                                sealed_len, nbases, base_ids, written, done, err)
         try:
             check(rc, "writing pack", path, err[0])
         except _Cancelled:
             self._raise_feed_error()
             raise
-        return ([(start + k, int(entry_offset[k]), int(sealed_len[k])) for k in range(n) if plan[start + k]],
-                int(written[0]))
+        out = []
+        for k in range(int(done[0])):
+            if plan[start + k]:
+                b = nbases[k]
+                bases = [bytes(base_ids[16 * k + j]) for j in range(b)] if b else None
+                out.append((start + k, int(entry_offset[k]), int(sealed_len[k]), bases))
+        return out, int(written[0]), int(done[0])
 
     def flush(self, path: Any) -> None:
         """Wait until every entry sealed so far is written (the pipeline writes them on a thread)."""

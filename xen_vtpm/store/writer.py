@@ -8,6 +8,7 @@ and ``Repository.recover`` removes them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,12 +17,10 @@ from typing import Any
 
 from .. import __version__, hashing, timings
 from ..errors import IntegrityError, PreconditionFailed, UsageError
-from .chunks import TAG_SIZE
 from .context import StoreContext
-from .delta import DeltaEncoder, ParentStream
 from .faults import crashpoint
 from .fsio import fsync_dir, write_atomic
-from .ingest import DELTA, SEAL, Batch, IngestPipe, KnownIds
+from .ingest import DELTA, SEAL, Batch, IngestPipe, KnownIds, Parent
 from .manifest import CHUNK_ENTRY, MAX_METADATA, ChunkList, Manifest, StreamRecord, decode, encode
 from .packs import ENTRY, PackReader, PackWriter, new_pack_name
 from .pending import PendingChunks
@@ -94,10 +93,12 @@ class CheckpointWriter:
         self._check_open()
         if not name or any(s.name == name for s in self._streams):
             raise UsageError(f"checkpoint {self.checkpoint_id}: stream name {name!r} is empty or used twice")
-        parent = self._parent_stream(name) if kind == "stream" else None
-        delta = DeltaEncoder(parent, self._ctx.cipher, self._parent_packs) if parent is not None else None
-        if parent is not None:   # committed, and our shared store lock keeps it: its chunks need no lookup
-            raw = parent.chunks.raw
+        found = self._parent_stream(name) if kind == "stream" else None
+        parent = None
+        if found is not None:   # committed, and our shared store lock keeps it: its chunks need no lookup
+            with timings.stage("delta"):
+                parent = self._parent(*found)
+            raw = found[1].raw
             self._known.add(b"".join(raw[i:i + 32] for i in range(0, len(raw), CHUNK_ENTRY.size)))
         cipher = self._ctx.cipher
         pipe = IngestPipe(self._ctx.chunk_sizes, cipher.id_key, cipher.enc_key, self._known,
@@ -107,7 +108,7 @@ class CheckpointWriter:
             pipe.run_feeder(source)
             while (batch := pipe.take()) is not None:
                 entries += batch.entries
-                self._store_batch(pipe, batch, delta)
+                self._store_batch(pipe, batch, parent)
                 if progress is not None:
                     progress(sum(batch.lengths))
             pipe.flush(self._pack.path if self._pack is not None else None)
@@ -122,55 +123,39 @@ class CheckpointWriter:
         self._streams.append(record)
         return record
 
-    def _store_batch(self, pipe: IngestPipe, batch: Batch, delta: DeltaEncoder | None) -> None:
-        """Seal the batch's chunks the store lacks (whole, or as deltas against the parent) into the pack."""
+    def _store_batch(self, pipe: IngestPipe, batch: Batch, parent: Parent | None) -> None:
+        """Seal the batch's chunks the store lacks (as deltas against the parent where that is worth it)
+        into packs."""
         with timings.stage("lookup"):
             self._new.use(batch.ids)
             asked = [cid for cid, known in zip(batch.ids, batch.known, strict=True) if not known]
             fresh = self._new.unknown(asked) if asked else set()
-        plan = bytearray(len(batch))
-        payloads: dict[int, bytes] = {}
-        bases: dict[int, list[bytes]] = {}
-        if fresh:
-            indexes = [i for i, cid in enumerate(batch.ids) if cid in fresh and not batch.known[i]]
-            with timings.stage("delta"):
-                places = self._parent_places(delta, batch, indexes) if delta is not None else {}
-                for i in indexes:
-                    plan[i] = SEAL
-                    found = delta.encode(batch.data(i), batch.offsets[i], places) if delta is not None else None
-                    if found is not None:
-                        plan[i] = DELTA
-                        payloads[i], bases[i] = found
+        kind = DELTA if parent is not None else SEAL
+        plan = bytearray(kind if cid in fresh and not known else 0 for cid, known in zip(batch.ids, batch.known,
+                                                                                        strict=True))
         start = 0
-        while start < len(batch):   # one pack at a time: it closes at the first chunk that takes it past target
+        while start < len(batch):   # a pack closes at the first chunk that takes it past its target
             pack = (self._pack or self._start_pack()) if any(plan[start:]) else None
-            stop = len(batch)
-            if pack is not None:
-                size = pack.size
-                for i in range(start, len(batch)):
-                    if plan[i]:
-                        size += ENTRY.size + TAG_SIZE + (len(payloads[i]) if plan[i] == DELTA else batch.lengths[i])
-                        if size >= self._ctx.pack_target:
-                            stop = i + 1
-                            break
-            sealed, nbytes = pipe.seal(batch, start, stop, plan, payloads, pack.fd if pack else -1,
-                                       pack.size if pack else 0, pack.path if pack else None)
-            start = stop
+            sealed, nbytes, done = pipe.seal(batch, start, plan, parent, pack.fd if pack else -1,
+                                             pack.size if pack else 0,
+                                             self._ctx.pack_target - pack.size if pack else 1 << 62,
+                                             pack.path if pack else None)
+            start += done
             if pack is None:
                 continue
-            pack.appended([(batch.ids[i], off, ln) for i, off, ln in sealed], nbytes)
+            pack.appended([(batch.ids[i], off, ln) for i, off, ln, _ in sealed], nbytes)
             index = len(self._pack_names) - 1
-            self._new.place([(batch.ids[i], index, off, batch.lengths[i], ln, bases.get(i))
-                             for i, off, ln in sealed])
+            self._new.place([(batch.ids[i], index, off, batch.lengths[i], ln, bases) for i, off, ln, bases in sealed])
             self._pack_live += nbytes
-            self.delta_chunks += sum(1 for i, _, _ in sealed if i in bases)
+            self.delta_chunks += sum(1 for *_, bases in sealed if bases)
             if pack.size >= self._ctx.pack_target:
                 pipe.flush(pack.path)
                 self._finish_pack()
 
     # --- delta chunks (docs/formats.md, "Checkpoint store" §0) -----------------------------
-    def _parent_stream(self, name: str) -> ParentStream | None:
-        """Stream ``name`` of the VM's latest committed checkpoint that has one (MAC-checked), or None."""
+    def _parent_stream(self, name: str) -> tuple[str, ChunkList] | None:
+        """Stream ``name`` of the VM's latest committed checkpoint that has one (MAC-checked): (its
+        checkpoint id, its chunk list), or None."""
         catalog = self._ctx.catalog
         for (pid,) in catalog.query("SELECT id FROM checkpoints WHERE vm_uuid=? ORDER BY created_us DESC, id DESC",
                                     (self.vm_uuid,)):
@@ -183,27 +168,32 @@ class CheckpointWriter:
                 return None   # an altered parent: no deltas (verify reports it)
             for rec in manifest.streams:
                 if rec.name == name and rec.kind == "stream":
-                    return ParentStream(pid, rec.chunks)
+                    return pid, rec.chunks
         return None
 
-    def _parent_places(self, delta: DeltaEncoder, batch: Batch, indexes: list[int]) -> dict[bytes, tuple[Any, ...]]:
-        """Where the parent chunks overlapping the batch's chunks ``indexes`` are, and the bases of those
-        that are deltas: {id: (pack, offset, sealed length, plaintext length, delta)}."""
-        ids = list(delta.parent.ids_for((batch.offsets[i], batch.offsets[i] + batch.lengths[i]) for i in indexes))
-        places: dict[bytes, tuple[Any, ...]] = {}
-        catalog = self._ctx.catalog
-        for i in range(0, len(ids), _LOOKUP):
-            part = ids[i:i + _LOOKUP]
-            marks = ",".join("?" * len(part))
-            for cid, *place in catalog.query(
-                    f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})",
-                    tuple(part)):
-                places[bytes(cid)] = tuple(place)
-            for cid, *place in catalog.query(
-                    "SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM deps d "
-                    f"JOIN chunks c ON c.id = d.base WHERE d.chunk IN ({marks})", tuple(part)):
-                places[bytes(cid)] = tuple(place)
-        return places
+    def _parent(self, checkpoint_id: str, chunks: ChunkList) -> Parent:
+        """The parent for the pipeline: its chunk list and where its chunks and its deltas' bases are."""
+        parent = Parent(chunks.raw)
+        where = f"checkpoint {checkpoint_id} (parent of a delta)"
+        for sql in ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM refs r "
+                    "JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?",
+                    "SELECT DISTINCT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM refs r "
+                    "JOIN deps d ON d.chunk = r.chunk JOIN chunks c ON c.id = d.base WHERE r.checkpoint=?"):
+            rows = self._ctx.catalog.rows(sql, (checkpoint_id,))
+            while part := list(itertools.islice(rows, 4096)):
+                parent.add([(fd, off, sealed, plain, bytes(cid), bool(delta))
+                            for cid, pack, off, sealed, plain, delta in part
+                            if (fd := self._pack_fd(pack, where)) is not None])
+        parent.ready()
+        return parent
+
+    def _pack_fd(self, pack: str, where: str) -> int | None:
+        """A parent pack's descriptor; None for one that cannot be opened, which only costs the chunks
+        in it their deltas (verify reports the damage)."""
+        try:
+            return self._parent_packs.fd_of(pack, where)
+        except IntegrityError:
+            return None
 
     # --- packs ---------------------------------------------------------------------
     def _start_pack(self) -> PackWriter:
