@@ -16,6 +16,9 @@ enum { COPY = 0, LITERAL = 1 };
 
 /* ---------------------------------------------------------------- the parent */
 
+struct place;
+static const struct place *find_place(const xv_parent *p, const unsigned char *id);
+
 struct place {
     unsigned char id[32];
     int fd;
@@ -108,6 +111,11 @@ enum xv_status xv_parent_ready(xv_parent *p)
         qsort(p->places, p->nplaces, sizeof *p->places, by_id);
     p->sorted = 1;
     return XV_OK;
+}
+
+int xv_parent_has(const xv_parent *p, const unsigned char *id)
+{
+    return p->sorted && find_place(p, id) != NULL;
 }
 
 static const struct place *find_place(const xv_parent *p, const unsigned char *id)

@@ -8,6 +8,9 @@
 #include "seal.h"
 #include "store.h"
 
+/* Whether the parent's chunks or its deltas' bases include id: the store has it (once ready). */
+XV_HIDDEN int xv_parent_has(const xv_parent *p, const unsigned char *id);
+
 /* One worker's opened parent chunks (a few, least recently used go) and buffers. */
 struct xv_dctx;
 

@@ -471,8 +471,8 @@ static enum xv_status sync_init(xv_ingest *g)
 }
 
 enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_size, const unsigned char id_key[32],
-                             const unsigned char enc_key[32], xv_idset *known, int nworkers, size_t ring_bytes,
-                             size_t batch_bytes, xv_ingest **out)
+                             const unsigned char enc_key[32], xv_idset *known, const xv_parent *parent, int nworkers,
+                             size_t ring_bytes, size_t batch_bytes, xv_ingest **out)
 {
     if (!out || !id_key || !enc_key || !known || nworkers < 0 || nworkers > 1024 || !batch_bytes)
         return XV_EINVAL;
@@ -494,6 +494,7 @@ enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_
         return XV_ENOMEM;
     g->cdc = cdc;
     g->known = known;
+    g->parent = parent;
     g->batch_bytes = batch_bytes;
     g->rcap = ring_bytes;
     g->jcap = ring_bytes / min_size + 8;    /* every live chunk but the last is at least min bytes */
@@ -664,7 +665,8 @@ enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned
     /* In stream order: whether the write has the id already, the manifest entry, the root. */
     for (size_t i = 0; i < k; i++) {
         struct job *j = &g->jobs[(g->jtake + i) % g->jcap];
-        int had = idset_put(g->known, j->id);
+        /* the parent's chunks are in the store for certain: no need to keep their ids twice */
+        int had = g->parent && xv_parent_has(g->parent, j->id) ? 1 : idset_put(g->known, j->id);
         if (had < 0) {
             rc = XV_ENOMEM;
             break;
@@ -766,7 +768,7 @@ static int write_iov(int fd, struct iovec *iov, int n, uint64_t off)
     return 0;
 }
 
-enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const xv_parent *parent, int fd,
+enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, int fd,
                               uint64_t offset, uint64_t limit, uint64_t *entry_offset, uint32_t *sealed_len,
                               unsigned char *nbases, unsigned char (*base_ids)[32], uint64_t *written,
                               size_t *done, int *err_errno)
@@ -788,7 +790,6 @@ enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal,
                 *err_errno = g->write_errno;
             rc = XV_EIO;
         }
-        g->parent = parent;
         if (!rc)
             rc = plan_tasks_locked(g, n, seal);
         if (!rc) {

@@ -28,6 +28,7 @@ struct rbatch {
     size_t nb;
     uint64_t first;                 /* index of c[0] among all chunks submitted */
     unsigned char **base_plain;     /* phase 1 opens the bases ... */
+    size_t *alias;                  /* ... once each: a base named again reads the first one's */
     unsigned char (*sha)[32];       /* ... phase 2 the chunks */
     size_t bclaim, bdone, cclaim, cdone;
 };
@@ -189,7 +190,7 @@ static enum xv_status assemble(const struct rbatch *B, const xv_rchunk *c, const
             const xv_rplace *base = &B->b[map[index]];
             if ((uint64_t)off + len > base->plain_len)
                 return XV_EFORMAT;
-            memcpy(out + total - len, B->base_plain[map[index]] + off, len);
+            memcpy(out + total - len, B->base_plain[B->alias[map[index]]] + off, len);
         } else {
             if (pos + len > n)
                 return XV_EFORMAT;
@@ -350,6 +351,10 @@ static int work_one_locked(xv_restore *r, struct rworker *w)
         struct rbatch *B = &r->q[(r->head + q) % 2];
         if (r->err)
             return 0;
+        while (B->bclaim < B->nb && B->alias[B->bclaim] != B->bclaim) {   /* opened as another index */
+            B->bclaim++;
+            B->bdone++;
+        }
         if (B->bclaim < B->nb) {
             size_t j = B->bclaim++;
             int e = 0;
@@ -405,6 +410,7 @@ static void batch_free(struct rbatch *B)
     for (size_t j = 0; B->base_plain && j < B->nb; j++)
         free(B->base_plain[j]);
     free(B->base_plain);
+    free(B->alias);
     free(B->c);
     free(B->b);
     free(B->sha);
@@ -474,8 +480,9 @@ enum xv_status xv_restore_submit(xv_restore *r, const xv_rchunk *chunks, size_t 
     B->c = malloc((n ? n : 1) * sizeof *B->c);
     B->b = malloc((nbases ? nbases : 1) * sizeof *B->b);
     B->base_plain = calloc(nbases ? nbases : 1, sizeof *B->base_plain);
+    B->alias = malloc((nbases ? nbases : 1) * sizeof *B->alias);
     B->sha = malloc((n ? n : 1) * sizeof *B->sha);
-    if (!B->c || !B->b || !B->base_plain || !B->sha) {
+    if (!B->c || !B->b || !B->base_plain || !B->alias || !B->sha) {
         batch_free(B);
         pthread_mutex_unlock(&r->mu);
         return XV_ENOMEM;
@@ -486,6 +493,15 @@ enum xv_status xv_restore_submit(xv_restore *r, const xv_rchunk *chunks, size_t 
         memcpy(B->b, bases, nbases * sizeof *bases);
     B->n = n;
     B->nb = nbases;
+    /* Neighbouring deltas often share a base: each distinct one is read and opened once per batch. */
+    for (size_t j = 0; j < nbases; j++) {
+        size_t k = 0;
+        while (k < j && !(B->alias[k] == k && memcmp(B->b[k].id, B->b[j].id, 32) == 0 &&
+                          B->b[k].fd == B->b[j].fd && B->b[k].entry_offset == B->b[j].entry_offset &&
+                          B->b[k].sealed_len == B->b[j].sealed_len && B->b[k].plain_len == B->b[j].plain_len))
+            k++;
+        B->alias[j] = k;
+    }
     B->first = r->submitted;
     r->submitted += n;
     r->count++;

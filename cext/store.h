@@ -72,21 +72,22 @@ typedef struct xv_ingest xv_ingest;
  * at the end); the deciding thread takes the chunks in stream order, their ids computed, in batches of
  * about batch_bytes (take: 0 chunks at the end), then seals those it chose into pack entries written
  * back to back at fd:offset (seal), which also frees their ring space.  Ids are added to `known` as they
- * are taken.  nworkers threads hash and seal; the deciding thread helps while it waits. */
+ * are taken, unless `parent` (NULL for none: the stream new chunks may be deltas against) has them.
+ * nworkers threads hash and seal; the deciding thread helps while it waits. */
 enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_size, const unsigned char id_key[32],
-                             const unsigned char enc_key[32], xv_idset *known, int nworkers, size_t ring_bytes,
-                             size_t batch_bytes, xv_ingest **out);
+                             const unsigned char enc_key[32], xv_idset *known, const xv_parent *parent, int nworkers,
+                             size_t ring_bytes, size_t batch_bytes, xv_ingest **out);
 enum xv_status xv_ingest_space(xv_ingest *g, size_t want, unsigned char **buf, size_t *got);
 enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final);
 /* entries: 36 bytes per chunk taken, the manifest's (id | length u32 LE). */
 enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned char *entries, size_t *n);
 /* For the first n chunks of the last take not sealed yet (several calls may share out one take), chunk
- * i: seal[i] = 0 skips it, 1 seals it whole, 2 seals it as a delta against `parent` when that is worth
- * it (else whole).  Sealed chunks get entry_offset[i], sealed_len[i] and nbases[i] (0: whole; else
+ * i: seal[i] = 0 skips it, 1 seals it whole, 2 seals it as a delta against the parent when that is
+ * worth it (else whole).  Sealed chunks get entry_offset[i], sealed_len[i] and nbases[i] (0: whole; else
  * the delta's base ids at base_ids[16 * i ...]); *written is the bytes written at fd:offset.  A seal
  * that may take the entries past `limit` bytes from offset stops after the chunk that does: *done
  * says how many of the n it handled. */
-enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const xv_parent *parent, int fd,
+enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, int fd,
                               uint64_t offset, uint64_t limit, uint64_t *entry_offset, uint32_t *sealed_len,
                               unsigned char *nbases, unsigned char (*base_ids)[32], uint64_t *written,
                               size_t *done, int *err_errno);

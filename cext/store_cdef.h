@@ -36,12 +36,12 @@ enum { XV_STAGE_CHUNK, XV_STAGE_HASH, XV_STAGE_SEAL, XV_STAGE_WRITE, XV_STAGE_RE
 
 typedef struct xv_ingest xv_ingest;
 enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_size, const unsigned char id_key[32],
-                             const unsigned char enc_key[32], xv_idset *known, int nworkers, size_t ring_bytes,
-                             size_t batch_bytes, xv_ingest **out);
+                             const unsigned char enc_key[32], xv_idset *known, const xv_parent *parent, int nworkers,
+                             size_t ring_bytes, size_t batch_bytes, xv_ingest **out);
 enum xv_status xv_ingest_space(xv_ingest *g, size_t want, unsigned char **buf, size_t *got);
 enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final);
 enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned char *entries, size_t *n);
-enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, const xv_parent *parent, int fd,
+enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal, int fd,
                               uint64_t offset, uint64_t limit, uint64_t *entry_offset, uint32_t *sealed_len,
                               unsigned char *nbases, unsigned char (*base_ids)[32], uint64_t *written,
                               size_t *done, int *err_errno);

@@ -19,8 +19,8 @@ from ..errors import HashEngineError, UsageError
 from ..hashing import Readable
 from .fsio import storage_error
 
-RING_BYTES = 32 << 20     # input held between its arrival and its seal: bounds the pipeline's memory
-BATCH_BYTES = 8 << 20     # chunks per decision: one catalog query, one pack write
+RING_BYTES = 16 << 20     # input held between its arrival and its seal: bounds the pipeline's memory
+BATCH_BYTES = 4 << 20     # chunks per decision: one catalog query; sealed into one of two arenas
 BATCH_MAX = 1024          # ... and at most this many (SQLite binds up to 32766 parameters)
 _FEED = 1 << 20           # bytes per read from a file source
 _CORES = max(1, len(os.sched_getaffinity(0)))
@@ -116,12 +116,13 @@ class Batch:
 class IngestPipe:
     """One stream through the pipeline.  ``run_feeder`` starts the thread that reads the source."""
 
-    def __init__(self, sizes: tuple[int, int, int], id_key: bytes, enc_key: bytes, known: KnownIds, *,
-                 label: str, workers: int | None = None) -> None:
+    def __init__(self, sizes: tuple[int, int, int], id_key: bytes, enc_key: bytes, known: KnownIds,
+                 parent: Parent | None, *, label: str, workers: int | None = None) -> None:
         self._label = label
+        self._parent = parent   # the C pipeline reads it: kept alive as long as the pipeline
         made = ffi.new("xv_ingest **")
-        check(lib.xv_ingest_new(*sizes, id_key, enc_key, known.handle, _CORES if workers is None else workers,
-                                RING_BYTES, BATCH_BYTES, made), label)
+        check(lib.xv_ingest_new(*sizes, id_key, enc_key, known.handle, parent.handle if parent else ffi.NULL,
+                                _CORES if workers is None else workers, RING_BYTES, BATCH_BYTES, made), label)
         self._g = ffi.gc(made[0], lib.xv_ingest_free)
         self._out = ffi.new("xv_ichunk[]", BATCH_MAX)
         self._entries = ffi.new("unsigned char[]", 36 * BATCH_MAX)
@@ -199,8 +200,8 @@ class IngestPipe:
             known.append(bool(c.flags & lib.XV_CHUNK_KNOWN))
         return Batch(ids, offsets, lengths, known, bytes(ffi.buffer(self._entries, 36 * n)), out)
 
-    def seal(self, batch: Batch, start: int, plan: bytearray, parent: Parent | None, fd: int, offset: int,
-             limit: int, path: Any) -> tuple[list[tuple[int, int, int, list[bytes] | None]], int, int]:
+    def seal(self, batch: Batch, start: int, plan: bytearray, fd: int, offset: int, limit: int,
+             path: Any) -> tuple[list[tuple[int, int, int, list[bytes] | None]], int, int]:
         """Seal the chunks ``start:`` of the batch (those not handed over yet) that ``plan`` marks into
         entries written back to back at ``fd``:``offset``, up to the one that takes them to ``limit``
         bytes.  Returns [(index, entry offset, sealed length, base ids of a delta or None)], the bytes
@@ -210,8 +211,7 @@ class IngestPipe:
         nbases, base_ids = ffi.new("unsigned char[]", max(n, 1)), ffi.new("unsigned char[][32]", 16 * max(n, 1))
         written, done, err = ffi.new("uint64_t *"), ffi.new("size_t *"), ffi.new("int *")
         todo = ffi.from_buffer("unsigned char[]", plan)[start:len(plan)] if n else ffi.NULL
-        rc = lib.xv_ingest_seal(self._g, n, todo,
-                                parent.handle if parent is not None else ffi.NULL, fd, offset, limit, entry_offset,
+        rc = lib.xv_ingest_seal(self._g, n, todo, fd, offset, limit, entry_offset,
                                 sealed_len, nbases, base_ids, written, done, err)
         try:
             check(rc, "writing pack", path, err[0])

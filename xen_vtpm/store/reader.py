@@ -33,7 +33,7 @@ from .packs import PackReader, pack_path
 from .restore import RestorePipe, Sink
 
 _BATCH = 256       # chunks located per catalog query and decrypted per job
-_CHECK_BATCH = 512  # chunks located per catalog query and handed to the C pipeline at once
+_CHECK_BATCH = 128  # chunks located per catalog query and handed to the C pipeline at once (~8 MiB)
 _AHEAD = 3         # batches in flight: two decrypting (both cores), one ready for the consumer
 _BASE_CACHE = 64   # decrypted bases of delta chunks (neighbouring deltas share them)
 

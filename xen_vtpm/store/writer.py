@@ -21,7 +21,7 @@ from .context import StoreContext
 from .faults import crashpoint
 from .fsio import fsync_dir, write_atomic
 from .ingest import DELTA, SEAL, Batch, IngestPipe, KnownIds, Parent
-from .manifest import CHUNK_ENTRY, MAX_METADATA, ChunkList, Manifest, StreamRecord, decode, encode
+from .manifest import MAX_METADATA, ChunkList, Manifest, StreamRecord, decode, encode
 from .packs import ENTRY, PackReader, PackWriter, new_pack_name
 from .pending import PendingChunks
 
@@ -98,10 +98,8 @@ class CheckpointWriter:
         if found is not None:   # committed, and our shared store lock keeps it: its chunks need no lookup
             with timings.stage("delta"):
                 parent = self._parent(*found)
-            raw = found[1].raw
-            self._known.add(b"".join(raw[i:i + 32] for i in range(0, len(raw), CHUNK_ENTRY.size)))
         cipher = self._ctx.cipher
-        pipe = IngestPipe(self._ctx.chunk_sizes, cipher.id_key, cipher.enc_key, self._known,
+        pipe = IngestPipe(self._ctx.chunk_sizes, cipher.id_key, cipher.enc_key, self._known, parent,
                           label=f"checkpoint {self.checkpoint_id} stream {name}")
         entries = bytearray()
         try:
@@ -136,7 +134,7 @@ class CheckpointWriter:
         start = 0
         while start < len(batch):   # a pack closes at the first chunk that takes it past its target
             pack = (self._pack or self._start_pack()) if any(plan[start:]) else None
-            sealed, nbytes, done = pipe.seal(batch, start, plan, parent, pack.fd if pack else -1,
+            sealed, nbytes, done = pipe.seal(batch, start, plan, pack.fd if pack else -1,
                                              pack.size if pack else 0,
                                              self._ctx.pack_target - pack.size if pack else 1 << 62,
                                              pack.path if pack else None)
