@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="where the simulated hosts live (a real disk; default $TMPDIR)")
     p.add_argument("--json", action="store_true", help="print the raw measurements too")
     args = p.parse_args(argv)
+    # An installed tool (and Xen's xl, which the sim's stands in for) starts from compiled code.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     base = Path(args.dir or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     main_sizes = [float(s) for s in args.sizes.split(",") if s]

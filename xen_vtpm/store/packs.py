@@ -162,9 +162,12 @@ class PackReader:
             raise IntegrityError(f"{where}: pack {name} is truncated at offset {offset}; "
                                  "restore the state dir from backup or delete the checkpoint")
         stored_id, nonce, stored_len = ENTRY.unpack_from(raw)
-        if stored_id != chunk_id or stored_len != length:
+        if stored_id != chunk_id:
             raise IntegrityError(f"{where}: pack {name} entry at offset {offset} holds chunk "
                                  f"{stored_id.hex()[:16]}, not {chunk_id.hex()[:16]}; the store was altered")
+        if stored_len != length:
+            raise IntegrityError(f"{where}: pack {name} entry at offset {offset} has sealed length {stored_len}, "
+                                 f"the catalog says {length}; the store was altered")
         return nonce, raw[ENTRY.size:]
 
     def close(self) -> None:
@@ -173,11 +176,13 @@ class PackReader:
         self._fds.clear()
 
 
-def read_index(directory: Path, name: str) -> list[tuple[bytes, int, int]]:
+def read_index(directory: Path, name: str, headers: bool = True) -> list[tuple[bytes, int, int]]:
     """Parse and check a pack's header, index and footer; return [(chunk id, offset, length)].
 
     Checks the structure only (magic, version, name binding, index digest, entries tiling the
     body with headers that match the index); chunk contents are checked by the GCM tags.
+    ``headers=False`` leaves out reading each entry's header (one read per entry): for a caller that
+    reads, and checks, the entries it cares about anyway.
     """
     path = pack_path(directory, name)
     where = f"pack {name}"
@@ -206,10 +211,11 @@ def read_index(directory: Path, name: str) -> list[tuple[bytes, int, int]]:
             for chunk_id, offset, length in entries:
                 if offset != expected:
                     raise IntegrityError(f"{where}: index entry at {offset} does not follow the previous one")
-                fh.seek(offset)
-                raw = fh.read(ENTRY.size)
-                if len(raw) != ENTRY.size or ENTRY.unpack(raw)[0] != chunk_id or ENTRY.unpack(raw)[2] != length:
-                    raise IntegrityError(f"{where}: entry header at {offset} disagrees with the index")
+                if headers:
+                    fh.seek(offset)
+                    raw = fh.read(ENTRY.size)
+                    if len(raw) != ENTRY.size or ENTRY.unpack(raw)[0] != chunk_id or ENTRY.unpack(raw)[2] != length:
+                        raise IntegrityError(f"{where}: entry header at {offset} disagrees with the index")
                 expected = offset + ENTRY.size + length
             if expected != index_off:
                 raise IntegrityError(f"{where}: entries do not end where the index starts")

@@ -225,7 +225,8 @@ class Repository:
             if name != pack:   # one pack's index in memory at a time
                 pack = name
                 try:
-                    index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack)}
+                    # entry headers: the check of every chunk reads and checks those of ours
+                    index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack, headers=False)}
                 except IntegrityError as exc:
                     raise IntegrityError(f"{label}: {exc}") from None
             if index.get(off) != (bytes(cid), ln):
