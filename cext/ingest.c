@@ -181,6 +181,10 @@ struct xv_ingest {
     unsigned char *ring;    /* 2 * rcap bytes of address space, the same pages twice */
     size_t rcap;
     uint64_t head, cut, released;   /* stream offsets: written, cut into chunks, reusable before */
+    /* Or the source itself, mapped (xv_ingest_source): no copy, and what is sealed is punched out. */
+    const unsigned char *src;
+    int src_fd, punch;
+    uint64_t punched;
     uint64_t commits;               /* commits so far: a take sees whether input still arrives */
     int final, feeder_waiting;
 
@@ -237,6 +241,29 @@ static enum xv_status status_locked(const xv_ingest *g)
     return g->cancelled ? XV_ECANCELLED : g->err;
 }
 
+/* The source is mapped over this much address space (it is only ever read below what was committed,
+ * so its size can grow into it): a terabyte of addresses costs nothing until touched. */
+#define SRC_MAP ((size_t)1 << 40)
+
+/* Where stream offset off is: in the ring, or in the mapped source. */
+static inline const unsigned char *at(const xv_ingest *g, uint64_t off)
+{
+    return g->src ? g->src + off : g->ring + off % g->rcap;
+}
+
+/* A mapped source's pages that everything before `released` is done with go back to the system. */
+static void punch_released_locked(xv_ingest *g)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    uint64_t upto = g->released & ~(uint64_t)(pg - 1);
+    if (!g->src || !g->punch || upto <= g->punched)
+        return;
+    if (fallocate(g->src_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)g->punched,
+                  (off_t)(upto - g->punched)) != 0)
+        g->punch = 0;       /* a file system without holes keeps its pages: it costs memory, not data */
+    g->punched = upto;
+}
+
 /* Hashes claimed jobs [first, first + n) outside the lock: SHA-256 in lanes, then each id. */
 static enum xv_status hash_jobs(xv_ingest *g, struct worker *w, uint64_t first, size_t n)
 {
@@ -246,7 +273,7 @@ static enum xv_status hash_jobs(xv_ingest *g, struct worker *w, uint64_t first, 
     struct job *j[HASH_CLAIM];
     for (size_t i = 0; i < n; i++) {
         j[i] = &g->jobs[(first + i) % g->jcap];
-        p[i] = g->ring + j[i]->off % g->rcap;
+        p[i] = at(g, j[i]->off);
         len[i] = j[i]->len;
     }
     enum xv_status rc = xv_sha256_batch_ctx(w->md, n, p, len, -1, dig[0]);
@@ -423,6 +450,8 @@ void xv_ingest_free(xv_ingest *g)
     free(g->w);
     if (g->ring)
         munmap(g->ring, 2 * g->rcap);
+    if (g->src)
+        munmap((void *)g->src, SRC_MAP);
     free(g->jobs);
     free(g->tasks);
     free(g->arena[0].p);
@@ -532,6 +561,26 @@ enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_
     return XV_OK;
 }
 
+enum xv_status xv_ingest_source(xv_ingest *g, int fd, int punch)
+{
+    if (!g || fd < 0)
+        return XV_EINVAL;
+    pthread_mutex_lock(&g->mu);
+    enum xv_status rc = g->head || g->src ? XV_ESTATE : XV_OK;
+    if (!rc) {
+        void *p = mmap(NULL, SRC_MAP, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (p == MAP_FAILED) {
+            rc = XV_ENOMEM;
+        } else {
+            g->src = p;
+            g->src_fd = fd;
+            g->punch = punch;
+        }
+    }
+    pthread_mutex_unlock(&g->mu);
+    return rc;
+}
+
 enum xv_status xv_ingest_space(xv_ingest *g, size_t want, unsigned char **buf, size_t *got)
 {
     if (!g || !buf || !got)
@@ -540,6 +589,8 @@ enum xv_status xv_ingest_space(xv_ingest *g, size_t want, unsigned char **buf, s
     *got = 0;
     pthread_mutex_lock(&g->mu);
     enum xv_status rc = g->final ? XV_ESTATE : XV_OK;
+    if (!rc && g->src)
+        rc = XV_ESTATE;   /* a mapped source is not fed */
     while (!rc && !(rc = status_locked(g)) && g->head - g->released == g->rcap) {
         g->feeder_waiting = 1;
         pthread_cond_broadcast(&g->done_cv);   /* a take waiting for a full batch may go with less */
@@ -563,8 +614,10 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final)
         return XV_EINVAL;
     pthread_mutex_lock(&g->mu);
     enum xv_status rc = g->final ? XV_ESTATE : status_locked(g);
-    if (!rc && n > g->rcap - (size_t)(g->head - g->released))
+    if (!rc && !g->src && n > g->rcap - (size_t)(g->head - g->released))
         rc = XV_EINVAL;
+    if (!rc && g->src && g->head + n > SRC_MAP)
+        rc = XV_ENOMEM;
     if (rc) {
         pthread_mutex_unlock(&g->mu);
         return rc;
@@ -582,7 +635,7 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final)
         size_t k = 0;
         uint64_t t0 = xv_thread_ns();
         while (k < CUT_BATCH && cut < head && (head - cut >= g->cdc.max || final)) {
-            size_t l = xv_cdc_cut(&g->cdc, g->ring + cut % g->rcap, (size_t)(head - cut));
+            size_t l = xv_cdc_cut(&g->cdc, at(g, cut), (size_t)(head - cut));
             off[k] = cut;
             len[k++] = (uint32_t)l;
             cut += l;
@@ -605,7 +658,18 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final)
             pthread_mutex_unlock(&g->mu);
             return XV_OK;
         }
+        /* A mapped source may hold far more than the jobs do: cut no further ahead than they allow
+         * (a ring bounds it by itself).  The deciding thread may take a short batch meanwhile. */
+        while (!status_locked(g) && g->jadd - (g->jtake - g->outstanding) + CUT_BATCH > g->jcap) {
+            g->feeder_waiting = 1;
+            pthread_cond_broadcast(&g->done_cv);
+            pthread_cond_wait(&g->space_cv, &g->mu);
+            g->feeder_waiting = 0;
+        }
+        rc = status_locked(g);
         pthread_mutex_unlock(&g->mu);
+        if (rc)
+            return rc;
     }
 }
 
@@ -673,7 +737,7 @@ enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned
         }
         xv_ichunk *c = &out[i];
         c->offset = j->off;
-        c->data = g->ring + j->off % g->rcap;
+        c->data = at(g, j->off);
         c->length = j->len;
         c->flags = had ? XV_CHUNK_KNOWN : 0;
         memcpy(c->id, j->id, 32);
@@ -726,20 +790,20 @@ static enum xv_status plan_tasks_locked(xv_ingest *g, size_t n, const unsigned c
         a->cap = bytes;
     }
     g->obuf = a->p;
-    size_t at = 0;
+    size_t slot = 0;
     for (size_t i = 0; i < n; i++) {
         struct job *j = &g->jobs[(g->jtake - n + i) % g->jcap];
         struct task *t = &g->tasks[i];
         t->plan = seal[i];
-        t->in = g->ring + j->off % g->rcap;
+        t->in = at(g, j->off);
         t->len = j->len;
         t->offset = j->off;
         t->id = j->id;
-        t->out = at;
+        t->out = slot;
         t->entry = 0;
         t->nbases = 0;
         if (seal[i])
-            at += XV_ENTRY_HEAD + (size_t)j->len + XV_TAG_SIZE;
+            slot += XV_ENTRY_HEAD + (size_t)j->len + XV_TAG_SIZE;
     }
     g->ntasks = n;
     g->tclaim = g->tdone = g->tnext = 0;
@@ -805,6 +869,7 @@ enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal,
                 const struct job *last = &g->jobs[(g->jtake - 1) % g->jcap];
                 g->released = last->off + last->len;
             }
+            punch_released_locked(g);
             pthread_cond_broadcast(&g->space_cv);
         }
     }

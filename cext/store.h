@@ -77,6 +77,11 @@ typedef struct xv_ingest xv_ingest;
 enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_size, const unsigned char id_key[32],
                              const unsigned char enc_key[32], xv_idset *known, const xv_parent *parent, int nworkers,
                              size_t ring_bytes, size_t batch_bytes, xv_ingest **out);
+/* Instead of space and commit(n) copying into the ring: the stream is the file fd (a memory file that
+ * grows, whose size can never shrink: F_SEAL_SHRINK), mapped and read in place; commit(n) says n more
+ * bytes of it are written.  punch = 1 gives back (FALLOC_FL_PUNCH_HOLE) what every chunk before is
+ * done with.  Before the first commit. */
+enum xv_status xv_ingest_source(xv_ingest *g, int fd, int punch);
 enum xv_status xv_ingest_space(xv_ingest *g, size_t want, unsigned char **buf, size_t *got);
 enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final);
 /* entries: 36 bytes per chunk taken, the manifest's (id | length u32 LE). */

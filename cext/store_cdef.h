@@ -38,6 +38,7 @@ typedef struct xv_ingest xv_ingest;
 enum xv_status xv_ingest_new(uint32_t min_size, uint32_t avg_size, uint32_t max_size, const unsigned char id_key[32],
                              const unsigned char enc_key[32], xv_idset *known, const xv_parent *parent, int nworkers,
                              size_t ring_bytes, size_t batch_bytes, xv_ingest **out);
+enum xv_status xv_ingest_source(xv_ingest *g, int fd, int punch);
 enum xv_status xv_ingest_space(xv_ingest *g, size_t want, unsigned char **buf, size_t *got);
 enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final);
 enum xv_status xv_ingest_take(xv_ingest *g, xv_ichunk *out, size_t max, unsigned char *entries, size_t *n);

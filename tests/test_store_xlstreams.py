@@ -335,3 +335,14 @@ def test_ingestion_reads_the_memory_spool_while_xl_save_still_writes(env):
     assert streams.start_save("guest1", w, leave_paused=True, expected_bytes=len(data)).wait() == {"bytes": len(data)}
     w.commit()
     assert read_before_end == {"yes": True} and read_all(repo, w.checkpoint_id) == data
+
+
+def test_the_memory_spool_cannot_shrink_under_the_store_that_maps_it():
+    spool = xlstreams._MemorySpool()
+    try:
+        os.write(spool.fileno(), b"x" * 8192)
+        with pytest.raises(PermissionError):
+            os.ftruncate(spool.fileno(), 4096)   # a mapped page past the end would be a SIGBUS
+        os.ftruncate(spool.fileno(), 16384)      # growing is what xl save does
+    finally:
+        spool.close()

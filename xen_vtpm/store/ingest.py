@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .. import timings
 from .._hashing import ffi, lib
@@ -26,6 +26,16 @@ _FEED = 1 << 20           # bytes per read from a file source
 _CORES = max(1, len(os.sched_getaffinity(0)))
 SEAL, DELTA = 1, 2        # what ``seal`` does with a chunk (0: nothing, the store has it; DELTA: whole if not worth it)
 STAGES = ("chunk", "hash", "seal", "write", "read", "open", "delta")
+
+
+@runtime_checkable
+class GrowingFile(Protocol):
+    """A source the pipeline maps and reads in place instead of copying it: a memory file another
+    process appends to, which can never shrink (sealed with F_SEAL_SHRINK)."""
+    def fileno(self) -> int: ...
+    def wait_beyond(self, size: int) -> tuple[int, bool]:
+        """Block until the file is longer than ``size`` bytes or complete: (its size, complete)."""
+        ...
 
 
 class _Cancelled(Exception):
@@ -131,7 +141,7 @@ class IngestPipe:
         self._feeder: threading.Thread | None = None
 
     # --- the feeding side -----------------------------------------------------------------
-    def run_feeder(self, source: Readable | Iterable[bytes]) -> None:
+    def run_feeder(self, source: Readable | Iterable[bytes] | GrowingFile) -> None:
         self._feeder = threading.Thread(target=self._feed, args=(source,), name="store-feed-ring", daemon=True)
         self._feeder.start()
 
@@ -143,13 +153,21 @@ class IngestPipe:
     def _commit(self, n: int, final: bool = False) -> None:
         check(lib.xv_ingest_commit(self._g, n, int(final)), self._label)
 
-    def _feed(self, source: Readable | Iterable[bytes]) -> None:
+    def _feed(self, source: Readable | Iterable[bytes] | GrowingFile) -> None:
         with timings.stage("read"):
             self._feed_all(source)
 
-    def _feed_all(self, source: Readable | Iterable[bytes]) -> None:
+    def _feed_all(self, source: Readable | Iterable[bytes] | GrowingFile) -> None:
         try:
-            if isinstance(source, Iterable) and not hasattr(source, "readinto"):
+            if isinstance(source, GrowingFile):
+                # Mapped in place; what the pipeline is done with is punched out of it as it goes.
+                check(lib.xv_ingest_source(self._g, source.fileno(), 1), self._label)
+                head, complete = 0, False
+                while not complete:
+                    size, complete = source.wait_beyond(head)
+                    self._commit(size - head)
+                    head = size
+            elif isinstance(source, Iterable) and not hasattr(source, "readinto"):
                 for block in source:
                     view = memoryview(block).cast("B")
                     while view:
@@ -175,7 +193,7 @@ class IngestPipe:
             lib.xv_ingest_cancel(self._g)
         finally:
             close = getattr(source, "close", None)
-            if close is not None and not hasattr(source, "readinto"):
+            if close is not None and not hasattr(source, "readinto") and not isinstance(source, GrowingFile):
                 close()   # a generator: let it free what it holds (the spool punches its holes)
 
     # --- the deciding side -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..errors import IntegrityError, PreconditionFailed, UsageError
 from .context import StoreContext
 from .faults import crashpoint
 from .fsio import fsync_dir, write_atomic
-from .ingest import DELTA, SEAL, Batch, IngestPipe, KnownIds, Parent
+from .ingest import DELTA, SEAL, Batch, GrowingFile, IngestPipe, KnownIds, Parent
 from .manifest import MAX_METADATA, ChunkList, Manifest, StreamRecord, decode, encode
 from .packs import ENTRY, PackReader, PackWriter, new_pack_name
 from .pending import PendingChunks
@@ -64,9 +64,10 @@ class CheckpointWriter:
             self.abort()
 
     # --- input ---------------------------------------------------------------------
-    def add_stream(self, name: str, source: hashing.Readable | Iterable[bytes],
+    def add_stream(self, name: str, source: hashing.Readable | Iterable[bytes] | GrowingFile,
                    progress: Callable[[int], Any] | None = None) -> StreamRecord:
-        """Read ``source`` once (a binary file object, a fifo included, or an iterable of byte blocks):
+        """Read ``source`` once (a binary file object, a fifo included, an iterable of byte blocks, or a
+        growing memory file read in place):
         content-defined chunks, the tree root and the stored chunks come out of the same pass.
         ``progress(n)`` is called with each chunk's length as it is stored."""
         return self._add(name, "stream", source, progress)
@@ -88,7 +89,7 @@ class CheckpointWriter:
                              f"{MAX_METADATA} a manifest holds; keep large data in a blob stream")
         self._metadata = blob
 
-    def _add(self, name: str, kind: str, source: hashing.Readable | Iterable[bytes],
+    def _add(self, name: str, kind: str, source: hashing.Readable | Iterable[bytes] | GrowingFile,
              progress: Callable[[int], Any] | None, sha256: bytes | None = None) -> StreamRecord:
         self._check_open()
         if not name or any(s.name == name for s in self._streams):

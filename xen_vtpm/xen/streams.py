@@ -147,7 +147,27 @@ class _MemorySpool(_Spool):
     costs what a bare `xl save` to a file costs, and no byte of the image touches a disk."""
 
     def __init__(self) -> None:
-        super().__init__(os.memfd_create("xen-vtpm-spool", os.MFD_CLOEXEC), "the in-memory snapshot spool")
+        fd = os.memfd_create("xen-vtpm-spool", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # Never shorter than it was: the store maps it and reads it in place while xl writes.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        super().__init__(fd, "the in-memory snapshot spool")
+
+    def fileno(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def wait_beyond(self, size: int) -> tuple[int, bool]:
+        """Until `xl save` has written more than ``size`` bytes, or finished: (bytes written, finished).
+        The store maps the file and reads those bytes in place, and gives back (punches out) the
+        ranges it is done with."""
+        with self._cond:
+            while self._size <= size and not self._ended and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise XlError("snapshot cancelled while the store was ingesting the guest memory")
+            if self._ended and not self._complete:
+                raise XlError("the guest memory stream from `xl save` broke off; see the error above")
+            return self._size, self._ended
 
     @property
     def path(self) -> str:
