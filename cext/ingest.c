@@ -454,8 +454,9 @@ void xv_ingest_free(xv_ingest *g)
         munmap((void *)g->src, SRC_MAP);
     free(g->jobs);
     free(g->tasks);
-    free(g->arena[0].p);
-    free(g->arena[1].p);
+    for (int k = 0; k < 2; k++)
+        if (g->arena[k].p)
+            munmap(g->arena[k].p, g->arena[k].cap);
     EVP_MD_CTX_free(g->root);
     free(g);
 }
@@ -673,12 +674,13 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final)
     }
 }
 
-/* Consecutive hashed chunks from jtake: how many and their bytes (stops at max). */
+/* Consecutive hashed chunks from jtake: how many and their bytes (stops at max chunks or a batch's
+ * bytes: a batch is sealed whole into an arena, so its size bounds the pipeline's memory). */
 static size_t ready_locked(const xv_ingest *g, size_t max, uint64_t *bytes)
 {
     size_t k = 0;
     *bytes = 0;
-    for (uint64_t s = g->jtake; s < g->jadd && k < max; s++, k++) {
+    for (uint64_t s = g->jtake; s < g->jadd && k < max && *bytes < g->batch_bytes; s++, k++) {
         const struct job *j = &g->jobs[s % g->jcap];
         if (j->state != J_HASHED)
             break;
@@ -783,11 +785,19 @@ static enum xv_status plan_tasks_locked(xv_ingest *g, size_t n, const unsigned c
     }
     struct arena *a = &g->arena[g->cur];
     if (bytes > a->cap) {
-        free(a->p);
+        /* Mapped, not malloc'd: a few MiB freed and taken again would otherwise grow a thread's
+         * malloc arena, and its pages stay resident after free. */
+        if (a->p)
+            munmap(a->p, a->cap);
         a->cap = 0;
-        if (!(a->p = malloc(bytes)))
+        size_t cap = (bytes + ((size_t)1 << 20) - 1) & ~(((size_t)1 << 20) - 1);
+        void *p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            a->p = NULL;
             return XV_ENOMEM;
-        a->cap = bytes;
+        }
+        a->p = p;
+        a->cap = cap;
     }
     g->obuf = a->p;
     size_t slot = 0;

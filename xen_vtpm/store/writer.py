@@ -112,7 +112,9 @@ class CheckpointWriter:
                     progress(sum(batch.lengths))
             pipe.flush(self._pack.path if self._pack is not None else None)
             root, length, _ = pipe.result()
-            for stage, seconds in pipe.stats().items():
+            stats = pipe.stats()
+            stats["read"] = max(0.0, pipe.feeder_cpu - stats["chunk"])   # the feeding thread also cuts
+            for stage, seconds in stats.items():
                 self.stats[stage] = self.stats.get(stage, 0.0) + seconds
                 timings.add(stage, seconds)
         finally:
