@@ -48,8 +48,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xen_vtpm.config import Config  # noqa: E402
-from xen_vtpm.vtpm.console import log_offset, wait_console_status  # noqa: E402
+from xen_vtpm.vtpm.console import watch_boot  # noqa: E402
 from xen_vtpm.vtpm.stubdom import wait_released  # noqa: E402
+from xen_vtpm.xen.consoles import PtyReader, console_tty, tty_node  # noqa: E402
 from xen_vtpm.xen.domains import domid_of  # noqa: E402
 from xen_vtpm.xen.xenstore import XenStore  # noqa: E402
 from xen_vtpm_sim import domains, host  # noqa: E402
@@ -159,7 +160,6 @@ class TpmTap:
 class Bench:
     def __init__(self, sim_dir: Path, env: dict[str, str], taps: dict[str, TpmTap]) -> None:
         self.dir, self.env, self.taps = sim_dir, env, taps
-        self.cfg = Config.load(env["XEN_VTPM_CONFIG"])
 
     def _run(self, argv: list[str], sync: bool = True) -> tuple[float, subprocess.CompletedProcess]:
         # Start every measure with no dirty pages queued: otherwise whichever runs after a big write
@@ -201,16 +201,22 @@ class Bench:
 
     def restart_vtpm(self) -> None:
         """By hand: destroy the vTPM stub domain, wait until the manager released it, create it again
-        and wait until it serves (a load marker on its console)."""
+        (paused, so its console is read from the first line: `xl create -p`, `xl console`, `xl unpause`)
+        and wait until it serves (its console says it loaded its state)."""
         with XenStore(self.env["XENSTORED_PATH"]) as xs:
             domid = domid_of(xs, VTPM)
             manager = domid_of(xs, "vtpmmgr")
             self.xl("destroy", VTPM, sync=False)
             if domid is not None and manager is not None:
                 wait_released(xs, domid, manager, 60)
-        offset = log_offset(self.cfg, VTPM)
-        self.xl("create", str(self.dir / "images" / f"{VTPM}.cfg"), sync=False)
-        wait_console_status(self.cfg, VTPM, offset, 60)
+            self.xl("create", "-p", str(self.dir / "images" / f"{VTPM}.cfg"), sync=False)
+            new = domid_of(xs, VTPM)
+            assert new is not None, f"{VTPM}: not created"
+            assert xs.wait_for(lambda: console_tty(xs, new) is not None, [tty_node(new)], 10), f"{VTPM}: no console"
+            with PtyReader(str(console_tty(xs, new))) as pty:
+                self.xl("unpause", VTPM, sync=False)
+                verdict = watch_boot(pty, None, 60, lambda: True)
+        assert verdict.loaded, f"{VTPM}: {verdict.reason}"
 
 
 def fill_random(mm: mmap.mmap, seed: int = 1) -> None:
