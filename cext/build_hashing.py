@@ -10,17 +10,18 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["hashing.c", "sha256_lanes.c"]
-HEADERS = ["hashing.h", "sha256.h", "hashing_cdef.h"]
+SOURCES = ["hashing.c", "sha256_lanes.c", "seal.c", "delta.c", "ingest.c", "restore.c"]
+HEADERS = ["hashing.h", "sha256.h", "hashing_cdef.h", "cdc.h", "seal.h", "delta.h", "store.h", "store_cdef.h"]
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 
 
 def make_ffi(extra_compile_args: Sequence[str] = ("-O3",), extra_link_args: Sequence[str] = ()) -> FFI:
     ffi = FFI()
     ffi.cdef((HERE / "hashing_cdef.h").read_text())
+    ffi.cdef((HERE / "store_cdef.h").read_text())
     ffi.set_source(
         "xen_vtpm._hashing",
-        '#include "hashing.h"',
+        '#include "hashing.h"\n#include "store.h"',
         sources=[str(HERE / name) for name in SOURCES],
         depends=[str(HERE / name) for name in HEADERS],
         include_dirs=[str(HERE)],

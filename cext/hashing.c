@@ -17,6 +17,7 @@
 #include <openssl/evp.h>
 
 #include "hashing.h"
+#include "cdc.h"
 #include "sha256.h"
 
 #define WINDOW (16u << 20)           /* bytes one tree worker maps at a time: bounds RSS */
@@ -68,6 +69,28 @@ static enum xv_status gear_ready(void)
 {
     pthread_once(&g_gear_once, gear_init);
     return g_gear_rc;
+}
+
+static uint64_t top_bits(int n)
+{
+    return n >= 64 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> n);
+}
+
+enum xv_status xv_cdc_init(struct xv_cdc *c, uint32_t min_size, uint32_t avg_size, uint32_t max_size)
+{
+    if (!(min_size >= 64 && avg_size >= 256 && (avg_size & (avg_size - 1)) == 0 && min_size < avg_size &&
+          avg_size < max_size && max_size <= LEAF_MAX))
+        return XV_EINVAL;
+    enum xv_status rc = gear_ready();
+    if (rc)
+        return rc;
+    int bits = __builtin_ctz(avg_size);
+    c->min = min_size;
+    c->avg = avg_size;
+    c->max = max_size;
+    c->mask_s = top_bits(bits + 2);   /* harder to match before the average: fewer tiny chunks */
+    c->mask_l = top_bits(bits - 2);   /* easier after it: fewer huge ones */
+    return XV_OK;
 }
 
 enum xv_status xv_gear_table(uint64_t out[256])
@@ -431,8 +454,8 @@ struct worker {
 
 struct xv_stream {
     int chunking, tree;
-    uint32_t min, avg, max, leaf;
-    uint64_t mask_s, mask_l;
+    struct xv_cdc cdc;
+    uint32_t leaf;
     unsigned char *buf[2];
     size_t bcap, tail, cstart, lstart;
     int cur;
@@ -454,23 +477,22 @@ struct xv_stream {
 
 /* Kept out of line on a cache-line boundary: inlined, its two ~30-byte loops landed wherever the
  * surrounding code put them, and one straddling a 64-byte fetch line made the scan ~15% slower. */
-__attribute__((noinline, aligned(64))) static size_t cdc_cut(const xv_stream *s, const unsigned char *p,
-                                                            size_t n)
+__attribute__((noinline, aligned(64))) size_t xv_cdc_cut(const struct xv_cdc *c, const unsigned char *p, size_t n)
 {
-    if (n <= s->min)
+    if (n <= c->min)
         return n;
-    size_t end = n < s->max ? n : s->max;
-    size_t normal = s->avg < end ? s->avg : end;
+    size_t end = n < c->max ? n : c->max;
+    size_t normal = c->avg < end ? c->avg : end;
     uint64_t h = 0;
-    size_t i = s->min;
+    size_t i = c->min;
     for (; i < normal; i++) {
         h = (h << 1) + g_gear[p[i]];
-        if (!(h & s->mask_s))
+        if (!(h & c->mask_s))
             return i + 1;
     }
     for (; i < end; i++) {
         h = (h << 1) + g_gear[p[i]];
-        if (!(h & s->mask_l))
+        if (!(h & c->mask_l))
             return i + 1;
     }
     return end;
@@ -622,11 +644,6 @@ void xv_stream_free(xv_stream *s)
     free(s);
 }
 
-static uint64_t top_bits(int n)
-{
-    return n >= 64 ? ~(uint64_t)0 : ~(~(uint64_t)0 >> n);
-}
-
 static enum xv_status stream_args_ok(int chunking, uint32_t min_size, uint32_t avg_size, uint32_t max_size,
                                      int tree, uint32_t leaf_size, int nworkers)
 {
@@ -660,14 +677,14 @@ static enum xv_status sync_init(xv_stream *s)
 /* Buffers, queues and the feeding thread's context, sized from the parameters. */
 static enum xv_status stream_alloc(xv_stream *s)
 {
-    size_t unit = s->chunking ? s->max : 0;
+    size_t unit = s->chunking ? s->cdc.max : 0;
     if (s->tree && s->leaf > unit)
         unit = s->leaf;
     s->bcap = 2 * unit + 2 * SPACE_MAX;
     if (s->bcap < ((size_t)4 << 20))
         s->bcap = (size_t)4 << 20;
     /* Every uncollected job points into one of the two buffers, which bounds the queues. */
-    s->cq.cap = s->chunking ? 2 * s->bcap / s->min + 8 : 1;
+    s->cq.cap = s->chunking ? 2 * s->bcap / s->cdc.min + 8 : 1;
     s->lq.cap = s->tree ? 2 * s->bcap / s->leaf + 8 : 1;
     s->high = 2 * (unit > SPACE_MAX ? unit : SPACE_MAX);
     s->buf[0] = malloc(s->bcap);
@@ -709,8 +726,10 @@ enum xv_status xv_stream_new(int chunking, uint32_t min_size, uint32_t avg_size,
     const EVP_MD *md;
     if (!rc)
         rc = xv_sha256_md(&md);
+    struct xv_cdc cdc;
+    memset(&cdc, 0, sizeof cdc);
     if (!rc && chunking)
-        rc = gear_ready();
+        rc = xv_cdc_init(&cdc, min_size, avg_size, max_size);
     if (rc)
         return rc;
     xv_stream *s = calloc(1, sizeof *s);
@@ -718,15 +737,8 @@ enum xv_status xv_stream_new(int chunking, uint32_t min_size, uint32_t avg_size,
         return XV_ENOMEM;
     s->chunking = chunking;
     s->tree = tree;
-    s->min = min_size;
-    s->avg = avg_size;
-    s->max = max_size;
+    s->cdc = cdc;
     s->leaf = leaf_size;
-    if (chunking) {
-        int bits = __builtin_ctz(avg_size);
-        s->mask_s = top_bits(bits + 2);   /* harder to match before the average: fewer tiny chunks */
-        s->mask_l = top_bits(bits - 2);   /* easier after it: fewer huge ones */
-    }
     rc = stream_alloc(s);
     if (!rc)
         rc = start_workers(s, nworkers);
@@ -817,8 +829,8 @@ static size_t scan_chunks(xv_stream *s, int final, struct cuts *c)
     const unsigned char *b = s->buf[s->cur];
     c->n = 0;
     while (s->chunking && c->n < SCAN_BATCH && s->cstart < s->tail &&
-           (s->tail - s->cstart >= s->max || final)) {
-        size_t len = cdc_cut(s, b + s->cstart, s->tail - s->cstart);
+           (s->tail - s->cstart >= s->cdc.max || final)) {
+        size_t len = xv_cdc_cut(&s->cdc, b + s->cstart, s->tail - s->cstart);
         c->pos[c->n] = s->cstart;
         c->len[c->n++] = len;
         s->cstart += len;

@@ -22,7 +22,11 @@ enum xv_status {
     XV_ECRYPTO,     /* libcrypto cannot fetch SHA-256 or refused a digest operation */
     XV_EIO,         /* mapping the source failed (its errno in *err_errno) */
     XV_ECHANGED,    /* the mapped source shrank while it was hashed (SIGBUS caught) */
-    XV_ESTATE       /* a stream used after its final commit, or its root asked before it */
+    XV_ESTATE,      /* a stream used after its final commit, or its root asked before it */
+    XV_ECANCELLED,  /* a pipeline was cancelled (store.h) */
+    XV_EAUTH,       /* a sealed chunk fails authentication under its id (store.h) */
+    XV_EBADID,      /* a chunk's plaintext does not give its id, or its length is not the expected one */
+    XV_EFORMAT      /* a pack entry header or a delta payload is malformed (store.h) */
 };
 
 enum xv_engine {

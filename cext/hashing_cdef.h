@@ -2,7 +2,8 @@
  * compiler: cffi's API mode compiles every declaration below against hashing.h, and the "..." let
  * it take enum values and the struct layout from there instead of repeating them. */
 
-enum xv_status { XV_OK, XV_EINVAL, XV_ENOMEM, XV_ECRYPTO, XV_EIO, XV_ECHANGED, XV_ESTATE, ... };
+enum xv_status { XV_OK, XV_EINVAL, XV_ENOMEM, XV_ECRYPTO, XV_EIO, XV_ECHANGED, XV_ESTATE, XV_ECANCELLED,
+                 XV_EAUTH, XV_EBADID, XV_EFORMAT, ... };
 enum xv_engine { XV_ENGINE_LIBCRYPTO, XV_ENGINE_SHA_NI_LANES, ... };
 
 typedef struct {

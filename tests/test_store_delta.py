@@ -14,6 +14,9 @@ from xen_vtpm.store.packs import ENTRY
 
 SIZE = 24 << 20
 PACK = 4 << 20
+# 16 KiB chunks (the default is 64): with them g2 also has full chunks of its own (where most of a
+# chunk's pages were rewritten), which the "delta-flag-set-on-own-full-chunk" tamper case needs.
+CHUNKS = (4 << 10, 16 << 10, 64 << 10)
 
 INVARIANT = ("SELECT count(*) FROM chunks c WHERE refcount != (SELECT count(*) FROM refs r WHERE r.chunk = c.id) "
              "+ (SELECT count(*) FROM deps d WHERE d.base = c.id)")
@@ -36,7 +39,7 @@ GEN3 = rewrite_pages(GEN2, 0.05, seed=13)
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     state = tmp_path_factory.mktemp("delta") / "state"
-    repo = open_repo(state, pack_target=PACK)
+    repo = open_repo(state, pack_target=PACK, chunk_sizes=CHUNKS)
     writers = [write(repo, data, name) for data, name in ((GEN1, "g1"), (GEN2, "g2"), (GEN3, "g3"))]
     repo.close()
     return state, [(w.checkpoint_id, w.stored_bytes, w.delta_chunks) for w in writers]
@@ -47,7 +50,7 @@ def store(pristine, tmp_path):
     src, info = pristine
     state = tmp_path / "state"
     shutil.copytree(src, state)
-    repo = open_repo(state, pack_target=PACK)
+    repo = open_repo(state, pack_target=PACK, chunk_sizes=CHUNKS)
     yield repo, state, [i[0] for i in info]
     repo.close()
 
@@ -196,7 +199,7 @@ def test_tampered_delta_store_fails_verify(store, case):
 
 def test_catalog_of_schema_1_is_upgraded(tmp_path):
     state = tmp_path / "state"
-    repo = open_repo(state)
+    repo = open_repo(state, chunk_sizes=CHUNKS)
     cid = write_checkpoint(repo, GEN1[:2 << 20])
     repo.close()
     db = sqlite3.connect(state / "catalog.sqlite")
@@ -205,7 +208,7 @@ def test_catalog_of_schema_1_is_upgraded(tmp_path):
         db.execute("ALTER TABLE chunks DROP COLUMN delta")
         db.execute("UPDATE store_meta SET value='1' WHERE key='schema_version'")
     db.close()
-    with open_repo(state) as repo:
+    with open_repo(state, chunk_sizes=CHUNKS) as repo:
         assert repo.catalog.query("SELECT value FROM store_meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
         assert read_all(repo, cid) == GEN1[:2 << 20] and repo.verify(cid)["status"] == "ok"
         w = write(repo, rewrite_pages(GEN1[:2 << 20], 0.05, seed=3), "next")

@@ -12,6 +12,7 @@ import hmac
 import io
 import os
 import threading
+import time
 
 import pytest
 
@@ -190,7 +191,7 @@ def test_named_leftover_spools_are_swept(env):
 def test_format_2_ids_and_stream_root_byte_for_byte(env):
     """docs/formats.md, "Checkpoint store" §0 and §2, recomputed with the pure-Python chunker."""
     state, repo = env
-    data = guest_memory(2 << 20, seed=8) + bytes(200_000)
+    data = guest_memory(2 << 20, seed=8) + bytes(3 * repo.chunk_sizes[2])   # zeros: max-size chunks repeat
     w = repo.begin_checkpoint("vm-1", "guest1", name="exact")
     w.add_stream("memory", [data])
     manifest = w.commit()
@@ -307,3 +308,41 @@ def test_the_snapshot_progress_bar_has_a_total(env, ram_mib):
     w.commit()
     [bar] = bars
     assert bar.total == (len(DATA) if ram_mib else guest_memory_size) and bar.done == len(DATA)
+
+
+def test_ingestion_reads_the_memory_spool_while_xl_save_still_writes(env):
+    """The store does not wait for the whole image: it reads what `xl save` has written so far."""
+    state, repo = env
+    data = guest_memory(24 << 20, seed=79)
+    read_before_end = {}
+
+    class SlowXl(StandInXl):
+        def save(self, guest, file, cfg=None, checkpoint=False, leave_paused=False):
+            with open(file, "wb") as out:
+                for i in range(0, len(data), 1 << 20):
+                    out.write(data[i:i + (1 << 20)])
+                    out.flush()
+                    time.sleep(0.02)
+                spool_fd = int(file.rsplit("/", 1)[1])
+                deadline = time.monotonic() + 10
+                # All written, xl not returned yet: the reader must have consumed (punched out) some of it.
+                while os.fstat(spool_fd).st_blocks * 512 >= len(data) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                read_before_end["yes"] = os.fstat(spool_fd).st_blocks * 512 < len(data)
+
+    streams = XlStreams(Config(state_dir=state, spool_ram_mib=-1), SlowXl(data), None)
+    w = repo.begin_checkpoint("vm-1", "guest1", name="overlap")
+    assert streams.start_save("guest1", w, leave_paused=True, expected_bytes=len(data)).wait() == {"bytes": len(data)}
+    w.commit()
+    assert read_before_end == {"yes": True} and read_all(repo, w.checkpoint_id) == data
+
+
+def test_the_memory_spool_cannot_shrink_under_the_store_that_maps_it():
+    spool = xlstreams._MemorySpool()
+    try:
+        os.write(spool.fileno(), b"x" * 8192)
+        with pytest.raises(PermissionError):
+            os.ftruncate(spool.fileno(), 4096)   # a mapped page past the end would be a SIGBUS
+        os.ftruncate(spool.fileno(), 16384)      # growing is what xl save does
+    finally:
+        spool.close()

@@ -82,6 +82,7 @@ class RollbackResult:
     rolled_back_to: str
     name: str
     safety_checkpoint: str | None   # the pre-rollback checkpoint of the state left (None if not taken)
+    downtime_s: float       # from the old guest's destruction to the new guest running
 
 
 @dataclasses.dataclass(frozen=True)

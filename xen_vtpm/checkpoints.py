@@ -12,7 +12,7 @@ from typing import Any
 
 from xen_vtpm.errors import IntegrityError, UsageError
 from xen_vtpm.model import CatalogEntry, Checkpoint, CheckpointMeta, VtpmCapture
-from xen_vtpm.store import CheckpointWriter, Repository
+from xen_vtpm.store import CheckpointWriter, Repository, Sink
 
 VTPM_IMAGE = "vtpm-image"
 MEMORY = "memory"
@@ -112,13 +112,6 @@ class Checkpoints:
         return VtpmCapture(image=image, manager_checkpoint=meta.manager_checkpoint, manager_hash=meta.manager_hash,
                            slot_hashes=meta.slot_hashes, backend_kind=meta.backend_kind)
 
-    def memory_blocks(self, checkpoint_id: str, progress: Callable[[int], Any] | None = None) -> Iterator[bytes]:
-        """The guest memory of a checkpoint ``verify`` checked, block by block (GCM tags only).
-
-        A generator: the store is opened on the first ``next`` in the thread that consumes it."""
-        with self.repo.open_checkpoint(checkpoint_id) as reader:
-            yield from reader.stream(MEMORY, progress=progress, full_check=False)
-
     def _save_bindings(self) -> Iterator[Checkpoint]:
         """Checked `save` checkpoints; a damaged manifest is raised only after the intact ones,
         so one tampered checkpoint does not hide every other binding (nor pass for a miss)."""
@@ -139,8 +132,11 @@ class Checkpoints:
         return any(c.vm_uuid == vm_uuid or c.vm_name == vm_name for c in self._save_bindings())
 
     # --- checking and removing -------------------------------------------------------------------
-    def verify(self, checkpoint_id: str) -> dict[str, Any]:
-        return self.repo.verify(checkpoint_id)
+    def verify(self, checkpoint_id: str, memory_into: Any = None) -> dict[str, Any]:
+        """Check everything; ``memory_into`` (an image spool: ``fd``, ``ctr``) receives the guest memory
+        it checked, which a rollback restores from."""
+        sinks = {MEMORY: Sink(memory_into.fd, memory_into.ctr)} if memory_into is not None else None
+        return self.repo.verify(checkpoint_id, sinks)
 
     def delete(self, checkpoint_id: str, missing_ok: bool = False) -> int:
         return self.repo.delete(checkpoint_id, missing_ok=missing_ok)

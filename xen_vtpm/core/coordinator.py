@@ -43,7 +43,7 @@ from xen_vtpm.model import (
 
 from . import retention
 from . import steps as S
-from .interfaces import Draft, Ports
+from .interfaces import Draft, ImageSpool, Ports
 from .journal import Operation, OpParams
 
 
@@ -243,35 +243,42 @@ class Coordinator:
                 entry = self.p.store.entry(checkpoint, vm_uuid=guest.uuid)
             except CheckpointNotFound:
                 entry = self.p.store.entry(checkpoint)
-            self._verify_logged(entry, "rollback")
-            ckpt = self.p.store.get(entry.id)
-            if ckpt.vm_uuid != guest.uuid:
-                raise PreconditionFailed(f"checkpoint {ckpt.name}: belongs to VM {ckpt.vm_name} "
-                                         f"({ckpt.vm_uuid}), not to {guest.name}; name a checkpoint of {guest.name}")
-            if ckpt.meta.vtpm_uuid != guest.vtpm.uuid:
-                raise IntegrityError(f"checkpoint {ckpt.name}: belongs to vTPM {ckpt.meta.vtpm_uuid}, "
-                                     f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
-            if not self.p.vtpm.supports_checkpoints(guest.vtpm):
-                raise NoCheckpointFeature(
-                    f"{guest.vtpm.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), "
-                    "so the vTPM cannot be rolled back with the guest; see docs/protocol.md")
-            self.p.vtpm.check_can_restart(guest.vtpm)
-            self.p.host.authorize_rollback(auth_secret)
-            safety = self._snapshot_locked(guest, None, kind=S.PRE_ROLLBACK)["id"] if safety_checkpoint else None
-            op = self.p.journal.begin(S.ROLLBACK, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt.id,
-                                                                      vtpm=guest.vtpm.backend,
-                                                                      vtpm_kind=guest.vtpm.backend_kind, safety=safety,
-                                                                      paused=paused))
-            self._rollback_forward(op, ckpt)
-            return {"domain": guest.name, "rolled_back_to": ckpt.id, "name": ckpt.name, "safety_checkpoint": safety}
+            # The check writes the guest memory it checked into a spool, and the restore reads that
+            # copy: the checkpoint is read once, and only bytes checked before the first step are restored.
+            with self.p.streams.image_spool(entry.size) as image:
+                self._verify_logged(entry, "rollback", image)
+                ckpt = self.p.store.get(entry.id)
+                if ckpt.vm_uuid != guest.uuid:
+                    raise PreconditionFailed(f"checkpoint {ckpt.name}: belongs to VM {ckpt.vm_name} ({ckpt.vm_uuid}), "
+                                             f"not to {guest.name}; name a checkpoint of {guest.name}")
+                if ckpt.meta.vtpm_uuid != guest.vtpm.uuid:
+                    raise IntegrityError(f"checkpoint {ckpt.name}: belongs to vTPM {ckpt.meta.vtpm_uuid}, "
+                                         f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
+                if not self.p.vtpm.supports_checkpoints(guest.vtpm):
+                    raise NoCheckpointFeature(
+                        f"{guest.vtpm.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), "
+                        "so the vTPM cannot be rolled back with the guest; see docs/protocol.md")
+                self.p.vtpm.check_can_restart(guest.vtpm)
+                self.p.host.authorize_rollback(auth_secret)
+                safety = (self._snapshot_locked(guest, None, kind=S.PRE_ROLLBACK)["id"]
+                          if safety_checkpoint else None)
+                op = self.p.journal.begin(S.ROLLBACK, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt.id,
+                                                                          vtpm=guest.vtpm.backend,
+                                                                          vtpm_kind=guest.vtpm.backend_kind,
+                                                                          safety=safety, paused=paused))
+                downtime = self._rollback_forward(op, ckpt, image)
+            return {"domain": guest.name, "rolled_back_to": ckpt.id, "name": ckpt.name, "safety_checkpoint": safety,
+                    "downtime_s": round(downtime, 4)}
 
-    def _rollback_forward(self, op: Operation, ckpt: Checkpoint) -> None:
-        """Run (or, from recover, resume) a rollback past its point of no return.
+    def _rollback_forward(self, op: Operation, ckpt: Checkpoint, image: ImageSpool) -> float:
+        """Run (or, from recover, resume) a rollback past its point of no return; returns the seconds
+        from the guest's destruction to the new guest running (its downtime).
 
-        Once the guest is destroyed the only way is forward: the checkpoint was verified before
-        the first step, and the safety checkpoint holds the state we left.  Each step is
-        idempotent, so recover re-runs from the last journaled one."""
+        Once the guest is destroyed the only way is forward: the checkpoint was verified, into
+        ``image``, before the first step, and the safety checkpoint holds the state we left.  Each
+        step is idempotent, so recover re-runs from the last journaled one."""
         guest = op.params.guest
+        t0 = time.monotonic()
         vt = ckpt.vtpm_ref()
         capture = self.p.store.vtpm_capture(ckpt)
         self._step_once(op, S.DESTROY_GUEST, lambda: self._destroy_if_present(guest))
@@ -282,13 +289,14 @@ class Coordinator:
         def restore_guest() -> None:
             self._destroy_if_present(guest)  # a restore a crash cut short: start it over
             self.p.vtpm.start_verified(vt)  # its backend must be up (it may have died since start-vtpm)
-            self.p.streams.restore_from(guest, self.p.store.memory_blocks(ckpt.id), ckpt.meta.save_info.get("bytes"),
-                                        paused=True)
+            self.p.streams.restore_image(guest, image, paused=True)
 
         self._step_once(op, S.RESTORE_GUEST, restore_guest)
         if not op.params.paused:
             self._step_once(op, S.UNPAUSE_GUEST, lambda: self.p.xl.unpause(guest))
+        downtime = time.monotonic() - t0
         self._finish(op, action=S.ROLLBACK, vm=guest, checkpoint=ckpt.id)
+        return downtime
 
     # --- save / restore ----------------------------------------------------------
     def save(self, domain: str, path: str) -> dict[str, Any]:
@@ -555,11 +563,13 @@ class Coordinator:
                 self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result=f"refused: {exc}"[:500])
             raise
 
-    def _verify_logged(self, ckpt: CatalogEntry | Checkpoint, action: str) -> dict[str, Any]:
-        """Verify a checkpoint; a failed integrity check is a security event, so it is logged
-        (best effort: the audit table may be what was tampered with)."""
+    def _verify_logged(self, ckpt: CatalogEntry | Checkpoint, action: str,
+                       memory_into: ImageSpool | None = None) -> dict[str, Any]:
+        """Verify a checkpoint (its guest memory into ``memory_into``, if given); a failed integrity
+        check is a security event, so it is logged (best effort: the audit table may be what was
+        tampered with)."""
         try:
-            return self.p.store.verify(ckpt.id)
+            return self.p.store.verify(ckpt.id, memory_into)
         except IntegrityError as exc:
             with contextlib.suppress(XenVtpmError):
                 self.p.audit.append(action=action, vm=ckpt.vm_name, checkpoint=ckpt.id, result=f"refused: {exc}"[:500])
@@ -615,8 +625,10 @@ class Coordinator:
             self.p.journal.finish(op, "undone (interrupted before destroy-guest)")
             outcome = "undone"
         elif op.kind == S.ROLLBACK:
-            self._verify_logged(self.p.store.entry(ckpt_id), "recover rollback")  # again: the store may have changed
-            self._rollback_forward(op, self.p.store.get(ckpt_id))
+            entry = self.p.store.entry(ckpt_id)
+            with self.p.streams.image_spool(entry.size) as image:
+                self._verify_logged(entry, "recover rollback", image)  # again: the store may have changed
+                self._rollback_forward(op, self.p.store.get(ckpt_id), image)
             outcome = "finished"
         elif op.kind == S.RESTORE:
             self._restore_forward(op, self.p.store.get(ckpt_id))

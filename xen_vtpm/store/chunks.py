@@ -30,12 +30,13 @@ class ChunkCipher:
     """Seals and opens chunks with the store's sub-keys (any object with chunk_enc and chunk_id)."""
 
     def __init__(self, keys: Any) -> None:
-        self._id_key = bytes(keys.chunk_id)
-        self._aead = AESGCM(bytes(keys.chunk_enc))
+        self.id_key = bytes(keys.chunk_id)      # the C pipelines (ingest.py) key their own contexts
+        self.enc_key = bytes(keys.chunk_enc)
+        self._aead = AESGCM(self.enc_key)
 
     def id_of_digest(self, sha256: bytes) -> bytes:
         """The id of a chunk whose SHA-256 is ``sha256``."""
-        return hmac.digest(self._id_key, sha256, "sha256")
+        return hmac.digest(self.id_key, sha256, "sha256")
 
     def chunk_id(self, plaintext: bytes) -> bytes:
         return self.id_of_digest(hashlib.sha256(plaintext).digest())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from .chunks import ID_SIZE, NONCE_SIZE
-from .fsio import publish, storage_error
+from .fsio import publish, rename_only, storage_error
 
 MAGIC = b"XVTPPACK"
 END_MAGIC = b"XVTPPEND"
@@ -44,7 +44,10 @@ def temp_path(directory: Path, name: str) -> Path:
 
 
 class PackWriter:
-    """Appends sealed chunks to a new pack; ``finish`` publishes it atomically."""
+    """Appends sealed chunks to a new pack; ``finish`` makes it durable and publishes it atomically.
+
+    Entries are written at explicit offsets of one descriptor, by ``add`` or by the ingest pipeline
+    straight from C (``appended``), so the file is never buffered in Python."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.name = name
@@ -53,49 +56,68 @@ class PackWriter:
         self._index = bytearray()   # packed INDEX records, in entry order
         self._header = HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(name))
         try:
-            self._fh = open(self._tmp, "xb", buffering=1 << 20)
-            self._fh.write(self._header)
+            self.fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise storage_error(exc, self._tmp, "creating pack") from None
-        self.size = HEADER.size
+        self._pwrite(self._header, 0)
+        self.size = HEADER.size     # of the body: header and entries
+
+    def _pwrite(self, data: bytes | bytearray, offset: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                offset += n
+                view = view[n:]
+        except OSError as exc:
+            raise storage_error(exc, self._tmp, "writing pack") from None
 
     def add(self, chunk_id: bytes, nonce: bytes, sealed: bytes) -> int:
         """Append one entry and return its offset."""
         offset = self.size
-        try:
-            self._fh.write(ENTRY.pack(chunk_id, nonce, len(sealed)))
-            self._fh.write(sealed)
-        except OSError as exc:
-            raise storage_error(exc, self._tmp, "writing pack") from None
+        self._pwrite(ENTRY.pack(chunk_id, nonce, len(sealed)) + sealed, offset)
         self._index += INDEX.pack(chunk_id, offset, len(sealed))
         self.size += ENTRY.size + len(sealed)
         return offset
+
+    def appended(self, entries: list[tuple[bytes, int, int]], nbytes: int) -> None:
+        """``nbytes`` of entries were written at ``size`` by someone else: [(id, offset, sealed length)]."""
+        for chunk_id, offset, sealed in entries:
+            self._index += INDEX.pack(chunk_id, offset, sealed)
+        self.size += nbytes
 
     @property
     def entries(self) -> int:
         return len(self._index) // INDEX.size
 
-    def finish(self) -> int:
-        """Write index and footer, fsync, rename into place; return the final file size."""
+    def finish(self, publish_dir: bool = True) -> int:
+        """Write index and footer, fsync, rename into place; return the final file size.
+
+        ``publish_dir=False`` leaves the directory fsync to the caller (one for several packs, before
+        anything names them: the store's commit)."""
         index = self._index
         digest = hashlib.sha256(self._header + index).digest()
-        footer = FOOTER.pack(self.size, self.entries, 0, digest, END_MAGIC)
+        self._pwrite(index + FOOTER.pack(self.size, self.entries, 0, digest, END_MAGIC), self.size)
         try:
-            self._fh.write(index)
-            self._fh.write(footer)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            os.fsync(self.fd)
+            os.close(self.fd)
         except OSError as exc:
             raise storage_error(exc, self._tmp, "writing pack") from None
-        publish(self._tmp, self.path)   # the body was streamed: only the rename and the directory remain
+        self.fd = -1
+        # The body was streamed and synced: only the rename (and the directory) remain.
+        if publish_dir:
+            publish(self._tmp, self.path)
+        else:
+            rename_only(self._tmp, self.path)
         return self.size + len(index) + FOOTER.size
 
     def discard(self) -> None:
-        try:
-            self._fh.close()
-        except OSError:
-            pass  # the temp file is being thrown away; a failed flush does not matter
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass  # the temp file is being thrown away; a failed close does not matter
+            self.fd = -1
         try:
             os.unlink(self._tmp)
         except FileNotFoundError:
@@ -110,6 +132,10 @@ class PackReader:
     def __init__(self, directory: Path) -> None:
         self._dir = directory
         self._fds: dict[str, int] = {}
+
+    def fd_of(self, name: str, where: str) -> int:
+        """The open descriptor of pack ``name`` (the C pipelines read entries through it)."""
+        return self._fd(name, where)
 
     def _fd(self, name: str, where: str) -> int:
         fd = self._fds.get(name)
@@ -136,9 +162,12 @@ class PackReader:
             raise IntegrityError(f"{where}: pack {name} is truncated at offset {offset}; "
                                  "restore the state dir from backup or delete the checkpoint")
         stored_id, nonce, stored_len = ENTRY.unpack_from(raw)
-        if stored_id != chunk_id or stored_len != length:
+        if stored_id != chunk_id:
             raise IntegrityError(f"{where}: pack {name} entry at offset {offset} holds chunk "
                                  f"{stored_id.hex()[:16]}, not {chunk_id.hex()[:16]}; the store was altered")
+        if stored_len != length:
+            raise IntegrityError(f"{where}: pack {name} entry at offset {offset} has sealed length {stored_len}, "
+                                 f"the catalog says {length}; the store was altered")
         return nonce, raw[ENTRY.size:]
 
     def close(self) -> None:
@@ -147,11 +176,13 @@ class PackReader:
         self._fds.clear()
 
 
-def read_index(directory: Path, name: str) -> list[tuple[bytes, int, int]]:
+def read_index(directory: Path, name: str, headers: bool = True) -> list[tuple[bytes, int, int]]:
     """Parse and check a pack's header, index and footer; return [(chunk id, offset, length)].
 
     Checks the structure only (magic, version, name binding, index digest, entries tiling the
     body with headers that match the index); chunk contents are checked by the GCM tags.
+    ``headers=False`` leaves out reading each entry's header (one read per entry): for a caller that
+    reads, and checks, the entries it cares about anyway.
     """
     path = pack_path(directory, name)
     where = f"pack {name}"
@@ -180,10 +211,11 @@ def read_index(directory: Path, name: str) -> list[tuple[bytes, int, int]]:
             for chunk_id, offset, length in entries:
                 if offset != expected:
                     raise IntegrityError(f"{where}: index entry at {offset} does not follow the previous one")
-                fh.seek(offset)
-                raw = fh.read(ENTRY.size)
-                if len(raw) != ENTRY.size or ENTRY.unpack(raw)[0] != chunk_id or ENTRY.unpack(raw)[2] != length:
-                    raise IntegrityError(f"{where}: entry header at {offset} disagrees with the index")
+                if headers:
+                    fh.seek(offset)
+                    raw = fh.read(ENTRY.size)
+                    if len(raw) != ENTRY.size or ENTRY.unpack(raw)[0] != chunk_id or ENTRY.unpack(raw)[2] != length:
+                        raise IntegrityError(f"{where}: entry header at {offset} disagrees with the index")
                 expected = offset + ENTRY.size + length
             if expected != index_off:
                 raise IntegrityError(f"{where}: entries do not end where the index starts")

@@ -17,10 +17,11 @@ from .fsio import storage_error
 
 _TEMP_CACHE_KIB = 8192   # the temp database's page cache: what these tables may cost in RAM
 _ROWS_PER_INSERT = 256   # well under SQLite's 32766 bound parameters per statement
+_IDS_PER_LOOKUP = 1000
 
 
 class PendingChunks:
-    """New chunks (claimed, then placed in a pack), their bases if deltas, and the ids the manifest uses."""
+    """New chunks (placed in a pack), their bases if deltas, and the ids the manifest uses."""
 
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
@@ -35,8 +36,6 @@ class PendingChunks:
                   "plain INTEGER, sealed INTEGER, delta INTEGER) WITHOUT ROWID")
         self._run(f"CREATE TEMP TABLE used_{tag} (id BLOB PRIMARY KEY) WITHOUT ROWID")
         self._run(f"CREATE TEMP TABLE deps_{tag} (chunk BLOB, base BLOB, PRIMARY KEY (chunk, base)) WITHOUT ROWID")
-        # Claimed, not yet placed: at most the batches in flight to the sealing thread.
-        self._sealing: set[bytes] = set()
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -64,15 +63,15 @@ class PendingChunks:
         except sqlite3.Error as exc:
             raise storage_error(exc, self._catalog.path, "keeping the new chunks of a write") from None
 
-    def claim_unknown(self, ids: list[bytes]) -> set[bytes]:
-        """Claim, and return, those of ``ids`` neither the catalog nor this write holds yet."""
-        marks = ",".join("?" * len(ids))
-        known = {bytes(r[0]) for r in self._run(
-            f"SELECT id FROM chunks WHERE id IN ({marks}) UNION ALL SELECT id FROM {self._new} WHERE id IN ({marks})",
-            (*ids, *ids))}
-        fresh = set(ids) - known - self._sealing
-        self._sealing |= fresh
-        return fresh
+    def unknown(self, ids: list[bytes]) -> set[bytes]:
+        """Those of ``ids`` the catalog does not hold (the writer's id set already left out what this
+        write has taken, so the write's own new chunks need no lookup here)."""
+        known: set[bytes] = set()
+        for i in range(0, len(ids), _IDS_PER_LOOKUP):
+            part = ids[i:i + _IDS_PER_LOOKUP]
+            known.update(bytes(r[0]) for r in self._run(
+                f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", tuple(part)))
+        return set(ids) - known
 
     def place(self, placed: list[tuple[bytes, int, int, int, int, list[bytes] | None]]) -> None:
         """(id, pack index, entry offset, plaintext length, sealed length, base ids of a delta or None)
@@ -80,7 +79,6 @@ class PendingChunks:
         self._insert(f"INSERT INTO {self._new} (id, pack, offset, plain, sealed, delta) VALUES",
                      ((cid, pack, offset, plain, sealed, int(bases is not None))
                       for cid, pack, offset, plain, sealed, bases in placed))
-        self._sealing.difference_update(cid for cid, *_ in placed)
         deps = [(cid, base) for cid, _, _, _, _, bases in placed if bases for base in bases]
         if deps:
             self._insert(f"INSERT INTO {self._deps} (chunk, base) VALUES", deps)
@@ -102,8 +100,6 @@ class PendingChunks:
     def placed(self, db: sqlite3.Connection) -> Iterator[tuple[bytes, int, int, int, int, int]]:
         """Every new chunk in id order (B-tree inserts in key order touch each page once):
         (id, pack index, entry offset, plaintext length, sealed length, delta flag)."""
-        if self._sealing:
-            raise AssertionError("a claimed chunk was never placed in a pack")
         cur = db.execute(f"SELECT id, pack, offset, plain, sealed, delta FROM {self._new} ORDER BY id")
         while rows := cur.fetchmany(512):
             for cid, pack, offset, plain, sealed, delta in rows:

@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from .. import timings
 from ..errors import CheckpointNotFound, IntegrityError, StorageError, UsageError
 from .catalog import Catalog
 from .chunks import ChunkCipher
@@ -26,13 +27,15 @@ from .fsio import make_dirs, storage_error, unlink_if_present
 from .locking import OwnerLock, StoreLock, owner_alive
 from .packs import ENTRY, HEADER, SUFFIX, PackReader, PackWriter, new_pack_name, pack_path, read_index
 from .reader import CheckpointReader
+from .restore import Sink
 from .writer import CheckpointWriter
 
 DEFAULT_PACK_TARGET = 32 << 20
-# min/avg/max chunk sizes, smaller than the chunker's defaults: guests dirty memory in runs of
-# pages and a changed run costs about (run + avg) stored bytes; with 5% of an image rewritten in
-# 64 KiB runs, avg 16 KiB stores 8% new bytes where 64 KiB stores 15% (docs/formats.md, "Checkpoint store" §5).
-DEFAULT_CHUNK_SIZES = (4 << 10, 16 << 10, 64 << 10)
+# min/avg/max chunk sizes: the chunker's defaults.  A changed page costs about a page, whatever the
+# chunk around it, since a new chunk is stored as a delta against its parent (docs/formats.md,
+# "Checkpoint store" §5); every chunk costs a catalog row, a manifest entry and a share of per-chunk
+# work, so a 64 KiB average takes a quarter of what 16 KiB did.
+DEFAULT_CHUNK_SIZES = (16 << 10, 64 << 10, 256 << 10)
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -193,53 +196,63 @@ class Repository:
                 raise CheckpointNotFound(f"checkpoint {checkpoint_id}: not found; see `xen-vtpm checkpoints`")
 
     # --- verify ------------------------------------------------------------------------
-    def verify(self, checkpoint_id: str) -> dict[str, Any]:
-        """Check every MAC, tag and digest of one checkpoint, reading all of it; changes nothing.
-        Memory stays bounded: the catalog answers the set comparisons and is read per pack and per batch."""
+    def verify(self, checkpoint_id: str, sinks: dict[str, Sink] | None = None) -> dict[str, Any]:
+        """Check every MAC, tag and digest of one checkpoint, reading all of it; changes nothing in the
+        store.  ``sinks`` receive the checked plaintext of the streams they are named after (a rollback
+        restores from that copy instead of reading the checkpoint a second time); they hold a whole
+        image only if this returns.  Memory stays bounded: the catalog answers the set comparisons and
+        is read per pack and per batch."""
         info = self._row(checkpoint_id)
         with self.open_checkpoint(checkpoint_id) as reader:
-            label = reader.label
-            listed = (cid for rec in reader.manifest.streams for cid, _ in rec.chunks)
-            count, unreferenced, unlisted = self.catalog.compare_refs(checkpoint_id, listed)
-            if unreferenced:
-                raise IntegrityError(f"{label}: chunk {unreferenced.hex()[:16]} of the manifest has no catalog "
-                                     "reference; the catalog was altered — do not use this checkpoint")
-            if unlisted:
-                raise IntegrityError(f"{label}: catalog references chunk {unlisted.hex()[:16]} the manifest does "
-                                     "not list; the catalog was altered")
-            self._check_refcounts(checkpoint_id, label)
-            # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
-            # files no row claims, so a deleted row would turn into a deleted live pack.
-            known = {row[0] for row in self.catalog.query("SELECT name FROM packs")}
-            for missing in sorted(reader.pack_names() - known):
-                raise IntegrityError(f"{label}: pack {missing} holds chunks of this checkpoint but has no catalog "
-                                     "row; the catalog was altered — restore it before any other command")
-            pack: str | None = None
-            index: dict[int, tuple[bytes, int]] = {}
-            for name, cid, off, ln in self.catalog.rows(   # our chunks and the bases of our delta chunks
-                    "SELECT c.pack, c.id, c.offset, c.length FROM chunks c WHERE c.id IN "
-                    "(SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
-                    "(SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1) "
-                    "ORDER BY c.pack", (checkpoint_id,)):
-                if name != pack:   # one pack's index in memory at a time
-                    pack = name
-                    try:
-                        index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack)}
-                    except IntegrityError as exc:
-                        raise IntegrityError(f"{label}: {exc}") from None
-                if index.get(off) != (bytes(cid), ln):
-                    raise IntegrityError(f"{label}: pack {pack} index has no entry for chunk {bytes(cid).hex()[:16]} "
-                                         f"at offset {off}; the catalog or the pack was altered")
-            reader.refs_checked()
+            with timings.stage("catalog"):
+                count = self._verify_catalog(checkpoint_id, reader)
             for record in reader.manifest.streams:
                 if record.kind == "blob":
                     reader.read_blob(record.name)
                 else:
-                    for _ in reader.stream(record.name):
-                        pass
+                    reader.check_into(record.name, (sinks or {}).get(record.name))
             return {"id": checkpoint_id, "name": info["name"], "vm_name": info["vm_name"],
                     "streams": len(reader.manifest.streams), "chunks": count, "size": info["size"],
                     "packs": len(reader.pack_names()), "status": "ok"}
+
+    def _verify_catalog(self, checkpoint_id: str, reader: CheckpointReader) -> int:
+        """The catalog's side of a verify (references, refcounts, packs and their indexes); returns
+        the checkpoint's number of distinct chunks."""
+        label = reader.label
+        listed = (cid for rec in reader.manifest.streams for cid, _ in rec.chunks)
+        count, unreferenced, unlisted = self.catalog.compare_refs(checkpoint_id, listed)
+        if unreferenced:
+            raise IntegrityError(f"{label}: chunk {unreferenced.hex()[:16]} of the manifest has no catalog "
+                                 "reference; the catalog was altered — do not use this checkpoint")
+        if unlisted:
+            raise IntegrityError(f"{label}: catalog references chunk {unlisted.hex()[:16]} the manifest does "
+                                 "not list; the catalog was altered")
+        self._check_refcounts(checkpoint_id, label)
+        # Every pack holding our chunks must be a catalog row too: recover's sweep removes pack
+        # files no row claims, so a deleted row would turn into a deleted live pack.
+        known = {row[0] for row in self.catalog.query("SELECT name FROM packs")}
+        for missing in sorted(reader.pack_names() - known):
+            raise IntegrityError(f"{label}: pack {missing} holds chunks of this checkpoint but has no catalog "
+                                 "row; the catalog was altered — restore it before any other command")
+        pack: str | None = None
+        index: dict[int, tuple[bytes, int]] = {}
+        for name, cid, off, ln in self.catalog.rows(   # our chunks and the bases of our delta chunks
+                "SELECT c.pack, c.id, c.offset, c.length FROM chunks c WHERE c.id IN "
+                "(SELECT chunk FROM refs WHERE checkpoint=?1) OR c.id IN "
+                "(SELECT d.base FROM refs r JOIN deps d ON d.chunk = r.chunk WHERE r.checkpoint=?1) "
+                "ORDER BY c.pack", (checkpoint_id,)):
+            if name != pack:   # one pack's index in memory at a time
+                pack = name
+                try:
+                    # entry headers: the check of every chunk reads and checks those of ours
+                    index = {o: (i, n) for i, o, n in read_index(self.pack_dir, pack, headers=False)}
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{label}: {exc}") from None
+            if index.get(off) != (bytes(cid), ln):
+                raise IntegrityError(f"{label}: pack {pack} index has no entry for chunk {bytes(cid).hex()[:16]} "
+                                     f"at offset {off}; the catalog or the pack was altered")
+        reader.refs_checked()
+        return count
 
     def _check_refcounts(self, checkpoint_id: str, label: str) -> None:
         """refcount = checkpoints referencing the chunk + delta chunks depending on it, for this

@@ -8,24 +8,25 @@ and ``Repository.recover`` removes them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .. import __version__, hashing
+from .. import __version__, hashing, timings
 from ..errors import IntegrityError, PreconditionFailed, UsageError
 from .context import StoreContext
-from .delta import DeltaEncoder, ParentStream
 from .faults import crashpoint
-from .fsio import write_atomic
-from .manifest import CHUNK_ENTRY, MAX_METADATA, ChunkList, Manifest, StreamRecord, StreamRoot, decode, encode
+from .fsio import fsync_dir, write_atomic
+from .ingest import DELTA, SEAL, Batch, GrowingFile, IngestPipe, KnownIds, Parent
+from .manifest import MAX_METADATA, ChunkList, Manifest, StreamRecord, decode, encode
 from .packs import ENTRY, PackReader, PackWriter, new_pack_name
 from .pending import PendingChunks
 
-_BATCH = 256          # chunks per catalog lookup and per sealing job (SQLite allows 999 parameters)
-_BATCH_BYTES = 512 << 10   # ... or fewer: a writer waiting on its input has stored all but ~1 MiB of it
+_LOOKUP = 500         # ids per catalog query (SQLite binds up to 32766 parameters)
+_NAMES_AHEAD = 8      # pack names journaled per journal update: one catalog commit per 8 packs
 
 
 class CheckpointWriter:
@@ -46,10 +47,14 @@ class CheckpointWriter:
         self._pack_live = 0
         self._metadata = b""
         self._open = True
-        self._delta: DeltaEncoder | None = None  # while a memory stream with a parent is added
-        self._parent_packs = PackReader(ctx.pack_dir)   # the sealing thread's, for the parent's chunks
+        self._parent_packs = PackReader(ctx.pack_dir)   # for the parent's chunks (delta chunks)
+        self._known = KnownIds()                # ids the store has for sure, and those this write took
+        self._spare_names: list[str] = []       # pack names journaled, not used yet
+        self._publishing: list[Future[tuple[str, int, int, int]]] = []
+        self._publisher: ThreadPoolExecutor | None = None
         self.stored_bytes = 0                   # bytes this checkpoint added to the store (after commit)
         self.delta_chunks = 0                   # new chunks stored as deltas against the parent
+        self.stats: dict[str, float] = {}       # CPU seconds per stage of the ingest pipelines
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -59,9 +64,10 @@ class CheckpointWriter:
             self.abort()
 
     # --- input ---------------------------------------------------------------------
-    def add_stream(self, name: str, source: hashing.Readable | Iterable[bytes],
+    def add_stream(self, name: str, source: hashing.Readable | Iterable[bytes] | GrowingFile,
                    progress: Callable[[int], Any] | None = None) -> StreamRecord:
-        """Read ``source`` once (a binary file object, a fifo included, or an iterable of byte blocks):
+        """Read ``source`` once (a binary file object, a fifo included, an iterable of byte blocks, or a
+        growing memory file read in place):
         content-defined chunks, the tree root and the stored chunks come out of the same pass.
         ``progress(n)`` is called with each chunk's length as it is stored."""
         return self._add(name, "stream", source, progress)
@@ -83,71 +89,74 @@ class CheckpointWriter:
                              f"{MAX_METADATA} a manifest holds; keep large data in a blob stream")
         self._metadata = blob
 
-    def _add(self, name: str, kind: str, source: hashing.Readable | Iterable[bytes],
+    def _add(self, name: str, kind: str, source: hashing.Readable | Iterable[bytes] | GrowingFile,
              progress: Callable[[int], Any] | None, sha256: bytes | None = None) -> StreamRecord:
         self._check_open()
         if not name or any(s.name == name for s in self._streams):
             raise UsageError(f"checkpoint {self.checkpoint_id}: stream name {name!r} is empty or used twice")
-        min_size, avg_size, max_size = self._ctx.chunk_sizes
-        engine = hashing.Chunker(min_size=min_size, avg_size=avg_size, max_size=max_size)
-        pieces = engine.consume(source) if not isinstance(source, Iterable) else _feed_all(engine, source)
-        id_of = self._ctx.cipher.id_of_digest
-        root = StreamRoot()
+        found = self._parent_stream(name) if kind == "stream" else None
+        parent = None
+        if found is not None:   # committed, and our shared store lock keeps it: its chunks need no lookup
+            with timings.stage("delta"):
+                parent = self._parent(*found)
+        cipher = self._ctx.cipher
+        pipe = IngestPipe(self._ctx.chunk_sizes, cipher.id_key, cipher.enc_key, self._known, parent,
+                          label=f"checkpoint {self.checkpoint_id} stream {name}")
         entries = bytearray()
-        batch: list[tuple[bytes, bytes, int]] = []
-        length = batch_bytes = 0
-        parent = self._parent_stream(name) if kind == "stream" else None
-        self._delta = DeltaEncoder(parent, self._ctx.cipher, self._parent_packs) if parent is not None else None
-        # One sealing job in flight (AES-GCM releases the GIL) while this thread chunks the next batch.
-        with ThreadPoolExecutor(1, thread_name_prefix="seal") as pool:
-            sealing: Future[Any] | None = None
-            for chunk in pieces:
-                cid = id_of(chunk.digest)
-                root.add(chunk.digest, chunk.length)
-                entries += CHUNK_ENTRY.pack(cid, chunk.length)
-                batch.append((cid, chunk.data, length))
-                length += chunk.length
-                batch_bytes += chunk.length
-                if len(batch) == _BATCH or batch_bytes >= _BATCH_BYTES:
-                    sealing = self._store_batch(pool, sealing, batch, progress)
-                    batch, batch_bytes = [], 0
-            sealing = self._store_batch(pool, sealing, batch, progress)
-            if sealing is not None:
-                self._append_sealed(sealing.result())
-        self._delta = None
-        record = StreamRecord(name=name, kind=kind, length=length, tree_root=root.digest(), sha256=sha256,
+        try:
+            pipe.run_feeder(source)
+            while (batch := pipe.take()) is not None:
+                entries += batch.entries
+                self._store_batch(pipe, batch, parent)
+                if progress is not None:
+                    progress(sum(batch.lengths))
+            pipe.flush(self._pack.path if self._pack is not None else None)
+            root, length, _ = pipe.result()
+            stats = pipe.stats()
+            stats["read"] = max(0.0, pipe.feeder_cpu - stats["chunk"])   # the feeding thread also cuts
+            for stage, seconds in stats.items():
+                self.stats[stage] = self.stats.get(stage, 0.0) + seconds
+                timings.add(stage, seconds)
+        finally:
+            pipe.close()
+        record = StreamRecord(name=name, kind=kind, length=length, tree_root=root, sha256=sha256,
                               chunks=ChunkList(entries))
         self._streams.append(record)
         return record
 
-    def _store_batch(self, pool: ThreadPoolExecutor, sealing: Future[Any] | None, batch: list[tuple[bytes, bytes, int]],
-                     progress: Callable[[int], Any] | None) -> Future[Any] | None:
-        """Queue the batch's new chunks for sealing, then append the previous batch's sealed chunks."""
-        fresh = self._fresh(batch)
-        nxt = None
-        if fresh:
-            places = self._parent_places(fresh) if self._delta is not None else {}
-            nxt = pool.submit(_seal_all, self._ctx.cipher, fresh, self._delta, places)
-        if sealing is not None:
-            self._append_sealed(sealing.result())
-        if progress is not None and batch:
-            progress(sum(len(data) for _, data, _ in batch))
-        return nxt
-
-    def _fresh(self, batch: list[tuple[bytes, bytes, int]]) -> list[tuple[bytes, bytes, int]]:
-        """The chunks of ``batch`` neither this write nor the catalog holds yet (claimed now, so a
-        repeat in a later batch is skipped)."""
-        fresh = self._new.claim_unknown(list({cid for cid, _, _ in batch}))
-        out = []
-        for cid, data, offset in batch:
-            if cid in fresh:
-                fresh.discard(cid)
-                out.append((cid, data, offset))
-        return out
+    def _store_batch(self, pipe: IngestPipe, batch: Batch, parent: Parent | None) -> None:
+        """Seal the batch's chunks the store lacks (as deltas against the parent where that is worth it)
+        into packs."""
+        with timings.stage("lookup"):
+            self._new.use(batch.ids)
+            asked = [cid for cid, known in zip(batch.ids, batch.known, strict=True) if not known]
+            fresh = self._new.unknown(asked) if asked else set()
+        kind = DELTA if parent is not None else SEAL
+        plan = bytearray(kind if cid in fresh and not known else 0 for cid, known in zip(batch.ids, batch.known,
+                                                                                        strict=True))
+        start = 0
+        while start < len(batch):   # a pack closes at the first chunk that takes it past its target
+            pack = (self._pack or self._start_pack()) if any(plan[start:]) else None
+            sealed, nbytes, done = pipe.seal(batch, start, plan, pack.fd if pack else -1,
+                                             pack.size if pack else 0,
+                                             self._ctx.pack_target - pack.size if pack else 1 << 62,
+                                             pack.path if pack else None)
+            start += done
+            if pack is None:
+                continue
+            pack.appended([(batch.ids[i], off, ln) for i, off, ln, _ in sealed], nbytes)
+            index = len(self._pack_names) - 1
+            self._new.place([(batch.ids[i], index, off, batch.lengths[i], ln, bases) for i, off, ln, bases in sealed])
+            self._pack_live += nbytes
+            self.delta_chunks += sum(1 for *_, bases in sealed if bases)
+            if pack.size >= self._ctx.pack_target:
+                pipe.flush(pack.path)
+                self._finish_pack()
 
     # --- delta chunks (docs/formats.md, "Checkpoint store" §0) -----------------------------
-    def _parent_stream(self, name: str) -> ParentStream | None:
-        """Stream ``name`` of the VM's latest committed checkpoint that has one (MAC-checked), or None."""
+    def _parent_stream(self, name: str) -> tuple[str, ChunkList] | None:
+        """Stream ``name`` of the VM's latest committed checkpoint that has one (MAC-checked): (its
+        checkpoint id, its chunk list), or None."""
         catalog = self._ctx.catalog
         for (pid,) in catalog.query("SELECT id FROM checkpoints WHERE vm_uuid=? ORDER BY created_us DESC, id DESC",
                                     (self.vm_uuid,)):
@@ -160,57 +169,66 @@ class CheckpointWriter:
                 return None   # an altered parent: no deltas (verify reports it)
             for rec in manifest.streams:
                 if rec.name == name and rec.kind == "stream":
-                    return ParentStream(pid, rec.chunks)
+                    return pid, rec.chunks
         return None
 
-    def _parent_places(self, fresh: list[tuple[bytes, bytes, int]]) -> dict[bytes, tuple[Any, ...]]:
-        """Where the parent chunks overlapping ``fresh`` are, and the bases of those that are deltas:
-        {id: (pack, offset, sealed length, plaintext length, delta)} (looked up on this thread, which
-        owns the catalog connection, for the sealing thread)."""
-        assert self._delta is not None
-        ids = list(self._delta.parent.ids_for((off, off + len(data)) for _, data, off in fresh))
-        places: dict[bytes, tuple[Any, ...]] = {}
-        catalog = self._ctx.catalog
-        for i in range(0, len(ids), _BATCH):
-            part = ids[i:i + _BATCH]
-            marks = ",".join("?" * len(part))
-            for cid, *place in catalog.query(
-                    f"SELECT id, pack, offset, length, plain_len, delta FROM chunks WHERE id IN ({marks})",
-                    tuple(part)):
-                places[bytes(cid)] = tuple(place)
-            for cid, *place in catalog.query(
-                    "SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM deps d "
-                    f"JOIN chunks c ON c.id = d.base WHERE d.chunk IN ({marks})", tuple(part)):
-                places[bytes(cid)] = tuple(place)
-        return places
+    def _parent(self, checkpoint_id: str, chunks: ChunkList) -> Parent:
+        """The parent for the pipeline: its chunk list and where its chunks and its deltas' bases are."""
+        parent = Parent(chunks.raw)
+        where = f"checkpoint {checkpoint_id} (parent of a delta)"
+        for sql in ("SELECT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM refs r "
+                    "JOIN chunks c ON c.id = r.chunk WHERE r.checkpoint=?",
+                    "SELECT DISTINCT c.id, c.pack, c.offset, c.length, c.plain_len, c.delta FROM refs r "
+                    "JOIN deps d ON d.chunk = r.chunk JOIN chunks c ON c.id = d.base WHERE r.checkpoint=?"):
+            rows = self._ctx.catalog.rows(sql, (checkpoint_id,))
+            while part := list(itertools.islice(rows, 4096)):
+                parent.add([(fd, off, sealed, plain, bytes(cid), bool(delta))
+                            for cid, pack, off, sealed, plain, delta in part
+                            if (fd := self._pack_fd(pack, where)) is not None])
+        parent.ready()
+        return parent
 
-    def _append_sealed(self, sealed_chunks: list[tuple[bytes, bytes, bytes, int, list[bytes] | None]]) -> None:
-        placed = []
-        for cid, nonce, sealed, plain, bases in sealed_chunks:
-            pack = self._pack or self._start_pack()
-            offset = pack.add(cid, nonce, sealed)
-            placed.append((cid, len(self._pack_names) - 1, offset, plain, len(sealed), bases))
-            self._pack_live += ENTRY.size + len(sealed)
-            self.delta_chunks += bases is not None
-            if pack.size >= self._ctx.pack_target:
-                self._finish_pack()
-        self._new.place(placed)
+    def _pack_fd(self, pack: str, where: str) -> int | None:
+        """A parent pack's descriptor; None for one that cannot be opened, which only costs the chunks
+        in it their deltas (verify reports the damage)."""
+        try:
+            return self._parent_packs.fd_of(pack, where)
+        except IntegrityError:
+            return None
 
     # --- packs ---------------------------------------------------------------------
     def _start_pack(self) -> PackWriter:
-        name = new_pack_name()
-        self._note_files(f"packs/{name}.pack", f"packs/{name}.pack.tmp")
+        if not self._spare_names:   # journaled before any of them exists, a few at a time
+            names = [new_pack_name() for _ in range(_NAMES_AHEAD)]
+            self._note_files(*(f"packs/{n}.pack{tmp}" for n in names for tmp in ("", ".tmp")))
+            self._spare_names = names[::-1]
+        name = self._spare_names.pop()
         self._pack = PackWriter(self._ctx.pack_dir, name)
         self._pack_names.append(name)
         self._pack_live = 0
         return self._pack
 
     def _finish_pack(self) -> None:
+        """Make the pack durable and rename it on a thread of its own while the next one fills; the
+        directory fsync that makes the renames durable comes once, before the commit (``_published``)."""
         assert self._pack is not None
-        pack, self._pack = self._pack, None
-        size = pack.finish()
-        self._packs.append((pack.name, size, pack.entries, self._pack_live))
-        crashpoint("write.pack-published")
+        pack, live, self._pack = self._pack, self._pack_live, None
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="pack-publish")
+        self._publishing.append(self._publisher.submit(_publish, pack, live))
+
+    def _published(self) -> None:
+        """Wait for every pack to be published, then make their names durable."""
+        futures, self._publishing = self._publishing, []
+        for future in futures:
+            self._packs.append(future.result())
+        if futures:
+            fsync_dir(self._ctx.pack_dir)
+
+    def _stop_publisher(self) -> None:
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
 
     def _note_files(self, *paths: str) -> None:
         """Journal the files before they exist, so recovery can always find them."""
@@ -227,14 +245,20 @@ class CheckpointWriter:
         self._check_open()
         if self._pack is not None:
             self._finish_pack()
-        manifest = self._manifest()
-        self._new.use(cid for rec in manifest.streams for cid, _ in rec.chunks)
-        data = encode(manifest, self._ctx.mac_key)
-        manifest_rel = self._ctx.manifest_rel(self.checkpoint_id)
-        self._note_files(manifest_rel, manifest_rel + ".tmp")
-        write_atomic(self._ctx.manifest_path(self.checkpoint_id), data)
+        with timings.stage("fsync"):
+            try:
+                self._published()
+            finally:
+                self._stop_publisher()
+        with timings.stage("commit"):
+            manifest = self._manifest()
+            data = encode(manifest, self._ctx.mac_key)
+            manifest_rel = self._ctx.manifest_rel(self.checkpoint_id)
+            self._note_files(manifest_rel, manifest_rel + ".tmp")
+        with timings.stage("fsync"):
+            write_atomic(self._ctx.manifest_path(self.checkpoint_id), data)
         crashpoint("write.manifest-published")
-        with self._ctx.catalog.transaction() as db:
+        with timings.stage("commit"), self._ctx.catalog.transaction() as db:
             stored = self._insert_rows(db, manifest, data)
             db.execute("DELETE FROM journal WHERE id=?", (self._jid,))
             if in_transaction is not None:
@@ -298,6 +322,8 @@ class CheckpointWriter:
         if self._pack is not None:
             self._pack.discard()
             self._pack = None
+        self._stop_publisher()   # let a pack being published finish: its files are undone below
+        self._publishing = []
         self._new.drop()
         self._parent_packs.close()
         self._ctx.undo_files(self._created)
@@ -310,22 +336,9 @@ class CheckpointWriter:
             raise UsageError(f"checkpoint {self.checkpoint_id}: writer already committed or aborted")
 
 
-def _seal_all(cipher: Any, chunks: list[tuple[bytes, bytes, int]], delta: DeltaEncoder | None,
-              places: dict[bytes, tuple[Any, ...]]) -> list[tuple[bytes, bytes, bytes, int, list[bytes] | None]]:
-    """Seal each chunk whole, or as a delta against the parent when that saves at least half of it:
-    (id, nonce, sealed, plaintext length, base ids of a delta or None)."""
-    out = []
-    for cid, data, offset in chunks:
-        found = delta.encode(data, offset, places) if delta is not None else None
-        if found is None:
-            out.append((cid, *cipher.seal(cid, data), len(data), None))
-        else:
-            payload, bases = found
-            out.append((cid, *cipher.seal(cid, payload, delta=True), len(data), bases))
-    return out
-
-
-def _feed_all(engine: Any, blocks: Iterable[bytes]) -> Iterator[Any]:
-    for block in blocks:
-        yield from engine.feed(block)
-    yield from engine.finish()
+def _publish(pack: PackWriter, live: int) -> tuple[str, int, int, int]:
+    """(name, size, entries, live bytes) of a pack made durable under its final name."""
+    with timings.stage("fsync"):
+        size = pack.finish(publish_dir=False)
+    crashpoint("write.pack-published")
+    return pack.name, size, pack.entries, live

@@ -5,13 +5,16 @@ budget the spool is an unnamed memory file `xl save` writes directly (the pause 
 a bare `xl save` costs); otherwise `xl save` writes a fifo and a thread tees it, encrypted, into
 an unnamed file on disk, which the store reads as it grows.  ``start_save`` returns as soon as
 `xl save` has finished, so the guest's pause never waits for ingestion; the caller waits for
-it (``SaveIngest.wait``) before committing.  Rollback: the store feeds
-`xl restore` through a fifo, decrypting ahead of the writes.
+it (``SaveIngest.wait``) before committing.  Rollback: the store checks the checkpoint once, writing
+the guest memory it checked into an image spool (``image_spool``), and `xl restore` reads that copy:
+straight from an unnamed memory file when it fits the RAM budget, else through a fifo from an
+encrypted nameless file.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import io
@@ -19,9 +22,9 @@ import os
 import resource
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -38,6 +41,7 @@ _PIPE_SIZE = 1 << 20          # fewer wake-ups per GiB than the default 64 KiB p
 _F_SETPIPE_SZ = 1031
 _SPOOL_SUFFIX = ".spool"
 _LOW_PRIORITY = 19
+_FOLLOW_S = 0.01              # how often ingestion learns how far `xl save` has written into memory
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -81,38 +85,44 @@ class _Spool:
         self._ended = False        # the writer stopped: at EOF (``_complete``) or on an error
         self._complete = False
         self._cancelled = False
+        self._pos = 0              # the reader's: what it has consumed
+        self._punch = True         # until the file system refuses a hole
 
-    def _plain(self, data: memoryview, out: bytearray) -> memoryview:
-        """What was written, from what the file holds."""
-        return data
+    def _read_at(self, view: memoryview, pos: int) -> int:
+        """Read what the file holds at ``pos`` as plaintext into ``view``."""
+        assert self._fd is not None
+        try:
+            return os.preadv(self._fd, [view], pos)
+        except OSError as exc:
+            raise storage_error(exc, Path(self._where), "reading the snapshot spool") from None
+
+    def readinto(self, buffer: Any) -> int:
+        """Up to ``len(buffer)`` bytes of the plaintext as they arrive, 0 at the end; what was read is
+        punched out of the spool.  The store's feeding thread reads straight into its ring."""
+        view = memoryview(buffer).cast("B")
+        with self._cond:
+            while self._pos == self._size and not self._ended and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise XlError("snapshot cancelled while the store was ingesting the guest memory")
+            size = self._size
+        if self._pos == size:
+            if not self._complete:
+                raise XlError("the guest memory stream from `xl save` broke off; see the error above")
+            return 0
+        assert self._fd is not None
+        n = self._read_at(view[:min(size - self._pos, len(view))], self._pos)
+        if n <= 0:
+            raise XlError(f"{self._where}: the snapshot spool is shorter than what was written to it")
+        self._punch = self._punch and _punch_hole(self._fd, self._pos, n)
+        self._pos += n
+        return n
 
     def blocks(self) -> Iterator[memoryview]:
         """The plaintext, block by block, as it arrives; each block is valid until the next."""
-        buf, out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
-        pos = 0
-        punch = True
-        while True:
-            with self._cond:
-                while pos == self._size and not self._ended and not self._cancelled:
-                    self._cond.wait()
-                if self._cancelled:
-                    raise XlError("snapshot cancelled while the store was ingesting the guest memory")
-                size = self._size
-            if pos == size:
-                if not self._complete:
-                    raise XlError("the guest memory stream from `xl save` broke off; see the error above")
-                return
-            assert self._fd is not None
-            want = min(size - pos, _BLOCK)
-            try:
-                n = os.preadv(self._fd, [memoryview(buf)[:want]], pos)
-            except OSError as exc:
-                raise storage_error(exc, Path(self._where), "reading the snapshot spool") from None
-            if n <= 0:
-                raise XlError(f"{self._where}: the snapshot spool is shorter than what was written to it")
-            yield self._plain(memoryview(buf)[:n], out)
-            punch = punch and _punch_hole(self._fd, pos, n)
-            pos += n
+        buf = bytearray(_BLOCK)
+        while n := self.readinto(buf):
+            yield memoryview(buf)[:n]
 
     def _grew(self, size: int, *, ended: bool = False, complete: bool = False) -> None:
         with self._cond:
@@ -137,7 +147,27 @@ class _MemorySpool(_Spool):
     costs what a bare `xl save` to a file costs, and no byte of the image touches a disk."""
 
     def __init__(self) -> None:
-        super().__init__(os.memfd_create("xen-vtpm-spool", os.MFD_CLOEXEC), "the in-memory snapshot spool")
+        fd = os.memfd_create("xen-vtpm-spool", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # Never shorter than it was: the store maps it and reads it in place while xl writes.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        super().__init__(fd, "the in-memory snapshot spool")
+
+    def fileno(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def wait_beyond(self, size: int) -> tuple[int, bool]:
+        """Until `xl save` has written more than ``size`` bytes, or finished: (bytes written, finished).
+        The store maps the file and reads those bytes in place, and gives back (punches out) the
+        ranges it is done with."""
+        with self._cond:
+            while self._size <= size and not self._ended and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise XlError("snapshot cancelled while the store was ingesting the guest memory")
+            if self._ended and not self._complete:
+                raise XlError("the guest memory stream from `xl save` broke off; see the error above")
+            return self._size, self._ended
 
     @property
     def path(self) -> str:
@@ -156,6 +186,15 @@ class _MemorySpool(_Spool):
     def size(self) -> int:
         return self._size
 
+    def follow(self, done: threading.Event) -> None:
+        """While `xl save` writes (until ``done``), let the store read what it has written so far:
+        xl writes its stream in order and the file's size only covers bytes already copied in, so
+        ingestion overlaps the save (at the lowest priority, on the core xl leaves free)."""
+        while not done.wait(_FOLLOW_S):
+            size = os.fstat(self._fd).st_size if self._fd is not None else 0
+            if size > self._size:
+                self._grew(size)
+
     def written(self) -> None:
         """`xl save` returned: the store may read all it wrote."""
         assert self._fd is not None
@@ -172,6 +211,7 @@ class _DiskSpool(_Spool):
         key, nonce = os.urandom(32), os.urandom(16)
         self._enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
         self._dec = Cipher(algorithms.AES(key), modes.CTR(nonce)).decryptor()
+        self._scratch, self._out = bytearray(_BLOCK), bytearray(_BLOCK + 15)
 
     def fill(self, source: io.RawIOBase) -> int:
         """Append ``source`` to EOF; returns the byte count."""
@@ -200,9 +240,14 @@ class _DiskSpool(_Spool):
             except OSError as exc:
                 raise storage_error(exc, Path(self._where), "writing the snapshot spool") from None
 
-    def _plain(self, data: memoryview, out: bytearray) -> memoryview:
-        self._dec.update_into(data, out)
-        return memoryview(out)[:len(data)]
+    def _read_at(self, view: memoryview, pos: int) -> int:
+        """Decrypt what the file holds at ``pos`` into ``view`` (the keystream runs on in read order)."""
+        scratch = memoryview(self._scratch)[:min(len(view), _BLOCK)]
+        n = super()._read_at(scratch, pos)
+        out = self._out
+        self._dec.update_into(scratch[:n], out)
+        view[:n] = memoryview(out)[:n]
+        return n
 
 
 def _restore_priority() -> None:
@@ -238,7 +283,7 @@ class SaveIngest:
             if os.getpriority(os.PRIO_PROCESS, 0) < _LOW_PRIORITY:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOW_PRIORITY)
         try:
-            record = writer.add_stream("memory", self._spool.blocks(),
+            record = writer.add_stream("memory", self._spool,
                                        progress=self._bar.update if self._bar is not None else None)
             self._outcome["bytes"] = record.length
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
@@ -263,6 +308,38 @@ class SaveIngest:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Image(Protocol):
+    """A checkpoint's guest memory, checked: written at stream offsets of ``fd``; on disk its bytes are
+    AES-256-CTR under ``ctr = (key, counter block of offset 0)``, a key that exists only in this process."""
+    @property
+    def fd(self) -> int: ...
+    @property
+    def ctr(self) -> tuple[bytes, bytes] | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpool:
+    """Where a rollback's check of a checkpoint writes the guest memory it checked (an ``Image``), and
+    what `xl restore` reads afterwards."""
+    fd: int
+    ctr: tuple[bytes, bytes] | None
+
+
+def _image_blocks(image: Image, where: str) -> Iterator[bytes]:
+    """The plaintext from offset 0 (for the disk kind: decrypted)."""
+    dec = Cipher(algorithms.AES(image.ctr[0]), modes.CTR(image.ctr[1])).decryptor() if image.ctr else None
+    pos = 0
+    while True:
+        try:
+            block = os.pread(image.fd, _BLOCK, pos)
+        except OSError as exc:
+            raise storage_error(exc, Path(where), "reading the image spool") from None
+        if not block:
+            return
+        pos += len(block)
+        yield dec.update(block) if dec is not None else block
 
 
 class XlStreams:
@@ -339,8 +416,15 @@ class XlStreams:
         spool = _MemorySpool()
         bar = self._open_bar("snapshot: guest memory")
         ingest = SaveIngest(spool, writer, bar)
+        saved = threading.Event()
+        follower = threading.Thread(target=spool.follow, args=(saved,), name="spool-follow", daemon=True)
+        follower.start()
         try:
-            self.xl.save(guest, spool.path, leave_paused=leave_paused)
+            try:
+                self.xl.save(guest, spool.path, leave_paused=leave_paused)
+            finally:
+                saved.set()
+                follower.join()
         except XlError:
             try:
                 spool.check_within_file_size_limit()
@@ -352,7 +436,7 @@ class XlStreams:
             raise
         spool.written()
         if bar is not None:
-            bar.total = spool.size   # known exactly before ingestion starts
+            bar.total = spool.size   # known exactly once `xl save` returned
         return ingest
 
     def _save_into(self, guest: str, fifo: Path, spool: _DiskSpool, leave_paused: bool) -> None:
@@ -376,9 +460,31 @@ class XlStreams:
         if "error" in result:
             raise result["error"]
 
-    def restore_from(self, guest: str, blocks: Iterable[bytes], total: int | None, *, paused: bool) -> None:
-        """Feed the image ``blocks`` yields (a checkpoint already verified) into `xl restore` through
-        a fifo.  ``blocks`` is consumed, and closed, on a thread of its own."""
+    @contextlib.contextmanager
+    def image_spool(self, expected_bytes: int) -> Iterator[ImageSpool]:
+        """A spool for a checkpoint's guest memory of about ``expected_bytes``: an unnamed memory file when
+        it fits the RAM budget (`spool_ram_mib`), else an encrypted nameless file.  Freed on exit."""
+        self.sweep_spools()
+        if expected_bytes + (expected_bytes >> 6) + (16 << 20) <= self._ram_budget():
+            spool = ImageSpool(os.memfd_create("xen-vtpm-image", os.MFD_CLOEXEC), None)
+        else:
+            self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+            spool = ImageSpool(_nameless_file(self.tmp), (os.urandom(32), os.urandom(16)))
+        try:
+            yield spool
+        finally:
+            os.close(spool.fd)
+
+    def restore_image(self, guest: str, image: Image, *, paused: bool) -> None:
+        """`xl restore` of a checked image: read in place when it is in memory (the cost of a bare
+        restore), else decrypted into a fifo."""
+        if image.ctr is None:
+            self.xl.restore(f"/proc/{os.getpid()}/fd/{image.fd}", paused=paused)
+        else:
+            self._restore_through_fifo(guest, _image_blocks(image, str(self.tmp)), os.fstat(image.fd).st_size,
+                                       paused=paused)
+
+    def _restore_through_fifo(self, guest: str, blocks: Iterator[bytes], total: int | None, *, paused: bool) -> None:
         with self._fifo() as fifo:
             result: dict[str, Any] = {}
 
