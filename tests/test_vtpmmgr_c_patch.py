@@ -57,7 +57,9 @@ def test_patch_is_git_format_patch():
     assert first.startswith("From ") and first.endswith(" Mon Sep 17 00:00:00 2001")
     assert "\nSubject: [PATCH] vtpmmgr: checkpoint extension" in text
     added, changed = _patch_files()
-    assert added == {"vtpm_checkpoint.c", "vtpm_checkpoint.h", "ckpt_request.c", "ckpt_request.h"}
+    assert added == {"vtpm_checkpoint.c", "vtpm_checkpoint.h", "ckpt_request.c", "ckpt_request.h",
+                     "vtpm_transfer.c", "vtpm_transfer.h", "xfer_request.c", "xfer_request.h", "xfer_envelope.c",
+                     "xfer_envelope.h", "xfer_tpm2.c", "xfer_tpm2.h", "xfer_transmit_xen.c"}
     assert changed == {"Makefile", "init.c", "vtpm_cmd_handler.c", "vtpm_disk.h", "vtpmmgr.c"}
 
 
@@ -66,7 +68,10 @@ def test_patch_applies_and_adds_the_extension_verbatim(patched):
     for name in added:
         assert (patched / name).read_bytes() == (VTPMMGR / "src" / name).read_bytes(), \
             f"{name}: vtpmmgr/src and the patch differ; run vtpmmgr/tools/refresh-patch.sh"
-    assert "vtpm_checkpoint.o ckpt_request.o" in (patched / "Makefile").read_text()
+    makefile = (patched / "Makefile").read_text()
+    assert "vtpm_checkpoint.o ckpt_request.o" in makefile
+    # every transfer object, the stub domain's transport (Xen's TPM_TransmitData) included
+    assert "vtpm_transfer.o xfer_request.o xfer_envelope.o xfer_tpm2.o xfer_transmit_xen.o" in makefile
     assert "#define VTPM_FLAG_CHECKPOINT 2" in (patched / "vtpm_disk.h").read_text()
     handler = (patched / "vtpm_cmd_handler.c").read_text()
     assert "opq->vtpm->flags & VTPM_FLAG_CHECKPOINT" in handler          # find_vtpm_verified refuses
@@ -78,7 +83,8 @@ def test_patch_applies_and_adds_the_extension_verbatim(patched):
 
 
 @pytest.mark.parametrize("name", ["vtpm_checkpoint.c", "ckpt_request.c", "vtpm_cmd_handler.c", "vtpmmgr.c",
-                                  "init.c", "vtpm_disk.c", "disk_read.c", "disk_write.c"])
+                                  "init.c", "vtpm_disk.c", "disk_read.c", "disk_write.c", "vtpm_transfer.c",
+                                  "xfer_request.c", "xfer_envelope.c", "xfer_tpm2.c", "xfer_transmit_xen.c"])
 def test_patched_file_compiles_with_the_shim(patched, name):
     out = subprocess.run(["gcc", *CFLAGS, f"-I{VTPMMGR / 'shim' / 'include'}", f"-I{patched}", name,
                           "-o", os.devnull], cwd=patched, capture_output=True, text=True, timeout=120)

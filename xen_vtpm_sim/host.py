@@ -182,7 +182,7 @@ def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
 def _create_manager(d: Path, stock: bool) -> None:
     img = d / "images" / "vtpmmgr.img"
     write_image(img)
-    extra = "tpm2=1" + (" checkpoint=0" if stock else "")
+    extra = "tpm2=1" + (" checkpoint=0" if stock else " transfer=1")
     _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
                             'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
