@@ -25,6 +25,7 @@ import pytest
 import crash_helpers as ch
 from crash_helpers import GUEST
 from sim_fixture import start_sim_host, stop_sim_host
+from xen_vtpm.core.steps import MOVES
 
 STEPS = ch.coordinator_steps()
 RESULTS: list[tuple[str, str, str]] = []
@@ -162,10 +163,11 @@ def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
         seen = ch.recorded_steps(ch.state_dir(sim))
     finally:
         stop_sim_host(sim)
-    for kind, steps in STEPS.items():
+    local = {kind: steps for kind, steps in STEPS.items() if kind not in MOVES}   # moves: test_migrate_crash.py
+    for kind, steps in local.items():
         assert seen.get(kind), f"no clean {kind} was journaled"
         assert seen[kind][-1] == steps, f"{kind}: journal recorded {seen[kind][-1]}, source lists {steps}"
-    assert set(seen) == set(STEPS), f"journaled kinds {sorted(seen)} vs covered {sorted(STEPS)}"
+    assert set(seen) == set(local), f"journaled kinds {sorted(seen)} vs covered {sorted(local)}"
 
 
 class TestSnapshot:

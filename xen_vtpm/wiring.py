@@ -18,8 +18,11 @@ from xen_vtpm.core.coordinator import Coordinator
 from xen_vtpm.core.journal import Journal
 from xen_vtpm.core.locks import VmLock
 from xen_vtpm.errors import PreconditionFailed, StorageError, XlError
+from xen_vtpm.host.identity import TpmIdentity
+from xen_vtpm.host.peers import HostPeers
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
+from xen_vtpm.host.trusted import TrustStore
 from xen_vtpm.store import Repository
 from xen_vtpm.vtpm.stubdom import StubdomBackend
 from xen_vtpm.xen.domains import Guests
@@ -44,6 +47,7 @@ class Ports:
     audit: AuditTrail
     journal: Journal
     streams: XlStreams
+    peers: HostPeers
 
     def lock(self, vm_uuid: str, label: str) -> VmLock:
         return VmLock(Path(self.cfg.state_dir), vm_uuid, label)
@@ -78,15 +82,30 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
             store.close()
         xs.close()
         raise
-    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl), vtpm=StubdomBackend(cfg, xs, xl), store=store,
-                 host=host, audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress))
+    vtpm = StubdomBackend(cfg, xs, xl)
+    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl), vtpm=vtpm, store=store, host=host,
+                 audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress),
+                 peers=HostPeers(cfg, TpmIdentity(cfg, lambda: _move_keys(vtpm)), TrustStore(cfg)))
+
+
+def _move_keys(vtpm: StubdomBackend) -> dict[str, bytes]:
+    """Per vTPM backend kind, the key a vTPM moving to this host is wrapped for."""
+    key = vtpm.move_key()
+    return {vtpm.move_kind(): key} if key is not None else {}
+
+
+@contextlib.contextmanager
+def session(cfg: Config, progress: Progress | None = None) -> Iterator[tuple[Coordinator, Ports]]:
+    """A coordinator over the real adapters, and the adapters, closed when the block ends."""
+    ports = open_ports(cfg, progress)
+    try:
+        yield Coordinator(ports), ports
+    finally:
+        ports.close()
 
 
 @contextlib.contextmanager
 def coordinator(cfg: Config, progress: Progress | None = None) -> Iterator[Coordinator]:
     """A coordinator over the real adapters, closed when the block ends."""
-    ports = open_ports(cfg, progress)
-    try:
-        yield Coordinator(ports)
-    finally:
-        ports.close()
+    with session(cfg, progress) as (coord, _):
+        yield coord

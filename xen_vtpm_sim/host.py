@@ -154,7 +154,7 @@ def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
                      xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images")
+                     domain_cfg_dir=d / "images", vtpm_image_dir=d / "images")
         cfg.save(d / "config.ini")
         _write_xl(d)
         if module_available("xen_vtpm_sim.vtpmmgr"):

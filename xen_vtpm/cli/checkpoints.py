@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace, cfg: Config, call: Callable[[Coordinator], An
     return 0
 
 
-def _secret(path: str | None) -> bytes | None:
+def read_secret(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
@@ -51,7 +51,7 @@ def cmd_rollback(args: argparse.Namespace, cfg: Config) -> int:
     if not args.yes:
         raise UsageError(f"rollback {args.domain} {args.checkpoint}: a rollback discards the guest's current "
                          "state and rolls its vTPM back; add --yes to confirm")
-    secret = _secret(args.auth_file)
+    secret = read_secret(args.auth_file)
     return _run(args, cfg, lambda c: c.rollback(args.domain, args.checkpoint, auth_secret=secret,
                                                 safety_checkpoint=not args.no_safety_checkpoint,
                                                 paused=args.paused))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from typing import Any
 
 from xen_vtpm.errors import (
@@ -33,8 +32,10 @@ from xen_vtpm.errors import (
 from xen_vtpm.model import CatalogEntry, Checkpoint, Guest, VtpmCapture, VtpmRef
 
 from . import steps as S
-from .interfaces import Draft, Ports
+from .base import Sequences
+from .interfaces import Draft, IncomingMove, Ports
 from .journal import Operation, OpParams
+from .migration import Migration
 
 
 def _default_name(kind: str, ckpt_id: str) -> str:
@@ -42,9 +43,10 @@ def _default_name(kind: str, ckpt_id: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt_id[:6]}"
 
 
-class Coordinator:
+class Coordinator(Sequences):
     def __init__(self, ports: Ports) -> None:
-        self.p = ports
+        super().__init__(ports)
+        self.moves = Migration(ports, self.recover)
 
     # --- snapshot ----------------------------------------------------------------
     def snapshot(self, domain: str, name: str | None = None) -> dict[str, Any]:
@@ -104,52 +106,6 @@ class Coordinator:
         self.p.journal.step(op, S.MANAGER_CHECKPOINT, manager_checkpoint=ckpt_id)
         return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
                 else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
-
-    def _step_once(self, op: Operation, name: str, action: Callable[[], Any]) -> None:
-        """Journal and run a step; when recover resumes an op, skip the steps that completed.
-
-        A step is journaled only after the previous one's action returned, so every step before
-        the resume point is done; the resume point itself may not be, and is re-run (actions are
-        idempotent).  Steps after it run as new."""
-        if op.reached(name):
-            if name != op.resume_point:
-                return
-        else:
-            self.p.journal.step(op, name)
-        action()
-
-    def _destroy_if_present(self, name: str) -> None:
-        if self.p.guests.exists(name):
-            self.p.xl.destroy(name)
-
-    @staticmethod
-    def _check_can_suspend(guest: Guest) -> None:
-        """I3 needs the guest to suspend itself; a paused guest cannot answer the request and
-        `xl save` would only time out."""
-        if guest.paused:
-            raise PreconditionFailed(f"{guest.name}: the guest is paused and cannot suspend itself; "
-                                     f"`xl unpause {guest.name}` first")
-
-    def _commit(self, op: Operation, commit: Callable[[], dict[str, Any]], *, action: str, vm: str,
-                checkpoint: str) -> dict[str, Any]:
-        """Commit the checkpoint and bind it to the head in one hold of the host lock.
-
-        A crash in between leaves a committed checkpoint that `recover` binds (roll forward);
-        no freshness check ever sees the catalog without its head."""
-        with self.p.host.exclusive():
-            summary = commit()
-            self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
-        return summary
-
-    def _finish(self, op: Operation, *, action: str, vm: str, checkpoint: str | None,
-                outcome: str = "done") -> None:
-        """Log, then move the counter-bound head: the increment anchors the audit record too."""
-        if not op.reached(S.ADVANCE_HEAD):
-            self.p.journal.step(op, S.ADVANCE_HEAD)
-        # "op N" marks the operation ended in the anchored log: recover never runs it again.
-        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
-        self.p.host.advance()
-        self.p.journal.finish(op, outcome)
 
     def _undo_snapshot(self, op: Operation, draft: Draft | None) -> bool:
         """Every action idempotent: used right after a failure and by recover.  If any action
@@ -340,6 +296,19 @@ class Coordinator:
         self._step_once(op, S.RESTORE_GUEST, restore_guest)
         self._finish(op, action=S.RESTORE, vm=guest, checkpoint=ckpt.id)
 
+    # --- moves to and from other hosts (core/migration.py) -------------------------------
+    def migrate(self, domain: str, host: str, ssh: str, *, with_checkpoints: bool = False,
+                auth_secret: bytes | None = None) -> dict[str, Any]:
+        self.recover()
+        return self.moves.migrate(domain, host, ssh, with_checkpoints=with_checkpoints, auth_secret=auth_secret)
+
+    def receive(self, link: IncomingMove) -> dict[str, Any]:
+        """The destination's side, once the handshake passed (run ``recover`` before it)."""
+        return self.moves.receive(link)
+
+    def outcome_of(self, transfer: str) -> str:
+        return self.moves.outcome_of(transfer)
+
     # --- delete / verify ---------------------------------------------------------
     def delete(self, checkpoint: str) -> dict[str, Any]:
         self.recover()
@@ -355,14 +324,6 @@ class Coordinator:
                 self.p.vtpm.discard(ckpt.manager_checkpoint)
             self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
             return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
-
-    def _delete_and_bind(self, checkpoint_id: str) -> int:
-        """Delete from the store and bind the smaller catalog to the head at once, so a manager
-        that is down for the discard that follows leaves nothing that reads as tampering."""
-        with self.p.host.exclusive():
-            freed = self.p.store.delete(checkpoint_id, missing_ok=True)
-            self.p.host.advance()
-        return freed
 
     def checkpoints(self, domain: str | None) -> list[tuple[CatalogEntry, Checkpoint | IntegrityError]]:
         vm_uuid = None
@@ -385,26 +346,6 @@ class Coordinator:
         # Catalog entries only: opening a manifest already checks its MAC, which must be logged too.
         entries = [self.p.store.entry(checkpoint)] if checkpoint else self.p.store.entries()
         return [self._verify_logged(entry, "verify") for entry in entries]
-
-    def _check_fresh(self, action: str, vm: str | None, checkpoint: str | None = None) -> None:
-        """Freshness against the TPM counter and the bound catalog; damage found here is a
-        security event like a failed verify, so it is logged (best effort, as there)."""
-        try:
-            self.p.host.check_fresh()
-        except IntegrityError as exc:
-            with contextlib.suppress(XenVtpmError):
-                self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result=f"refused: {exc}"[:500])
-            raise
-
-    def _verify_logged(self, ckpt: CatalogEntry | Checkpoint, action: str) -> dict[str, Any]:
-        """Verify a checkpoint; a failed integrity check is a security event, so it is logged
-        (best effort: the audit table may be what was tampered with)."""
-        try:
-            return self.p.store.verify(ckpt.id)
-        except IntegrityError as exc:
-            with contextlib.suppress(XenVtpmError):
-                self.p.audit.append(action=action, vm=ckpt.vm_name, checkpoint=ckpt.id, result=f"refused: {exc}"[:500])
-            raise
 
     # --- recover -----------------------------------------------------------------
     def recover(self) -> list[dict[str, Any]]:
@@ -458,6 +399,10 @@ class Coordinator:
         elif op.kind == S.RESTORE:
             self._restore_forward(op, self.p.store.get(ckpt_id))
             outcome = "finished"
+        elif op.kind == S.MIGRATE:
+            outcome = self.moves.recover_source(op)
+        elif op.kind == S.MIGRATE_IN:
+            outcome = self.moves.recover_destination(op)
         elif op.kind == S.DELETE:
             self._delete_and_bind(ckpt_id)
             if op.params.manager_checkpoint:

@@ -23,6 +23,13 @@ UNPAUSE_GUEST: Final = "unpause-guest"
 DELETE_STORE: Final = "delete-store"
 DISCARD_MANAGER: Final = "discard-manager"
 ADVANCE_HEAD: Final = "advance-head"               # audit record, counter increment, journal end
+# A move (docs/migration.md): the source's steps, then the destination's.
+EXPORT_VTPM: Final = "export-vtpm"                 # the secret wrapped for the destination; parked here
+EXPORT_CHECKPOINTS: Final = "export-checkpoints"   # --with-checkpoints: their manager entries wrapped too
+SEND: Final = "send"                               # from here only the destination decides the outcome
+FINISH_SOURCE: Final = "finish-source"             # the destination committed: this host's copy goes
+IMPORT_VTPM: Final = "import-vtpm"                 # state and secret stored as this host's, provisionally
+IMPORT_CHECKPOINTS: Final = "import-checkpoints"   # the moved checkpoints committed to this host's store
 
 # --- operation kinds and their steps ------------------------------------------------------------
 SNAPSHOT: Final = "snapshot"
@@ -31,6 +38,8 @@ ROLLBACK: Final = "rollback"
 SAVE: Final = "save"
 RESTORE: Final = "restore"
 DELETE: Final = "delete"
+MIGRATE: Final = "migrate"                         # the source of a move
+MIGRATE_IN: Final = "migrate-in"                   # the destination of a move (its commit step decides)
 
 _CAPTURE = (GUEST_SAVE, MANAGER_CHECKPOINT, COMMIT)
 _PUT_BACK = (STOP_VTPM, PUT_BACK_VTPM, START_VTPM)
@@ -42,7 +51,12 @@ SEQUENCES: Final[dict[str, tuple[str, ...]]] = {
     SAVE: (*_CAPTURE, DESTROY_GUEST, ADVANCE_HEAD),
     RESTORE: (*_PUT_BACK, RESTORE_GUEST, ADVANCE_HEAD),
     DELETE: (DELETE_STORE, DISCARD_MANAGER, ADVANCE_HEAD),
+    MIGRATE: (GUEST_SAVE, EXPORT_VTPM, EXPORT_CHECKPOINTS, SEND, FINISH_SOURCE, ADVANCE_HEAD),
+    MIGRATE_IN: (IMPORT_VTPM, IMPORT_CHECKPOINTS, START_VTPM, RESTORE_GUEST, COMMIT, ADVANCE_HEAD),
 }
+
+# The two halves of a move run on two hosts; each side's journal has its own.
+MOVES: Final = frozenset({MIGRATE, MIGRATE_IN})
 
 # Kinds that write a checkpoint: until it is committed, recover undoes them.
 CAPTURING: Final = frozenset({SNAPSHOT, PRE_ROLLBACK, SAVE})

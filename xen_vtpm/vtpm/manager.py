@@ -161,12 +161,14 @@ class ManagerClient:
 
 
     # --- moving a vTPM to another host's manager (docs/protocol.md §9) -------------------------------
-    def _transfer(self, op: str, vtpm_uuid: str, timeout: float | None = None, **extra: str) -> tuple[str, str]:
+    def _transfer(self, op: str, vtpm_uuid: str, timeout: float | None = None,
+                  **extra: str | None) -> tuple[str, str]:
         mgr = self.info()
         if mgr.transfer_key is None:
             raise NoCheckpointFeature(f"{mgr.name}: the vTPM manager cannot move vTPMs (no feature-transfer); "
                                       "start it with transfer=1 in its extra= (docs/protocol.md §9)")
-        fields = {"uuid": _canonical(vtpm_uuid, "vTPM uuid"), **{k: v for k, v in extra.items() if v is not None}}
+        fields = {"uuid": _canonical(vtpm_uuid, "vTPM uuid")}
+        fields.update({k: v for k, v in extra.items() if v is not None})
         return self._request(op, fields, timeout)
 
     def export(self, vtpm_uuid: str, transfer: str, recipient: bytes,
