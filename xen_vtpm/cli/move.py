@@ -33,7 +33,7 @@ def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
     secret = read_secret(args.auth_file)
     with wiring.coordinator(cfg) as coord:
         result = coord.migrate(args.domain, args.host, args.ssh, with_checkpoints=args.with_checkpoints,
-                               auth_secret=secret)
+                               auth_secret=secret, paused=args.paused)
     render.emit(args, result, _moved)
     return 0
 
@@ -124,7 +124,9 @@ def cmd_trust_remove(args: argparse.Namespace, cfg: Config) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("migrate", help="move a guest and its vTPM to another host (like `xl migrate`)")
     sp.add_argument("-s", dest="ssh", metavar="SSHCOMMAND", default="ssh",
-                    help="how to reach HOST: runs `SSHCOMMAND HOST xen-vtpm migrate-receive` (default: ssh)")
+                    help="how to reach HOST, as for `xl migrate`: runs `SSHCOMMAND HOST xen-vtpm migrate-receive` "
+                         "through sh (default: ssh)")
+    sp.add_argument("-p", dest="paused", action="store_true", help="leave the guest paused on HOST after the move")
     sp.add_argument("--with-checkpoints", action="store_true",
                     help="move the guest's checkpoints too (by default they stay on this host)")
     sp.add_argument("--auth-file", metavar="F", help="file holding the rollback secret (a move needs it when set)")

@@ -298,9 +298,10 @@ class Coordinator(Sequences):
 
     # --- moves to and from other hosts (core/migration.py) -------------------------------
     def migrate(self, domain: str, host: str, ssh: str, *, with_checkpoints: bool = False,
-                auth_secret: bytes | None = None) -> dict[str, Any]:
+                auth_secret: bytes | None = None, paused: bool = False) -> dict[str, Any]:
         self.recover()
-        return self.moves.migrate(domain, host, ssh, with_checkpoints=with_checkpoints, auth_secret=auth_secret)
+        return self.moves.migrate(domain, host, ssh, with_checkpoints=with_checkpoints, auth_secret=auth_secret,
+                                  paused=paused)
 
     def receive(self, link: IncomingMove) -> dict[str, Any]:
         """The destination's side, once the handshake passed (run ``recover`` before it)."""

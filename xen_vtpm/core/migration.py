@@ -93,8 +93,8 @@ class Migration(Sequences):
         self._recover_all = recover
 
     # --- source ---------------------------------------------------------------------------
-    def migrate(self, domain: str, host: str, ssh: str, *, with_checkpoints: bool,
-                auth_secret: bytes | None) -> dict[str, Any]:
+    def migrate(self, domain: str, host: str, ssh: str, *, with_checkpoints: bool, auth_secret: bytes | None,
+                paused: bool = False) -> dict[str, Any]:
         guest = self.p.guests.find(domain)
         with self.p.lock(guest.uuid, guest.name):
             self._check_fresh(S.MIGRATE, guest.name)
@@ -117,7 +117,8 @@ class Migration(Sequences):
             try:
                 op = self.p.journal.begin(S.MIGRATE, guest.uuid, OpParams(
                     guest=guest.name, vtpm=vt.backend, vtpm_uuid=vt.uuid, host=host, ssh=ssh,
-                    transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(c.id for c in moving)))
+                    transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(c.id for c in moving),
+                    paused=paused))
                 outcome = self._send(op, link, guest.name, guest.uuid, guest.mem_mib << 20, vt, moving)
             finally:
                 link.close()
@@ -149,7 +150,8 @@ class Migration(Sequences):
         self.p.journal.step(op, S.SEND)
         try:
             link.send_json(META, {"guest": name, "vm_uuid": vm_uuid, "memory_bytes": spool.size,
-                                  "vtpm": export.meta(), "checkpoints": [c.id for c in moving]})
+                                  "vtpm": export.meta(), "checkpoints": [c.id for c in moving],
+                                  "paused": op.params.paused})
             link.send_bytes(VTPM_STATE, [export.state])
             link.send_bytes(MEMORY, spool.blocks())
             for ckpt in moving:
@@ -194,13 +196,14 @@ class Migration(Sequences):
         if not op.reached(S.FINISH_SOURCE):
             self.p.journal.step(op, S.FINISH_SOURCE)
         self._destroy_if_present(params.guest)
-        self.p.vtpm.remove(ref)
+        # Checkpoint entries first: the vTPM's own entry keeps their manager group from going empty.
         for ckpt_id in params.checkpoints:
             if self.p.store.is_committed(ckpt_id):
                 manager_checkpoint = self.p.store.get(ckpt_id).manager_checkpoint
                 if manager_checkpoint:
                     self.p.vtpm.discard(manager_checkpoint)
                 self._delete_and_bind(ckpt_id)
+        self.p.vtpm.remove(ref)
         if not op.reached(S.ADVANCE_HEAD):
             self.p.audit.append(action=S.MIGRATE, vm=params.guest, checkpoint=None,
                                 result=f"moved to {peer} ({params.host})",
@@ -267,6 +270,7 @@ class Migration(Sequences):
         try:
             name, vm_uuid, mem_bytes = str(meta["guest"]), str(meta["vm_uuid"]), int(meta["memory_bytes"])
             export_meta, ckpt_ids = meta["vtpm"], [str(c) for c in meta["checkpoints"]]
+            paused = meta["paused"] is True
         except (KeyError, TypeError, ValueError):
             raise TransferError("the transfer's description is malformed (another version of xen-vtpm?)") from None
         with self.p.lock(vm_uuid, name):
@@ -293,7 +297,7 @@ class Migration(Sequences):
                 op = self.p.journal.begin(S.MIGRATE_IN, vm_uuid, OpParams(
                     guest=name, vtpm=export.ref.backend, vtpm_uuid=export.ref.uuid, host=link.peer_name,
                     transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(ckpt_ids),
-                    manager_checkpoints=tuple(str(h["manager_checkpoint"]) for h, _ in drafts)))
+                    manager_checkpoints=tuple(str(h["manager_checkpoint"]) for h, _ in drafts), paused=paused))
                 self._take_in(op, export, spool, drafts)
             except BaseException:
                 for _, draft in drafts:
@@ -354,7 +358,7 @@ class Migration(Sequences):
         if not op.reached(S.COMMIT):
             self.p.journal.step(op, S.COMMIT)
         self.p.vtpm.adopt(_ref(params))
-        if self.p.guests.exists(params.guest) and self.p.guests.is_paused(params.guest):
+        if not params.paused and self.p.guests.exists(params.guest) and self.p.guests.is_paused(params.guest):
             self.p.xl.unpause(params.guest)
         if not op.reached(S.ADVANCE_HEAD):
             self.p.audit.append(action=S.MIGRATE_IN, vm=params.guest, checkpoint=None,
@@ -367,12 +371,12 @@ class Migration(Sequences):
         params = op.params
         try:
             self._destroy_if_present(params.guest)
-            self.p.vtpm.remove(_ref(params))
             for manager_checkpoint in params.manager_checkpoints:
                 self.p.vtpm.discard(manager_checkpoint)
             for ckpt_id in params.checkpoints:
                 if self.p.store.is_committed(ckpt_id):
                     self._delete_and_bind(ckpt_id)
+            self.p.vtpm.remove(_ref(params))     # after its checkpoint entries (see _finish_source)
         except XenVtpmError as exc:
             with contextlib.suppress(XenVtpmError):
                 self.p.audit.append(action=S.MIGRATE_IN, vm=params.guest, checkpoint=None,

@@ -1,4 +1,5 @@
-"""The other host of a move, reached like `xl migrate` reaches it: ``SSHCOMMAND HOST xen-vtpm ARGS``."""
+"""The other host of a move, reached like `xl migrate` reaches it: ``sh -c "exec SSHCOMMAND HOST xen-vtpm ARGS"``
+(docs/xen-internals.md §18)."""
 from __future__ import annotations
 
 import collections
@@ -7,7 +8,7 @@ import shlex
 import subprocess
 import threading
 
-from xen_vtpm.errors import MigrationError, UsageError
+from xen_vtpm.errors import MigrationError
 
 from .wire import Wire
 
@@ -19,18 +20,15 @@ class Remote:
     stderr is kept for messages (drained on a thread, so it can never block the remote)."""
 
     def __init__(self, ssh: str, host: str, args: list[str]) -> None:
-        try:
-            argv = [*shlex.split(ssh), host, REMOTE_TOOL, *args]
-        except ValueError as exc:
-            raise UsageError(f"-s {ssh!r}: not a command line ({exc}); quote it as for a shell") from None
-        if not argv[0]:
-            raise UsageError("-s: empty ssh command; pass e.g. -s ssh")
+        # As xl_migrate.c builds its "rune" for `sh -c`: SSHCOMMAND is shell text; empty, HOST is the command.
+        tail = " ".join(shlex.quote(a) for a in args)
+        rune = f"exec {ssh} {shlex.quote(host)} {REMOTE_TOOL} {tail}" if ssh.strip() else f"exec {host} {tail}"
         self.host = host
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen(["sh", "-c", rune], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
-            raise MigrationError(f"{host}: cannot run {argv[0]!r} ({exc.strerror}); check -s SSHCOMMAND") from None
+            raise MigrationError(f"{host}: cannot run sh for {ssh!r} ({exc.strerror})") from None
         self._err: collections.deque[str] = collections.deque(maxlen=20)
         self._drain = threading.Thread(target=self._read_stderr, name="remote-stderr", daemon=True)
         self._drain.start()
