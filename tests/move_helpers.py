@@ -151,10 +151,27 @@ def capturing_ssh(where: Path) -> tuple[str, Path, Path]:
     return ssh_wrapper(where, "capture-ssh", body), out_s, out_d
 
 
-def filtering_ssh(where: Path, name: str, python_filter: str) -> str:
-    """`-s` that passes the source's bytes through a Python filter (stdin -> stdout) on the way."""
+_FILTER = """import os, sys
+flip, cut, seen = {flip}, {cut}, 0
+while True:
+    data = os.read(0, 1 << 16)          # whatever has arrived: the handshake must get through at once
+    if not data:
+        break
+    if cut is not None and seen + len(data) >= cut:
+        os.write(1, data[:cut - seen])
+        break
+    if flip is not None and seen <= flip < seen + len(data):
+        data = data[:flip - seen] + bytes([data[flip - seen] ^ 1]) + data[flip - seen + 1:]
+    os.write(1, data)
+    seen += len(data)
+"""
+
+
+def filtering_ssh(where: Path, name: str, *, flip: int | None = None, cut: int | None = None) -> str:
+    """`-s` whose wire alters the source's bytes on the way: one bit flipped at byte ``flip``, or
+    everything from byte ``cut`` on dropped (the connection then closes)."""
     filt = where / f"{name}.py"
-    filt.write_text("import sys\nsrc, dst = sys.stdin.buffer, sys.stdout.buffer\n" + python_filter)
+    filt.write_text(_FILTER.format(flip=flip, cut=cut))
     return ssh_wrapper(where, name, f'{sys.executable} {filt} | {SSH} "$@"\n')
 
 

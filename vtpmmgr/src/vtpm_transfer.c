@@ -152,6 +152,11 @@ static int do_import(const struct xfer_request *req, char *out, size_t outlen)
 		snprintf(out, outlen, "unknown vTPM uuid %s", name);
 		return -1;
 	}
+	if (req->envelope[0] != XFER_VERSION) {
+		snprintf(out, outlen, "not a version %d transfer envelope (altered, or from another version)",
+			 XFER_VERSION);
+		return -1;
+	}
 	if (xfer_tpm_zgen(xfer_envelope_point(req->envelope), q, z, out, outlen))
 		return -1;
 	binding(&b, req, q);

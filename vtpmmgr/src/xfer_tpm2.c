@@ -28,6 +28,8 @@
 /* userWithAuth | decrypt: a public key only, for ECDH_KeyGen */
 #define PEER_KEY_ATTRS 0x00020040u
 #define RC_INITIALIZE 0x00000100u       /* TPM_RC_INITIALIZE: the TPM was not started */
+#define RC_FMT1 0x00000080u             /* a format-one code: the low six bits name the error */
+#define RC_ECC_POINT 0x27u              /* TPM_RC_ECC_POINT: not a point on the key's curve */
 #define BUF_SIZE 1024
 
 struct msg {
@@ -202,6 +204,10 @@ static int run(struct msg *cmd, struct msg *rsp, const char *what, char *err, si
 		return -1;
 	}
 	rc = get_be(rsp, 4);
+	if ((rc & RC_FMT1) && (rc & 0x3f) == RC_ECC_POINT) {
+		snprintf(err, errlen, "%s: the point is not on the curve (TPM_RC_ECC_POINT): altered", what);
+		return -1;
+	}
 	if (rc) {
 		/* A TPM 1.2 answers a TPM 2.0 command with a 1.2 error code (below 0x100). */
 		snprintf(err, errlen, "%s: the physical TPM refused (rc 0x%x)%s", what, rc,
