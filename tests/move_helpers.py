@@ -15,14 +15,14 @@ import os
 import stat
 import sys
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
-from tpm2_pytss.constants import ESYS_TR
-from tpm2_pytss.types import TPM2B_PUBLIC
 
 from e2e_helpers import GUEST, E2EHost, _install_recording_xl, esapi
 from sim_fixture import SimHost, start_sim_host, stop_sim_host
+from tpm2_pytss.constants import ESYS_TR
+from tpm2_pytss.types import TPM2B_PUBLIC
+
 from xen_vtpm.xen.xlcfg import load_cfg, parse_vtpm
 from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
 
@@ -71,7 +71,7 @@ def two_hosts(base: Path, *, auth_file: Path | None = None, trust: bool = True) 
         hosts.append(_host(base, "A", guest=True, auth_file=auth_file))
         hosts.append(_host(base, "B", guest=False, auth_file=None))
         keys = {}
-        for name, h in zip("AB", hosts):
+        for name, h in zip("AB", hosts, strict=True):
             keys[name] = base / f"{name}.hostkey"
             keys[name].write_text(h.tool("host-key").stdout)
         pair = Pair(hosts[0], hosts[1], keys)

@@ -8,8 +8,7 @@ for the destination, where they still roll the guest back.  Both audit logs reco
 from __future__ import annotations
 
 import pytest
-
-from e2e_helpers import (GUEST, advance_guest_tpm, provision_guest_tpm, saved_memory_digest, tpm_state)
+from e2e_helpers import GUEST, advance_guest_tpm, provision_guest_tpm, saved_memory_digest, tpm_state
 from move_helpers import SSH, ek_public, live_entries, manager_table, two_hosts, vtpm_uuid
 
 

@@ -14,11 +14,10 @@ import shutil
 import sqlite3
 
 import pytest
-
 from e2e_helpers import GUEST, provision_guest_tpm, tpm_state
-from move_helpers import (capturing_ssh, filtering_ssh, hello_values, live_entries, snapshot_of, two_hosts,
-                          vtpm_uuid)
+from move_helpers import capturing_ssh, filtering_ssh, hello_values, live_entries, snapshot_of, two_hosts, vtpm_uuid
 from tpm_fixture import Swtpm
+
 from xen_vtpm.config import Config
 from xen_vtpm.errors import ManagerError, TransferError
 from xen_vtpm.host.identity import TpmIdentity

@@ -12,10 +12,10 @@ import time
 import uuid as uuidlib
 
 import pytest
-
 from sim_fixture import start_sim_host, stop_sim_host
 from test_vtpm_stubdom import VtpmLab, _populate
 from test_vtpmmgr_c_ext import SANITIZER_MARKS, _answer, _write_request
+
 from xen_vtpm.errors import ManagerError, NoCheckpointFeature
 from xen_vtpm.vtpm import console
 from xen_vtpm_sim.mgrdisk import FLAG_CHECKPOINT, MgrDisk, PtpmSealer

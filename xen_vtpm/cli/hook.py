@@ -24,6 +24,9 @@ def cmd_xl_hook(args: argparse.Namespace, cfg: Config) -> int:
         if decision.action == "save":
             assert decision.domain is not None and decision.file is not None
             result = coord.save(decision.domain, decision.file)
+        elif decision.action == "migrate":
+            assert decision.domain is not None and decision.host is not None
+            result = coord.migrate(decision.domain, decision.host, decision.ssh, paused=decision.paused)
         else:
             assert decision.file is not None
             result = coord.restore(decision.file, paused=decision.paused)

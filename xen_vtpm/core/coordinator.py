@@ -35,7 +35,7 @@ from . import steps as S
 from .base import Sequences
 from .interfaces import Draft, IncomingMove, Ports
 from .journal import Operation, OpParams
-from .migration import Migration
+from .migration import COMMITTED, Migration
 
 
 def _default_name(kind: str, ckpt_id: str) -> str:
@@ -365,7 +365,10 @@ class Coordinator(Sequences):
                                          "the audit log records its end but the journal was re-opened before "
                                          "it; recover will not run it again — inspect the catalog")
                 self.p.host.advance()  # the head may still have to bind what it committed
-                self.p.journal.finish(op, "closed (the audit log records its end)")
+                # A destination's end is its commit (an undone move was finished before it logged):
+                # the source reads this outcome.
+                self.p.journal.finish(op, COMMITTED if op.kind == S.MIGRATE_IN
+                                      else "closed (the audit log records its end)")
                 continue
             lock = self.p.lock(op.vm, op.params.guest)
             try:
