@@ -4,7 +4,8 @@
 * a move without the TPM-checked secret that a rollback needs;
 * a captured transfer: it opens with the destination's TPM and with no other, even given the
   destination's state dir; its manager envelope opens in no other manager;
-* the captured transfer replayed, a transfer altered on the wire, a transfer cut short.
+* the captured transfer replayed, a transfer altered on the wire, a transfer cut short;
+* no K, host key or sub-key in clear anywhere on either host or on the wire, during a move or after it.
 """
 from __future__ import annotations
 
@@ -16,11 +17,22 @@ import sqlite3
 import pytest
 from e2e_helpers import GUEST, provision_guest_tpm, tpm_state
 from move_helpers import capturing_ssh, filtering_ssh, hello_values, live_entries, snapshot_of, two_hosts, vtpm_uuid
+from test_security import (
+    Secrets,
+    _collect_ks,
+    _host_key,
+    _tool_async,
+    _while_running,
+    scan_files,
+    scan_processes,
+    scan_xenstore,
+)
 from tpm_fixture import Swtpm
 
 from xen_vtpm.config import Config
 from xen_vtpm.errors import ManagerError, TransferError
 from xen_vtpm.host.identity import TpmIdentity
+from xen_vtpm.host.keys import derive_keys
 from xen_vtpm.host.session import close_all
 from xen_vtpm.transfer import crypto
 from xen_vtpm.transfer.wire import Opener
@@ -196,3 +208,30 @@ def test_a_truncated_transfer_is_refused(pair, tmp_path):
     with nothing_changes(pair, source_logs=True):
         line = pair.a.fails(11, "migrate", "--auth-file", str(pair.auth), "-s", cut, GUEST, str(pair.b.dir))
         assert "refused the move" in line and "truncated" in line
+
+
+def test_no_secret_in_clear_during_and_after_a_move(pair, tmp_path):
+    """The scan of test_security.py (files, XenStore of both hosts, every process's argv and
+    environment), run while a move goes out and comes back, with the wire recorded too."""
+    s = Secrets()
+    for name, host in (("A", pair.a), ("B", pair.b)):
+        key = _host_key(host)
+        s.keys[f"host key {name}"] = key
+        for sub, value in vars(derive_keys(key)).items():
+            s.keys[f"sub-key {sub} of {name}"] = value
+    _collect_ks(pair.a, s)                                  # the vTPM's K, which must open its image
+    ssh, _, _ = capturing_ssh(tmp_path)
+    roots = [pair.a.dir.parent, tmp_path]                   # both hosts, their tool dirs, the wire
+    found: list[str] = []
+    rounds = [0]
+
+    def probe() -> list[str]:
+        rounds[0] += 1
+        out = scan_processes(s) + scan_xenstore(pair.a, s) + scan_xenstore(pair.b, s)
+        return out + (scan_files(roots, s) if rounds[0] % 10 == 1 else [])
+    for src, dst in ((pair.a, pair.b), (pair.b, pair.a)):
+        args = ["--auth-file", str(pair.auth)] if src is pair.a else []
+        found += _while_running(_tool_async(src, "migrate", *args, "-s", ssh, GUEST, str(dst.dir)), probe)
+        found += scan_files(roots, s) + scan_xenstore(pair.a, s) + scan_xenstore(pair.b, s)
+    assert rounds[0] > 2, "the moves ended before a scan ran"
+    assert not found, "secrets found:\n" + "\n".join(sorted(set(found)))

@@ -70,7 +70,7 @@ def cmd_restore(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_recover(args: argparse.Namespace, cfg: Config) -> int:
-    return _run(args, cfg, lambda c: c.recover())
+    return _run(args, cfg, lambda c: c.recover(ask_peers=True))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

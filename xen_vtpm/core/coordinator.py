@@ -349,8 +349,12 @@ class Coordinator(Sequences):
         return [self._verify_logged(entry, "verify") for entry in entries]
 
     # --- recover -----------------------------------------------------------------
-    def recover(self) -> list[dict[str, Any]]:
-        """Finish or undo every operation a crash interrupted (idempotent)."""
+    def recover(self, ask_peers: bool = False) -> list[dict[str, Any]]:
+        """Finish or undo every operation a crash interrupted (idempotent).
+
+        ``ask_peers``: also ask the other host what it decided about a move whose stream went out
+        (the `recover` command does; the recover at the start of every other command does not, so
+        an unreachable host never holds up commands on other guests)."""
         report = []
         self.p.store.recover()
         self.p.streams.sweep_spools()  # a snapshot killed mid-ingest on a file system without O_TMPFILE
@@ -377,13 +381,13 @@ class Coordinator(Sequences):
                 continue  # its command is alive and holds the lock: not ours to touch
             try:
                 if op.op_id in {o.op_id for o in self.p.journal.unfinished()}:  # it may have finished meanwhile
-                    report.append(self._recover_one(op))
+                    report.append(self._recover_one(op, ask_peers))
             finally:
                 lock.__exit__(None, None, None)
         self.p.host.recover_head()
         return report
 
-    def _recover_one(self, op: Operation) -> dict[str, Any]:
+    def _recover_one(self, op: Operation, ask_peers: bool) -> dict[str, Any]:
         """Decide per operation kind: before its point of no return undo, after it finish."""
         last, vm, ckpt_id = op.last_step, op.params.guest, op.params.checkpoint or ""
         committed = op.kind in S.CAPTURING and self.p.store.is_committed(ckpt_id)
@@ -404,7 +408,7 @@ class Coordinator(Sequences):
             self._restore_forward(op, self.p.store.get(ckpt_id))
             outcome = "finished"
         elif op.kind == S.MIGRATE:
-            outcome = self.moves.recover_source(op)
+            outcome = self.moves.recover_source(op, ask_peers)
         elif op.kind == S.MIGRATE_IN:
             outcome = self.moves.recover_destination(op)
         elif op.kind == S.DELETE:

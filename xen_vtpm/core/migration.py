@@ -107,7 +107,7 @@ class Migration(Sequences):
             self.p.store.check_writable()
             # The state leaves this host: the same TPM-checked secret as a rollback, when one is set.
             self.p.host.authorize_rollback(auth_secret)
-            owned = [c for c in self.p.store.entries(guest.uuid)]
+            owned = self.p.store.entries(guest.uuid)
             moving: list[Checkpoint] = []
             if with_checkpoints:
                 for entry in owned:
@@ -229,13 +229,15 @@ class Migration(Sequences):
                                 result=f"failed; undone ({why})"[:500], detail=f"op {op.op_id}")
         return True
 
-    def recover_source(self, op: Operation) -> str:
+    def recover_source(self, op: Operation, ask_peer: bool) -> str:
         if op.reached(S.FINISH_SOURCE):
             self._finish_source(op, op.params.host or "")
             return "finished"
         if not op.reached(S.SEND):
             return "undone" if self._undo_source(op, "interrupted before sending") else "undo incomplete"
         params = op.params
+        if not ask_peer:
+            return f"in doubt: `xen-vtpm recover` asks {params.host} what it decided"
         try:
             outcome = self.p.peers.outcome(params.host or "", params.ssh or "", params.transfer or "",
                                            params.peer or "")

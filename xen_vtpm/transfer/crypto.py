@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from tpm2_pytss.constants import TPM2_ST
-from tpm2_pytss.types import TPMS_ATTEST
+from tpm2_pytss.constants import TPM2_ALG, TPM2_ST
+from tpm2_pytss.types import TPML_PCR_SELECTION, TPMS_ATTEST
 
 from xen_vtpm.errors import TransferError
 
@@ -83,9 +83,21 @@ def pcr_digest(pcr_list: list[int], values: Mapping[int, bytes]) -> bytes:
     return hashlib.sha256(b"".join(values[p] for p in sorted(pcr_list))).digest()
 
 
+def _selected(selection: TPML_PCR_SELECTION) -> list[int] | None:
+    """The PCRs of a quote's selection, if it selects in the SHA-256 bank only."""
+    out: list[int] = []
+    for bank in selection:
+        if bank.hash != TPM2_ALG.SHA256:
+            return None
+        bits = bytes(bank.pcrSelect)[:bank.sizeofSelect]
+        out += [i for i in range(8 * len(bits)) if bits[i // 8] >> (i % 8) & 1]
+    return sorted(out)
+
+
 def verify_quote(sign_key: bytes, attest: bytes, signature: bytes, qualifying: bytes, pcr_list: list[int],
                  values: Mapping[int, bytes], who: str) -> None:
-    """A TPM2_Quote by ``sign_key`` over ``qualifying`` whose PCR digest matches ``values``."""
+    """A TPM2_Quote by ``sign_key`` over ``qualifying`` of exactly the PCRs ``pcr_list``, whose digest
+    matches ``values``."""
     if not verify_signature(sign_key, attest, signature):
         raise TransferError(f"{who}: its quote is not signed by its trusted host key; refusing it")
     try:
@@ -96,6 +108,8 @@ def verify_quote(sign_key: bytes, attest: bytes, signature: bytes, qualifying: b
         raise TransferError(f"{who}: its quote is not a TPM-generated quote; refusing it")
     if not hmac.compare_digest(bytes(body.extraData), qualifying):
         raise TransferError(f"{who}: its quote is for another session (stale or replayed); refusing it")
+    if _selected(body.attested.quote.pcrSelect) != sorted(pcr_list):
+        raise TransferError(f"{who}: its quote covers other PCRs than the ones it reported; refusing it")
     if bytes(body.attested.quote.pcrDigest) != pcr_digest(pcr_list, values):
         raise TransferError(f"{who}: its quote does not match the PCR values it reported; refusing it")
 

@@ -65,9 +65,11 @@ class Identity(Protocol):
 TrustLookup = Callable[[bytes], TrustedPeer | None]
 
 
-def _hello_digest(nonce_s: bytes, nonce_d: bytes, transfer: str, key: HostKey) -> bytes:
-    keys = json.dumps({k: v.hex() for k, v in sorted(key.backend_keys.items())}).encode()
-    return crypto.digest(crypto.HELLO, nonce_s, nonce_d, transfer.encode(), key.sign_key, key.transfer_key, keys)
+def _hello_digest(nonce_s: bytes, nonce_d: bytes, transfer: str, sign_key: bytes, transfer_key: bytes,
+                  backend_keys: Mapping[str, bytes]) -> bytes:
+    """What the destination's quote covers: both nonces, the transfer id and all its keys."""
+    keys = json.dumps({k: v.hex() for k, v in sorted(backend_keys.items())}).encode()
+    return crypto.digest(crypto.HELLO, nonce_s, nonce_d, transfer.encode(), sign_key, transfer_key, keys)
 
 
 def _key_digest(nonce_s: bytes, nonce_d: bytes, transfer: str, eph: bytes, source: bytes, dest: bytes) -> bytes:
@@ -132,13 +134,11 @@ class Outgoing:
         if peer is None:
             raise UntrustedPeer(f"{self.who}: its host key ({crypto.fingerprint(sign_key)}) is not trusted here; "
                                 "run `xen-vtpm host-key` there and `xen-vtpm trust add NAME FILE` here")
-        key = HostKey(host=str(obj.get("host", "")), sign_key=sign_key,
-                      transfer_key=crypto.point(str(obj.get("transfer_key", "")), f"{self.who} transfer_key"),
-                      backend_keys={str(k): crypto.point(str(v), f"{self.who} backend key")
-                                    for k, v in dict(obj.get("backend_keys") or {}).items()},
-                      pcrs=peer.key.pcrs, pcr_values={})
-        if key.transfer_key != peer.key.transfer_key or any(
-                key.backend_keys.get(kind) != value for kind, value in peer.key.backend_keys.items()):
+        transfer_key = crypto.point(str(obj.get("transfer_key", "")), f"{self.who} transfer_key")
+        backend_keys = {str(k): crypto.point(str(v), f"{self.who} backend key")
+                        for k, v in dict(obj.get("backend_keys") or {}).items()}
+        if transfer_key != peer.key.transfer_key or any(
+                backend_keys.get(kind) != value for kind, value in peer.key.backend_keys.items()):
             raise UntrustedPeer(f"{self.who} ({peer.name}): presents keys other than the ones trusted here "
                                 "(its TPM or its vTPM manager changed?); export and trust its host key again")
         nonce_d = _hex(obj, "nonce", 32, self.who)
@@ -157,8 +157,8 @@ class Outgoing:
         if set(values) != set(pcrs):
             raise TransferError(f"{self.who}: its quote's PCR list and values disagree")
         crypto.verify_quote(sign_key, quote.attest, quote.signature,
-                            _hello_digest(nonce_s, nonce_d, transfer, key), list(pcrs), values,
-                            f"{self.who} ({peer.name})")
+                            _hello_digest(nonce_s, nonce_d, transfer, sign_key, transfer_key, backend_keys),
+                            list(pcrs), values, f"{self.who} ({peer.name})")
         _check_pcrs(peer, quote, f"{self.who} ({peer.name})")
         self.peer, self.transfer, self._nonces = peer, transfer, (nonce_s, nonce_d)
         return peer
@@ -243,7 +243,8 @@ class Incoming:
         self._held.enter_context(self.lock(self.transfer))
         nonce_d = os.urandom(32)
         mine = self.me.host_key()
-        quote = self.me.quote(_hello_digest(nonce_s, nonce_d, self.transfer, mine))
+        quote = self.me.quote(_hello_digest(nonce_s, nonce_d, self.transfer, mine.sign_key, mine.transfer_key,
+                                            mine.backend_keys))
         self.wire.send_json(b"D", {
             "version": VERSION, "host": mine.host, "sign_key": mine.sign_key.hex(),
             "transfer_key": mine.transfer_key.hex(),
