@@ -105,26 +105,19 @@ def test_a_move_needs_the_rollback_secret(pair, tmp_path):
                                                              "xen-vtpm sim ssh", GUEST, str(pair.b.dir))
 
 
-def test_an_untrusted_source_is_refused(pair):
-    pair.b.tool("trust", "remove", "hostA")
+@pytest.mark.parametrize("untrusted,refusal", [("source", "is not trusted on this host"),
+                                               ("destination", "is not trusted here")])
+def test_an_untrusted_host_is_refused(pair, untrusted, refusal):
+    """The destination refuses a source it does not trust, and the source a destination."""
+    judge, peer, key = (pair.b, "hostA", "A") if untrusted == "source" else (pair.a, "hostB", "B")
+    judge.tool("trust", "remove", peer)
     try:
         with nothing_changes(pair):
             line = pair.a.fails(7, "migrate", "--auth-file", str(pair.auth), "-s", "xen-vtpm sim ssh", GUEST,
                                 str(pair.b.dir))
-            assert "is not trusted on this host" in line
+            assert refusal in line
     finally:
-        pair.b.tool("trust", "add", "hostA", str(pair.keys["A"]))
-
-
-def test_an_untrusted_destination_is_refused(pair):
-    pair.a.tool("trust", "remove", "hostB")
-    try:
-        with nothing_changes(pair):
-            line = pair.a.fails(7, "migrate", "--auth-file", str(pair.auth), "-s", "xen-vtpm sim ssh", GUEST,
-                                str(pair.b.dir))
-            assert "is not trusted here" in line
-    finally:
-        pair.a.tool("trust", "add", "hostB", str(pair.keys["B"]))
+        judge.tool("trust", "add", peer, str(pair.keys[key]))
 
 
 def test_a_destination_booted_otherwise_is_refused_when_pcrs_are_bound(pair, tmp_path):

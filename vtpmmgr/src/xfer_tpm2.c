@@ -119,6 +119,16 @@ static void get_point(struct msg *m, uint8_t q[XFER_POINT_SIZE])
 	get_coord(m, q + 32);
 }
 
+/* Z, the x coordinate of the shared point that comes next in an answer. */
+static int read_z(struct msg *rsp, uint8_t z[32])
+{
+	uint8_t point[XFER_POINT_SIZE];
+	get_point(rsp, point);
+	memcpy(z, point, 32);
+	memset(point, 0, sizeof(point));
+	return rsp->bad ? -1 : 0;
+}
+
 /* TPMT_PUBLIC of an ECC P-256 key with the ECDH scheme; unique = x only (a primary's seed
  * input) or the whole point (an external public key). */
 static void put_public(struct msg *m, uint32_t attrs, const uint8_t *x, const uint8_t *y)
@@ -226,6 +236,15 @@ static void flush(uint32_t handle)
 	run(&cmd, &rsp, "FlushContext", ignored, sizeof(ignored));
 }
 
+/* One operation's hold on the TPM (a connection natively, nothing on mini-os). */
+static int begin_op(char *err, size_t errlen)
+{
+	if (!xfer_tpm_begin())
+		return 0;
+	snprintf(err, errlen, "cannot reach the physical TPM");
+	return -1;
+}
+
 static const uint8_t transfer_seed[32] = "xen-vtpm manager transfer key v1";
 
 /* CreatePrimary of the transfer key: its handle and public point. */
@@ -258,10 +277,8 @@ int xfer_tpm_public(uint8_t q[XFER_POINT_SIZE], char *err, size_t errlen)
 {
 	uint32_t handle;
 	int rc;
-	if (xfer_tpm_begin()) {
-		snprintf(err, errlen, "cannot reach the physical TPM");
+	if (begin_op(err, errlen))
 		return -1;
-	}
 	rc = create_transfer_key(&handle, q, err, errlen);
 	if (!rc)
 		flush(handle);
@@ -273,13 +290,10 @@ int xfer_tpm_zgen(const uint8_t eph[XFER_POINT_SIZE], uint8_t q[XFER_POINT_SIZE]
 		  char *err, size_t errlen)
 {
 	struct msg cmd, rsp;
-	uint8_t point[XFER_POINT_SIZE];
 	uint32_t handle;
 	int rc = -1;
-	if (xfer_tpm_begin()) {
-		snprintf(err, errlen, "cannot reach the physical TPM");
+	if (begin_op(err, errlen))
 		return -1;
-	}
 	if (create_transfer_key(&handle, q, err, errlen))
 		goto out;
 	begin(&cmd, ST_SESSIONS, CC_ECDH_ZGEN);
@@ -289,15 +303,10 @@ int xfer_tpm_zgen(const uint8_t eph[XFER_POINT_SIZE], uint8_t q[XFER_POINT_SIZE]
 	/* A point off the curve is refused by the TPM (TPM_RC_ECC_POINT): the envelope is bad. */
 	if (!run(&cmd, &rsp, "ECDH_ZGen", err, errlen)) {
 		get_be(&rsp, 4);            /* parameterSize */
-		get_point(&rsp, point);
-		if (rsp.bad)
+		rc = read_z(&rsp, z);
+		if (rc)
 			snprintf(err, errlen, "ECDH_ZGen: malformed point in the answer");
-		else {
-			memcpy(z, point, 32);
-			rc = 0;
-		}
 	}
-	memset(point, 0, sizeof(point));
 	flush(handle);
 out:
 	xfer_tpm_end();
@@ -308,13 +317,10 @@ int xfer_tpm_keygen(const uint8_t peer[XFER_POINT_SIZE], uint8_t eph[XFER_POINT_
 		    char *err, size_t errlen)
 {
 	struct msg cmd, rsp;
-	uint8_t point[XFER_POINT_SIZE];
 	uint32_t handle;
 	int rc = -1;
-	if (xfer_tpm_begin()) {
-		snprintf(err, errlen, "cannot reach the physical TPM");
+	if (begin_op(err, errlen))
 		return -1;
-	}
 	begin(&cmd, ST_NO_SESSIONS, CC_LOAD_EXTERNAL);
 	put16(&cmd, 0);                 /* inPrivate: none */
 	put_public(&cmd, PEER_KEY_ATTRS, peer, peer + 32);
@@ -326,16 +332,13 @@ int xfer_tpm_keygen(const uint8_t peer[XFER_POINT_SIZE], uint8_t eph[XFER_POINT_
 	begin(&cmd, ST_NO_SESSIONS, CC_ECDH_KEYGEN);
 	put32(&cmd, handle);
 	if (!run(&cmd, &rsp, "ECDH_KeyGen", err, errlen)) {
-		get_point(&rsp, point);     /* zPoint */
+		rc = read_z(&rsp, z);       /* zPoint */
 		get_point(&rsp, eph);       /* pubPoint */
-		if (rsp.bad)
+		if (rc || rsp.bad) {
+			rc = -1;
 			snprintf(err, errlen, "ECDH_KeyGen: malformed points in the answer");
-		else {
-			memcpy(z, point, 32);
-			rc = 0;
 		}
 	}
-	memset(point, 0, sizeof(point));
 	flush(handle);
 out:
 	xfer_tpm_end();

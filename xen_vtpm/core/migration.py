@@ -213,19 +213,27 @@ class Migration(Sequences):
     def _undo_source(self, op: Operation, why: str) -> bool:
         """Un-park the vTPM and resume the guest; on a failure the op stays for the next recover."""
         params = op.params
-        try:
+
+        def undo() -> None:
             if op.reached(S.EXPORT_VTPM):
                 self.p.vtpm.unexport(_ref(params))
             if self.p.guests.exists(params.guest) and self.p.guests.is_paused(params.guest):
                 self.p.xl.unpause(params.guest)
+        return self._undo(op, undo, why, f"undone: {why}")
+
+    def _undo(self, op: Operation, undo: Callable[[], None], why: str, outcome: str) -> bool:
+        """Run ``undo``, then end the op with ``outcome``; on a failure (a component down) leave it
+        open for the next recover, and say so in the audit log."""
+        try:
+            undo()
         except XenVtpmError as exc:
             with contextlib.suppress(XenVtpmError):
-                self.p.audit.append(action=S.MIGRATE, vm=params.guest, checkpoint=None,
+                self.p.audit.append(action=op.kind, vm=op.params.guest, checkpoint=None,
                                     result=f"failed; undo incomplete: {exc}"[:500])
             return False
-        self.p.journal.finish(op, f"undone: {why}"[:500])
+        self.p.journal.finish(op, outcome[:500])
         with contextlib.suppress(XenVtpmError):
-            self.p.audit.append(action=S.MIGRATE, vm=params.guest, checkpoint=None,
+            self.p.audit.append(action=op.kind, vm=op.params.guest, checkpoint=None,
                                 result=f"failed; undone ({why})"[:500], detail=f"op {op.op_id}")
         return True
 
@@ -371,7 +379,8 @@ class Migration(Sequences):
     def _undo_destination(self, op: Operation, why: str) -> bool:
         """Everything this host took in goes; on a failure the op stays for the next recover."""
         params = op.params
-        try:
+
+        def undo() -> None:
             self._destroy_if_present(params.guest)
             for manager_checkpoint in params.manager_checkpoints:
                 self.p.vtpm.discard(manager_checkpoint)
@@ -379,16 +388,7 @@ class Migration(Sequences):
                 if self.p.store.is_committed(ckpt_id):
                     self._delete_and_bind(ckpt_id)
             self.p.vtpm.remove(_ref(params))     # after its checkpoint entries (see _finish_source)
-        except XenVtpmError as exc:
-            with contextlib.suppress(XenVtpmError):
-                self.p.audit.append(action=S.MIGRATE_IN, vm=params.guest, checkpoint=None,
-                                    result=f"failed; undo incomplete: {exc}"[:500])
-            return False
-        self.p.journal.finish(op, f"{ABORTED}: {why}"[:500])
-        with contextlib.suppress(XenVtpmError):
-            self.p.audit.append(action=S.MIGRATE_IN, vm=params.guest, checkpoint=None,
-                                result=f"failed; undone ({why})"[:500], detail=f"op {op.op_id}")
-        return True
+        return self._undo(op, undo, why, f"{ABORTED}: {why}")
 
     def recover_destination(self, op: Operation) -> str:
         if op.reached(S.COMMIT):

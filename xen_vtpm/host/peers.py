@@ -31,27 +31,35 @@ def _tag(kind: str) -> bytes:
         raise UsageError(f"move: no record kind {kind!r}") from None
 
 
-class OutgoingLink:
+class _Link:
+    """What both ends say about the session, once its hello passed."""
+
+    def __init__(self, session: Outgoing | Incoming) -> None:
+        self._hello = session
+
+    @property
+    def transfer(self) -> str:
+        return self._hello.transfer
+
+    @property
+    def peer_name(self) -> str:
+        assert self._hello.peer is not None
+        return self._hello.peer.name
+
+    @property
+    def peer_key(self) -> str:
+        assert self._hello.peer is not None
+        return self._hello.peer.key.sign_key.hex()
+
+
+class OutgoingLink(_Link):
     """The source's connection.  A write the destination no longer reads (it refused, or died) only
     marks the link broken: what the destination decided is read, or asked, afterwards."""
 
     def __init__(self, remote: Remote, session: Outgoing) -> None:
+        super().__init__(session)
         self.remote, self.session = remote, session
         self._open = self._broken = False
-
-    @property
-    def transfer(self) -> str:
-        return self.session.transfer
-
-    @property
-    def peer_name(self) -> str:
-        assert self.session.peer is not None
-        return self.session.peer.name
-
-    @property
-    def peer_key(self) -> str:
-        assert self.session.peer is not None
-        return self.session.peer.key.sign_key.hex()
 
     def recipient(self, kind: str) -> bytes:
         return self.session.recipient(kind)
@@ -95,25 +103,12 @@ class OutgoingLink:
         self.remote.close()
 
 
-class IncomingLink:
+class IncomingLink(_Link):
     """The destination's end, over this process's own stdin/stdout (run by the source's ssh)."""
 
     def __init__(self, session: Incoming) -> None:
+        super().__init__(session)
         self.session = session
-
-    @property
-    def transfer(self) -> str:
-        return self.session.transfer
-
-    @property
-    def peer_name(self) -> str:
-        assert self.session.peer is not None
-        return self.session.peer.name
-
-    @property
-    def peer_key(self) -> str:
-        assert self.session.peer is not None
-        return self.session.peer.key.sign_key.hex()
 
     def records(self) -> Iterator[tuple[str, bytes]]:
         self.session.accept_channel()
