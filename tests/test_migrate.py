@@ -80,3 +80,26 @@ def test_moving_back_with_checkpoints_rewraps_them(pair):
     assert tpm_state(a.tcti()) == on_b
     for host in (a, b):
         host.tool("audit", "--verify")
+
+
+def test_bad_moves_are_refused_in_one_line_with_nothing_changed(pair):
+    """After the moves above guest1 runs on A.  Each refusal names its cause, exits with its code, and
+    leaves the guest running on A as it was and B without it."""
+    a, b = pair.a, pair.b
+    before = tpm_state(a.tcti())
+    assert "no such domain" in a.fails(3, "migrate", "-s", SSH, "nosuchguest", str(b.dir))
+    line = a.fails(11, "migrate", "-s", "false", GUEST, str(b.dir))
+    assert "no xen-vtpm answered through 'false'" in line
+    line = a.fails(4, "sim", "ssh", str(b.dir) + "-gone", "true")
+    assert "no simulated host runs in" in line
+    b.tool("sim", "create", GUEST, "--memory", "16", "--no-vtpm")     # the name is taken there
+    try:
+        line = a.fails(11, "migrate", "-s", SSH, GUEST, str(b.dir))
+        assert "a domain of that name runs on this host" in line and "runs on here" in line
+    finally:
+        b.xl("destroy", GUEST)
+    assert GUEST in a.domids() and not a.is_paused(GUEST) and tpm_state(a.tcti()) == before
+    assert set(b.domids()) == {"Domain-0", "vtpmmgr"} and b.tool_json("checkpoints") == []
+    assert vtpm_uuid(a) not in live_entries(b)
+    for host in (a, b):
+        host.tool("audit", "--verify")

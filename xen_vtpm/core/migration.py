@@ -115,11 +115,12 @@ class Migration(Sequences):
                     moving.append(self.p.store.get(entry.id))
             link = self.p.peers.connect(host, ssh)
             try:
+                recipient = link.recipient(self.p.vtpm.move_kind())
                 op = self.p.journal.begin(S.MIGRATE, guest.uuid, OpParams(
                     guest=guest.name, vtpm=vt.backend, vtpm_uuid=vt.uuid, host=host, ssh=ssh,
                     transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(c.id for c in moving),
                     paused=paused))
-                outcome = self._send(op, link, guest.name, guest.uuid, guest.mem_mib << 20, vt, moving)
+                outcome = self._send(op, link, recipient, guest.name, guest.uuid, guest.mem_mib << 20, vt, moving)
             finally:
                 link.close()
             result = {"domain": guest.name, "host": host, "peer": link.peer_name, "transfer": link.transfer,
@@ -127,11 +128,10 @@ class Migration(Sequences):
             self._settle_source(op, outcome, link.peer_name)
             return result
 
-    def _send(self, op: Operation, link: OutgoingMove, name: str, vm_uuid: str, mem_bytes: int, vt: VtpmRef,
-              moving: list[Checkpoint]) -> str | None:
+    def _send(self, op: Operation, link: OutgoingMove, recipient: bytes, name: str, vm_uuid: str, mem_bytes: int,
+              vt: VtpmRef, moving: list[Checkpoint]) -> str | None:
         """Everything up to the destination's outcome; None when it gave none: once the stream may
         have gone, only the destination decides, so nothing here is undone on a failure."""
-        recipient = link.recipient(self.p.vtpm.move_kind())
         try:
             self.p.journal.step(op, S.GUEST_SAVE)
             spool = self.p.streams.spool_save(name, mem_bytes)
@@ -180,7 +180,7 @@ class Migration(Sequences):
         if outcome is None:
             try:
                 outcome = self.p.peers.outcome(host, ssh, op.params.transfer or "", op.params.peer or "")
-            except MoveInDoubt as exc:
+            except MigrationError as exc:          # no signed answer, or the host unreachable
                 raise MoveInDoubt(f"{op.params.guest}: the move to {host} is in doubt ({exc}); the guest stays "
                                   f"suspended and its vTPM parked here; run `xen-vtpm recover` once {host} "
                                   "answers") from None
@@ -249,7 +249,7 @@ class Migration(Sequences):
         try:
             outcome = self.p.peers.outcome(params.host or "", params.ssh or "", params.transfer or "",
                                            params.peer or "")
-        except MoveInDoubt as exc:
+        except MigrationError as exc:
             return f"in doubt, retried by the next recover ({exc})"[:300]
         if outcome == COMMITTED:
             self._finish_source(op, params.host or "")

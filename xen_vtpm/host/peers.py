@@ -9,10 +9,10 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from xen_vtpm.config import Config
-from xen_vtpm.errors import MoveInDoubt, TransferError, UsageError, XenVtpmError
+from xen_vtpm.errors import MigrationError, MoveInDoubt, TransferError, UsageError, XenVtpmError
 from xen_vtpm.transfer.link import Remote
 from xen_vtpm.transfer.session import Incoming, Outgoing, PeerBusy, read_outcome
-from xen_vtpm.transfer.wire import RECORD_MAX, Wire
+from xen_vtpm.transfer.wire import RECORD_MAX, PeerClosed, Wire
 
 from .identity import TpmIdentity
 from .trusted import TrustStore
@@ -140,6 +140,11 @@ class HostPeers:
         try:
             session = Outgoing(remote.wire, self.identity, self.trust.by_sign_key)
             session.hello()
+        except (PeerClosed, OSError):            # it died before its hello, or as ours went out
+            remote.close()
+            said = remote.last_error() or "no message"
+            raise MigrationError(f"{host}: no xen-vtpm answered through {ssh!r} ({said}); check the ssh command, "
+                                 "and that xen-vtpm is installed and initialised there") from None
         except XenVtpmError as exc:
             remote.close()
             said = remote.last_error()
