@@ -26,7 +26,8 @@ from pathlib import Path
 import crash_helpers as ch
 import pytest
 from crash_helpers import BYSTANDER, GUEST
-from move_helpers import FAULTY_TOOL, SSH, VENV_BIN, live_entries, ssh_wrapper, vtpm_uuid, with_venv
+from e2e_helpers import assert_one_line_error
+from move_helpers import FAULTY_TOOL, SSH, VENV_BIN, live_entries, manager_table, ssh_wrapper, vtpm_uuid, with_venv
 from sim_fixture import start_sim_host, stop_sim_host
 
 from xen_vtpm.core import steps
@@ -175,3 +176,35 @@ def test_the_step_table_is_what_a_move_journals(hosts):
     source = ch.recorded_steps(ch.state_dir(h.a))[steps.MIGRATE][-1]
     destination = ch.recorded_steps(ch.state_dir(h.b))[steps.MIGRATE_IN][-1]
     assert source == SOURCE and destination == DESTINATION
+
+
+def test_an_unreachable_destination_leaves_the_move_in_doubt(hosts, tmp_path):
+    """The destination dies mid-move and cannot be asked: the source neither deletes nor resumes,
+    its other guests are not held up, and `recover` settles the move once the destination answers."""
+    h = hosts
+    _move_back(h)
+    cur = ch.new_state(h.a)
+    uuid = vtpm_uuid(h.a)
+    reachable = tmp_path / "reachable"
+    reachable.touch()
+    # The `-s` of this move: the session goes through, an --outcome query only while `reachable` exists.
+    ssh = ssh_wrapper(tmp_path, "flaky-ssh", f'case "$*" in *--outcome*) [ -e {reachable} ] || exit 255;; esac\n'
+                                             f'exec {SSH} "$@"\n')
+    h.arm(steps.START_VTPM)
+    reachable.unlink()
+    line = assert_one_line_error(h.a.tool("migrate", "-s", ssh, GUEST, str(h.b.dir), check=False, timeout=300))
+    h.arm(None)
+    assert "is in doubt" in line and "recover" in line
+    # Suspended and parked: neither running on here nor deleted.
+    assert "p" in ch.xl_rows(h.a)[GUEST]
+    assert manager_table(h.a)[uuid][0] & 0x6 == 0x6
+    h.a.tool("snapshot", BYSTANDER, "--name", "not-held-up")          # other guests go on
+    h.a.tool("delete", "not-held-up")
+    report = ch.tool_json(h.a, "recover")
+    assert [r["outcome"] for r in report if r["kind"] == "migrate"][0].startswith("in doubt")
+    reachable.touch()
+    ch.recover(h.a)
+    ch.recover(h.b)
+    assert ch.check_host(h.a, {"current": cur}) == "current"
+    _gone_from(h.b, uuid, ch.checkpoint_ids(h.a)["kept"])
+    RESULTS.append(("migrate, destination unreachable", "start-vtpm", "ok — in doubt, then undone by recover"))
