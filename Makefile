@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-utils xen-utils-4.17 strace \
-                build-essential pkg-config python3-dev python3-venv libxen-dev clang-14 libclang-rt-14-dev
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev libssl-dev xenstore-utils xen-utils-4.17 strace qemu-system-x86 \
+                build-essential pkg-config python3-dev python3-venv libxen-dev clang-14 libclang-rt-14-dev \
+                systemd
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint crash fuzz soak bench clean

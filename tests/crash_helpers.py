@@ -19,20 +19,25 @@ import re
 import secrets
 import sqlite3
 import stat
+import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
+import tpm12
 from sim_fixture import SimHost
+
 from xen_vtpm.core import steps
+from xen_vtpm.vtpm import console
 from xen_vtpm_sim import domains
 
 # The store's own crash points (xen_vtpm/store/writer.py, repository.py) that a checkpoint write (snapshot,
 # safety snapshot, save) and a delete pass.
 _WRITE_POINTS = ("write.journaled", "write.pack-published", "write.manifest-published", "write.committed")
 STORE_POINTS = {"snapshot": _WRITE_POINTS, "pre-rollback": _WRITE_POINTS, "save": _WRITE_POINTS,
-                "delete": ("delete.committed", "delete.unlinked-one")}
+                "delete": ("delete.committed", "delete.unlinked-one"),
+                "prune": ("delete.committed", "delete.unlinked-one")}
 
 MARK_OFFSET = 7 * 4096 + 2048     # the guest scribbles only the first 48 bytes of a page
 MARK_LEN = 32
@@ -46,6 +51,22 @@ def coordinator_steps() -> dict[str, list[str]]:
     """kind -> journaled step names in order, from the coordinator's step table (core/steps.py);
     ``test_crash_recover`` cross-checks it against the op_steps a clean run really records."""
     return {kind: list(names) for kind, names in steps.SEQUENCES.items()}
+
+
+def crash_points(kind: str) -> list[str]:
+    """Every point of `kind`'s forward sequence where the tool can be stopped, in order: each journaled
+    step (``<step>``) and, after it, each point between two writes of that step (``<step>:<point>``)."""
+    return [label for step in steps.SEQUENCES[kind]
+            for label in (step, *(f"{step}:{p}" for p in steps.INNER_POINTS.get(step, ())))]
+
+
+def recover_points(kind: str) -> list[str]:
+    """Every point a `recover` of an interrupted `kind` may pass, as hook names: its forward sequence,
+    the undo of an uncommitted capture, and the store's own points."""
+    labels = crash_points(kind)
+    if kind in steps.CAPTURING:
+        labels += [steps.UNDO, *(f"{steps.UNDO}:{p}" for p in steps.INNER_POINTS[steps.UNDO])]
+    return [f"{kind}:{label}" for label in labels] + [f"store:{p}" for p in STORE_POINTS.get(kind, ())]
 
 
 def recorded_steps(state_dir: Path) -> dict[str, list[list[str]]]:
@@ -89,7 +110,17 @@ def tcti(sim: SimHost, name: str = GUEST) -> str:
     return path.read_text().strip()
 
 
+# guest name -> its vTPM's TPM version, per simulated host (prime_host sets it; 2.0 unless said otherwise)
+_versions: dict[Path, dict[str, str]] = {}
+
+
+def tpm_version(sim: SimHost, name: str = GUEST) -> str:
+    return _versions.get(sim.dir, {}).get(name, "2.0")
+
+
 def read_pcr16(sim: SimHost, name: str = GUEST) -> str:
+    if tpm_version(sim, name) == "1.2":
+        return tpm12.pcr_read(tcti(sim, name), 16).hex()
     out = sim.run(["tpm2_pcrread", "-T", tcti(sim, name), "sha256:16"]).stdout
     m = re.search(r"16\s*:\s*0x([0-9A-Fa-f]{64})", out)
     assert m, f"tpm2_pcrread printed no PCR 16: {out!r}"
@@ -109,7 +140,10 @@ def new_state(sim: SimHost, name: str = GUEST) -> Pair:
     with open(memfile(sim, name), "r+b") as fh:
         fh.seek(MARK_OFFSET)
         fh.write(marker)
-    sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), f"16:sha256={secrets.token_hex(32)}"])
+    if tpm_version(sim, name) == "1.2":
+        tpm12.pcr_extend(tcti(sim, name), 16, secrets.token_bytes(32))
+    else:
+        sim.run(["tpm2_pcrextend", "-T", tcti(sim, name), f"16:sha256={secrets.token_hex(32)}"])
     pair = read_pair(sim, name)
     assert pair.marker == marker
     return pair
@@ -131,40 +165,78 @@ def sim_tool_argv() -> list[str]:
     return [sys.executable, "-m", "xen_vtpm"]
 
 
-def faulty_argv(*, crash_at: Iterable[str] = (), fault_at: str | None = None, fault_cmd: str | None = None,
-                log: Path | None = None) -> list[str]:
-    """xen-vtpm with the test hook installed (tests/faulty_tool.py); the tool's arguments follow."""
+def faulty_argv(*, crash_at: Iterable[str] = (), faults: Iterable[tuple[str, str]] = (), log: Path | None = None,
+                trace: bool = False) -> list[str]:
+    """xen-vtpm with the test hook installed (tests/faulty_tool.py); the tool's arguments follow.
+    `faults`: (point, command) pairs."""
     argv = [sys.executable, str(FAULTY_TOOL)]
     for point in crash_at:
         argv += ["--crash-at", point]
-    if fault_at:
-        argv += ["--fault-at", fault_at, "--fault-cmd", fault_cmd or ""]
+    for point, cmd in faults:
+        argv += ["--fault-at", point, "--fault-cmd", cmd]
     if log is not None:
         argv += ["--log", str(log)]
+    if trace:
+        argv.append("--trace")
     return [*argv, "--"]
 
 
+def hook_log(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def fresh_log(sim: SimHost) -> Path:
+    """A new, empty hook log for one run of the tool (so every line in it is that run's)."""
+    d = sim.dir / "hooklogs"
+    d.mkdir(exist_ok=True)
+    path = d / f"{time.monotonic_ns()}-{secrets.token_hex(4)}.log"
+    path.touch()
+    return path
+
+
+def killed_at(proc: subprocess.CompletedProcess, log: Path, candidates: Iterable[str]) -> str | None:
+    """The point the hook killed this run at, proved twice: the process died of SIGKILL and the hook's
+    log (written just before the kill) names one of `candidates` as its last line.
+    None if the run finished without reaching any of them; anything else fails the test."""
+    lines = hook_log(log)
+    last = lines[-1] if lines else ""
+    point = last.removeprefix("reached ").removesuffix(" crash") if last.endswith(" crash") else None
+    if proc.returncode == -9:
+        assert point in set(candidates), (f"killed by SIGKILL, but the hook log does not show a kill at one of "
+                                          f"the requested points: {lines[-3:]}")
+        return point
+    assert point is None, f"the hook logged a kill at {point}, but the process exited {proc.returncode}"
+    return None
+
+
 def crash(sim: SimHost, *argv: str, at: str | None = None, store_at: str | None = None) -> None:
-    """Run xen-vtpm with a crash point; it must have died by SIGKILL there (else the case proves nothing)."""
+    """Run xen-vtpm with a crash point; it must have been killed exactly there (else the case proves nothing)."""
     point = at or f"store:{store_at}"
-    proc = sim.run([*faulty_argv(crash_at=[point]), *argv], check=False, timeout=120)
-    assert proc.returncode == -9, (f"{' '.join(argv)} with crash point {point} exited "
-                                   f"{proc.returncode} instead of being killed there: {proc.stderr.strip()}")
+    log = fresh_log(sim)
+    proc = sim.run([*faulty_argv(crash_at=[point], log=log), *argv], check=False, timeout=120)
+    assert killed_at(proc, log, [point]) == point, (
+        f"{' '.join(argv)} with crash point {point} exited {proc.returncode} instead of being killed there: "
+        f"{proc.stderr.strip()}")
 
 
-def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> int:
-    """`xen-vtpm recover`, first killed at each of `kill_at` in turn (while it still gets that far);
-    the last run must finish.  Returns how many runs were killed."""
-    kills = 0
-    for point in kill_at:
-        proc = sim.run([*faulty_argv(crash_at=[point]), "recover"], check=False, timeout=120)
-        if proc.returncode == 0:
-            break                       # recover finished without journaling that step
-        assert proc.returncode == -9, f"recover (crash point {point}) exited {proc.returncode}: {proc.stderr.strip()}"
-        kills += 1
+def recover(sim: SimHost, kill_at: Iterable[str] = ()) -> list[str]:
+    """`xen-vtpm recover`, first killed at each of `kill_at` it reaches, one kill per run in the order
+    recover reaches them, until a run reaches none of the rest; that run must finish.  Returns the
+    points it was killed at, each proved (SIGKILL and the hook's log line)."""
+    left, killed = list(kill_at), []
+    while left:
+        log = fresh_log(sim)
+        proc = sim.run([*faulty_argv(crash_at=left, log=log), "recover"], check=False, timeout=120)
+        point = killed_at(proc, log, left)
+        if point is None:
+            assert proc.returncode == 0, f"recover (crash points {left}) exited {proc.returncode}: " \
+                                         f"{proc.stderr.strip()}"
+            break
+        killed.append(point)
+        left.remove(point)
     proc = sim.tool("--json", "recover", check=False, timeout=120)
     assert proc.returncode == 0, f"recover exited {proc.returncode}: {proc.stderr.strip()}"
-    return kills
+    return killed
 
 
 def tool_json(sim: SimHost, *argv: str) -> object:
@@ -182,6 +254,15 @@ def last_op(sim: SimHost) -> dict:
         op_id, kind, params = db.execute(
             "SELECT op_id, kind, params FROM op_journal ORDER BY op_id DESC LIMIT 1").fetchone()
         return {"op_id": op_id, "kind": kind, **json.loads(params)}
+    finally:
+        db.close()
+
+
+def op_outcome(sim: SimHost, op_id: int) -> str:
+    db = sqlite3.connect(f"file:{state_dir(sim) / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        (outcome,) = db.execute("SELECT outcome FROM op_journal WHERE op_id=?", (op_id,)).fetchone()
+        return outcome or ""
     finally:
         db.close()
 
@@ -214,24 +295,30 @@ def wait_connected(sim: SimHost, name: str) -> dict:
 
 
 def vtpm_boot_ok(sim: SimHost, backend: str, domid: int) -> str:
-    """The running vTPM instance's boot (the console after its own 'starting' line) loaded its state."""
-    log = (sim.dir / "logs" / f"guest-{backend}.log").read_text(errors="replace")
-    starts = [m for m in re.finditer(r"vTPM stub domain \S+ \(domid (\d+)\) starting", log)]
-    assert starts, f"{backend}: no boot on its console"
-    last = starts[-1]
-    assert int(last.group(1)) == domid, f"{backend}: the console's last boot is domid {last.group(1)}, running {domid}"
-    boot = log[last.end():]
-    assert "NVM Storage Checksum failed!" not in boot, f"{backend}: came up fresh (checksum failed)"
-    assert "VTPM_LoadHashKey failed" not in boot, f"{backend}: came up fresh (no key for its state)"
-    m = re.search(r"Read (\d+) bytes from NVM persistent storage", boot)
-    assert m, f"{backend}: no 'Read <n> bytes from NVM persistent storage' after its last start"
-    return m.group(0)
+    """The running vTPM instance's boot (the console after its own boot banner) loaded its state."""
+    path = sim.dir / "logs" / f"guest-{backend}.log"
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:   # xenconsoled writes the log a moment after the stub printed
+        log = path.read_text(errors="replace")
+        starts = list(re.finditer(r"vTPM stub domain \S+ \(domid (\d+)\) starting", log))
+        assert starts, f"{backend}: no boot on its console"
+        verdict = console.boot_verdict(log[starts[-1].end():])
+        if int(starts[-1].group(1)) == domid and verdict.kind not in ("none", "pending"):
+            break
+        assert time.monotonic() < deadline, f"{backend}: the console's last boot is domid {starts[-1].group(1)} " \
+                                            f"({verdict.reason}), running {domid}"
+        time.sleep(0.05)
+    assert verdict.loaded, f"{backend}: came up fresh ({verdict.reason})"
+    return verdict.reason
 
 
-def no_unfinished_ops(sim: SimHost) -> None:
+def no_unfinished_ops(sim: SimHost, open_op: int | None = None) -> None:
+    """Nothing half done: no unfinished operation (but `open_op`, one that waits for a component that
+    stays dead), no store journal entry, store files and catalog agree, no temporary file left."""
     db = sqlite3.connect(f"file:{state_dir(sim) / 'catalog.sqlite'}?mode=ro", uri=True)
     try:
-        left = db.execute("SELECT op_id, kind FROM op_journal WHERE finished IS NULL").fetchall()
+        left = db.execute("SELECT op_id, kind FROM op_journal WHERE finished IS NULL AND op_id IS NOT ?",
+                          (open_op,)).fetchall()
         store_left = db.execute("SELECT id, op, checkpoint FROM journal").fetchall()
         packs = {n for (n,) in db.execute("SELECT name FROM packs")}
         ckpts = {i for (i,) in db.execute("SELECT id FROM checkpoints")}
@@ -246,7 +333,8 @@ def no_unfinished_ops(sim: SimHost) -> None:
     assert manifest_files == ckpts, f"manifests on disk {sorted(manifest_files ^ ckpts)} disagree with the catalog"
     tmp_files = [p.name for d in ("packs", "manifests") for p in (sd / d).glob("*.tmp")]
     assert not tmp_files, f"temporary store files left: {tmp_files}"
-    fifos = [p.name for p in (sd / "tmp").iterdir() if stat.S_ISFIFO(p.lstat().st_mode)] if (sd / "tmp").is_dir() else []
+    spool = sd / "tmp"
+    fifos = [p.name for p in spool.iterdir() if stat.S_ISFIFO(p.lstat().st_mode)] if spool.is_dir() else []
     assert not fifos, f"fifos left in state_dir/tmp: {fifos}"
     half_written = [p.name for p in (sim.dir / "images").glob("*.xen-vtpm.tmp")]
     assert not half_written, f"half-written vTPM images left: {half_written}"
@@ -255,11 +343,11 @@ def no_unfinished_ops(sim: SimHost) -> None:
 def no_stray_processes(sim: SimHost) -> None:
     """Every process of the host belongs to a domain `xl list` shows or to a host daemon."""
     table = domains.snapshot(sim.dir)["domains"]
-    listed = set(xl_rows(sim))
+    listed = xl_rows(sim)
     leaders = set()
     for dom in table.values():
         assert dom["name"] in listed, f"{dom['name']}: in the domain table but not in `xl list`"
-        if dom.get("pid"):
+        if dom.get("pid") and "c" not in listed[dom["name"]]:     # a crashed domain has no process
             assert domains.is_alive(dom["pid"]), f"{dom['name']}: its process {dom['pid']} is gone"
             leaders.add(dom["pid"])
     for pidfile in (sim.dir / "run").glob("*.pid"):
@@ -291,6 +379,24 @@ def manager_knows(sim: SimHost, checkpoint_id: str) -> bool:
     return True
 
 
+def manager_keeps(sim: SimHost, checkpoint_id: str, guest: str = GUEST) -> bool:
+    """Probe that leaves a live entry alone (unlike ``manager_knows``): a checkpoint request under the
+    same id is refused while the entry exists; where it is gone, the entry the probe made is discarded."""
+    from xen_vtpm.config import Config
+    from xen_vtpm.errors import ManagerError
+    from xen_vtpm.vtpm.manager import ManagerClient
+    # The manager knows a vTPM by the UUID on its stub domain's own vtpm= line.
+    vtpm_uuid = next(r for r in tool_json(sim, "list") if r["name"] == f"vtpm-{guest}")["vtpms"][0]["uuid"]
+    with ManagerClient(Config.load(sim.config)) as mgr:
+        try:
+            mgr.submit("checkpoint", checkpoint_id, vtpm_uuid)
+        except ManagerError as exc:
+            assert "already exists" in str(exc), str(exc)
+            return True
+        mgr.submit("discard", checkpoint_id)
+    return False
+
+
 def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str]:
     """The vTPM stub runs, loaded its state at its last boot; nothing is paused but a guest paused before."""
     rows = xl_rows(sim)
@@ -305,11 +411,12 @@ def no_paused_domains(sim: SimHost, guest_paused: bool = False) -> dict[str, str
 
 
 def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool | None = True,
-               paused: bool = False) -> str:
+               paused: bool = False, open_op: int | None = None) -> str:
     """All the after-recover checks; returns the name of the allowed state the pair is in, or 'absent'.
 
-    guest_expected: True (must run), False (must be gone), None (either)."""
-    no_unfinished_ops(sim)
+    guest_expected: True (must run), False (must be gone), None (either).  open_op: the one operation
+    allowed to stay unfinished (it needs a component that stays dead)."""
+    no_unfinished_ops(sim, open_op)
     rows = no_paused_domains(sim, paused)
     present = GUEST in rows
     if guest_expected is not None:
@@ -324,7 +431,7 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
         assert len(row["vtpms"]) == 1 and row["vtpms"][0]["uuid_check"] == "ok", row
         assert row["vtpms"][0]["backend_name"] == f"vtpm-{GUEST}", row
         pair = read_pair(sim)
-        assert pair.pcr16 != "0" * 64, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
+        assert set(pair.pcr16) != {"0"}, f"{GUEST}: PCR 16 is zero — the vTPM came up fresh"
         matches = [k for k, v in allowed.items() if v == pair]
         assert matches, (f"{GUEST}: VM/vTPM pair {pair} is none of the allowed states "
                          f"{ {k: str(v) for k, v in allowed.items()} } (mixed or fresh)")
@@ -336,6 +443,14 @@ def check_host(sim: SimHost, allowed: dict[str, Pair], *, guest_expected: bool |
     sim.tool("audit", "--verify")
     no_stray_processes(sim)
     return outcome
+
+
+def rolls_back_to(sim: SimHost, checkpoint: str, expected: Pair) -> None:
+    """A checkpoint that was kept must hold exactly the pair it was taken of: move the pair on, roll
+    back to it, and find that pair again (with every other after-recover check)."""
+    new_state(sim)
+    sim.tool("rollback", GUEST, checkpoint, "--yes", "--no-safety-checkpoint", timeout=150)
+    assert check_host(sim, {"checkpoint": expected}) == "checkpoint", f"checkpoint {checkpoint}: not its pair"
 
 
 _bystanders: dict[Path, Pair] = {}
@@ -350,10 +465,12 @@ def bystander_untouched(sim: SimHost) -> None:
     assert read_pair(sim, BYSTANDER) == expected, f"{BYSTANDER}: its VM/vTPM pair changed"
 
 
-def prime_host(sim: SimHost) -> None:
-    """guest1 and a bystander guest; guest1 gets a clean snapshot + rollback so its running vTPM
-    booted from stored state (a first boot is fresh by design), then every later boot must load."""
-    sim.create_guest(GUEST, memory=16)
+def prime_host(sim: SimHost, tpm_version: str = "2.0") -> None:
+    """guest1 (its vTPM a TPM ``tpm_version``) and a bystander guest; guest1 gets a clean snapshot +
+    rollback so its running vTPM booted from stored state (a first boot is fresh by design), then every
+    later boot must load."""
+    _versions.setdefault(sim.dir, {})[GUEST] = tpm_version
+    sim.create_guest(GUEST, memory=16, tpm_version=tpm_version)
     sim.create_guest(BYSTANDER, memory=16)
     _bystanders[sim.dir] = new_state(sim, BYSTANDER)
     sim.tool("snapshot", GUEST, "--name", "prime")

@@ -1,12 +1,15 @@
 """Shared helpers for the end-to-end tests (tests/test_e2e_*.py).
 
-* `E2EHost`: a simulated host, initialised, with guest1 (16 MiB) and its vTPM; `xen-vtpm` is driven as a
+* `E2EHost`: a simulated host, initialised, with guest1 (16 MiB) and its vTPM of one backend (BACKENDS:
+  a vTPM stub domain, or an swtpm behind an HVM guest's device model); `xen-vtpm` is driven as a
   subprocess (`python -m xen_vtpm ...`) with the host's environment, exactly as an administrator would.
   Its config points `xl` at a recording wrapper: every `xl save` stream is also kept in a file, so a test
   knows the guest memory at the instant the tool captured it (a paused guest cannot be snapshotted:
   it could not suspend itself).
-* Guest-side TPM access with tpm2-pytss ESAPI over the vTPM's TCTI: PCR extend/read, an NV counter,
-  a persistent object and its name.
+* Guest-side TPM access over the vTPM's TCTI: with tpm2-pytss ESAPI for the TPM 2.0 stand-in (PCR
+  extend/read, an NV counter, a persistent object and its name), with raw TPM 1.2 commands for Xen's own
+  TPM 1.2 vTPM (PCR extend/read, an NV index, the endorsement key); ``E2EHost.tpm_state`` and friends pick
+  the client of the guest's TPM version.
 """
 from __future__ import annotations
 
@@ -18,23 +21,32 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import tpm12
+from sim_fixture import SimHost, start_sim_host, stop_sim_host, swtpm_pid, swtpm_state_fingerprints
 from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPMA_NV
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import (TPM2B_NV_PUBLIC, TPM2B_PUBLIC, TPML_DIGEST_VALUES, TPML_PCR_SELECTION,
-                              TPMS_NV_PUBLIC, TPMT_HA, TPMU_HA)
+from tpm2_pytss.types import (
+    TPM2B_NV_PUBLIC,
+    TPM2B_PUBLIC,
+    TPML_DIGEST_VALUES,
+    TPML_PCR_SELECTION,
+    TPMS_NV_PUBLIC,
+    TPMT_HA,
+    TPMU_HA,
+)
 
-from sim_fixture import SimHost, start_sim_host, stop_sim_host
-
-from xen_vtpm_sim.savestream import read_save
 from xen_vtpm.vtpm.vtpmblk import slot_fingerprints
+from xen_vtpm_sim.savestream import read_save
 
 GUEST = "guest1"
 GUEST_MIB = 16
+BACKENDS = ("stubdom", "swtpm")
 PCR = 16
 NV_INDEX = 0x01800010
 PERSISTENT = 0x81000010
@@ -78,6 +90,8 @@ class E2EHost:
     sim: SimHost
     env: dict[str, str]
     records: Path
+    backend: str = "stubdom"
+    tpm_version: str = "2.0"
 
     @property
     def dir(self) -> Path:
@@ -141,11 +155,31 @@ class E2EHost:
         """The vTPM stub domain's TCTI while its guest is saved (no guest to look it up by)."""
         return (self.dir / "run" / f"{backend}.tcti").read_text().strip()
 
+    # -- the guest's TPM, through the client of its TPM version (tcti: the guest's vTPM by default)
+    def tpm_state(self, tcti: str | None = None) -> dict[str, Any]:
+        return GUEST_TPM[self.tpm_version].state(tcti or self.tcti())
+
+    def provision_tpm(self, tcti: str | None = None) -> dict[str, Any]:
+        return GUEST_TPM[self.tpm_version].provision(tcti or self.tcti())
+
+    def advance_tpm(self, tag: bytes, tcti: str | None = None) -> dict[str, Any]:
+        return GUEST_TPM[self.tpm_version].advance(tcti or self.tcti(), tag)
+
     def vtpm_image(self, backend: str = f"vtpm-{GUEST}") -> Path:
         return self.dir / "images" / f"{backend}.img"
 
-    def slot_fingerprints(self, backend: str = f"vtpm-{GUEST}") -> tuple[str | None, str | None]:
+    def slot_fingerprints(self, backend: str = f"vtpm-{GUEST}") -> tuple[str | None, ...]:
+        """Fingerprints of the vTPM's persistent state: the stub domain's image slots, or swtpm's state
+        files (any write to either changes them)."""
+        if self.backend == "swtpm":
+            return swtpm_state_fingerprints(self.sim)
         return slot_fingerprints(self.vtpm_image(backend).read_bytes())
+
+    def vtpm_instance(self) -> int | None:
+        """What serves guest1's vTPM right now: its stub domain's domid, or its swtpm's pid."""
+        if self.backend == "swtpm":
+            return swtpm_pid(self.sim)
+        return self.domids().get(f"vtpm-{GUEST}")
 
     # -- what the tool captured
     def last_save_record(self) -> Path:
@@ -157,13 +191,14 @@ class E2EHost:
         """Where the tool told `xl save` to write, last time (its spool, or the save file)."""
         return Path(f"{self.records}.targets").read_text().splitlines()[-1]
 
-    def with_config(self, where: Path, **keys: object) -> "E2EHost":
+    def with_config(self, where: Path, **keys: object) -> E2EHost:
         """The same host, the tool run with some config keys changed."""
         lines = [ln for ln in Path(self.env["XEN_VTPM_CONFIG"]).read_text().splitlines()
                  if ln.split("=")[0].strip() not in keys]
         config = where / "xen-vtpm.conf"
         config.write_text("\n".join([*lines, *(f"{k} = {v}" for k, v in keys.items())]) + "\n")
-        return E2EHost(sim=self.sim, env=dict(self.env, XEN_VTPM_CONFIG=str(config)), records=self.records)
+        return E2EHost(sim=self.sim, env=dict(self.env, XEN_VTPM_CONFIG=str(config)), records=self.records,
+                       backend=self.backend, tpm_version=self.tpm_version)
 
 
 def saved_memory_digest(save_file: Path, mib: int = GUEST_MIB) -> str:
@@ -190,16 +225,21 @@ def _install_recording_xl(sim: SimHost, where: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None) -> Iterator[E2EHost]:
-    """An initialised simulated host with guest1 running; always taken down."""
-    sim = start_sim_host(base / "h", stock_manager=stock_manager)
+def e2e_host(base: Path, *, stock_manager: bool = False, auth_file: Path | None = None,
+             backend: str = "stubdom", tpm_version: str = "2.0", **platform: object) -> Iterator[E2EHost]:
+    """An initialised simulated host with guest1 running on a vTPM of ``backend`` (a stub domain with a TPM
+    ``tpm_version``, or swtpm: TPM 2.0); always taken down.  ``platform``: the Xen traps the host reproduces
+    (`sim up` options: xsm=, provisioned=, console_log=, release_delay=)."""
+    sim = start_sim_host(base / "h", stock_manager=stock_manager, **platform)
     try:
         tooldir = base / "tool"
         tooldir.mkdir()
         config, records = _install_recording_xl(sim, tooldir)
-        host = E2EHost(sim=sim, env=dict(sim.env, XEN_VTPM_CONFIG=str(config)), records=records)
+        host = E2EHost(sim=sim, env=dict(sim.env, XEN_VTPM_CONFIG=str(config)), records=records, backend=backend,
+                       tpm_version=tpm_version)
         host.tool("init", *(["--rollback-auth-file", str(auth_file)] if auth_file else []))
-        host.tool("sim", "create", GUEST, "--memory", str(GUEST_MIB))
+        host.tool("sim", "create", GUEST, "--memory", str(GUEST_MIB), "--vtpm", backend,
+                  "--tpm-version", tpm_version)
         yield host
     finally:
         stop_sim_host(sim)
@@ -214,7 +254,8 @@ def esapi(tcti: str) -> Iterator[ESAPI]:
 
 
 def pcr_extend(tcti: str, data: bytes, pcr: int = PCR) -> None:
-    digests = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=hashlib.sha256(data).digest()))])
+    digest = TPMU_HA(sha256=hashlib.sha256(data).digest())
+    digests = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=digest)])
     with esapi(tcti) as ectx:
         ectx.pcr_extend(ESYS_TR.parse(f"pcr{pcr}"), digests)
 
@@ -295,3 +336,46 @@ def advance_guest_tpm(tcti: str, tag: bytes) -> dict[str, Any]:
     after = tpm_state(tcti)
     assert all(after[k] != before[k] for k in before), (before, after)
     return after
+
+
+# --- guest-side TPM 1.2 (raw commands, tests/tpm12.py) --------------------------------------------
+NV12_SIZE = 8
+
+
+def tpm12_state(tcti: str) -> dict[str, Any]:
+    """What a TPM 1.2 guest observes: PCR 16, its NV index and its endorsement key (its identity)."""
+    return {"pcr": tpm12.pcr_read(tcti, PCR).hex(), "nv": tpm12.nv_read(tcti, NV12_SIZE).hex(),
+            "ek": tpm12.pubek_digest(tcti)}
+
+
+def tpm12_provision(tcti: str) -> dict[str, Any]:
+    tpm12.nv_define(tcti, NV12_SIZE)
+    tpm12.nv_write(tcti, hashlib.sha1(b"initial").digest()[:NV12_SIZE])
+    tpm12.pcr_extend(tcti, PCR, b"initial")
+    return tpm12_state(tcti)
+
+
+def tpm12_advance(tcti: str, tag: bytes) -> dict[str, Any]:
+    """Change the PCR and the NV data (the EK is the vTPM's identity and stays); return the new state."""
+    before = tpm12_state(tcti)
+    tpm12.pcr_extend(tcti, PCR, tag)
+    tpm12.nv_write(tcti, hashlib.sha1(tag).digest()[:NV12_SIZE])
+    after = tpm12_state(tcti)
+    assert after["pcr"] != before["pcr"] and after["nv"] != before["nv"] and after["ek"] == before["ek"], \
+        (before, after)
+    return after
+
+
+@dataclass(frozen=True)
+class GuestTpmClient:
+    state: Any
+    provision: Any
+    advance: Any
+
+
+GUEST_TPM = {"2.0": GuestTpmClient(tpm_state, provision_guest_tpm, advance_guest_tpm),
+             "1.2": GuestTpmClient(tpm12_state, tpm12_provision, tpm12_advance)}
+TPM_VERSIONS = tuple(GUEST_TPM)
+# Every vTPM a synchronized rollback must work on: Xen's stub domain with its TPM 1.2 and with the
+# simulator's TPM 2.0 stand-in, and swtpm in dom0 (TPM 2.0) for an HVM guest.
+VTPMS = {"stubdom-tpm2.0": ("stubdom", "2.0"), "stubdom-tpm1.2": ("stubdom", "1.2"), "swtpm": ("swtpm", "2.0")}

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import crash_helpers as ch
 from sim_fixture import SimHost
+
 from xen_vtpm.config import Config
 from xen_vtpm_sim import domains, host
 
@@ -42,27 +44,51 @@ def pid_of(sim: SimHost, component: str) -> int:
     return int(dom["pid"])
 
 
-def fault_argv(sim: SimHost, at: str, component: str) -> list[str]:
-    """xen-vtpm whose test hook takes `component` down right after journaling `at`; its arguments follow."""
-    argv = [sys.executable, str(Path(__file__).resolve()), str(sim.dir), component]
-    return ch.faulty_argv(fault_at=at, fault_cmd=shlex.join(argv))
+def fault_argv(sim: SimHost, at: str, component: str, log: Path) -> list[str]:
+    """xen-vtpm whose test hook takes `component` down right after journaling `at`; its arguments follow.
+    The hook logs the fault command's outcome to `log` (``prove_fault`` reads it)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), str(sim.dir), component]
+    return ch.faulty_argv(faults=[(at, shlex.join(cmd))], log=log)
 
 
-def take_down(sim: SimHost, component: str) -> None:
-    """xenstored: stopped (an outage: it answers nothing); the others: killed with their helpers."""
+def take_down(sim: SimHost, component: str) -> int:
+    """xenstored: stopped (an outage: it answers nothing); the others: killed with their helpers.
+    Returns the pid taken down, once it is observed down."""
     pid = pid_of(sim, component)
     if component == "xenstored":
         domains.kill_group(pid, sim.dir, 19)     # SIGSTOP
-        return
+        assert domains.wait_until(lambda: domains.is_stopped(pid), 10), f"{component}: {pid} did not stop"
+        return pid
     domains.kill_group(pid, sim.dir)
     assert domains.wait_until(lambda: not domains.is_alive(pid), 10), f"{component}: {pid} survived SIGKILL"
+    return pid
+
+
+def is_down(component: str, pid: int) -> bool:
+    return domains.is_stopped(pid) if component == "xenstored" else not domains.is_alive(pid)
+
+
+def prove_fault(log: Path, point: str, component: str) -> int:
+    """The fault really happened: the hook ran the fault command at `point`, the command exited 0 after
+    seeing the component down (its last stderr line names the pid, the hook logs it), and the component
+    is still down now.  Returns its pid.  A fault that injected nothing fails here, loudly."""
+    lines = ch.hook_log(log)
+    ran = [ln for ln in lines if ln.startswith(f"reached {point} ")]
+    assert ran, f"the fault point {point} was never reached: {lines}"
+    m = re.fullmatch(rf"reached {re.escape(point)} fault-exit 0 'down {component} pid (\d+)'", ran[-1])
+    assert len(ran) == 1 and m, f"the fault command at {point} did not take {component} down: {ran}"
+    pid = int(m.group(1))
+    assert is_down(component, pid), f"{component} ({pid}) is up again right after the fault"
+    return pid
 
 
 def bring_back(sim: SimHost, component: str) -> None:
     """What a real host restarts by itself: xenstored continues, the host TPM's swtpm restarts on
     the same port with the same state."""
     if component == "xenstored":
-        domains.kill_group(pid_of(sim, component), sim.dir, 18)  # SIGCONT
+        pid = pid_of(sim, component)
+        domains.kill_group(pid, sim.dir, 18)  # SIGCONT
+        assert domains.wait_until(lambda: not domains.is_stopped(pid), 10), f"{component}: {pid} stays stopped"
         return
     assert component == "hosttpm", component
     tcti = Config.load(sim.config).tcti
@@ -164,4 +190,5 @@ def is_mounted(path: Path) -> bool:
 
 
 if __name__ == "__main__":      # the fault hook's command: fault_helpers.py SIM_DIR COMPONENT
-    take_down(SimHost(dir=Path(sys.argv[1]), env=dict(os.environ)), sys.argv[2])
+    taken = take_down(SimHost(dir=Path(sys.argv[1]), env=dict(os.environ)), sys.argv[2])
+    print(f"down {sys.argv[2]} pid {taken}", file=sys.stderr)   # the hook logs this line: prove_fault

@@ -1,11 +1,18 @@
 """Run xen-vtpm with a test's fault hook installed: the test-only seam for crash and fault injection.
 
-    python tests/faulty_tool.py [--crash-at POINT]... [--fault-at POINT --fault-cmd CMD] -- ARGS...
+    python tests/faulty_tool.py [--crash-at POINT]... [--interrupt-at POINT] [--fault-at POINT --fault-cmd CMD]...
+                                [--log FILE] [--trace] -- ARGS...
 
-``--crash-at`` SIGKILLs the process when it reaches POINT (as a power cut or an OOM kill would
-stop it there); ``--fault-at`` runs CMD there (taking a component down) and carries on.  POINTs
-are ``<kind>:<step>`` (core/steps.py) and ``store:<point>``.  A line ``reached POINT`` is written
-to the file named by ``--log`` at each point the hook acts on, so a test can prove it fired.
+``--crash-at`` SIGKILLs the process at the first of the POINTs it reaches (as a power cut or an OOM
+kill would stop it there); ``--interrupt-at`` sends it SIGINT there (an administrator's Ctrl-C);
+``--fault-at`` runs the paired ``--fault-cmd`` there (taking a component down) and carries on.  POINTs
+are ``<kind>:<step>``, ``<kind>:<step>:<point>`` (core/steps.py), ``<kind>:begin`` (the operation
+journaled, no step yet) and ``store:<point>``.
+
+``--log`` makes every hook action provable: ``reached POINT crash`` is written just before the kill,
+``reached POINT interrupt`` before the SIGINT, ``reached POINT fault-exit N STDERR`` after a fault
+command (STDERR: its last line); with ``--trace`` also ``passed POINT`` for every other point.  A test
+reads the log to prove a kill or fault happened where it asked for it, and fails when it did not.
 """
 from __future__ import annotations
 
@@ -26,31 +33,42 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     i = argv.index("--")
     p = argparse.ArgumentParser(prog="faulty_tool")
     p.add_argument("--crash-at", action="append", default=[])
-    p.add_argument("--fault-at")
-    p.add_argument("--fault-cmd")
+    p.add_argument("--interrupt-at")
+    p.add_argument("--fault-at", action="append", default=[])
+    p.add_argument("--fault-cmd", action="append", default=[])
     p.add_argument("--log")
-    return p.parse_args(argv[:i]), argv[i + 1:]
+    p.add_argument("--trace", action="store_true")
+    opts = p.parse_args(argv[:i])
+    if len(opts.fault_at) != len(opts.fault_cmd):
+        raise SystemExit("faulty_tool: give one --fault-cmd per --fault-at")
+    return opts, argv[i + 1:]
 
 
 def _note(log: str | None, text: str) -> None:
+    # Closed before the kill: the line is in the page cache, which a SIGKILL does not lose.
     if log:
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
 
 
 def run(argv: list[str]) -> int:
     opts, tool_args = _parse(argv)
+    faults_at = dict(zip(opts.fault_at, opts.fault_cmd, strict=True))
 
     def hook(name: str) -> None:
         if name in opts.crash_at:
-            _note(opts.log, f"reached {name}")
+            _note(opts.log, f"reached {name} crash")
             os.kill(os.getpid(), signal.SIGKILL)
-        if name == opts.fault_at and opts.fault_cmd:
-            proc = subprocess.run(shlex.split(opts.fault_cmd), timeout=60, stdin=subprocess.DEVNULL,
+        if name == opts.interrupt_at:
+            _note(opts.log, f"reached {name} interrupt")
+            os.kill(os.getpid(), signal.SIGINT)
+        if name in faults_at:
+            proc = subprocess.run(shlex.split(faults_at[name]), timeout=60, stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True)
-            _note(opts.log, f"reached {name} fault-exit {proc.returncode} {proc.stderr.strip()!r}")
+            err = proc.stderr.strip().splitlines()
+            _note(opts.log, f"reached {name} fault-exit {proc.returncode} {(err[-1] if err else '')!r}")
+        elif opts.trace:
+            _note(opts.log, f"passed {name}")
 
     faults.install(hook)
     return main(tool_args)

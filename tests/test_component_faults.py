@@ -1,33 +1,43 @@
 """Component failures at every journaled step: a simulated component dies while the tool runs.
 
 For each sequence (snapshot, rollback, save, restore, delete), each step the coordinator journals
-(crash_helpers.coordinator_steps) and each component (fault_helpers.COMPONENTS), the tool runs with
-its test hook (tests/faulty_tool.py, xen_vtpm.faults) taking the component down right
-after that step is journaled.  Then:
+(crash_helpers.coordinator_steps) and each component (fault_helpers.COMPONENTS) that runs at that
+point, the tool runs with its test hook (tests/faulty_tool.py, xen_vtpm.faults) taking the component
+down right after that step is journaled.  Then:
 
-1. the tool either finished (the component was not needed any more) or failed with one line and
+1. the fault is proved to have happened: the hook's log shows the fault command ran there and saw the
+   component down, and the test itself still sees it down (fault_helpers.prove_fault); a fault that
+   injects nothing fails the case (test_a_fault_that_injects_nothing_is_caught is the control);
+2. the tool either finished (the component was not needed any more) or failed with one line and
    the component's exit code — within the subprocess timeout, i.e. it never hangs;
-2. what a real host restarts comes back (xenstored, the host TPM); a dead vTPM stub domain or
+3. what a real host restarts comes back (xenstored, the host TPM); a dead vTPM stub domain or
    manager stays dead, as a crashed domain does under Xen;
-3. `xen-vtpm recover` must succeed, and crash_helpers.check_host must pass: the VM/vTPM pair is old
-   or new (never mixed, never fresh), nothing paused or leaked, store and audit log verify.
+4. `xen-vtpm recover` must succeed, and crash_helpers.check_host must pass: the VM/vTPM pair is old
+   or new (never mixed, never fresh), nothing paused or leaked, store and audit log verify; every
+   checkpoint the faulted command kept is rolled back to and must give back the pair it was taken of.
 
-With a dead vTPM or manager the guest has lost its vTPM's volatile state, so step 3 becomes: the
-tool and recover fail cleanly (one line, exit 9), nothing is left paused, the store verifies.
+A dead vTPM stub domain: recover must still succeed; rolling back re-creates the stub from a
+checkpoint, so the full check runs after rolling back to the kept checkpoint and to the target.
+A dead manager: recover succeeds or fails in one line (exit 9) leaving only this case's operation
+open; the full check runs with the manager dead (guest1 keeps its pair, since its vTPM still runs);
+kept checkpoints verify.  No rollback is tried: the tool cannot rebuild a vTPM under a re-created
+manager, and a rollback with a dead manager passes its point of no return before it fails.
 
 The default run takes a representative subset; `make crash` (-m crash_full) runs the rest.
 XEN_VTPM_FAULT_TABLE=FILE writes the outcome table there.
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-
-import pytest
 
 import crash_helpers as ch
 import fault_helpers as fh
+import pytest
 from crash_helpers import GUEST
 from sim_fixture import start_sim_host, stop_sim_host
+
+from xen_vtpm.core import steps as S
 
 STEPS = ch.coordinator_steps()
 KINDS = ("snapshot", "rollback", "save", "restore", "delete")
@@ -52,12 +62,21 @@ REPRESENTATIVE = {
 DEAD_DOMAIN_KINDS = {"vtpm": ("snapshot", "rollback"), "vtpmmgr": ("snapshot", "delete")}
 
 
+def runs_at(kind: str, step: str, comp: str) -> bool:
+    """Is `comp` running right after `step` is journaled?  A vTPM stub domain is not from the step
+    after stop-vtpm through start-vtpm (journaled before it re-creates the stub): nothing to take down."""
+    seq = STEPS[kind]
+    if comp != "vtpm" or S.STOP_VTPM not in seq:
+        return True
+    return not seq.index(S.STOP_VTPM) < seq.index(step) <= seq.index(S.START_VTPM)
+
+
 def cases() -> list:
     params = []
     for kind in KINDS:
         for step in STEPS[kind]:
             for comp in fh.COMPONENTS:
-                if kind not in DEAD_DOMAIN_KINDS.get(comp, KINDS):
+                if kind not in DEAD_DOMAIN_KINDS.get(comp, KINDS) or not runs_at(kind, step, comp):
                     continue
                 marks = [] if (kind, step, comp) in REPRESENTATIVE else [pytest.mark.crash_full]
                 bug = KNOWN_BUGS.get((kind, step, comp))
@@ -134,14 +153,39 @@ def prepare(sim: ch.SimHost, kind: str, target: ch.Pair, tmp_path: Path) -> tupl
         sim.run(["tpm2_pcrextend", "-T", ch.tcti(sim, GUEST), "16:sha256=" + "5a" * 32])
         return ["restore", str(ctx["path"])], {"saved": saved}, ctx
     assert kind == "delete"
-    ch.new_state(sim)
+    ctx["doomed"] = ch.new_state(sim)
     sim.tool("snapshot", GUEST, "--name", "doomed")
     cur = ch.new_state(sim)
     return ["delete", "doomed"], {"old": cur}, ctx
 
 
-def settle(sim: ch.SimHost, kind: str, allowed: dict, ctx: dict) -> str:
-    """After recover: the full host check; a saved-away guest is restored from its file."""
+def kept_checkpoints(sim: ch.SimHost, kind: str, op: dict, allowed: dict, ctx: dict,
+                     roll_back: bool = True) -> str:
+    """What the faulted command kept must be whole: a kept snapshot or undeleted checkpoint gives back
+    the pair it was taken of (`roll_back`) or at least verifies; one that is gone left no manager
+    entry behind; an undone save left no checkpoint."""
+    ids = ch.checkpoint_ids(sim)
+    notes = []
+    for name, pair in (("faulted", allowed.get("old")), ("doomed", ctx.get("doomed"))):
+        if name not in ids:
+            continue
+        if roll_back:
+            ch.rolls_back_to(sim, name, pair)
+            notes.append(f"kept {name} rolls back to its pair")
+            sim.tool("delete", name, timeout=150)
+        else:   # a delete needs the dead manager too; the host is not reused
+            sim.tool("verify", ids[name], timeout=150)
+            notes.append(f"kept {name} verifies")
+    gone = op.get("manager_checkpoint") or op.get("checkpoint")
+    if roll_back and gone and gone not in ids.values() and kind in ("snapshot", "delete", "save"):
+        assert not ch.manager_knows(sim, gone), f"{kind}: manager entry {gone} outlived its checkpoint"
+        notes.append("manager entry gone")
+    return "; ".join(notes)
+
+
+def settle(sim: ch.SimHost, kind: str, op: dict, allowed: dict, ctx: dict) -> str:
+    """After recover: the full host check; a saved-away guest is restored from its file; kept
+    checkpoints are rolled back to."""
     state = ch.check_host(sim, allowed, guest_expected=None)
     if state == "absent":
         path = ctx["path"]
@@ -149,24 +193,26 @@ def settle(sim: ch.SimHost, kind: str, allowed: dict, ctx: dict) -> str:
         sim.tool("restore", str(path))
         state = ch.check_host(sim, {k: v for k, v in allowed.items() if k in ("old", "saved")})
         state = f"absent; restored from its file: {state}"
-    names = ch.checkpoint_ids(sim)
-    for leftover in ("faulted", "doomed"):
-        if leftover in names:
-            sim.tool("delete", leftover)
-    return state
+    elif kind == "save":
+        assert op["checkpoint"] not in ch.checkpoint_ids(sim).values(), \
+            "the guest runs on, but the undone save's checkpoint is still in the catalog"
+    kept = kept_checkpoints(sim, kind, op, allowed, ctx)
+    return state + (f"; {kept}" if kept else "")
 
 
-def dead_domain_checks(sim: ch.SimHost, comp: str) -> str:
-    """A dead vTPM stub domain or manager: recover ends in one line (or succeeds), never hangs,
-    leaves nothing paused; the store and audit log still verify."""
+def dead_manager_checks(sim: ch.SimHost, kind: str, op: dict, allowed: dict, ctx: dict) -> str:
+    """A dead manager: recover ends in one line (or succeeds), never hangs; then the full check with
+    the manager dead — guest1 runs with an allowed pair (its vTPM stub still serves), nothing paused,
+    no stray process, store and audit log verify; only this case's op may wait for the manager."""
     proc = sim.tool("recover", check=False, timeout=150)
     if proc.returncode:
-        fh.assert_one_line_error(proc, EXIT[comp], "recover with a dead " + comp)
-    for name, state in ch.xl_rows(sim).items():
-        assert "p" not in state, f"{name}: left paused ({state}) with {comp} dead"
-    sim.tool("verify", "--all", timeout=150)
-    sim.tool("audit", "--verify")
-    return "recover ok" if proc.returncode == 0 else f"recover exit {proc.returncode}"
+        fh.assert_one_line_error(proc, EXIT["vtpmmgr"], "recover with a dead vtpmmgr")
+    open_op = op["op_id"] if ch.op_outcome(sim, op["op_id"]) == "" else None
+    state = ch.check_host(sim, allowed, open_op=open_op)
+    kept = kept_checkpoints(sim, kind, op, allowed, ctx, roll_back=False)
+    waits = f"; op {op['op_id']} waits for the manager" if open_op else ""
+    return f"recover {'ok' if proc.returncode == 0 else f'exit {proc.returncode}'}; {state}{waits}" + \
+        (f"; {kept}" if kept else "")
 
 
 def repair_dead_vtpm(sim: ch.SimHost, target: ch.Pair, allowed: dict) -> str:
@@ -178,9 +224,8 @@ def repair_dead_vtpm(sim: ch.SimHost, target: ch.Pair, allowed: dict) -> str:
     for name, pair in checks + [("target", target)]:
         sim.tool("rollback", GUEST, name, "--yes", "--no-safety-checkpoint", timeout=150)
         assert ch.check_host(sim, {name: pair}) == name, f"checkpoint {name} does not hold its pair"
-    for leftover in ("faulted", "doomed"):
-        if leftover in ids:
-            sim.tool("delete", leftover)
+    if checks:
+        sim.tool("delete", "faulted")
     return ("kept checkpoint rolls back to its pair; " if checks else "") + "rollback rebuilt the pair"
 
 
@@ -190,7 +235,11 @@ def test_component_dies(host, tmp_path, kind, step, comp):
     whole = False
     try:
         argv, allowed, ctx = prepare(sim, kind, host.target, tmp_path)
-        proc = sim.run([*fh.fault_argv(sim, f"{kind}:{step}", comp), *argv], check=False, timeout=150)
+        log = ch.fresh_log(sim)
+        proc = sim.run([*fh.fault_argv(sim, f"{kind}:{step}", comp, log), *argv], check=False, timeout=150)
+        fh.prove_fault(log, f"{kind}:{step}", comp)
+        op = ch.last_op(sim)
+        assert op["kind"] == kind, f"the last journaled op is a {op['kind']}, expected {kind}"
         if proc.returncode:
             err = fh.assert_one_line_error(proc, EXIT[comp], f"{kind} with {comp} dead at {step}")
             tool = f"exit {proc.returncode} ({err.split(':', 2)[-1].strip()[:60]}…)"
@@ -199,17 +248,39 @@ def test_component_dies(host, tmp_path, kind, step, comp):
         if comp in fh.COMES_BACK:
             fh.bring_back(sim, comp)
             ch.recover(sim)
-            outcome = settle(sim, kind, allowed, ctx)
+            outcome = settle(sim, kind, op, allowed, ctx)
             whole = True
+        elif comp == "vtpmmgr":
+            outcome = dead_manager_checks(sim, kind, op, allowed, ctx)
         else:
-            outcome = dead_domain_checks(sim, comp)
-            if comp == "vtpm":
-                # The tool can always re-create a vTPM stub domain from its cfg and a checkpoint:
-                # recover must not stay stuck on a dead one, and the guest must still exist.
-                assert outcome == "recover ok", f"recover cannot get past the dead vTPM stub domain: {outcome}"
-                outcome += "; " + repair_dead_vtpm(sim, host.target, allowed)
-                whole = True
-        RESULTS.append((kind, f"{step} × {comp}", f"{tool}; {outcome}"))
+            # The tool can always re-create a vTPM stub domain from its cfg and a checkpoint:
+            # recover must not stay stuck on a dead one, and the guest must still exist.
+            proc = sim.tool("recover", check=False, timeout=150)
+            assert proc.returncode == 0, f"recover cannot get past the dead vTPM stub domain: {proc.stderr.strip()}"
+            outcome = "recover ok; " + repair_dead_vtpm(sim, host.target, allowed)
+            whole = True
+        RESULTS.append((kind, f"{step} × {comp}", f"fault proved; {tool}; {outcome}"))
     finally:
         if not whole:
             host.discard()
+
+
+def test_a_fault_that_injects_nothing_is_caught(host):
+    """Negative control for prove_fault: a fault command that takes nothing down, one that fails, and
+    a point the command never reaches must each fail the proof."""
+    sim = host.get()
+    log = ch.fresh_log(sim)
+    noop = ("snapshot:guest-save", "true")
+    failing = ("snapshot:manager-checkpoint", shlex.join(["sh", "-c", "echo 'down hosttpm pid 1' >&2; exit 1"]))
+    sim.run([*ch.faulty_argv(faults=[noop, failing], log=log), "snapshot", GUEST, "--name", "noop"])
+    for point, why in (("snapshot:guest-save", "did not take hosttpm down"),
+                       ("snapshot:manager-checkpoint", "did not take hosttpm down"),
+                       ("snapshot:no-such-step", "never reached")):
+        with pytest.raises(AssertionError, match=why):
+            fh.prove_fault(log, point, "hosttpm")
+    # A command that claims to have taken down a component that runs: the test's own look finds it up.
+    claim = log.with_name("claim.log")
+    claim.write_text(f"reached snapshot:commit fault-exit 0 'down hosttpm pid {fh.pid_of(sim, 'hosttpm')}'\n")
+    with pytest.raises(AssertionError, match="is up again"):
+        fh.prove_fault(claim, "snapshot:commit", "hosttpm")
+    sim.tool("delete", "noop")

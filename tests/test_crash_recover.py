@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
-
 import crash_helpers as ch
+import pytest
 from crash_helpers import GUEST
+from e2e_helpers import TPM_VERSIONS
 from sim_fixture import start_sim_host, stop_sim_host
-from xen_vtpm.core.steps import MOVES
+
+from xen_vtpm.core import steps as S
 
 STEPS = ch.coordinator_steps()
 RESULTS: list[tuple[str, str, str]] = []
@@ -39,6 +40,9 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {}
 FULL_ONLY = pytest.mark.crash_full
 NO_RETURN = ("commit", "destroy-guest")
 REPRESENTATIVE_STORE = ("write.committed", "delete.committed")
+# Inside advance-head, after the audit record: the one crash that leaves an operation the audit log
+# records as ended, i.e. recover's "closed" branch; and the undo of a capture, killed part way.
+REPRESENTATIVE_EXTRA = {("snapshot", f"advance-head:{S.AUDITED}"), ("snapshot", "manager-checkpoint" + KILLED_RECOVER)}
 # Same code as a representative case already in the default run (the safety snapshot is
 # _snapshot_locked again; --paused only changes the last restore step).
 FULL_ONLY_ALSO = {("pre-rollback", "commit"), ("restore --paused", "stop-vtpm")}
@@ -46,17 +50,20 @@ FULL_ONLY_ALSO = {("pre-rollback", "commit"), ("restore --paused", "stop-vtpm")}
 
 def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | None = None,
           extra: tuple = ()) -> list:
-    """One case per journaled step of `kind` (and per store crash point if `store`); `chained` adds, per
-    step, a case whose recover is itself killed at every later step before a last, clean recover."""
+    """One case per crash point of `kind` (each journaled step and each point between two writes of
+    one step, core/steps.py) and per store crash point if `store`; `chained` adds, per journaled step,
+    a case whose recover is itself killed at every point it reaches, one per run, before a last, clean
+    recover (every step's recover journals at least one step or passes one point; asserted)."""
     seq = seq or kind
     steps = STEPS[kind]
-    labels = [(s, s in (steps[0], steps[-1]) or s in NO_RETURN) for s in steps]
+    labels = [(p, p in (steps[0], steps[-1]) or p in NO_RETURN) for p in ch.crash_points(kind)]
     if store:
         labels += [(f"store:{p}", p in REPRESENTATIVE_STORE) for p in ch.STORE_POINTS[kind]]
     if chained:
-        labels += [(s + KILLED_RECOVER, kind == "rollback" and s == steps[0]) for s in steps[:-1]]
+        labels += [(s + KILLED_RECOVER, kind == "rollback" and s == steps[0]) for s in steps]
     params = []
     for label, representative in labels:
+        representative = representative or (seq, label) in REPRESENTATIVE_EXTRA
         marks = [] if representative and (seq, label) not in FULL_ONLY_ALSO else [FULL_ONLY]
         bug = KNOWN_BUGS.get((seq, label))
         if bug:
@@ -66,7 +73,8 @@ def cases(kind: str, *, store: bool = False, chained: bool = True, seq: str | No
 
 
 def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tuple[dict, str]:
-    """Kill `xen-vtpm ARGV` at the label's crash point, then recover; returns the crashed op and a note."""
+    """Kill `xen-vtpm ARGV` at the label's crash point, then recover; returns the crashed op and a note.
+    Every kill is proved (SIGKILL and the hook's log line at that point)."""
     base = label.removesuffix(KILLED_RECOVER)
     if base.startswith("store:"):
         ch.crash(sim, *argv, store_at=base[len("store:"):])
@@ -76,10 +84,16 @@ def crash_and_recover(sim: ch.SimHost, kind: str, label: str, *argv: str) -> tup
     assert op["kind"] == kind, f"the last journaled op is a {op['kind']}, expected {kind}"
     if base == label:
         ch.recover(sim)
-        return op, ""
-    later = STEPS[kind][STEPS[kind].index(base) + 1:]
-    kills = ch.recover(sim, kill_at=[f"{kind}:{s}" for s in later])
-    return op, f" (recover itself killed {kills}x first)"
+        note = ""
+    else:
+        kills = ch.recover(sim, kill_at=ch.recover_points(kind))
+        assert kills, f"{kind}:{base}: recover passed none of its crash points, so it could not be killed"
+        note = f" (recover itself killed {len(kills)}x first: {', '.join(k.split(':', 1)[1] for k in kills)})"
+    if base.startswith(f"{S.ADVANCE_HEAD}:"):
+        # Killed after the audit record that ends the op: recover must close it, never run it again.
+        outcome = ch.op_outcome(sim, op["op_id"])
+        assert outcome.startswith("closed"), f"op {op['op_id']} after a crash at {base}: outcome {outcome!r}"
+    return op, note
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,11 +102,11 @@ def report_table():
     ch.report(RESULTS, "XEN_VTPM_CRASH_TABLE")
 
 
-def new_host(tmp_path_factory) -> ch.SimHost:
+def new_host(tmp_path_factory, tpm_version: str = "2.0") -> ch.SimHost:
     sim = start_sim_host(tmp_path_factory.mktemp("crash") / "h")
     try:
         sim.tool("init")
-        ch.prime_host(sim)
+        ch.prime_host(sim, tpm_version)
     except BaseException:
         stop_sim_host(sim)
         raise
@@ -103,8 +117,8 @@ class HostHolder:
     """One simulated host per sequence type, reused across its steps.  A case that fails may leave the
     host wedged (that is what it found); the next case then gets a fresh host instead of a cascade."""
 
-    def __init__(self, factory, setup=None) -> None:
-        self.factory, self.setup = factory, setup
+    def __init__(self, factory, setup=None, tpm_version: str = "2.0") -> None:
+        self.factory, self.setup, self.tpm_version = factory, setup, tpm_version
         self.sim: ch.SimHost | None = None
         self.broken = False
         self.extra: dict = {}
@@ -115,7 +129,7 @@ class HostHolder:
             self.close()
         try:
             if self.sim is None:
-                self.sim = new_host(self.factory)
+                self.sim = new_host(self.factory, self.tpm_version)
                 self.broken = False
                 self.extra = self.setup(self.sim) if self.setup else {}
             yield self.sim
@@ -131,7 +145,8 @@ class HostHolder:
 
 @pytest.fixture(scope="class")
 def host(request, tmp_path_factory):
-    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None))
+    """One host per class; a class parametrized on it (TestRollback) gets one per TPM version."""
+    holder = HostHolder(tmp_path_factory, getattr(request.cls, "setup_host", None), getattr(request, "param", "2.0"))
     try:
         yield holder
     finally:
@@ -142,32 +157,39 @@ def record(kind: str, label: str, outcome: str) -> None:
     RESULTS.append((kind, label, outcome))
 
 
-def rolls_back_to(sim: ch.SimHost, checkpoint: str, expected: ch.Pair) -> None:
-    """A checkpoint recover kept must hold exactly the pair it was taken of."""
-    ch.new_state(sim)
-    sim.tool("rollback", GUEST, checkpoint, "--yes", "--no-safety-checkpoint")
-    assert ch.check_host(sim, {"checkpoint": expected}) == "checkpoint"
-
-
 def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
-    """The step list parsed from coordinator.py is exactly what clean runs journal (op_steps)."""
+    """The step table (core/steps.py) is exactly what clean runs journal (op_steps), and every crash
+    point the matrix uses — each step and each point between two writes of one step — is passed by a
+    clean run in that order (the hook's trace), so no crash case can name a point the code lacks."""
     sim = new_host(tmp_path_factory)
+    log = tmp_path / "trace.log"
+    traced = ch.faulty_argv(log=log, trace=True)
     try:
-        sim.tool("snapshot", GUEST, "--name", "t")
-        sim.tool("rollback", GUEST, "t", "--yes")
-        save = tmp_path / "g.save"
-        sim.tool("save", GUEST, str(save))
-        ch.advance_vtpm_nv(sim)           # the vTPM moves on: restore must put it back (all its steps)
-        sim.tool("restore", str(save))
-        sim.tool("delete", "t")
+        for argv in (["snapshot", GUEST, "--name", "t"], ["rollback", GUEST, "t", "--yes"],
+                     ["save", GUEST, str(tmp_path / "g.save")], None, ["restore", str(tmp_path / "g.save")],
+                     ["delete", "t"], ["snapshot", GUEST, "--name", "t2"], ["keep", "t2"], ["unkeep", "t2"],
+                     # removes the safety checkpoint: every delete step
+                     ["prune", GUEST, "--keep-last", "1"]):
+            if argv is None:
+                ch.advance_vtpm_nv(sim)     # the vTPM moves on: restore must put it back (all its steps)
+            else:
+                sim.run([*traced, *argv], timeout=120)
         seen = ch.recorded_steps(ch.state_dir(sim))
     finally:
         stop_sim_host(sim)
-    local = {kind: steps for kind, steps in STEPS.items() if kind not in MOVES}   # moves: test_migrate_crash.py
+    local = {kind: steps for kind, steps in STEPS.items() if kind not in S.MOVES}   # moves: test_migrate_crash.py
     for kind, steps in local.items():
         assert seen.get(kind), f"no clean {kind} was journaled"
         assert seen[kind][-1] == steps, f"{kind}: journal recorded {seen[kind][-1]}, source lists {steps}"
     assert set(seen) == set(local), f"journaled kinds {sorted(seen)} vs covered {sorted(local)}"
+    passed = [line.split(" ")[1] for line in ch.hook_log(log)]
+    for kind in local:
+        points = [p.split(":", 1)[1] for p in passed if p.split(":", 1)[0] == kind]
+        # Each run of the kind starts at ``begin`` (the operation journaled, no step yet).
+        runs = [run.strip().split("\n") for run in "\n".join(points).split("begin\n") if run]
+        assert points[0] == "begin" and runs, f"{kind}: a clean run passed {points}"
+        for run in runs:
+            assert run == ch.crash_points(kind), f"{kind}: a clean run passed {run}"
 
 
 class TestSnapshot:
@@ -181,7 +203,7 @@ class TestSnapshot:
             ids = ch.checkpoint_ids(sim)
             if name in ids:
                 assert ids[name] == op["checkpoint"]
-                rolls_back_to(sim, name, cur)
+                ch.rolls_back_to(sim, name, cur)
                 sim.tool("delete", name)
                 outcome = "finished: checkpoint kept, rolls back to its pair"
             else:
@@ -198,9 +220,10 @@ class TestSnapshot:
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             assert "crashed" not in ch.checkpoint_ids(sim)
-            rolls_back_to(sim, "next", cur)
+            ch.rolls_back_to(sim, "next", cur)
             sim.tool("delete", "next")
-            record("snapshot, then snapshot", "manager-checkpoint", "ok — the next snapshot undid the crashed one first")
+            record("snapshot, then snapshot", "manager-checkpoint",
+                   "ok — the next snapshot undid the crashed one first")
 
     def test_checks_catch_an_unrecovered_crash(self, host):
         """Negative control: without recover, the checks must see the crash (paused domains, open op)."""
@@ -214,6 +237,8 @@ class TestSnapshot:
             ch.recover(sim)
 
 
+# Every synchronized-rollback case runs with the TPM 2.0 stand-in and with Xen's own TPM 1.2 vTPM.
+@pytest.mark.parametrize("host", TPM_VERSIONS, indirect=True, scope="class", ids=lambda v: f"tpm{v}")
 class TestRollback:
     @staticmethod
     def setup_host(sim: ch.SimHost) -> dict:
@@ -233,13 +258,13 @@ class TestRollback:
             kept = {n: i for n, i in ch.checkpoint_ids(sim).items() if n not in before}
             if kept:
                 assert list(kept.values()) == [op["checkpoint"]]
-                rolls_back_to(sim, op["checkpoint"], cur)
+                ch.rolls_back_to(sim, op["checkpoint"], cur)
                 sim.tool("delete", op["checkpoint"])
                 outcome = "old state; safety checkpoint kept, rolls back to its pair"
             else:
                 assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
                 outcome = "old state; safety checkpoint undone"
-            record("pre-rollback", label, f"ok — {outcome}{note}")
+            record(f"pre-rollback (TPM {host.tpm_version})", label, f"ok — {outcome}{note}")
 
     @pytest.mark.parametrize("label", cases("rollback"))
     def test_crash(self, host, label):
@@ -249,7 +274,7 @@ class TestRollback:
             _, note = crash_and_recover(sim, "rollback", label, "rollback", GUEST, "target", "--yes",
                                         "--no-safety-checkpoint")
             state = ch.check_host(sim, {"old": cur, "new": target})
-            record("rollback", label, "ok — " + {"new": "rolled forward to the checkpoint",
+            record(f"rollback (TPM {host.tpm_version})", label, "ok — " + {"new": "rolled forward to the checkpoint",
                                                  "old": "undone: old state kept"}[state] + note)
 
 
@@ -262,7 +287,8 @@ class TestRollback:
             sim.tool("snapshot", GUEST, "--name", "next")
             assert ch.check_host(sim, {"old": cur, "new": host.extra["target"]}) == "new"
             sim.tool("delete", "next")
-            record("rollback, then snapshot", "put-back-vtpm", "ok — the snapshot finished the rollback first")
+            record(f"rollback, then snapshot (TPM {host.tpm_version})", "put-back-vtpm",
+                   "ok — the snapshot finished the rollback first")
 
 
 class TestSave:
@@ -281,9 +307,11 @@ class TestSave:
                 assert ch.check_host(sim, {"saved": cur}) == "saved"
                 outcome = "finished: guest saved, restore gives its pair back"
             else:
-                if op["checkpoint"] not in ch.checkpoint_ids(sim).values():
-                    assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
-                outcome = "undone: guest runs on in its old state"
+                # Undone: the guest runs on, so the save must have left nothing behind.
+                assert op["checkpoint"] not in ch.checkpoint_ids(sim).values(), \
+                    "the guest runs on, but the undone save's checkpoint is still in the catalog"
+                assert not ch.manager_knows(sim, op["checkpoint"]), "manager checkpoint entry leaked"
+                outcome = "undone: guest runs on in its old state, no checkpoint, manager entry gone"
             record("save", label, f"ok — {outcome}{note}")
 
 
@@ -325,10 +353,75 @@ class TestDelete:
             _, note = crash_and_recover(sim, "delete", label, "delete", name)
             assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
             if name in ch.checkpoint_ids(sim):
-                rolls_back_to(sim, name, taken)
+                ch.rolls_back_to(sim, name, taken)
                 sim.tool("delete", name)
                 outcome = "undone: checkpoint kept, rolls back to its pair"
             else:
                 assert not ch.manager_knows(sim, ckpt), "manager checkpoint entry leaked"
                 outcome = "finished: checkpoint and manager entry gone"
             record("delete", label, f"ok — {outcome}{note}")
+
+
+def every_step(kind: str, store: bool = False) -> list:
+    """``cases`` with every journaled step (and the first store point) in the default run: the day-two
+    sequences are short, so `make test` kills each of their steps; chained recovers stay in `make crash`."""
+    out = []
+    for p in cases(kind, store=store):
+        label = p.values[0]
+        full = label.endswith(KILLED_RECOVER) or label.startswith("store:") and label[6:] not in REPRESENTATIVE_STORE
+        out.append(p if full else pytest.param(*p.values, id=p.id, marks=[m for m in p.marks if m is not FULL_ONLY]))
+    return out
+
+
+class TestPrune:
+    """prune with `--keep-last 1` removes the older of two new snapshots; a third, marked with `keep`,
+    stays.  Once journaled, a prune is finished by recover: the checkpoint and its manager entry are
+    gone, the others intact."""
+
+    @staticmethod
+    def setup_host(sim: ch.SimHost) -> dict:
+        sim.tool("snapshot", GUEST, "--name", "marked")
+        sim.tool("keep", "marked")
+        return {}
+
+    @pytest.mark.parametrize("label", every_step("prune", store=True))
+    def test_crash(self, host, label):
+        with host.case() as sim:
+            tag = label.replace(":", "-").replace(".", "-").replace("+", "-")
+            old, new = f"old-{tag}", f"new-{tag}"
+            for name in (old, new):
+                ch.new_state(sim)
+                sim.tool("snapshot", GUEST, "--name", name)
+            cur = ch.new_state(sim)
+            before = ch.checkpoint_ids(sim)
+            _, note = crash_and_recover(sim, "prune", label, "prune", GUEST, "--keep-last", "1")
+            assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+            after = ch.checkpoint_ids(sim)
+            assert set(after) == {"marked", new}, f"after recover: {sorted(after)}"
+            assert not ch.manager_knows(sim, before[old]), "the pruned checkpoint's manager entry leaked"
+            assert all(ch.manager_keeps(sim, before[n]) for n in after), "a kept checkpoint lost its entry"
+            assert [c["kept"] for c in ch.tool_json(sim, "checkpoints", GUEST)] == [True, False]
+            sim.tool("delete", new)
+            record("prune", label, f"ok — finished: the older gone with its manager entry, the rest intact{note}")
+
+
+class TestKeep:
+    """A mark set or cleared, with the head that binds it, or neither: recover finishes it, and every
+    check of the catalog (verify, audit --verify) passes afterwards."""
+
+    @staticmethod
+    def setup_host(sim: ch.SimHost) -> dict:
+        sim.tool("snapshot", GUEST, "--name", "k")
+        return {}
+
+    @pytest.mark.parametrize("label,kind", [pytest.param(*p.values, k, id=p.id, marks=p.marks)
+                                            for k in ("keep", "unkeep") for p in every_step(k)])
+    def test_crash(self, host, label, kind):
+        with host.case() as sim:
+            sim.tool("unkeep" if kind == "keep" else "keep", "k")    # the state the command changes
+            cur = ch.new_state(sim)
+            _, note = crash_and_recover(sim, kind, label, kind, "k")
+            assert ch.check_host(sim, {"unchanged": cur}) == "unchanged"
+            (row,) = ch.tool_json(sim, "checkpoints", GUEST)
+            assert row["kept"] is (kind == "keep"), f"{kind} not finished by recover: {row}"
+            record(kind, label, f"ok — finished: {'marked' if kind == 'keep' else 'unmarked'}, bound to the head{note}")

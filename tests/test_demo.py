@@ -5,16 +5,31 @@ Test names are short on purpose: the host's Unix sockets live under tmp_path.
 The demo starts its host under $TMPDIR; pointing TMPDIR at tmp_path lets the
 tests prove that no process of that host survives (every simulated process
 carries the owner marker of its host directory in its environment).
+
+What the demo claims (the rollback brings PCR 16, the NV counter and the guest's memory back to
+the snapshot; the corrupted checkpoint is refused) is checked from outside, not from its own
+"[ok]" lines: the demo runs through the test hook (tests/faulty_tool.py), which at chosen steps
+runs tests/demo_probe.py to read the vTPM with tpm2-tools and the guest's memory file directly,
+and traces every point the tool passes.  The PCR values are computed here from the
+labels the demo extends with (the TPM's extend rule), not taken from the demo.
+
+Two full runs (text, --json); -q is run up to a SIGINT the hook sends at a fixed step, so it is
+proved silent on the way and on the interrupt path without a third full run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from crash_helpers import faulty_argv, hook_log
+
+from xen_vtpm_sim.demo import GUEST, NV_COUNTER, PCR
 from xen_vtpm_sim.domains import OWNER_ENV
 
 
@@ -39,12 +54,81 @@ def _left_behind(tmp_path: Path) -> list[int]:
     return pids
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xen_vtpm", *args, "demo"], env=_demo_env(tmp_path),
-                          capture_output=True, text=True, timeout=180)
+def _run(tmp_path: Path, *args: str, hook: list[str] | None = None) -> subprocess.CompletedProcess:
+    tool = hook or [sys.executable, "-m", "xen_vtpm"]
+    return subprocess.run([*tool, *args, "demo"], env=_demo_env(tmp_path), capture_output=True, text=True,
+                          timeout=180)
+
+
+def _extend(pcr: bytes, label: str) -> bytes:
+    """TPM2_PCR_Extend with SHA-256: new = H(old || H(data)); the demo extends with H(label)."""
+    return hashlib.sha256(pcr + hashlib.sha256(label.encode()).digest()).digest()
+
+
+# PCR 16 of a fresh vTPM is zero; the demo extends it once before the snapshot and once after.
+AT_SNAPSHOT = _extend(bytes(32), "demo: measured at boot").hex()
+CHANGED = _extend(bytes.fromhex(AT_SNAPSHOT), "demo: changed after the snapshot").hex()
+
+
+PROBES = {   # point -> what to read there
+    "snapshot:guest-save": "tpm",              # the guest runs, its vTPM as the snapshot will take it
+    "snapshot:manager-checkpoint": "memory",   # the guest is suspended: its memory as saved
+    "pre-rollback:guest-save": "tpm",          # the changed state the rollback leaves
+    "rollback:unpause-guest": "tpm+memory",    # restored, still paused: nothing has run since
+}
+
+
+def _probed(log: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(point, reading) of every probe in order, and every point the tool passed."""
+    readings, passed = [], []
+    for line in hook_log(log):
+        word, point, rest = (line.split(" ", 2) + [""])[:3]
+        passed.append(point)
+        if word == "reached":
+            code, _, err = rest.removeprefix("fault-exit ").partition(" ")
+            assert code == "0", f"probe at {point} failed: {err}"
+            readings.append((point, json.loads(err.strip("'"))))
+    return readings, passed
+
+
+def test_demo_json(tmp_path):
+    """The summary is the only output, and what the demo claims holds when read from outside."""
+    log = tmp_path.parent / f"{tmp_path.name}.hook.log"
+    probe = [sys.executable, str(Path(__file__).resolve().with_name("demo_probe.py")), str(tmp_path)]
+    hook = faulty_argv(faults=[(p, shlex.join([*probe, what, GUEST, str(PCR), NV_COUNTER]))
+                               for p, what in PROBES.items()], log=log, trace=True)
+    proc = _run(tmp_path, "--json", hook=hook)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    summary = json.loads(proc.stdout)   # nothing but the summary on stdout
+    assert summary["ok"] is True
+    readings, passed = _probed(log)
+    points = [p for p, _ in readings]
+    assert points == ["snapshot:guest-save", "snapshot:manager-checkpoint", "pre-rollback:guest-save",
+                      "rollback:unpause-guest", "snapshot:guest-save", "snapshot:manager-checkpoint"], points
+    snap_tpm, snap_mem, changed, rolled_back, second_tpm, _ = (r for _, r in readings)
+    assert snap_tpm == {"pcr": AT_SNAPSHOT, "nv": 1}, snap_tpm
+    assert changed == {"pcr": CHANGED, "nv": 2}, changed
+    assert rolled_back == {"pcr": AT_SNAPSHOT, "nv": 1, "memory": snap_mem["memory"]}, \
+        "the rollback did not bring PCR 16, the NV counter and the memory back to the snapshot"
+    assert second_tpm == {"pcr": AT_SNAPSHOT, "nv": 1}, second_tpm
+    # The rollback to the corrupted checkpoint never began: after the second snapshot the tool
+    # passed no rollback step and took no safety snapshot.
+    after_second = passed[len(passed) - passed[::-1].index("snapshot:manager-checkpoint"):]
+    assert not [p for p in after_second if p.startswith(("rollback:", "pre-rollback:"))], after_second
+    assert passed.count("rollback:destroy-guest") == 1
+    # The summary agrees with the outside view.
+    assert summary["pcr16"] == {"snapshot": AT_SNAPSHOT, "changed": CHANGED, "after_rollback": AT_SNAPSHOT}
+    assert summary["nv_counter"] == {"snapshot": 1, "changed": 2, "after_rollback": 1}
+    assert {r["action"] for r in summary["audit"]} >= {"init", "snapshot", "pre-rollback", "rollback"}
+    refused = [r for r in summary["audit"] if r["result"].startswith("refused")]
+    assert [r["action"] for r in refused] == ["verify", "rollback"], refused
+    assert _left_behind(tmp_path) == []
+    assert list(tmp_path.iterdir()) == [], "the demo's temporary directory was not removed"
 
 
 def test_demo_text(tmp_path):
+    """The narration: each step, the commands as a user would type them, the checks and the summary."""
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -53,15 +137,12 @@ def test_demo_text(tmp_path):
                  "$ tpm2_nvincrement -T swtpm:",
                  "$ xen-vtpm snapshot guest1 --name before-change",
                  "$ xen-vtpm rollback guest1 before-change --yes",
-                 "[ok] PCR 16 back at its snapshot value",
-                 "[ok] NV counter back at its snapshot value: 1 (snapshot 1, before rollback 2)",
+                 f"now: PCR 16 = {AT_SNAPSHOT[:16]}…  NV counter = 1",
+                 f"changed: PCR 16 = {CHANGED[:16]}…  NV counter = 2",
+                 f"after rollback: PCR 16 = {AT_SNAPSHOT[:16]}…  NV counter = 1",
                  "$ xen-vtpm verify second",
-                 "[ok] verify of the corrupted checkpoint refused: exit 5",
-                 "[ok] rollback to the corrupted checkpoint refused: exit 5",
-                 "[ok] guest memory (SHA-256) unchanged",
-                 "[ok] the untouched checkpoint still verifies: exit 0",
-                 "[ok] audit chain verifies against the TPM counter: exit 0",
-                 "[ok] simulated host stopped, no process left",
+                 "refused: exit 5",
+                 "== stopped the simulated host",
                  "== demo passed: 13/13 checks held"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "FAILED" not in out
@@ -72,44 +153,21 @@ def test_demo_text(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the demo's temporary directory was not removed"
 
 
-def test_demo_json(tmp_path):
-    proc = _run(tmp_path, "--json")
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout)   # nothing but the summary on stdout
-    assert summary["ok"] is True
-    assert summary["checks"] and all(c["ok"] for c in summary["checks"])
-    assert summary["pcr16"]["after_rollback"] == summary["pcr16"]["snapshot"] != summary["pcr16"]["changed"]
-    assert summary["nv_counter"] == {"snapshot": 1, "changed": 2, "after_rollback": 1}
-    assert {r["action"] for r in summary["audit"]} >= {"init", "snapshot", "pre-rollback", "rollback"}
+def test_demo_quiet_sigint(tmp_path):
+    """-q prints nothing, and Ctrl-C (sent by the hook in the middle of the first snapshot, when guest,
+    vTPM and daemons are all up) still takes the whole host down: exit 130, one line on stderr."""
+    sent = tmp_path.parent / f"{tmp_path.name}.sigint"
+    # The command notes it ran before it signals its parent, the demo (the interrupt may cut the hook
+    # short of writing its own log line).
+    interrupt = shlex.join(["sh", "-c", f"echo sent >> {shlex.quote(str(sent))}; kill -INT $PPID"])
+    proc = _run(tmp_path, "-q", hook=faulty_argv(faults=[("snapshot:guest-save", interrupt)]))
+    assert sent.read_text() == "sent\n", "the interrupt was never sent"
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert proc.stdout == ""
+    # The interrupted snapshot and the demo each say so; nothing else is printed.
+    assert set(proc.stderr.splitlines()) == {"xen-vtpm: interrupted"}, proc.stderr
     assert _left_behind(tmp_path) == []
-
-    quiet = _run(tmp_path, "-q")
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout == "" and quiet.stderr == ""
-    assert _left_behind(tmp_path) == []
-
-
-def test_demo_sigint(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "xen_vtpm", "demo"], env=_demo_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("== 4/8"):   # guest, vTPM and daemons are all up now
-                break
-        assert seen and seen[-1].startswith("== 4/8"), "".join(seen)
-        assert _left_behind(tmp_path), "the host should be running at step 4"
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
-    assert "== stopped the simulated host" in rest
-    assert _left_behind(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_pipe_closed(tmp_path):

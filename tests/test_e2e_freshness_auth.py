@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from e2e_helpers import GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, tpm_state
+from e2e_helpers import BACKENDS, GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, tpm_state
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,17 @@ def secret(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory, secret):
-    with e2e_host(tmp_path_factory.mktemp("fa"), auth_file=secret) as h:
+@pytest.fixture(scope="module", params=BACKENDS)
+def host(tmp_path_factory, secret, request):
+    with e2e_host(tmp_path_factory.mktemp("fa"), auth_file=secret, backend=request.param) as h:
         provision_guest_tpm(h.tcti())
         yield h
 
 
 def _observe(host) -> tuple:
     """Nothing re-created, nothing suspended (the guest's suspend writes its vTPM), no checkpoint added."""
-    return host.domids(), host.slot_fingerprints(), host.checkpoint_ids(), host.is_paused(GUEST)
+    return (host.domids(), host.vtpm_instance(), host.slot_fingerprints(), host.checkpoint_ids(),
+            host.is_paused(GUEST))
 
 
 def test_status_shows_the_secret_is_provisioned(host):

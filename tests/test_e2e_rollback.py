@@ -1,7 +1,8 @@
 """End to end on the simulated host: snapshot + rollback bring back the guest's memory and its vTPM.
 
-The guest side is a real TPM client (tpm2-pytss ESAPI) talking to the guest's vTPM stub domain; the
-tool is the `xen-vtpm` command.  The memory the tool captured is known exactly from the recording `xl`
+The guest side is a real TPM client talking to the guest's vTPM: every test runs with Xen's vTPM stub
+domain carrying the simulator's TPM 2.0 stand-in (tpm2-pytss ESAPI) and Xen's own TPM 1.2 (raw TPM 1.2
+commands), and with swtpm in dom0 behind an HVM guest's device model; the tool is the `xen-vtpm` command.  The memory the tool captured is known exactly from the recording `xl`
 (e2e_helpers), so "memory at the snapshot" is a byte-for-byte fact, not an assumption.
 """
 from __future__ import annotations
@@ -14,21 +15,24 @@ import pytest
 
 from xen_vtpm_sim import domains
 
-from e2e_helpers import (GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, saved_memory_digest,
-                         tpm_state)
+from e2e_helpers import GUEST, VTPMS, e2e_host, saved_memory_digest
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("rb")) as h:
-        provision_guest_tpm(h.tcti())
+@pytest.fixture(scope="module", params=list(VTPMS.values()), ids=list(VTPMS))
+def host(request, tmp_path_factory):
+    backend, tpm_version = request.param
+    with e2e_host(tmp_path_factory.mktemp("rb"), backend=backend, tpm_version=tpm_version) as h:
+        h.provision_tpm()
         yield h
 
 
 @pytest.fixture(autouse=True)
-def guest_running_after(host):
+def guest_running_after(request):
     """A failed test must not leave guest1 paused for the next one (a paused guest cannot be snapshotted)."""
     yield
+    if "host" not in request.fixturenames:
+        return                          # a test with a host of its own
+    host = request.getfixturevalue("host")
     if GUEST in host.domids() and host.is_paused(GUEST):
         host.xl("unpause", GUEST)
 
@@ -50,15 +54,15 @@ def _changed_memory(host, than: str) -> str:
 
 
 def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
-    at_snapshot = tpm_state(host.tcti())
+    at_snapshot = host.tpm_state()
     snap = host.snapshot("rb-s1")
     mem_at_snapshot = saved_memory_digest(host.last_save_record())
     assert host.last_save_target().startswith("/proc/"), "a small guest is spooled in RAM"
 
     # The guest moves on: memory and every observed vTPM object change.
-    advanced = advance_guest_tpm(host.tcti(), b"after rb-s1")
+    advanced = host.advance_tpm(b"after rb-s1")
     _changed_memory(host, mem_at_snapshot)
-    before = host.domids()
+    before, vtpm_before = host.domids(), host.vtpm_instance()
 
     result = host.tool_json("rollback", GUEST, "rb-s1", "--yes", "--paused")
     assert result["rolled_back_to"] == snap["id"]
@@ -66,11 +70,11 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
     assert mem_before_rollback != mem_at_snapshot
 
     after = host.domids()
-    assert after[GUEST] != before[GUEST] and after[f"vtpm-{GUEST}"] != before[f"vtpm-{GUEST}"], \
-        "rollback must re-create the guest and its vTPM stub domain"
+    assert after[GUEST] != before[GUEST] and host.vtpm_instance() not in (None, vtpm_before), \
+        "rollback must re-create the guest and its vTPM (stub domain or swtpm)"
     assert host.is_paused(GUEST)
     assert host.memdigest() == mem_at_snapshot
-    assert tpm_state(host.tcti()) == at_snapshot
+    assert host.tpm_state() == at_snapshot
 
     # The safety checkpoint holds the state the rollback discarded; rolling back to it returns there.
     safety = result["safety_checkpoint"]
@@ -81,7 +85,7 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
     host.tool_json("rollback", GUEST, safety, "--yes", "--paused")
     assert host.is_paused(GUEST)
     assert host.memdigest() == mem_before_rollback
-    assert tpm_state(host.tcti()) == advanced
+    assert host.tpm_state() == advanced
     host.xl("unpause", GUEST)
 
     host.tool("verify", "--all")
@@ -90,29 +94,29 @@ def test_rollback_restores_memory_and_vtpm_and_keeps_a_safety_checkpoint(host):
 
 def test_a_guest_over_the_ram_budget_goes_through_the_encrypted_disk_spool(host, tmp_path):
     disk = host.with_config(tmp_path, spool_ram_mib=0)
-    at_snapshot = tpm_state(host.tcti())
+    at_snapshot = host.tpm_state()
     disk.snapshot("rb-disk")
     assert disk.last_save_target().endswith(".fifo")
     mem_at_snapshot = saved_memory_digest(host.last_save_record())
-    advance_guest_tpm(host.tcti(), b"after rb-disk")
+    host.advance_tpm(b"after rb-disk")
     _changed_memory(host, mem_at_snapshot)
 
     disk.tool_json("rollback", GUEST, "rb-disk", "--yes", "--paused", "--no-safety-checkpoint")
     assert host.memdigest() == mem_at_snapshot
-    assert tpm_state(host.tcti()) == at_snapshot
+    assert host.tpm_state() == at_snapshot
     host.xl("unpause", GUEST)
     disk.tool("delete", "rb-disk")
 
 
 def test_rollback_without_safety_checkpoint_leaves_the_guest_running(host):
-    at_snapshot = tpm_state(host.tcti())
+    at_snapshot = host.tpm_state()
     host.snapshot("rb-s2")
-    advance_guest_tpm(host.tcti(), b"after rb-s2")
+    host.advance_tpm(b"after rb-s2")
     ids = host.checkpoint_ids()
 
     host.tool("rollback", GUEST, "rb-s2", "--yes", "--no-safety-checkpoint")
     assert not host.is_paused(GUEST)
-    assert tpm_state(host.tcti()) == at_snapshot
+    assert host.tpm_state() == at_snapshot
     assert host.checkpoint_ids() == ids, "--no-safety-checkpoint must not store a checkpoint"
 
 
@@ -120,7 +124,7 @@ def _untouched(host):
     """Domain ids (nothing re-created), vTPM image slots (any TPM command or put-back rewrites them)
     and the stored checkpoints (nothing added)."""
     fingerprints = host.slot_fingerprints()
-    return host.domids(), fingerprints, host.checkpoint_ids()
+    return host.domids(), host.vtpm_instance(), fingerprints, host.checkpoint_ids()
 
 
 @pytest.mark.parametrize("argv, code, words", [
@@ -144,7 +148,7 @@ def test_bad_input_is_refused_and_changes_nothing(host, argv, code, words):
 
 
 def test_paused_guest_cannot_be_snapshotted(host):
-    """It could not answer the suspend request (and send TPM2_Shutdown(STATE) to its vTPM)."""
+    """It could not answer the suspend request."""
     host.xl("pause", GUEST)
     try:
         before = _untouched(host)
@@ -155,8 +159,10 @@ def test_paused_guest_cannot_be_snapshotted(host):
         host.xl("unpause", GUEST)
 
 
-def test_xenstore_down_gives_exit_9(tmp_path):
-    with e2e_host(tmp_path) as h:
+@pytest.mark.parametrize("backend", ["stubdom", "swtpm"])
+def test_xenstore_down_gives_exit_9(backend, tmp_path):
+    """On a host of its own (xenstored is killed)."""
+    with e2e_host(tmp_path, backend=backend) as h:
         h.snapshot("x1")
         pid = int((h.dir / "run" / "xenstored.pid").read_text())
         os.kill(pid, signal.SIGTERM)

@@ -14,14 +14,14 @@ from typing import Callable
 
 import pytest
 
-from e2e_helpers import E2EHost, GUEST, e2e_host, provision_guest_tpm, tpm_state
+from e2e_helpers import BACKENDS, E2EHost, GUEST, e2e_host, provision_guest_tpm, tpm_state
 
 from xen_vtpm.store import manifest as manifest_format
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    with e2e_host(tmp_path_factory.mktemp("tamper")) as h:
+@pytest.fixture(scope="module", params=BACKENDS)
+def host(tmp_path_factory, request):
+    with e2e_host(tmp_path_factory.mktemp("tamper"), backend=request.param) as h:
         provision_guest_tpm(h.tcti())
         yield h
 
@@ -134,7 +134,8 @@ def _observe(host: E2EHost) -> tuple[dict, tuple]:
     """Everything a refused command must leave alone, and the vTPM slot fingerprints after our own
     reads: every TPM command (a PCR read included) rewrites the vTPM image, so the next observation's
     "slots" must equal these."""
-    state = {"slots": host.slot_fingerprints(), "domids": host.domids(), "memory": host.memdigest(),
+    state = {"slots": host.slot_fingerprints(), "domids": host.domids(), "vtpm": host.vtpm_instance(),
+             "memory": host.memdigest(),
              "paused": host.is_paused(GUEST), "checkpoints": host.checkpoint_ids(), "tpm": tpm_state(host.tcti())}
     return state, host.slot_fingerprints()
 

@@ -7,9 +7,10 @@ import textwrap
 
 import pytest
 
-from xen_vtpm.errors import IntegrityError, Locked
+from xen_vtpm import faults
 from xen_vtpm.core.journal import Journal, OpParams
 from xen_vtpm.core.locks import VmLock
+from xen_vtpm.errors import IntegrityError, Locked
 
 KEY = bytes(range(32))
 
@@ -92,6 +93,24 @@ def test_fault_hook_runs_its_command_at_the_step_then_carries_on(tmp_path):
     assert proc.stdout.split("\n")[:2] == ["marker before manager-checkpoint: False", "marker after: True"]
 
 
+def test_points_inside_a_step_are_named_for_the_hook_and_journal_nothing(tmp_path):
+    seen: list[str] = []
+    faults.install(seen.append)
+    try:
+        j = Journal(tmp_path / "catalog.sqlite", KEY)
+        op = j.begin("delete", "vm-1", OpParams(guest="g"))
+        j.step(op, "delete-store")
+        j.passed(op, "delete-store", "deleted")
+        j.step(op, "advance-head")
+        j.passed(op, "advance-head", "audited")
+    finally:
+        faults.install(None)
+    assert seen == ["delete:delete-store", "delete:delete-store:deleted", "delete:advance-head",
+                    "delete:advance-head:audited"]
+    (again,) = Journal(tmp_path / "catalog.sqlite", KEY).unfinished()
+    assert [name for name, _ in again.steps] == ["delete-store", "advance-head"]
+
+
 def _tamper(db, sql, *args):
     import sqlite3
     con = sqlite3.connect(db)
@@ -108,7 +127,8 @@ def _tamper(db, sql, *args):
     lambda j, db: _tamper(db, "UPDATE op_journal SET params = '{\"checkpoint\": \"old\"}' WHERE finished IS NULL"),
     # a step inserted into an unfinished op
     lambda j, db: _tamper(db, "INSERT INTO op_steps(op_id, seq, step, data, at, mac) "
-                              "SELECT op_id, 2, 'destroy-guest', '{}', 0, x'00' FROM op_journal WHERE finished IS NULL"),
+                              "SELECT op_id, 2, 'destroy-guest', '{}', 0, x'00' FROM op_journal "
+                              "WHERE finished IS NULL"),
     # a step removed from the middle of an unfinished op
     lambda j, db: _tamper(db, "DELETE FROM op_steps WHERE seq = 0 AND op_id IN "
                               "(SELECT op_id FROM op_journal WHERE finished IS NULL)"),

@@ -338,6 +338,11 @@ def test_domain_cannot_read_checkpoint_nodes_during_snapshot(host):
     events: list[str] = []
     perms_seen: dict[str, list[str]] = {}
     leaks: list[str] = []
+    # Per domain: reads tried, and how many of them aimed at a request/response node dom0 recorded.  A
+    # reader that cannot connect or dies records why: the test must not pass on reads that never ran.
+    attempts = {guest: 0, stub: 0}
+    node_reads = {guest: 0, stub: 0}
+    broken: list[str] = []
     stop = threading.Event()
 
     def dom0_recorder() -> None:
@@ -351,14 +356,19 @@ def test_domain_cannot_read_checkpoint_nodes_during_snapshot(host):
                     perms_seen.setdefault(event[0], xs.get_perms(event[0]))
 
     def domain_reader(domid: int) -> None:
-        with XenStore(f"{_sock(h)}.d{domid}") as xs:
-            while not stop.is_set():
-                for path in [req_dir, resp_dir] + events[-16:]:
-                    try:
-                        value = xs.ls(path) if path in (req_dir, resp_dir) else xs.read(path)
-                    except (XenStorePermission, XenStoreNotFound):
-                        continue
-                    leaks.append(f"dom{domid} read {path}: {value!r}")
+        try:
+            with XenStore(f"{_sock(h)}.d{domid}") as xs:
+                while not stop.is_set():
+                    for path in [req_dir, resp_dir] + events[-16:]:
+                        attempts[domid] += 1
+                        node_reads[domid] += path not in (req_dir, resp_dir)
+                        try:
+                            value = xs.ls(path) if path in (req_dir, resp_dir) else xs.read(path)
+                        except (XenStorePermission, XenStoreNotFound):
+                            continue
+                        leaks.append(f"dom{domid} read {path}: {value!r}")
+        except Exception as exc:  # any failure of a reader must fail the test, not end it quietly
+            broken.append(f"dom{domid}: {exc!r}")
 
     threads = [threading.Thread(target=dom0_recorder)] + [threading.Thread(target=domain_reader, args=(d,))
                                                          for d in (guest, stub)]
@@ -373,8 +383,12 @@ def test_domain_cannot_read_checkpoint_nodes_during_snapshot(host):
     assert any(e.startswith(req_dir + "/") for e in events), \
         "no manager request was seen during the snapshot: the check proved nothing"
     assert any(e.startswith(resp_dir + "/") for e in events), "no manager response was seen"
+    assert not any(t.is_alive() for t in threads), "a reader or the recorder did not stop"
+    assert broken == [], f"a domain reader failed, so its reads never ran: {broken}"
+    assert all(node_reads.values()), f"a domain never tried a request/response node: {node_reads} of {attempts}"
     assert leaks == []
-    print(f"{len(events)} watch events, perms read for {len(perms_seen)} nodes")
+    print(f"{len(events)} watch events, perms read for {len(perms_seen)} nodes; reads tried {attempts}, "
+          f"of them at recorded nodes {node_reads}")
     for path, perms in perms_seen.items():
         if path.startswith(req_dir + "/"):
             assert perms == ["n0", f"r{mgr}"], f"{path}: perms {perms}"

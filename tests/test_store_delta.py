@@ -9,6 +9,7 @@ import pytest
 
 from test_store_helpers import guest_memory, open_repo, read_all, rewrite_pages, store_files, write_checkpoint
 from xen_vtpm.errors import IntegrityError
+from xen_vtpm.store.catalog import SCHEMA_VERSION
 from xen_vtpm.store.packs import ENTRY
 
 SIZE = 24 << 20
@@ -205,7 +206,7 @@ def test_catalog_of_schema_1_is_upgraded(tmp_path):
         db.execute("UPDATE store_meta SET value='1' WHERE key='schema_version'")
     db.close()
     with open_repo(state) as repo:
-        assert repo.catalog.query("SELECT value FROM store_meta WHERE key='schema_version'") == [("2",)]
+        assert repo.catalog.query("SELECT value FROM store_meta WHERE key='schema_version'") == [(str(SCHEMA_VERSION),)]
         assert read_all(repo, cid) == GEN1[:2 << 20] and repo.verify(cid)["status"] == "ok"
         w = write(repo, rewrite_pages(GEN1[:2 << 20], 0.05, seed=3), "next")
         assert w.delta_chunks > 0 and repo.verify(w.checkpoint_id)["status"] == "ok"

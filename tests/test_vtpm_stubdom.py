@@ -16,20 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sim_fixture import SimHost, sim_host_module  # noqa: F401
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_NT, TPMA_NV
 from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
-from sim_fixture import SimHost, sim_host_module  # noqa: F401
 from xen_vtpm.config import Config
-from xen_vtpm_sim import domains
 from xen_vtpm.vtpm import console, manager, stubdom, vtpmblk
+from xen_vtpm.xen.consoles import LogTail, log_path
 from xen_vtpm.xen.xenstore import XenStore
+from xen_vtpm_sim import domains
 
 NV_INDEX = 0x01000010
 PERSISTENT = 0x81000010
-VTPM_CFG = ('name="{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
-            'disk=["file:{image},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={uuid}"]\n')
+# The simulator's TPM 2.0 stand-in (tpm2-pytss is the guest's stack here); test_sim_traps uses Xen's TPM 1.2.
+VTPM_CFG = ('name="{name}"\nkernel="/usr/lib/xen/boot/{kernel}"\nmemory=8\nextra="{extra}"\n'
+            'disk=["{disk},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={uuid}"]\n')
+KERNELS = {"2.0": "vtpm2-stubdom.gz", "1.2": "vtpm-stubdom.gz"}
 
 
 @dataclass
@@ -37,7 +40,7 @@ class VtpmDom:
     name: str
     uuid: str
     image: Path
-    status: console.ConsoleStatus | None = None
+    status: console.BootVerdict | None = None
 
 
 class VtpmLab:
@@ -52,7 +55,7 @@ class VtpmLab:
 
     def wait_manager_ready(self, offset: int) -> str:
         """`sim up` returns once the manager process runs; it serves after unsealing its table."""
-        log = console.log_path(self.cfg, "vtpmmgr")
+        log = log_path(self.cfg.log_dir, "vtpmmgr")
         deadline = time.monotonic() + 30
         while "vtpmmgr: ready" not in (text := log.read_bytes()[offset:].decode(errors="replace")):
             assert time.monotonic() < deadline, f"vtpmmgr not ready: {text[-300:]}"
@@ -69,19 +72,30 @@ class VtpmLab:
                 fh.truncate(2 << 20)
         return path
 
-    def create(self, name: str, vtpm_uuid: str | None = None, image: Path | None = None) -> VtpmDom:
+    def create(self, name: str, vtpm_uuid: str | None = None, image: Path | None = None, *, startup: str = "clear",
+               version: str = "2.0", disk: str | None = None) -> VtpmDom:
+        """A vTPM stub domain; ``status`` is the console's verdict on its boot (Xen's default startup is clear)."""
         dom = VtpmDom(name, vtpm_uuid or str(uuidlib.uuid4()), image or self.image(name))
         cfg_file = self.sim.dir / "images" / f"{name}.cfg"
-        cfg_file.write_text(VTPM_CFG.format(name=name, image=dom.image, uuid=dom.uuid))
-        offset = console.log_offset(self.cfg, name)
+        cfg_file.write_text(VTPM_CFG.format(name=name, disk=disk or f"file:{dom.image}", uuid=dom.uuid,
+                                            kernel=KERNELS[version], extra="" if startup == "clear" else startup))
+        log = LogTail(log_path(self.cfg.log_dir, name))
         self.sim.xl("create", str(cfg_file))
-        dom.status = console.wait_console_status(self.cfg, name, offset, 20)
+        dom.status = self.verdict(log)
         tcti = self.tcti_file(name)
         deadline = time.monotonic() + 20
         while not tcti.exists():
             assert time.monotonic() < deadline, f"{name} never wrote {tcti.name}"
             time.sleep(0.02)
         return dom
+
+    @staticmethod
+    def verdict(log: LogTail, timeout: float = 30) -> console.BootVerdict:
+        deadline = time.monotonic() + timeout
+        while (verdict := console.boot_verdict(log.text())).kind in ("none", "pending"):
+            assert time.monotonic() < deadline, f"no verdict on {log.path.name}: {log.text()[-400:]}"
+            time.sleep(0.05)
+        return verdict
 
     def tcti_file(self, name: str) -> Path:
         return self.sim.dir / "run" / f"{name}.tcti"
@@ -94,11 +108,19 @@ class VtpmLab:
         self.sim.xl("destroy", dom.name)
         stubdom.wait_released(self.xs, domid, self.mgr.info().domid, 20)
 
-    def tpm(self, dom: VtpmDom) -> "GuestTpm":
+    def tpm(self, dom: VtpmDom) -> GuestTpm:
         return GuestTpm(self.tcti(dom))
 
-    def manager_log(self) -> str:
-        return console.log_path(self.cfg, "vtpmmgr").read_text()
+    def manager_log(self, wait_for: str | None = None) -> str:
+        return self.console("vtpmmgr", wait_for)
+
+    def console(self, name: str, wait_for: str | None = None, timeout: float = 20) -> str:
+        """The stub's console log (xenconsoled writes it a moment after the domain printed: wait for a line)."""
+        deadline = time.monotonic() + timeout
+        while wait_for is not None and wait_for not in log_path(self.cfg.log_dir, name).read_text():
+            assert time.monotonic() < deadline, f"{name}: {wait_for!r} never reached its console log"
+            time.sleep(0.05)
+        return log_path(self.cfg.log_dir, name).read_text()
 
 
 class GuestTpm:
@@ -108,7 +130,7 @@ class GuestTpm:
         name, _, conf = tcti.partition(":")
         self.ctx = ESAPI(TCTILdr(name, conf))
 
-    def __enter__(self) -> "GuestTpm":
+    def __enter__(self) -> GuestTpm:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -178,12 +200,12 @@ def _populate(lab: VtpmLab, dom: VtpmDom) -> dict:
 
 def test_state_survives_stub_domain_restart(lab):
     dom = lab.create("vtpm-a")
-    assert dom.status.kind == "loadhashkey-failed"        # first boot: the manager has no entry yet
+    assert dom.status.fresh and dom.status.manager_rc == 3   # first boot: the manager has no entry yet
     before = _populate(lab, dom)
     assert before["counter"] == 2 and before["persistent"] is not None
     lab.destroy(dom)
-    again = lab.create("vtpm-a", dom.uuid)
-    assert again.status.kind == "loaded" and again.status.slot in (0, 1)
+    again = lab.create("vtpm-a", dom.uuid, startup="save")   # save: the PCRs come back too
+    assert again.status.loaded and again.status.slot in (0, 1)
     with lab.tpm(again) as tpm:
         assert tpm.snapshot() == before                   # PCR (volatile), NV counter, object, EK
     lab.destroy(again)
@@ -217,15 +239,19 @@ def test_disk_only_restore_comes_up_fresh_and_destroys_the_old_identity(lab):
     lab.destroy(dom)
     dom.image.write_bytes(saved)                          # image only, manager entry moved on
     again = lab.create("vtpm-c", dom.uuid)
-    assert again.status.kind == "checksum-failed"
-    assert "Error: NVM Storage Checksum failed!" in console.log_path(lab.cfg, "vtpm-c").read_text()
+    assert again.status.fresh and "Checksum failed" in again.status.reason
+    boot = lab.console("vtpm-c")
+    boot = boot[boot.rindex("starting TPM Emulator"):]
+    # Xen prints the slot reads before the checksum: "Read ... bytes" alone proves nothing (§7.3).
+    assert boot.index("Read ") < boot.index("Error: NVM Storage Checksum failed!") < boot.index(
+        "initializing TPM data to default values") < boot.index("TPM_Init()")
     with lab.tpm(again) as tpm:
         assert tpm.persistent_name() is None              # a brand-new TPM: object gone ...
         assert tpm.ek_name() != old["ek"]                 # ... and a new endorsement identity
     # Its first command overwrote slot 0 and the manager entry: the old state is unreachable now.
     lab.destroy(again)
     third = lab.create("vtpm-c", dom.uuid, dom.image)
-    assert third.status.kind == "loaded"                  # consistent again, but with the new identity
+    assert third.status.loaded                            # consistent again, but with the new identity
     with lab.tpm(third) as tpm:
         assert tpm.ek_name() != old["ek"] and tpm.persistent_name() is None
     lab.destroy(third)
@@ -250,8 +276,8 @@ def test_image_plus_manager_checkpoint_restores_exactly(lab):
     lab.destroy(dom)
     dom.image.write_bytes(saved)
     assert lab.mgr.restore(dom.uuid, ckpt) == digest
-    again = lab.create("vtpm-d", dom.uuid)
-    assert again.status.kind == "loaded"
+    again = lab.create("vtpm-d", dom.uuid, startup="save")
+    assert again.status.loaded
     with lab.tpm(again) as tpm:
         assert tpm.snapshot() == old
     lab.mgr.discard(ckpt, dom.uuid)
@@ -263,13 +289,13 @@ def test_two_vtpms_with_the_same_uuid_are_refused(lab):
     _populate(lab, dom)
     lab.destroy(dom)
     live = lab.create("vtpm-e", dom.uuid)                 # LOADHASHKEY marks the entry OPEN
-    assert live.status.kind == "loaded"
+    assert live.status.loaded
     twin = lab.create("vtpm-e2", dom.uuid)
-    assert twin.status.kind == "loadhashkey-failed"
-    assert "Attempted to open vTPM twice!" in lab.manager_log()
+    assert twin.status.fresh and twin.status.manager_rc == 7
+    assert "Attempted to open vTPM twice!" in lab.manager_log(wait_for="Attempted to open vTPM twice!")
     with lab.tpm(twin) as tpm:
         tpm.ctx.get_random(4)                             # its save is refused too
-    assert "VTPM_SaveHashKey failed" in console.log_path(lab.cfg, "vtpm-e2").read_text()
+    assert "tpm_store_permanent_data() failed" in lab.console("vtpm-e2", wait_for="VTPM_SaveHashKey failed")
     lab.sim.xl("pause", live.name)
     digest = lab.mgr.checkpoint(dom.uuid, str(uuidlib.uuid4()))
     assert digest in vtpmblk.slot_fingerprints(live.image)  # the entry still belongs to the live one
@@ -337,7 +363,7 @@ def test_xenbus_states_of_both_links(lab):
         tpm.ctx.get_random(4)
     lab.sim.xl("destroy", "g1")                           # tpmback frees the guest's tpmif ...
     assert xs.wait_for(lambda: not xs.exists(links[1][1]), [links[1][1]], 20)
-    log = console.log_path(lab.cfg, "vtpm-g1")
+    log = log_path(lab.cfg.log_dir, "vtpm-g1")
     deadline = time.monotonic() + 20
     while f"frontend {guest}/0 gone, tpmif freed" not in log.read_text():
         assert time.monotonic() < deadline, "the vTPM never freed the guest's tpmif"

@@ -13,7 +13,7 @@ from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module sco
 from xen_vtpm.errors import ManagerError, XenStorePermission
 from xen_vtpm_sim import mgrproto as mp
 from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
-from xen_vtpm.vtpm import console
+from xen_vtpm.xen.consoles import log_path
 from xen_vtpm.xen.xenstore import XenStore
 
 # --- the wire format ---------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_only_dom0_can_submit(lab):
 
 
 def _restart_manager(lab: VtpmLab, while_down=lambda: None) -> str:
-    log = console.log_path(lab.cfg, "vtpmmgr")
+    log = log_path(lab.cfg.log_dir, "vtpmmgr")
     offset = log.stat().st_size
     old = lab.mgr.info().domid
     lab.sim.xl("destroy", "vtpmmgr")
@@ -197,7 +197,7 @@ def test_torn_manager_write_falls_back_to_the_previous_pair(lab):
     boot = _restart_manager(lab, tear_newest_slot)
     assert "loaded" in boot and "Failed to read manager file" not in boot
     again = lab.create("vtpm-m5", dom.uuid)
-    assert again.status.kind == "loaded"                  # the vTPM's other slot matches the older H
+    assert again.status.loaded                            # the vTPM's other slot matches the older H
     with lab.tpm(again) as tpm:
         assert tpm.counter() == 2
     lab.destroy(again)
@@ -209,8 +209,8 @@ def test_table_survives_manager_restart_but_not_a_pcr_change(lab):
     lab.destroy(dom)
     boot = _restart_manager(lab)
     assert "Failed to read manager file" not in boot and "loaded" in boot
-    again = lab.create("vtpm-m4", dom.uuid)
-    assert again.status.kind == "loaded"
+    again = lab.create("vtpm-m4", dom.uuid, startup="save")
+    assert again.status.loaded
     with lab.tpm(again) as tpm:
         assert tpm.snapshot() == before
     lab.destroy(again)
@@ -220,5 +220,5 @@ def test_table_survives_manager_restart_but_not_a_pcr_change(lab):
     boot = _restart_manager(lab)
     assert "Failed to read manager file. Assuming first time initialization." in boot
     fresh = lab.create("vtpm-m4", dom.uuid)
-    assert fresh.status.kind == "loadhashkey-failed"
+    assert fresh.status.fresh and fresh.status.manager_rc == 3
     lab.destroy(fresh)

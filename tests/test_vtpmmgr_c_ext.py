@@ -14,7 +14,8 @@ from sim_fixture import sim_host_module  # noqa: F401
 from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
 from xen_vtpm.errors import ManagerError
 from xen_vtpm_sim.mgrdisk import FLAG_CHECKPOINT, MgrDisk, PtpmSealer
-from xen_vtpm.vtpm import console, manager
+from xen_vtpm.vtpm import manager
+from xen_vtpm.xen.consoles import log_path
 from xen_vtpm.xen.xenstore import XenStore
 
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
@@ -52,12 +53,12 @@ def test_a_checkpoint_entry_is_never_a_vtpm(lab):
 
     # A stub domain presenting the checkpoint's UUID: LOADHASHKEY refused, so it comes up fresh...
     imposter = lab.create("vtpm-c1-imposter", ckpt)
-    assert imposter.status.kind == "loadhashkey-failed"
-    offset = console.log_offset(lab.cfg, imposter.name)
+    assert imposter.status.fresh and imposter.status.manager_rc == 3   # TPM_BAD_PARAMETER: no vTPM entry
+    offset = log_path(lab.cfg.log_dir, imposter.name).stat().st_size
     with lab.tpm(imposter) as tpm:
         tpm.pcr16()                                       # ...and its first save is refused too
     deadline = time.monotonic() + 10
-    while "VTPM_SaveHashKey failed (3)" not in console.log_path(lab.cfg, imposter.name).read_text()[offset:]:
+    while "VTPM_SaveHashKey() failed with error code (3)" not in log_path(lab.cfg.log_dir, imposter.name).read_text()[offset:]:
         assert time.monotonic() < deadline, "the imposter's SAVEHASHKEY was not refused"
         time.sleep(0.05)
     assert "vTPM UUID names a checkpoint entry" in lab.manager_log()
@@ -211,7 +212,7 @@ def test_an_unprovisioned_manager_refuses_instead_of_keeping_checkpoints_in_ram(
                    .replace(str(images / "vtpmmgr.img"), str(blank)))
 
     def restart(path) -> str:
-        offset = console.log_path(lab.cfg, "vtpmmgr").stat().st_size
+        offset = log_path(lab.cfg.log_dir, "vtpmmgr").stat().st_size
         old = lab.mgr.info().domid
         lab.sim.xl("destroy", "vtpmmgr")
         assert lab.xs.wait_for(lambda: not lab.xs.is_introduced(old), ["@releaseDomain"], 20)

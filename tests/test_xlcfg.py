@@ -60,10 +60,17 @@ def test_load_cfg_missing_file(tmp_path):
 
 
 def test_parse_disk():
-    assert parse_disk("file:/images/x.img,hda,w") == {"target": "/images/x.img", "vdev": "hda", "access": "rw"}
-    assert parse_disk("phy:/dev/vg/x,xvda,r") == {"target": "/dev/vg/x", "vdev": "xvda", "access": "ro"}
-    assert parse_disk("vdev=xvdb,access=rw,target=/img/y") == {"target": "/img/y", "vdev": "xvdb", "access": "rw"}
-    for bad in ("/img", "/img,hda,x", "/img,hda,w,extra"):
+    assert parse_disk("file:/images/x.img,hda,w") == {"target": "/images/x.img", "vdev": "hda", "access": "rw",
+                                                     "format": "raw"}
+    assert parse_disk("phy:/dev/vg/x,xvda,r") == {"target": "/dev/vg/x", "vdev": "xvda", "access": "ro",
+                                                  "format": "raw"}
+    assert parse_disk("vdev=xvdb,access=rw,target=/img/y") == {"target": "/img/y", "vdev": "xvdb", "access": "rw",
+                                                               "format": "raw"}
+    assert parse_disk("tap:qcow2:/img/q,hda,w")["format"] == "qcow2"
+    assert parse_disk("/img/v,vhd,hda,w") == {"target": "/img/v", "vdev": "hda", "access": "rw", "format": "vhd"}
+    assert parse_disk("format=qcow2,vdev=hda,target=/img/q")["format"] == "qcow2"
+    for bad in ("/img", "/img,hda,x", "/img,hda,w,extra", "/img,hda,w,a,b",
+                "format=iso,vdev=hda,target=/i"):
         with pytest.raises(XlConfigError):
             parse_disk(bad)
 

@@ -40,7 +40,8 @@ class Draft:
         meta = CheckpointMeta(kind=self._kind, vtpm_uuid=self._vtpm_uuid, vtpm_backend=self._vtpm_backend,
                               manager_checkpoint=self._capture.manager_checkpoint,
                               manager_hash=self._capture.manager_hash,
-                              slot_hashes=self._capture.slot_hashes, **details)
+                              slot_hashes=self._capture.slot_hashes, backend_kind=self._capture.backend_kind,
+                              **details)
         self._w.set_metadata(meta.encode())
         manifest = self._w.commit()
         return {"size": manifest.size, "stored_bytes": self._w.stored_bytes}
@@ -109,7 +110,7 @@ class Checkpoints:
             image = reader.read_blob(VTPM_IMAGE)
         meta = checkpoint.meta
         return VtpmCapture(image=image, manager_checkpoint=meta.manager_checkpoint, manager_hash=meta.manager_hash,
-                           slot_hashes=meta.slot_hashes)
+                           slot_hashes=meta.slot_hashes, backend_kind=meta.backend_kind)
 
     def memory_blocks(self, checkpoint_id: str, progress: Callable[[int], Any] | None = None) -> Iterator[bytes]:
         """The guest memory of a checkpoint ``verify`` checked, block by block (GCM tags only).
@@ -143,6 +144,13 @@ class Checkpoints:
 
     def delete(self, checkpoint_id: str, missing_ok: bool = False) -> int:
         return self.repo.delete(checkpoint_id, missing_ok=missing_ok)
+
+    def holds(self) -> set[str]:
+        """Checkpoints marked with `keep` (the catalog digest covers the marks)."""
+        return self.repo.holds()
+
+    def set_hold(self, checkpoint_id: str, held: bool) -> None:
+        self.repo.set_hold(checkpoint_id, held)
 
     def recover(self) -> dict[str, Any]:
         return self.repo.recover()

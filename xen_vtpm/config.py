@@ -3,6 +3,10 @@
 Lookup order for the file: ``--config``, then ``$XEN_VTPM_CONFIG``, then
 ``/etc/xen-vtpm/xen-vtpm.conf``.  A missing file means "all defaults", so a
 real dom0 needs no config until ``xen-vtpm init`` writes one.
+
+Besides ``[xen-vtpm]``, the sections ``[retention]`` (the rules `prune` and the scheduled runs
+apply) and ``[schedule]`` (when the timers run), each with per-guest overrides in
+``[retention.GUEST]`` and ``[schedule.GUEST]``.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import dataclasses
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 from .durable import make_dirs, write_atomic
 from .errors import ConfigError
@@ -23,6 +28,16 @@ SECTION = "xen-vtpm"
 # chain cannot unseal the host key, while ordinary runtime extends of 8+ by the
 # OS do not lock the admin out.
 DEFAULT_PCRS = "sha256:0,2,4,7"
+
+RETENTION = "retention"
+SCHEDULE = "schedule"
+# The keys of the day-two sections and their defaults (which give each key its type).
+RETENTION_DEFAULTS: dict[str, int | bool] = {
+    "keep_last": 0, "keep_hourly": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0, "keep_yearly": 0,
+    "include_saves": False,
+}
+SCHEDULE_DEFAULTS: dict[str, str | bool] = {"on_calendar": "daily", "prune": True}
+_DAY_TWO: dict[str, dict[str, Any]] = {RETENTION: RETENTION_DEFAULTS, SCHEDULE: SCHEDULE_DEFAULTS}
 
 
 @dataclasses.dataclass
@@ -50,6 +65,14 @@ class Config:
     # guest's pause as short as a bare `xl save`; a larger one goes to an encrypted file on disk.
     # -1: half of MemAvailable at the time; 0: always disk.
     spool_ram_mib: int = -1
+    # The swtpm backend (HVM guests whose QEMU has `-tpmdev emulator`): the swtpm binary, where each
+    # vTPM's control socket and pid file live (<dir>/<vtpm uuid>.sock, .pid; QEMU must reach the
+    # socket), and libxl's XEN_LIB_DIR, where it leaves the device model's state (qemu-save.<domid>).
+    swtpm: str = "swtpm"
+    swtpm_run_dir: Path = Path("/run/xen-vtpm")
+    xen_lib_dir: Path = Path("/var/lib/xen")
+    # The [retention] and [schedule] sections and their per-guest overrides, checked when loaded.
+    sections: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, explicit: str | os.PathLike | None = None, *, missing_ok: bool = False) -> Config:
@@ -72,39 +95,45 @@ class Config:
         except (OSError, configparser.Error) as exc:
             raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc}); "
                               "fix or remove it") from None
-        return cls.from_mapping(dict(parser[SECTION]) if parser.has_section(SECTION) else {}, path)
+        cfg = cls.from_mapping(dict(parser[SECTION]) if parser.has_section(SECTION) else {}, path)
+        cfg.sections = {name: dict(parser[name]) for name in parser.sections() if name.split(".")[0] in _DAY_TWO}
+        for name in cfg.sections:   # a typo stops every command, as one in [xen-vtpm] does
+            base, _, guest = name.partition(".")
+            cfg._section(base, guest or None)
+        return cfg
 
     @classmethod
     def from_mapping(cls, values: dict[str, str], path: Path | None = None) -> Config:
         cfg = cls(path=path)
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+        known = {f.name for f in dataclasses.fields(cls) if f.name not in _NOT_KEYS}
         for key, raw in values.items():
-            field = known.get(key)
-            if field is None:
+            if key not in known:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{SECTION}]; remove it or check the spelling")
-            default = getattr(cfg, key)
-            value: object
-            try:
-                if isinstance(default, Path):
-                    value = Path(raw)
-                elif isinstance(default, bool):
-                    value = raw.strip().lower() in ("1", "yes", "true", "on")
-                elif isinstance(default, int):
-                    value = int(raw, 0)
-                elif isinstance(default, float):
-                    value = float(raw)
-                else:
-                    value = raw
-            except ValueError:
-                raise ConfigError(f"{path}: key {key!r} has invalid value {raw!r}; "
-                                  f"expected {type(default).__name__}") from None
-            setattr(cfg, key, value)
+            setattr(cfg, key, _convert(raw, getattr(cfg, key), path, SECTION, key))
         return cfg
+
+    def retention(self, guest: str | None = None) -> dict[str, Any]:
+        """The [retention] keys (as typed as RETENTION_DEFAULTS), with [retention.GUEST] over them."""
+        return self._section(RETENTION, guest)
+
+    def schedule(self, guest: str | None = None) -> dict[str, Any]:
+        """The [schedule] keys (as typed as SCHEDULE_DEFAULTS), with [schedule.GUEST] over them."""
+        return self._section(SCHEDULE, guest)
+
+    def _section(self, base: str, guest: str | None) -> dict[str, Any]:
+        values: dict[str, Any] = dict(_DAY_TWO[base])
+        for name in (base, f"{base}.{guest}") if guest else (base,):
+            for key, raw in self.sections.get(name, {}).items():
+                if key not in values:
+                    raise ConfigError(f"{self.path}: unknown key {key!r} in [{name}]; remove it or check the "
+                                      f"spelling (known: {', '.join(_DAY_TWO[base])})")
+                values[key] = _convert(raw, _DAY_TWO[base][key], self.path, name, key)
+        return values
 
     def to_mapping(self) -> dict[str, str]:
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "path":
+            if f.name in _NOT_KEYS:
                 continue
             value = getattr(self, f.name)
             out[f.name] = hex(value) if f.name in ("counter_index", "primary_handle") else str(value)
@@ -116,6 +145,36 @@ class Config:
         parser[SECTION] = self.to_mapping()
         write_ini(Path(path), parser)
         self.path = Path(path)
+
+
+_NOT_KEYS = ("path", "sections")
+
+
+def _convert(raw: str, default: object, path: Path | None, section: str, key: str) -> object:
+    """``raw`` as the type of ``default``; ConfigError naming the file, section and key."""
+    try:
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, bool):
+            word = raw.strip().lower()
+            if word not in ("1", "yes", "true", "on", "0", "no", "false", "off"):
+                raise ValueError(raw)
+            return word in ("1", "yes", "true", "on")
+        if isinstance(default, int):
+            value = int(raw, 0)
+            if section != SECTION and value < 0:   # counts of the day-two sections
+                raise ValueError(raw)
+            return value
+        if isinstance(default, float):
+            return float(raw)
+        return raw
+    except ValueError:
+        if section == SECTION:
+            raise ConfigError(f"{path}: key {key!r} has invalid value {raw!r}; "
+                              f"expected {type(default).__name__}") from None
+        expected = "yes or no" if isinstance(default, bool) else "a count >= 0"
+        raise ConfigError(f"{path}: key {key!r} in [{section}] has invalid value {raw!r}; expected "
+                          f"{expected}") from None
 
 
 def write_ini(path: Path, parser: configparser.ConfigParser) -> None:

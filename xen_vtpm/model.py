@@ -14,20 +14,35 @@ from xen_vtpm.errors import IntegrityError
 
 @dataclasses.dataclass(frozen=True)
 class VtpmRef:
-    """One guest's vTPM: the guest-side device and the domain that serves it."""
+    """One guest's vTPM: the guest-side device and what serves it."""
     guest: str            # guest domain name
     devid: int
-    backend: str          # name of the vTPM stub domain (backend= in the guest's cfg)
-    uuid: str             # the vTPM's UUID at the manager, from libxl's trusted copy, cross-checked
+    backend: str          # stubdom: the vTPM stub domain (backend= in the guest's cfg); swtpm: swtpm-<guest>
+    uuid: str             # stubdom: the vTPM's UUID at the manager (libxl's trusted copy, cross-checked);
+                          # swtpm: the UUID xen-vtpm gave the vTPM (`vtpm add`), named by the device model's socket
+    backend_kind: str = "stubdom"   # one of BACKEND_KINDS: which VtpmBackend serves it
+
+
+# The vTPM backends (xen_vtpm/vtpm/<kind>.py); wiring picks one per guest.
+BACKEND_KINDS = ("stubdom", "swtpm")
 
 
 @dataclasses.dataclass(frozen=True)
 class VtpmCapture:
-    """A consistent vTPM state: its disk image and the manager checkpoint that names one of its slots."""
+    """A consistent vTPM state, as its backend captured it while the guest was suspended.
+
+    stubdom: the disk image and the manager checkpoint that names one of its slots.  swtpm: swtpm's
+    state files (encrypted by swtpm with the vTPM's state key), packed; they hold everything."""
     image: bytes = dataclasses.field(repr=False)
-    manager_checkpoint: str | None   # None with a stock manager (forward-only fingerprint only)
-    manager_hash: str | None         # H, hex SHA-1 of the active slot blob
-    slot_hashes: tuple[str, str]     # hex SHA-1 of the slot 0 and slot 1 blobs ("" for an empty slot)
+    # The backend's handle on what it needs besides the image to put this capture back: the
+    # manager's checkpoint entry (stubdom), the checkpoint id (swtpm: nothing is held elsewhere).
+    # None: it cannot be put back (a stock manager: forward-only fingerprint only).
+    manager_checkpoint: str | None
+    manager_hash: str | None         # stubdom: H, hex SHA-1 of the active slot blob; swtpm: None
+    # Fingerprints of the vTPM's persistent state ("" for an empty part); any change means it moved on.
+    # stubdom: hex SHA-1 of the slot 0 and slot 1 blobs; swtpm: SHA-256 of its permanent and volatile files.
+    slot_hashes: tuple[str, str]
+    backend_kind: str = "stubdom"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +98,8 @@ class SaveHeader:
     config: dict[str, Any]            # libxl's JSON of the domain config
     vtpms: list[dict[str, Any]]       # its vtpms[] entries
     stream_offset: int                # where the libxl migration stream begins
+    # swtpm control sockets of the emulator TPMs its device_model_args_hvm wires to QEMU
+    emulator_tpms: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +123,14 @@ class CheckpointMeta:
     kind: str                                   # one of KINDS
     vtpm_uuid: str
     vtpm_backend: str
-    manager_checkpoint: str | None              # the manager's checkpoint entry (None: stock manager)
+    manager_checkpoint: str | None              # VtpmCapture.manager_checkpoint (None: stock manager)
     manager_hash: str | None
     slot_hashes: tuple[str, str]
     save_file: str | None = None                # `save`: the xl save image bound to this checkpoint
     save_file_digest: str | None = None
     pause_window_s: float | None = None
     save_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backend_kind: str = "stubdom"               # one of BACKEND_KINDS (absent from metadata written before it)
 
     VERSION = 1
 
@@ -132,8 +150,8 @@ class CheckpointMeta:
                 raise ValueError("unknown metadata version")
             body["slot_hashes"] = tuple(body["slot_hashes"])
             meta = cls(**body)
-            if meta.kind not in KINDS or len(meta.slot_hashes) != 2:
-                raise ValueError("bad kind or slot list")
+            if meta.kind not in KINDS or len(meta.slot_hashes) != 2 or meta.backend_kind not in BACKEND_KINDS:
+                raise ValueError("bad kind, slot list or backend kind")
             return meta
         except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
             raise IntegrityError(f"checkpoint {label}: its metadata cannot be read ({exc}); it was written by "
@@ -162,4 +180,58 @@ class Checkpoint:
 
     def vtpm_ref(self) -> VtpmRef:
         """The vTPM this checkpoint belongs to (the guest side may no longer exist)."""
-        return VtpmRef(guest=self.vm_name, devid=0, backend=self.meta.vtpm_backend, uuid=self.meta.vtpm_uuid)
+        return VtpmRef(guest=self.vm_name, devid=0, backend=self.meta.vtpm_backend, uuid=self.meta.vtpm_uuid,
+                       backend_kind=self.meta.backend_kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One precondition of a real Xen host (`xen-vtpm doctor`): whether it holds, what was seen, the exact fix."""
+    name: str
+    passed: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionPolicy:
+    """How many checkpoints `prune` keeps per rule (0: the rule is off; ``core.retention`` applies
+    them), and whether checkpoints a save file is bound to are candidates too."""
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    include_saves: bool = False
+
+    RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+    def counts(self) -> dict[str, int]:
+        """rule -> count, in the order the rules are listed."""
+        return {rule: int(getattr(self, f"keep_{rule}")) for rule in self.RULES}
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.counts().values())
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneEntry:
+    """One checkpoint `prune` looked at, and why it stays (``rules`` is empty for one it removes)."""
+    id: str
+    name: str
+    kind: str
+    time: str              # UTC, ISO 8601
+    rules: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    """What `prune` kept and removed of one VM's checkpoints, newest first."""
+    domain: str
+    vm_uuid: str
+    dry_run: bool
+    kept: tuple[PruneEntry, ...]
+    removed: tuple[PruneEntry, ...]
+    freed_bytes: int

@@ -6,7 +6,6 @@ This is the only module that knows which class implements each port of the coord
 from __future__ import annotations
 
 import contextlib
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,20 @@ from xen_vtpm.config import Config
 from xen_vtpm.core.coordinator import Coordinator
 from xen_vtpm.core.journal import Journal
 from xen_vtpm.core.locks import VmLock
-from xen_vtpm.errors import PreconditionFailed, StorageError, XlError
+from xen_vtpm.durable import check_private_dir
+from xen_vtpm.errors import XenVtpmError, XlError
+from xen_vtpm.host import preflight as host_preflight
 from xen_vtpm.host.identity import TpmIdentity
 from xen_vtpm.host.peers import HostPeers
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
 from xen_vtpm.host.trusted import TrustStore
+from xen_vtpm.model import Check, VtpmCapture, VtpmExport, VtpmRef
 from xen_vtpm.store import Repository
+from xen_vtpm.vtpm import preflight as vtpm_preflight
+from xen_vtpm.vtpm.manager import ManagerClient
 from xen_vtpm.vtpm.stubdom import StubdomBackend
+from xen_vtpm.vtpm.swtpm import SwtpmBackend
 from xen_vtpm.xen.domains import Guests
 from xen_vtpm.xen.streams import XlStreams
 from xen_vtpm.xen.wrapper import real_xl
@@ -34,6 +39,87 @@ from xen_vtpm.xen.xl import Xl
 Progress = Callable[[str, "int | None"], Any]
 
 
+class VtpmBackends:
+    """The coordinator's one vTPM port over every backend: each call goes to the backend of the vTPM
+    it names (``VtpmRef.backend_kind``, which ``Guests.find`` read from the guest: a Xen vtpm device
+    means a stub domain, an emulator TPM in its device model an swtpm)."""
+
+    def __init__(self, stubdom: StubdomBackend, swtpm: SwtpmBackend) -> None:
+        self.stubdom, self.swtpm = stubdom, swtpm
+
+    def of(self, ref: VtpmRef) -> StubdomBackend | SwtpmBackend:
+        return self.swtpm if ref.backend_kind == "swtpm" else self.stubdom
+
+    def supports_checkpoints(self, ref: VtpmRef) -> bool:
+        return self.of(ref).supports_checkpoints(ref)
+
+    def check_can_restart(self, ref: VtpmRef) -> None:
+        self.of(ref).check_can_restart(ref)
+
+    def check_single_consumer(self, ref: VtpmRef) -> None:
+        self.of(ref).check_single_consumer(ref)
+
+    def capture(self, ref: VtpmRef, checkpoint_id: str) -> VtpmCapture:
+        return self.of(ref).capture(ref, checkpoint_id)
+
+    def capture_fingerprint(self, ref: VtpmRef) -> VtpmCapture:
+        return self.of(ref).capture_fingerprint(ref)
+
+    def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
+        return self.of(ref).fingerprint(ref)
+
+    def stop(self, ref: VtpmRef) -> None:
+        self.of(ref).stop(ref)
+
+    def put_back(self, ref: VtpmRef, capture: VtpmCapture) -> None:
+        self.of(ref).put_back(ref, capture)
+
+    def start_verified(self, ref: VtpmRef) -> None:
+        self.of(ref).start_verified(ref)
+
+    def is_running(self, ref: VtpmRef) -> bool:
+        return self.of(ref).is_running(ref)
+
+    def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
+        self.of(ref).discard(ref, manager_checkpoint)
+
+    # Moves: only a stub domain's vTPM moves (core/migration.py refuses another kind before anything).
+    def move_kind(self) -> str:
+        return self.stubdom.move_kind()
+
+    def move_key(self) -> bytes | None:
+        return self.stubdom.move_key()
+
+    def move_keys(self) -> dict[str, bytes]:
+        """Per vTPM backend kind, the key a vTPM moving to this host is wrapped for."""
+        key = self.move_key()
+        return {self.move_kind(): key} if key is not None else {}
+
+    def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
+        return self.stubdom.export_for(ref, transfer, recipient)
+
+    def export_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, recipient: bytes) -> bytes:
+        return self.stubdom.export_checkpoint(ref, manager_checkpoint, transfer, recipient)
+
+    def unexport(self, ref: VtpmRef) -> None:
+        self.stubdom.unexport(ref)
+
+    def check_importable(self, export: VtpmExport) -> None:
+        self.stubdom.check_importable(export)
+
+    def import_from(self, export: VtpmExport, transfer: str) -> None:
+        self.stubdom.import_from(export, transfer)
+
+    def import_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, envelope: bytes) -> None:
+        self.stubdom.import_checkpoint(ref, manager_checkpoint, transfer, envelope)
+
+    def adopt(self, ref: VtpmRef) -> None:
+        self.stubdom.adopt(ref)
+
+    def remove(self, ref: VtpmRef) -> None:
+        self.stubdom.remove(ref)
+
+
 @dataclass
 class Ports:
     """Every adapter of one command (satisfies ``core.interfaces.Ports``)."""
@@ -41,7 +127,7 @@ class Ports:
     xs: XenStore
     xl: Xl
     guests: Guests
-    vtpm: StubdomBackend
+    vtpm: VtpmBackends
     store: Checkpoints
     host: HostTrust
     audit: AuditTrail
@@ -58,16 +144,9 @@ class Ports:
         self.xs.close()
 
 
-def _check_state_dir(state: Path) -> None:
-    if not state.is_dir():
-        raise PreconditionFailed(f"{state}: state dir missing; run `xen-vtpm init` first")
-    if stat.S_IMODE(state.stat().st_mode) & 0o077:
-        raise StorageError(f"{state}: state dir is accessible to other users; `chmod 700 {state}`")
-
-
 def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
     state = Path(cfg.state_dir)
-    _check_state_dir(state)
+    check_private_dir(state)
     with contextlib.suppress(XlError):  # no xl at all: commands that need it say so when they run it
         cfg.xl = real_xl(cfg.xl)
     xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
@@ -75,23 +154,17 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
     store: Checkpoints | None = None
     try:
         store = Checkpoints(Repository(state, open_host(cfg).keys))
-        host = HostTrust(cfg, store.catalog_digest, store.is_empty)
+        host = HostTrust(cfg, store.catalog_digest, lambda: [e.id for e in store.entries()])
         journal = Journal(state / "catalog.sqlite", host.keys.journal_mac)
     except BaseException:
         if store is not None:
             store.close()
         xs.close()
         raise
-    vtpm = StubdomBackend(cfg, xs, xl)
-    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl), vtpm=vtpm, store=store, host=host,
-                 audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress),
-                 peers=HostPeers(cfg, TpmIdentity(cfg, lambda: _move_keys(vtpm)), TrustStore(cfg)))
-
-
-def _move_keys(vtpm: StubdomBackend) -> dict[str, bytes]:
-    """Per vTPM backend kind, the key a vTPM moving to this host is wrapped for."""
-    key = vtpm.move_key()
-    return {vtpm.move_kind(): key} if key is not None else {}
+    vtpm = VtpmBackends(StubdomBackend(cfg, xs, xl), SwtpmBackend(cfg, xs, host.keys.swtpm))
+    return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl, Path(cfg.swtpm_run_dir)), vtpm=vtpm, store=store,
+                 host=host, audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress),
+                 peers=HostPeers(cfg, TpmIdentity(cfg, vtpm.move_keys), TrustStore(cfg)))
 
 
 @contextlib.contextmanager
@@ -105,7 +178,30 @@ def session(cfg: Config, progress: Progress | None = None) -> Iterator[tuple[Coo
 
 
 @contextlib.contextmanager
+def swtpm_backend(cfg: Config) -> Iterator[SwtpmBackend]:
+    """The swtpm backend alone (its keys need the unsealed host key), for `xen-vtpm vtpm ...`."""
+    check_private_dir(Path(cfg.state_dir))
+    keys = open_host(cfg).keys
+    xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
+    try:
+        yield SwtpmBackend(cfg, xs, keys.swtpm)
+    finally:
+        xs.close()
+
+
+@contextlib.contextmanager
 def coordinator(cfg: Config, progress: Progress | None = None) -> Iterator[Coordinator]:
     """A coordinator over the real adapters, closed when the block ends."""
     with session(cfg, progress) as (coord, _):
         yield coord
+
+
+def doctor_checks(cfg: Config) -> list[Check]:
+    """`xen-vtpm doctor`: the vTPM stack's checks (they need XenStore) and the host's."""
+    checks = host_preflight.host_checks(cfg)
+    try:
+        xs = XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout)
+    except XenVtpmError as exc:
+        return [Check("xenstore", False, str(exc), "run xen-vtpm in dom0 with xenstored running"), *checks]
+    with xs:
+        return vtpm_preflight.vtpm_checks(cfg, xs, Xl(cfg), ManagerClient(cfg, xs)) + checks

@@ -20,7 +20,9 @@ def _sim_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_up(args: argparse.Namespace, cfg) -> int:
-    env = host.up(_sim_dir(args), stock_manager=args.stock_manager)
+    env = host.up(_sim_dir(args), stock_manager=args.stock_manager, xsm=args.xsm,
+                  provisioned=not args.unprovisioned, console_log=args.console_log,
+                  release_delay=args.release_delay)
     if not args.quiet:
         for key, val in env.items():
             print(f"export {key}={shlex.quote(val)}")
@@ -33,7 +35,9 @@ def cmd_down(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_create(args: argparse.Namespace, cfg) -> int:
-    info = host.create_guest(_sim_dir(args), args.name, memory=args.memory, vtpm=not args.no_vtpm)
+    info = host.create_guest(_sim_dir(args), args.name, memory=args.memory,
+                             vtpm=False if args.no_vtpm else args.vtpm, tpm_version=args.tpm_version,
+                             startup=args.startup, vtpm_disk=args.vtpm_disk)
     if not args.quiet:
         print(" ".join(f"{k}={v}" for k, v in info.items()))
     return 0
@@ -54,6 +58,10 @@ def _domain(args: argparse.Namespace, ident: str) -> dict:
 
 def cmd_tcti(args: argparse.Namespace, cfg) -> int:
     dom = _domain(args, args.guest)
+    dm_tcti = _sim_dir(args) / "run" / f"dm-{dom['domid']}.tcti"   # its TPM is in its device model (swtpm)
+    if not dom.get("vtpms") and dm_tcti.exists():
+        print(dm_tcti.read_text().strip())
+        return 0
     if not dom.get("vtpms"):
         raise NotFound(f"{dom['name']}: guest has no vTPM; create it without --no-vtpm")
     backend = dom["vtpms"][0]["backend_domname"]
@@ -95,11 +103,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add("up", cmd_up, "start a simulated host in DIR and print export lines for eval")
     p.add_argument("--stock-manager", action="store_true", help="vtpmmgr without the checkpoint extension")
+    # Each option below reproduces one way a real Xen 4.17 host differs from the correctly configured default.
+    p.add_argument("--xsm", choices=("flask", "none"), default="flask",
+                   help="none: a hypervisor without XSM (x86 Xen 4.17's default), so no vTPM can reload its state")
+    p.add_argument("--unprovisioned", action="store_true",
+                   help="the manager's group 0 is not provisioned: it never writes its disk and refuses reloads")
+    p.add_argument("--console-log", choices=("guest", "none"), default="guest",
+                   help="xenconsoled --log: none (Xen's default) writes no guest-*.log, only the consoles' ptys")
+    p.add_argument("--release-delay", type=float, default=0.0, metavar="S",
+                   help="the manager clears a destroyed vTPM's OPEN flag S seconds after its backend dir is gone")
     add("down", cmd_down, "stop every process of the simulated host")
     p = add("create", cmd_create, "create a guest and its vTPM stub domain")
     p.add_argument("name")
     p.add_argument("--memory", type=int, default=64, metavar="MiB")
     p.add_argument("--no-vtpm", action="store_true", help="guest without a vTPM")
+    p.add_argument("--vtpm", choices=["stubdom", "swtpm"], default="stubdom",
+                   help="a vTPM stub domain (default), or an HVM guest whose QEMU has an swtpm TPM 2.0")
+    p.add_argument("--tpm-version", choices=("1.2", "2.0"), default="2.0",
+                   help="1.2: Xen's vTPM (TPM 1.2 emulator); 2.0: the simulator's TPM 2.0 stand-in (default)")
+    p.add_argument("--startup", choices=("save", "clear"), default="save",
+                   help="the vTPM stub's startup mode: save (keeps PCRs across restarts) or clear (Xen's default)")
+    p.add_argument("--vtpm-disk", metavar="TARGET",
+                   help="the vTPM stub's disk instead of a new image file, e.g. phy:/dev/loop3 (blanked by you)")
     p = add("xenstored", cmd_xenstored, "run the simulated xenstored in the foreground", dir_arg=False)
     p.add_argument("--socket", required=True)
     p = add("tcti", cmd_tcti, "print the TCTI of GUEST's vTPM")

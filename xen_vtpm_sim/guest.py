@@ -2,9 +2,10 @@
 
 While it runs it keeps rewriting a few random pages (so a snapshot of a
 running guest is never consistent by accident); SIGSTOP (xl pause) freezes
-it.  It is the frontend of its vtpm devices, answers control/shutdown like
-Linux (on suspend it sends TPM2_Shutdown(STATE) to its vTPM first, then acks
-and stops itself until xl resumes or destroys it).
+it.  It is the frontend of its vtpm devices and answers control/shutdown like
+Linux: on suspend it acks and stops itself until xl resumes or destroys it.
+Like Linux's xen-tpmfront it sends its vTPM nothing on suspend
+(docs/xen-internals.md §9.4): the vTPM saved its state after its last command.
 """
 from __future__ import annotations
 
@@ -25,8 +26,32 @@ from xen_vtpm_sim import domain_args
 PAGE = 4096
 TICK = 0.05
 PAGES_PER_TICK = 4
-# TPM2_Shutdown(TPM_SU_STATE): tag NO_SESSIONS, size 12, CC 0x145, su 0x0001.
-TPM2_SHUTDOWN_STATE = bytes.fromhex("80010000000c000001450001")
+
+
+# TPM2_GetCapability(TPM_CAP_TPM_PROPERTIES, TPM_PT_FAMILY_INDICATOR, 1) and TPM 1.2
+# TPM_GetCapability(TPM_CAP_PROPERTY, TPM_CAP_PROP_TIS_TIMEOUT): what Linux's probe sends.
+TPM2_GETCAP_FAMILY = bytes.fromhex("8001" "00000016" "0000017a" "00000006" "00000100" "00000001")
+TPM12_GETCAP_TIMEOUTS = bytes.fromhex("00c1" "00000016" "00000065" "00000005" "00000004" "00000115")
+TPM2_SHUTDOWN_STATE = bytes.fromhex("8001" "0000000c" "00000145" "0001")   # what tpm_tis sends on suspend
+
+
+def tpm_command(port: int, command: bytes, timeout: float = 10.0) -> bytes:
+    """One raw TPM command to the vTPM the guest's frontend reaches (its TCTI port) and its answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(command)
+        data = b""
+        while len(data) < 10 or len(data) < struct.unpack_from(">I", data, 2)[0]:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("the vTPM closed the connection")
+            data += chunk
+    return data
+
+
+def tcti_port(tcti: str) -> int:
+    """The port of a ``swtpm:host=127.0.0.1,port=P`` TCTI string."""
+    opts = dict(kv.split("=", 1) for kv in tcti.strip().partition(":")[2].split(",") if "=" in kv)
+    return int(opts["port"])
 
 
 def memory_path(sim_dir: str | os.PathLike, domid: int) -> Path:
@@ -34,34 +59,10 @@ def memory_path(sim_dir: str | os.PathLike, domid: int) -> Path:
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def parse_tcti(tcti: str) -> tuple[str, int]:
-    """host and port of a ``swtpm:host=H,port=P`` / ``mssim:…`` TCTI string."""
-    _, _, conf = tcti.strip().partition(":")
-    opts = dict(kv.split("=", 1) for kv in conf.split(",") if "=" in kv)
-    return opts.get("host", "127.0.0.1"), int(opts["port"])
-
-
-def send_tpm_command(tcti: str, command: bytes, timeout: float = 5.0) -> bytes:
-    host, port = parse_tcti(tcti)
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(command)
-        head = b""
-        while len(head) < 10:
-            chunk = sock.recv(10 - len(head))
-            if not chunk:
-                raise OSError("TPM closed the connection")
-            head += chunk
-        size = struct.unpack(">I", head[2:6])[0]
-        body = b""
-        while len(head) + len(body) < size:
-            chunk = sock.recv(size - len(head) - len(body))
-            if not chunk:
-                raise OSError("TPM closed the connection")
-            body += chunk
-    return head + body
+    try:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    except BrokenPipeError:
+        pass                                  # no xenconsoled reads the console any more
 
 
 class Guest:
@@ -125,9 +126,25 @@ class Guest:
             if not be:
                 continue
             if self.xs.read_or(f"{be}/state") in ("3", "4") and self.xs.read_or(f"{be}/feature-protocol-v2") == "1":
+                self.probe_tpm(devid)
                 self.xs.write(f"{fe}/state", "4")
                 self.connected.add(devid)
                 log(f"vtpm device {devid}: connected to {be}")
+
+    def probe_tpm(self, devid: str) -> None:
+        """Linux probes the TPM as soon as its frontend connects (tpm2_probe, then tpm_get_timeouts;
+        docs/xen-internals.md §6.4): the first successful command makes the vTPM save its state."""
+        vtpm = next((v for v in self.config.get("vtpms", []) if str(v.get("devid")) == devid), {})
+        tcti = Path(self.sim_dir) / "run" / f"{vtpm.get('backend_domname')}.tcti"
+        try:
+            port = int(tcti.read_text().strip().rsplit("port=", 1)[1])
+            rsp = tpm_command(port, TPM2_GETCAP_FAMILY)
+            if rsp[:2] != b"\x80\x01":                 # not a TPM 2.0: a TPM 1.2 answers in its own format
+                rsp = tpm_command(port, TPM12_GETCAP_TIMEOUTS)
+        except (OSError, ValueError, IndexError) as exc:
+            log(f"vtpm device {devid}: TPM probe failed: {exc}")
+            return
+        log(f"vtpm device {devid}: TPM probe rc=0x{struct.unpack_from('>I', rsp, 6)[0]:x}")
 
     def scribble(self) -> None:
         self.counter += 1
@@ -139,8 +156,11 @@ class Guest:
 
     def suspend(self) -> None:
         log("suspend requested")
-        for vtpm in self.config.get("vtpms", []):
-            self.tpm_shutdown_state(vtpm)
+        # An HVM guest's tpm_tis/tpm_crb driver sends TPM2_Shutdown(STATE) when it suspends; Linux's
+        # xen-tpmfront has no such hook (docs/xen-internals.md §6), so a stub-domain vTPM gets nothing.
+        dm_tcti = Path(self.sim_dir) / "run" / f"dm-{self.domid}.tcti"   # a TPM in its device model
+        if dm_tcti.exists():
+            self.send_shutdown_state("device model TPM", dm_tcti)
         self.mem.flush()
         self.ack()
         log("suspended")
@@ -149,19 +169,17 @@ class Guest:
         # frontends keep their connection, as Linux's PMSG_THAW path does.
         log("resumed after cancelled suspend")
 
-    def tpm_shutdown_state(self, vtpm: dict[str, Any]) -> None:
-        backend = str(vtpm.get("backend_domname") or "")
-        tcti_file = Path(self.sim_dir) / "run" / f"{backend}.tcti"
+    def send_shutdown_state(self, what: str, tcti_file: Path) -> None:
         try:
             tcti = tcti_file.read_text().strip()
         except OSError:
-            log(f"vtpm {vtpm.get('devid')}: no TCTI at {tcti_file.name}; skipping TPM2_Shutdown")
+            log(f"{what}: no TCTI at {tcti_file.name}; skipping TPM2_Shutdown")
             return
         try:
-            rsp = send_tpm_command(tcti, TPM2_SHUTDOWN_STATE)
-            log(f"vtpm {vtpm.get('devid')}: TPM2_Shutdown(STATE) rc=0x{struct.unpack('>I', rsp[6:10])[0]:x}")
+            rsp = tpm_command(tcti_port(tcti), TPM2_SHUTDOWN_STATE)
+            log(f"{what}: TPM2_Shutdown(STATE) rc=0x{struct.unpack('>I', rsp[6:10])[0]:x}")
         except (OSError, ValueError, KeyError) as exc:
-            log(f"vtpm {vtpm.get('devid')}: TPM2_Shutdown(STATE) failed: {exc}")
+            log(f"{what}: TPM2_Shutdown(STATE) failed: {exc}")
 
     def ack(self) -> None:
         # Linux acks by clearing control/shutdown; xl watches for that.

@@ -1,15 +1,21 @@
 """Bring a simulated Xen host up and down inside one directory.
 
-``up`` starts the daemons dom0 would have (xenstored, the host TPM for the
-tool, the physical TPM the vTPM manager seals with), writes the tool's config
-and an ``xl`` command, and creates the vtpmmgr domain.  Every process carries
-an owner marker in its environment, so ``down`` can prove that nothing it
-started is left behind.
+``up`` starts the daemons dom0 would have (xenstored, xenconsoled, the host TPM
+for the tool, the physical TPM the vTPM manager seals with), writes the tool's
+config and an ``xl`` command, and creates the vtpmmgr domain.  Every process
+carries an owner marker in its environment, so ``down`` can prove that nothing
+it started is left behind.
+
+With no options the host is a correctly configured Xen 4.17 dom0 for xen-vtpm
+(FLASK, a provisioned manager with the checkpoint extension, console logging);
+each option reproduces one way a real host differs (see ``platform``).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -17,20 +23,28 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
 from xen_vtpm.config import Config
-from xen_vtpm.errors import PreconditionFailed, UsageError, XenError
+from xen_vtpm.errors import PreconditionFailed, UsageError, XenError, XenVtpmError
 from xen_vtpm.xen.xlcfg import load_cfg
-from xen_vtpm_sim import domains, xl
+from xen_vtpm_sim import domains, platform, xl
 
 from .domains import OWNER_ENV
 
 IMAGE_SIZE = 2 << 20  # like `dd if=/dev/zero bs=2M count=1`
-DAEMONS = ("xenstored", "hosttpm", "ptpm")
+SWTPM_RUN = "sw"      # where the tool's swtpm sockets and pid files live (its swtpm_run_dir, by a short link)
+DAEMONS = ("xenconsoled", "xenstored", "hosttpm", "ptpm")   # stopped in this order
+
+
+def swtpm_run_link(sim_dir: Path) -> Path:
+    """A short name for ``sim_dir/sw``: swtpm's socket is ``<run dir>/<vTPM uuid>.sock``, and a Unix socket
+    path must fit 107 bytes, which a deep test directory would not leave room for."""
+    return Path(tempfile.gettempdir()) / f"xvsw-{hashlib.sha256(str(sim_dir).encode()).hexdigest()[:12]}"
 
 
 def _dirs(sim_dir: Path) -> None:
@@ -128,6 +142,16 @@ def _write_xl(sim_dir: Path) -> None:
     script.chmod(0o755)
 
 
+def _write_tool(sim_dir: Path) -> None:
+    """bin/xen-vtpm: the tool that started the host, so the exports' PATH finds it as it finds `xl`
+    (a shell that evaluated them has the sim's bin/ on PATH, not the tool's venv)."""
+    script = sim_dir / "bin" / "xen-vtpm"
+    script.write_text("#!/bin/sh\n"
+                      f"PYTHONPATH={shlex.quote(_env(sim_dir)['PYTHONPATH'])} "
+                      f"exec {shlex.quote(sys.executable)} -m xen_vtpm \"$@\"\n")
+    script.chmod(0o755)
+
+
 def module_available(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -135,28 +159,45 @@ def module_available(name: str) -> bool:
         return False
 
 
-def up(sim_dir: str | os.PathLike, stock_manager: bool = False) -> dict[str, str]:
+def up(sim_dir: str | os.PathLike, stock_manager: bool = False, *, xsm: str = "flask", provisioned: bool = True,
+       console_log: str = "guest", release_delay: float = 0.0) -> dict[str, str]:
     """Start the host; returns the environment a shell should export."""
+    try:
+        plat = platform.Platform(xsm=xsm, provisioned=provisioned, console_log=console_log,
+                                 release_delay=release_delay)
+    except ValueError as exc:
+        raise UsageError(f"sim up: {exc}") from None
     d = Path(sim_dir).resolve()
     if is_up(d):
         raise PreconditionFailed(f"sim up: a simulated host already runs in {d}; "
                                  f"run `xen-vtpm sim down --dir {d}` first")
-    if len(str(d / "xenstored.sock.d00000")) >= 104:
+    if len(str(d / "run" / "xenconsoled.sock")) >= 104:
         raise UsageError(f"sim up: {d} is too long for a Unix socket path; use a shorter directory")
     _dirs(d)
+    (d / SWTPM_RUN).mkdir(mode=0o700, exist_ok=True)
+    link = swtpm_run_link(d)
+    link.unlink(missing_ok=True)
+    link.symlink_to(d / SWTPM_RUN)
     (d / "run" / "domains.json").unlink(missing_ok=True)
     try:
+        platform.save(d, plat)
         sock = d / "xenstored.sock"
         pid = _daemon(d, "xenstored", [sys.executable, "-m", "xen_vtpm_sim.xenstored", "--socket", str(sock)])
         _wait_connect(str(sock), socket.AF_UNIX, 10, "xenstored", pid)
+        consoles = d / "run" / "xenconsoled.sock"
+        pid = _daemon(d, "xenconsoled", [sys.executable, "-m", "xen_vtpm_sim.xenconsoled", "--socket", str(consoles),
+                                         "--log", plat.console_log, "--log-dir", str(d / "logs")])
+        _wait_connect(str(consoles), socket.AF_UNIX, 10, "xenconsoled", pid)
         host_port = _swtpm(d, "hosttpm", d / "hosttpm")
         ptpm_port = _swtpm(d, "ptpm", d / "ptpm")
         (d / "run" / "ptpm.tcti").write_text(f"swtpm:host=127.0.0.1,port={ptpm_port}\n")
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
                      xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images", vtpm_image_dir=d / "images")
+                     domain_cfg_dir=d / "images", vtpm_image_dir=d / "images", swtpm_run_dir=link,
+                     xen_lib_dir=d / "var" / "lib" / "xen")
         cfg.save(d / "config.ini")
         _write_xl(d)
+        _write_tool(d)
         if module_available("xen_vtpm_sim.vtpmmgr"):
             _create_manager(d, stock_manager)
         else:
@@ -182,17 +223,41 @@ def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
 def _create_manager(d: Path, stock: bool) -> None:
     img = d / "images" / "vtpmmgr.img"
     write_image(img)
-    extra = "tpm2=1" + (" checkpoint=0" if stock else " transfer=1")
+    # tpmlocality=2 as xen-vtpmmgr(7) recommends: dom0's driver keeps locality 0.
+    extra = "tpm2=1 tpmlocality=2" + (" checkpoint=0" if stock else " transfer=1")
     _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
                             'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')
 
 
-def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: bool = True) -> dict[str, Any]:
-    """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order."""
+STUB_KERNELS = {"1.2": "/usr/lib/xen/boot/vtpm-stubdom.gz", "2.0": "/usr/lib/xen/boot/vtpm2-stubdom.gz"}
+
+
+def _vtpm_disk(d: Path, name: str, disk: str | None) -> str:
+    """The stub's disk target: a fresh 2 MiB image file by default, else what the caller gave
+    (e.g. ``phy:/dev/loop3`` or ``qcow2:/path``; the caller owns and blanks it)."""
+    if disk:
+        return disk
+    img = d / "images" / f"vtpm-{name}.img"
+    write_image(img)
+    return f"file:{img}"
+
+
+def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: bool | str = True, *,
+                 tpm_version: str = "2.0", startup: str = "save", vtpm_disk: str | None = None) -> dict[str, Any]:
+    """vtpm-NAME first (backend vtpmmgr), then NAME with backend=vtpm-NAME: the real start order.
+    vtpm="swtpm": an HVM guest whose device model has an swtpm TPM 2.0 (swtpm_guest).
+
+    ``tpm_version`` 1.2 is Xen's vTPM (the TPM 1.2 emulator), 2.0 the simulator's stand-in; ``startup`` is
+    the stub's startup mode, ``save`` (xen-vtpm's requirement) or ``clear`` (Xen's default)."""
+    if tpm_version not in STUB_KERNELS or startup not in ("clear", "save"):
+        raise UsageError(f"sim create: --tpm-version must be 1.2 or 2.0 and --startup clear or save, "
+                         f"not {tpm_version!r} / {startup!r}")
     d = Path(sim_dir).resolve()
     if not is_up(d):
         raise PreconditionFailed(f"sim create: no simulated host runs in {d}; run `xen-vtpm sim up --dir {d}`")
+    if vtpm == "swtpm":
+        return swtpm_guest(d, name, memory)
     table = domains.snapshot(d)
     if vtpm and not module_available("xen_vtpm_sim.vtpm_stubdom"):
         print("xen-vtpm: warning: xen_vtpm_sim.vtpm_stubdom not available; creating the guest without a vTPM",
@@ -209,14 +274,16 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     out: dict[str, Any] = {"name": name}
     try:
         if vtpm:
-            img = d / "images" / f"vtpm-{name}.img"
-            write_image(img)
             vtpm_uuid = str(uuidlib.uuid4())
-            out["vtpm_domid"] = _create_domain_from_cfg(
-                d, d / "images" / f"vtpm-{name}.cfg",
-                f'name="vtpm-{name}"\nkernel="/usr/lib/xen/boot/vtpm-stubdom.gz"\nmemory=8\n'
-                f'disk=["file:{img},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
+            stub_cfg = d / "images" / f"vtpm-{name}.cfg"
+            text = (f'name="vtpm-{name}"\nkernel="{STUB_KERNELS[tpm_version]}"\nmemory=8\nextra="{{extra}}"\n'
+                    f'disk=["{_vtpm_disk(d, name, vtpm_disk)},hda,w"]\nvtpm=["backend=vtpmmgr,uuid={vtpm_uuid}"]\n')
+            # A vTPM that never saved cannot start in `save` mode (it ends in fail-stop, docs/xen-internals.md
+            # §6.5): its first boot is `clear`, and the guest's first command saves it; later boots use `save`.
+            out["vtpm_domid"] = _create_domain_from_cfg(d, stub_cfg, text.format(extra=""))
+            stub_cfg.write_text(text.format(extra=startup if startup == "save" else ""))
             out["vtpm_uuid"] = vtpm_uuid
+            out["tpm_version"] = tpm_version
         vtpm_line = f'vtpm=["backend=vtpm-{name}"]\n' if vtpm else ""
         out["domid"] = _create_domain_from_cfg(d, d / "images" / f"{name}.cfg",
                                                f'name="{name}"\nmemory={int(memory)}\n{vtpm_line}')
@@ -231,6 +298,49 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     return out
 
 
+def _tool(d: Path, *argv: str) -> dict[str, Any]:
+    """Run xen-vtpm as the administrator would (the simulator never imports the tool's own code)."""
+    env = dict(os.environ)
+    env.setdefault("XEN_VTPM_CONFIG", str(d / "config.ini"))
+    env["PYTHONPATH"] = _env(d)["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, "-m", "xen_vtpm", "--json", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode:
+        err = XenVtpmError((proc.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("xen-vtpm: "))
+        err.exit_code = proc.returncode
+        raise err
+    return json.loads(proc.stdout)
+
+
+def swtpm_guest(d: Path, name: str, memory: int) -> dict[str, Any]:
+    """An HVM guest with an swtpm vTPM, set up the way the user guide tells an administrator to:
+    `xen-vtpm vtpm add` wires it into the cfg, `xen-vtpm vtpm start` runs its swtpm, then xl create
+    starts the guest and its device model."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,50}", name):
+        raise UsageError(f"sim create: invalid domain name {name!r}; use letters, digits, '.', '_' and '-'")
+    if domains.find(domains.snapshot(d), name) is not None:
+        raise PreconditionFailed(f"sim create {name}: domain {name} already exists; `xl destroy {name}` first")
+    cfg_path = d / "images" / f"{name}.cfg"
+    cfg_path.write_text(f'name="{name}"\ntype="hvm"\nmemory={int(memory)}\n')
+    added = _tool(d, "vtpm", "add", name, "--backend", "swtpm", "--cfg", str(cfg_path))
+    _tool(d, "vtpm", "start", name, "--cfg", str(cfg_path))
+    domid = xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path))))
+    return {"name": name, "domid": domid, "vtpm_uuid": added["vtpm_uuid"], "backend": "swtpm"}
+
+
+def _stop_swtpms(d: Path) -> None:
+    """swtpm daemons xen-vtpm started for this host's guests (its swtpm_run_dir is SWTPM_RUN here);
+    a device model that ends stops its own, so these are the ones whose guest is gone."""
+    for pidfile in (d / SWTPM_RUN).glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            if str(d).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+                if not domains.wait_until(lambda pid=pid: not domains.is_alive(pid), 5):
+                    os.kill(pid, signal.SIGKILL)
+                    domains.wait_until(lambda pid=pid: not domains.is_alive(pid), 5)
+
+
 def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> None:
     """Readiness as in docs/xen-internals.md §9.6: frontend and backend of the guest's vTPM both Connected (4)."""
     fe = f"/local/domain/{domid}/device/vtpm/0"
@@ -241,7 +351,7 @@ def _wait_connected(d: Path, domid: int, name: str, timeout: float = 20.0) -> No
             return xs.read_or(f"{fe}/state") == "4" and xs.read_or(f"{be}/state") == "4"
         if not xs.wait_for(connected, [f"{fe}/state", f"{be}/state"], timeout):
             raise XenError(f"sim create {name}: vTPM link not Connected after {timeout:g} s; "
-                           f"see logs/guest-{name}.log and logs/guest-vtpm-{name}.log")
+                           f"see the consoles of {name} and vtpm-{name}")
 
 
 def _stop(pid: int, d: Path) -> None:
@@ -264,6 +374,7 @@ def down(sim_dir: str | os.PathLike) -> dict[str, Any]:
     for key in table["domains"]:
         with contextlib.suppress(Exception):
             xl._destroy(str(d), int(key), quiet=True)
+    _stop_swtpms(d)
     for name in DAEMONS:
         pid = _read_pid(d, name)
         if pid is not None:
@@ -275,4 +386,5 @@ def down(sim_dir: str | os.PathLike) -> dict[str, Any]:
     left = domains.owned_pids(d)
     if left:
         raise XenError(f"sim down: processes {left} of {d} survive SIGKILL; check them with `ps`")
+    swtpm_run_link(d).unlink(missing_ok=True)
     return {"dir": str(d), "stopped": True}

@@ -181,11 +181,18 @@ class _Sink:
                 view.release()
 
 
-def write_save(out: BinaryIO, config: dict, memory: Buffer, *, domid: int) -> None:
+EMULATOR_QEMU_UPSTREAM = 2
+EMULATOR_HDR = struct.Struct("=II")        # emulator id, index (libxl_sr_stream_format.h)
+
+
+def write_save(out: BinaryIO, config: dict, memory: Buffer, *, domid: int,
+               emulator_context: bytes | None = None) -> None:
     """Write an xl save file of HVM domain `domid`: config JSON plus all of `memory`.
 
     `memory` is any buffer (bytes, bytearray, mmap) whose length is a multiple of
-    4096; page N of it is guest pfn N.  `out` may be a fifo.
+    4096; page N of it is guest pfn N.  `out` may be a fifo.  `emulator_context` is the
+    device model's state file (qemu-save.<domid>), which libxl writes after the libxc stream
+    as an EMULATOR_CONTEXT record of QEMU upstream (libxl_stream_write.c).
     """
     with memoryview(memory) as raw, raw.cast("B") as mem:
         if len(mem) % PAGE_SIZE:
@@ -198,8 +205,10 @@ def write_save(out: BinaryIO, config: dict, memory: Buffer, *, domid: int) -> No
             count = min(BATCH_PAGES, pages - pfn)
             with mem[pfn * PAGE_SIZE:(pfn + count) * PAGE_SIZE] as pages_view:
                 sink.write(page_data_header(pfn, count), pages_view)
+        emulator = b"" if emulator_context is None else record(
+            LibxlRec.EMULATOR_CONTEXT, EMULATOR_HDR.pack(EMULATOR_QEMU_UPSTREAM, 0) + emulator_context)
         sink.write(hvm_context_record() + hvm_params_record(HVM_PARAMS)
-                   + record(LibxcRec.END) + record(LibxlRec.END))
+                   + record(LibxcRec.END) + emulator + record(LibxlRec.END))
     if sink.fd is None and hasattr(out, "flush"):
         out.flush()
 
@@ -213,6 +222,7 @@ class SaveInfo:
     pages: int                  # pages written into memory_out
     hvm_params: dict[int, int]
     tsc_khz: int | None
+    emulator_context: bytes | None = None   # the device model's state (EMULATOR_CONTEXT body, sub-header off)
 
 
 class _Reader:
@@ -293,6 +303,10 @@ def read_save(inp: BinaryIO, memory_out: bytearray | memoryview | mmap.mmap) -> 
                 body = r.body(kind, length)
                 if len(body) < 8 or COUNT_HDR.unpack_from(body)[0] > 2:
                     raise r.bad(f"{kind.name} record without a valid emulator id", at)
+                if kind is LibxlRec.EMULATOR_CONTEXT:
+                    if info is None:
+                        raise r.bad("EMULATOR_CONTEXT record before the LIBXC_CONTEXT record", at)
+                    info.emulator_context = body[EMULATOR_HDR.size:]
             elif kind is LibxlRec.END:
                 if length:
                     raise r.bad("libxl END record with non-zero length", at)

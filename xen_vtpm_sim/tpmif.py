@@ -18,8 +18,12 @@ from xen_vtpm_sim import mgrproto as mp
 
 
 def log(msg: str) -> None:
-    """A line on the stub domain's console (its process output is the domain's console log)."""
-    print(msg, flush=True)
+    """A line on the domain's console (its stdout, which xenconsoled reads).  Without a xenconsoled
+    the output is lost, as a console ring nobody reads would lose it; the domain runs on."""
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError:
+        pass
 
 
 @dataclass

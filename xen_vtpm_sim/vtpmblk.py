@@ -38,7 +38,7 @@ def encrypt(plaintext: bytes, key: bytes) -> bytes:
 
 def decrypt(blob: bytes, key: bytes) -> bytes:
     if len(blob) < IV_SIZE or (len(blob) - IV_SIZE) % 16:
-        raise ChecksumError(f"blob of {len(blob)} bytes is not IV + whole AES blocks")
+        raise ChecksumError("Decryption Error: Cipher block size was not a multiple of 16")
     iv = blob[:IV_SIZE]
     (length,) = struct.unpack(">I", iv[12:])
     dec = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
@@ -48,20 +48,47 @@ def decrypt(blob: bytes, key: bytes) -> bytes:
     return padded[:length]
 
 
+class SlotError(Exception):
+    """A slot read_vtpmblk_raw() refuses; ``line`` is where vtpmblk.c prints the reason."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _size(fd: int) -> int:
+    # A block device (a `phy:` disk) reports st_size 0: its end is found by seeking.
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def read_raw(path: str | os.PathLike, slot: int) -> bytes:
+    """read_vtpmblk_raw(): the blob stored in ``slot``, with vtpmblk.c's checks (docs/xen-internals.md §5.4)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = _size(fd)
+        offset = slot_offsets(size)[slot]
+        head = os.pread(fd, 4, offset)
+        if len(head) < 4:
+            raise SlotError(101, "read(length) failed! error was Input/output error")
+        (length,) = struct.unpack(">I", head)
+        if length == 0:
+            raise SlotError(106, "read 0 data_length for NVM")
+        if length > size // 2 - 4:
+            raise SlotError(110, "read invalid data_length for NVM")
+        blob = os.pread(fd, length, offset + 4)
+    finally:
+        os.close(fd)
+    if len(blob) != length:
+        raise SlotError(116, "read(data) failed! error was Input/output error")
+    return blob
+
+
 def read_slot(path: str | os.PathLike, slot: int) -> bytes | None:
     """The blob stored in ``slot``, or None if its length prefix does not fit the slot."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        offset = slot_offsets(size)[slot]
-        fh.seek(offset)
-        head = fh.read(4)
-        if len(head) < 4:
-            return None
-        (length,) = struct.unpack(">I", head)
-        if length == 0 or length > size // 2 - 4:
-            return None
-        blob = fh.read(length)
-    return blob if len(blob) == length else None
+    try:
+        return read_raw(path, slot)
+    except SlotError:
+        return None
 
 
 def fingerprints(path: str | os.PathLike) -> tuple[bytes | None, bytes | None]:
@@ -79,7 +106,7 @@ def write_slot(path: str | os.PathLike, slot: int, plaintext: bytes) -> bytes:
     blob = encrypt(plaintext, key)
     fd = os.open(path, os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
+        size = _size(fd)
         if 4 + len(blob) > size // 2:
             raise OSError(f"{Path(path).name}: state of {len(blob)} bytes does not fit a {size // 2}-byte slot")
         os.pwrite(fd, struct.pack(">I", len(blob)) + blob, slot_offsets(size)[slot])

@@ -11,7 +11,9 @@ AddressSanitizer and UBSan; a sanitizer report ends the manager (its console log
 
 Console log = the process output, as for every simulated domain.  ``extra=`` words go to the manager
 as its mini-os command line (``checkpoint=0`` = stock manager); ``provision=0`` (simulator only)
-leaves a fresh manager's group 0 unprovisioned, so it never writes its disk, as on Xen.
+leaves a fresh manager's group 0 unprovisioned, so it never writes its disk, as on Xen.  The simulated
+platform (``platform.py``: `sim up --unprovisioned`, `--xsm none`, `--release-delay`) adds the shim
+options that make Xen 4.17's own manager code meet those traps (vtpmmgr/README.md).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import domain_args
 from xen_vtpm.xen.xlcfg import disk_target
+
+from . import domain_args, platform
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "vtpmmgr" / "build" / "vtpmmgr-native"
@@ -37,8 +40,13 @@ def command(sim_dir: Path, domid: int, cfg: dict) -> list[str]:
     tcti = (sim_dir / "run" / "ptpm.tcti").read_text().strip()
     argv = [str(BINARY), "--domid", str(domid), "--disk", str(disk_target(cfg)), "--tcti", tcti,
             "--run-dir", str(sim_dir / "run")]
-    if "provision=0" in words:
+    host = platform.load(sim_dir)
+    if "provision=0" in words or not host.provisioned:
         argv.append("--no-provision")
+    if host.xsm == "none":
+        argv += ["--xsm", "none"]
+    if host.release_delay:
+        argv += ["--release-delay", f"{host.release_delay:g}"]
     return argv + ["--"] + [w for w in words if w != "provision=0"]
 
 

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from xen_vtpm.errors import DomainNotFound, MalformedSaveFile, UsageError, XenVt
 from xen_vtpm.xen.savefile import read_save_header
 from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm.xen.xlcfg import load_cfg, parse_disk, parse_vtpm
-from xen_vtpm_sim import domains
+from xen_vtpm_sim import devicemodel, domains, platform, xenconsoled
 
 from .domains import DOMID_ENV, OWNER_ENV
 from .guest import memory_path
@@ -92,12 +93,15 @@ def spec_from_json(config: dict[str, Any]) -> dict[str, Any]:
 
 def _spec_from_json(config: dict[str, Any]) -> dict[str, Any]:
     c_info, b_info = config.get("c_info", {}), config.get("b_info", {})
-    disks = [f"{d['pdev_path']},{d['vdev']},{'w' if d.get('readwrite', 1) else 'r'}" for d in config.get("disks", [])]
+    disks = [f"{d['pdev_path']},{d.get('format', 'raw')},{d['vdev']},{'w' if d.get('readwrite', 1) else 'r'}"
+             for d in config.get("disks", [])]
     vtpms = [{"devid": v.get("devid", i), "backend_domname": v.get("backend_domname") or str(v.get("backend_domid", 0)),
               "uuid": v.get("uuid")} for i, v in enumerate(config.get("vtpms", []))]
     cfg = {"name": c_info.get("name"), "uuid": c_info.get("uuid"), "memory": b_info.get("max_memkb", 0) // 1024,
            "kernel": b_info.get("kernel", ""), "extra": b_info.get("cmdline", ""), "disk": disks,
            "vtpm": [f"backend={v['backend_domname']}" + (f",uuid={v['uuid']}" if v["uuid"] else "") for v in vtpms]}
+    if b_info.get("extra_hvm"):
+        cfg["device_model_args_hvm"] = list(b_info["extra_hvm"])
     if not cfg["name"] or not cfg["memory"]:
         raise MalformedSaveFile("save file config has no domain name or memory size; use `xl restore CFG FILE`")
     spec = spec_from_cfg(cfg)
@@ -110,12 +114,14 @@ def libxl_config(dom: dict[str, Any]) -> dict[str, Any]:
     disks = []
     for d in dom["disk"]:
         p = parse_disk(d)
-        disks.append({"pdev_path": p["target"], "vdev": p["vdev"], "format": "raw",
+        disks.append({"pdev_path": p["target"], "vdev": p["vdev"], "format": p["format"],
                       "readwrite": 1 if p["access"] == "rw" else 0})
+    extra_hvm = devicemodel.extra_hvm(dom.get("cfg") or {})
     return {
         "c_info": {"type": "hvm", "name": dom["name"], "uuid": dom["uuid"]},
         "b_info": {"max_memkb": dom["memory"] * 1024, "target_memkb": dom["memory"] * 1024,
-                   "kernel": dom["kernel"], "cmdline": dom["extra"], "max_vcpus": 1},
+                   "kernel": dom["kernel"], "cmdline": dom["extra"], "max_vcpus": 1,
+                   **({"extra_hvm": extra_hvm} if extra_hvm else {})},
         "disks": disks,
         "vtpms": [{"backend_domid": v["backend_domid"], "backend_domname": v["backend_domname"],
                    "devid": v["devid"], "uuid": v["uuid"]} for v in dom["vtpms"]],
@@ -173,18 +179,12 @@ def _write_domain_nodes(xs: XenStore, domid: int, spec: dict[str, Any]) -> None:
     xs.transact(tx_fn)
 
 
-def _add_vtpm(xs: XenStore, domid: int, v: dict[str, Any]) -> None:
-    """libxl__device_vtpm_add: fe + be + trusted copy in one transaction, then wait for InitWait."""
-    b, n = v["backend_domid"], v["devid"]
-    fe = f"/local/domain/{domid}/device/vtpm/{n}"
-    be = f"/local/domain/{b}/backend/vtpm/{domid}/{n}"
-    lx = f"/libxl/{domid}/device/vtpm/{n}"
-    fe_keys = {"backend": be, "backend-id": str(b), "state": "1", "handle": str(n)}
-    be_keys = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1", "handle": str(n),
-               "uuid": v["uuid"], "resume": "False"}
-
-    def tx_fn(tx):
-        for path, keys, perms in ((fe, fe_keys, [f"n{domid}", f"r{b}"]), (be, be_keys, [f"n{b}", f"r{domid}"])):
+def _device_nodes(fe: str, fe_keys: dict[str, str], fe_perms: list[str], be: str, be_keys: dict[str, str],
+                  be_perms: list[str], lx: str) -> Callable[[Any], None]:
+    """libxl__device_generic_add's transaction: frontend and backend with their permissions, and libxl's
+    own copy of the backend keys under /libxl (docs/xen-internals.md §8.1, §8.2)."""
+    def tx_fn(tx) -> None:
+        for path, keys, perms in ((fe, fe_keys, fe_perms), (be, be_keys, be_perms)):
             tx.mkdir(path)
             tx.set_perms(path, perms)
             for key, val in keys.items():
@@ -195,10 +195,81 @@ def _add_vtpm(xs: XenStore, domid: int, v: dict[str, Any]) -> None:
         tx.write(f"{lx}/backend", be)
         for key, val in be_keys.items():
             tx.write(f"{lx}/{key}", val)
-    xs.transact(tx_fn)
+    return tx_fn
+
+
+def _add_vtpm(xs: XenStore, domid: int, v: dict[str, Any]) -> None:
+    """libxl__device_vtpm_add: fe + be + trusted copy in one transaction, then wait for InitWait."""
+    b, n = v["backend_domid"], v["devid"]
+    fe = f"/local/domain/{domid}/device/vtpm/{n}"
+    be = f"/local/domain/{b}/backend/vtpm/{domid}/{n}"
+    lx = f"/libxl/{domid}/device/vtpm/{n}"
+    fe_keys = {"backend": be, "backend-id": str(b), "state": "1", "handle": str(n)}
+    be_keys = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1", "handle": str(n),
+               "uuid": v["uuid"], "resume": "False"}
+
+    xs.transact(_device_nodes(fe, fe_keys, [f"n{domid}", f"r{b}"], be, be_keys, [f"n{b}", f"r{domid}"], lx))
     if not xs.wait_for(lambda: xs.read_or(f"{be}/state") == "2", [f"{be}/state"], INIT_TIMEOUT):
         raise XlError(f"libxl: error: vtpm {n}: backend {v['backend_domname']} (domid {b}) did not reach "
                       f"InitWait within {INIT_TIMEOUT:g} s; check that the vTPM domain is running")
+
+
+def vdev_number(vdev: str) -> int:
+    """libxl__device_disk_dev_number for the whole-disk names a stub domain uses (hd*, sd*, xvd*)."""
+    for prefix, first, base, shift, limit in (("xvd", "a", 202 << 8, 4, 16), ("hd", "a", None, 6, 4),
+                                                ("sd", "a", 8 << 8, 4, 16)):
+        rest = vdev[len(prefix):]
+        if vdev.startswith(prefix) and len(rest) == 1 and 0 <= ord(rest) - ord(first) < limit:
+            disk = ord(rest) - ord(first)
+            if base is None:                             # hda/hdb on major 3, hdc/hdd on 22
+                return ((3 if disk < 2 else 22) << 8) | ((disk & 1) << 6)
+            return base | (disk << shift)
+    raise XlConfigError(f"libxl: error: Invalid or unsupported virtual disk identifier {vdev}")
+
+
+def _disk_backend(disk: dict[str, str]) -> tuple[str, str, str]:
+    """(backend kind, `type` node, `params` node) as libxl chooses them (docs/xen-internals.md §5.6): a raw
+    image on a block device or a regular file goes to blkback (`phy`, params = the path, the block script
+    claims it), any other format to QEMU's qdisk (params = `<format>:<path>`)."""
+    if disk["format"] != "raw":
+        return "qdisk", "qdisk", f"{disk['format']}:{disk['target']}"
+    try:
+        mode = os.stat(disk["target"]).st_mode
+    except OSError as exc:
+        raise XlError(f"libxl: error: Disk vdev={disk['vdev']} failed to stat: {disk['target']}: "
+                      f"{exc.strerror}") from None
+    if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+        raise XlError(f"libxl: error: no suitable backend for disk {disk['vdev']}")
+    return "vbd", "phy", disk["target"]
+
+
+def _block_hotplug(params: str) -> dict[str, str]:
+    """The nodes tools/hotplug/Linux/block adds: a block device is used as it is (symlinks resolved), a
+    regular file through a loop device (here: the file itself stands in for /dev/loopN)."""
+    real = os.path.realpath(params)
+    if stat.S_ISBLK(os.stat(real).st_mode):
+        return {"physical-device-path": real}
+    return {"physical-device-path": real, "node": real}
+
+
+def _add_disks(xs: XenStore, domid: int, disks: list[str]) -> None:
+    """libxl__device_disk_add for each disk= entry: frontend, backend in dom0 and the /libxl copy."""
+    for spec in disks:
+        disk = parse_disk(spec)
+        devid = vdev_number(disk["vdev"])
+        kind, btype, params = _disk_backend(disk)
+        fe = f"/local/domain/{domid}/device/vbd/{devid}"
+        be = f"/local/domain/0/backend/{kind}/{domid}/{devid}"
+        lx = f"/libxl/{domid}/device/vbd/{devid}"
+        fe_keys = {"backend": be, "backend-id": "0", "state": "1", "virtual-device": str(devid),
+                   "device-type": "disk"}
+        be_keys = {"frontend": fe, "params": params, "frontend-id": str(domid), "online": "1", "removable": "0",
+                   "bootable": "1", "state": "1", "dev": disk["vdev"], "type": btype,
+                   "mode": "w" if disk["access"] == "rw" else "r", "device-type": "disk"}
+        if btype == "phy":
+            be_keys.update(_block_hotplug(params), state="2")
+
+        xs.transact(_device_nodes(fe, fe_keys, [f"n{domid}", "r0"], be, be_keys, ["n0", f"r{domid}"], lx))
 
 
 def _spawn(sim_dir: str, domid: int, spec: dict[str, Any], vtpms: list[dict[str, Any]]) -> int:
@@ -208,27 +279,34 @@ def _spawn(sim_dir: str, domid: int, spec: dict[str, Any], vtpms: list[dict[str,
     cfg = dict(spec["cfg"], name=spec["name"], uuid=spec["uuid"], memory=spec["memory"], domid=domid,
                vtpms=vtpms)
     cfg_file.write_text(json.dumps(cfg, indent=1))
-    log_dir = Path(sim_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, XENSTORED_PATH=os.path.join(sim_dir, f"xenstored.sock.d{domid}"),
                XEN_VTPM_SIM_DIR=sim_dir, **{OWNER_ENV: sim_dir, DOMID_ENV: str(domid)})
     # The domain runs `python -m xen_vtpm...`: let it find this very package.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
     argv = [sys.executable, "-m", module_for(spec["kernel"]), "--sim-dir", sim_dir, "--domid", str(domid),
             "--name", spec["name"], "--config", str(cfg_file)]
-    # The shell stops itself before exec'ing the domain, so nothing runs until unpause.
-    with open(log_dir / f"guest-{spec['name']}.log", "ab") as log:
+    # The domain's output is its console ring: a pipe xenconsoled reads (or nothing, if none runs).
+    ring, out = os.pipe()
+    try:
+        if not xenconsoled.attach(Path(sim_dir) / "run" / "xenconsoled.sock", domid, ring):
+            os.close(out)
+            out = os.open(os.devnull, os.O_WRONLY)
+        # The shell stops itself before exec'ing the domain, so nothing runs until unpause.
         proc = subprocess.Popen(["/bin/sh", "-c", 'kill -STOP $$; exec "$@"', "sh", *argv], env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                 cwd=sim_dir)
+    finally:
+        os.close(ring)
+        os.close(out)
     if not domains.wait_until(lambda: domains.is_stopped(proc.pid), 10):
         domains.kill_group(proc.pid, sim_dir)
-        raise XlError(f"{spec['name']}: domain process did not start; see logs/guest-{spec['name']}.log")
+        raise XlError(f"{spec['name']}: domain process did not start; see its console (`xl console`)")
     return proc.pid
 
 
 def create_domain(sim_dir: str, spec: dict[str, Any], paused: bool = False,
-                  fill_memory: Callable[[mmap.mmap], None] | None = None) -> int:
+                  fill_memory: Callable[[mmap.mmap], None] | None = None,
+                  dm_incoming: Callable[[], bytes | None] | None = None) -> int:
     vtpms = _resolve_backends(sim_dir, spec)
     with domains.locked(sim_dir) as table:
         if domains.find(table, spec["name"]) is not None or spec["name"] == "Domain-0":
@@ -256,8 +334,12 @@ def create_domain(sim_dir: str, spec: dict[str, Any], paused: bool = False,
                             # A failed reader's traceback may still hold a view; then GC unmaps it.
                             with contextlib.suppress(BufferError):
                                 mm.close()
+            _add_disks(xs, domid, spec["disk"])
             pid = _spawn(sim_dir, domid, spec, vtpms)
             _update(sim_dir, domid, pid=pid)
+            dm_pid = devicemodel.start_for(sim_dir, domid, spec, dm_incoming() if dm_incoming else None)
+            if dm_pid is not None:
+                _update(sim_dir, domid, dm_pid=dm_pid)
             for v in vtpms:
                 _add_vtpm(xs, domid, v)
         if not paused:
@@ -287,6 +369,7 @@ def _destroy(sim_dir: str, domid: int, quiet: bool = False) -> None:
         dom = table["domains"].get(str(domid))
     if dom is None:
         return
+    devicemodel.stop_for(sim_dir, dom)
     if dom.get("pid"):
         domains.kill_group(dom["pid"], sim_dir)
         if not domains.wait_until(lambda: not domains.is_alive(dom["pid"]), 10) and not quiet:
@@ -295,9 +378,11 @@ def _destroy(sim_dir: str, domid: int, quiet: bool = False) -> None:
         with xenstore(sim_dir) as xs:
             # The toolstack removes frontend and backend paths of the domain's devices.
             backends = {f"/local/domain/{v['backend_domid']}/backend/vtpm/{domid}" for v in dom["vtpms"]}
+            backends |= {f"/local/domain/0/backend/{kind}/{domid}" for kind in ("vbd", "qdisk")}
 
             def tx_fn(tx):
-                for path in (*sorted(backends), f"/local/domain/{domid}", f"/libxl/{domid}", f"/vm/{dom['uuid']}"):
+                for path in (*sorted(backends), f"/local/domain/{domid}", f"/libxl/{domid}", f"/vm/{dom['uuid']}",
+                             f"/local/domain/0/device-model/{domid}"):
                     if tx.exists(path):
                         tx.rm(path)
             xs.transact(tx_fn)
@@ -438,14 +523,20 @@ def save(sim_dir: str, ident: str, file: str, cfg_file: str | None = None,
     with out:
         _suspend(sim_dir, dom)
         try:
+            emulator = devicemodel.save_state(sim_dir, dom["domid"]) if dom.get("dm_pid") else None
             with open(dom["memfile"], "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mm:
-                write_save(out, config, mm, domid=dom["domid"])
+                write_save(out, config, mm, domid=dom["domid"], emulator_context=emulator)
             out.flush()
         except BaseException as exc:
+            if dom.get("dm_pid"):
+                with contextlib.suppress(XenVtpmError, OSError):
+                    devicemodel.resume(sim_dir, dom["domid"])
             domains.kill_group(dom["pid"], sim_dir, signal.SIGCONT)  # resume: the save changed nothing
             if isinstance(exc, OSError):
                 raise XlError(f"libxl: error: {dom['name']}: writing {file} failed: {exc.strerror}") from None
             raise
+    if (checkpoint or leave_paused) and dom.get("dm_pid"):
+        devicemodel.resume(sim_dir, dom["domid"])    # libxl_domain_resume: QMP cont
     if checkpoint:
         domains.kill_group(dom["pid"], sim_dir, signal.SIGCONT)
     elif not leave_paused:
@@ -500,8 +591,10 @@ def restore(sim_dir: str, file: str, cfg_file: str | None = None, paused: bool =
         if saved_memory != spec["memory"]:
             raise XlConfigError(f"{cfg_file}: memory={spec['memory']} does not match the saved domain's "
                                 f"{saved_memory} MiB")
+        saved: dict[str, Any] = {}
         return create_domain(sim_dir, spec, paused=paused,
-                             fill_memory=lambda mm: read_save(recorder, mm))
+                             fill_memory=lambda mm: saved.update(info=read_save(recorder, mm)),
+                             dm_incoming=lambda: saved["info"].emulator_context)
 
 
 # --- command line ----------------------------------------------------------------
@@ -524,6 +617,7 @@ USAGE = {
     "vtpm-list": "Usage: xl [-v] vtpm-list <Domain(s)>\n\nList virtual TPM devices for a domain.",
     "domid": "Usage: xl [-v] domid <DomainName>\n\nConvert a domain name to domain id.",
     "domname": "Usage: xl [-v] domname <DomainId>\n\nConvert a domain id to domain name.",
+    "getenforce": "Usage: xl [-v] getenforce \n\nReturns the current enforcing mode of the Flask Xen security module",
 }
 
 
@@ -595,10 +689,23 @@ def run_command(sim_dir: str, cmd: str, args: list[str]) -> int:
         if dom is None:
             raise DomainNotFound(f"Can't get domain name of domain id '{ident}', maybe this domain does not exist.")
         print(dom["name"])
+    elif cmd == "getenforce":
+        _opts(cmd, args, "", 0, 0)
+        return getenforce(sim_dir)
     else:
         _err("command not implemented")
         return 1
     return 0
+
+
+def getenforce(sim_dir: str) -> int:
+    """main_getenforce prints the mode and exits with libxl's answer: 1 enforcing, 0 permissive, -1 (255)
+    and "Flask XSM Disabled" without XSM (docs/xen-internals.md §3.5)."""
+    if platform.load(sim_dir).xsm == "none":
+        print("Flask XSM Disabled")
+        return 255
+    print("Enforcing")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@
 #define REQUEST_DIR "control/vtpmmgr/request"
 #define RESPONSE_DIR "data/vtpmmgr/response"
 #define FEATURE_NODE "data/vtpmmgr/feature-checkpoint"
+#define PROVISIONED_NODE "data/vtpmmgr/provisioned"
 #define WATCH_TOKEN "vtpmmgr-checkpoint"
 
 static DECLARE_MUTEX(ckpt_mutex);
@@ -105,6 +106,21 @@ static int provisioned(void)
 {
 	struct mem_group *group0 = g_mgr->groups[0].v;
 	return group0 && group0->nr_seals;
+}
+
+/* Whether a restarted vTPM can get its state back: the manager writes its disk (group 0 has a seal) and
+ * can verify a reconnecting vTPM (group 0 has a kernel hash).  Published for dom0, which refuses to
+ * restart a vTPM the manager would only hand a fresh identity (docs/protocol.md §2). */
+static void publish_provisioned(void)
+{
+	struct mem_group *group0 = g_mgr->groups[0].v;
+	int ok = provisioned() && be32_native(group0->seal_bits.nr_kerns) > 0;
+	char *msg = xenbus_write(XBT_NIL, PROVISIONED_NODE, ok ? "1" : "0");
+
+	if (msg) {
+		printk("vtpmmgr: cannot write " PROVISIONED_NODE " (%s)\n", msg);
+		free(msg);
+	}
 }
 
 /* The active slot must still hold what this manager last wrote: the seal list header and the root
@@ -511,6 +527,10 @@ static void request_thread(void *unused)
 	(void)unused;
 	for (;;) {
 		char **event;
+		/* Group 0 changes only by a GROUP_UPDATE: seen here at the next request (or manager start). */
+		down(&ckpt_mutex);
+		publish_provisioned();
+		up(&ckpt_mutex);
 		scan();
 		event = xenbus_wait_for_watch_return(&events);
 		free(event);
@@ -534,6 +554,7 @@ void vtpm_ckpt_start(int argc, char **argv)
 		free(msg);
 		return;
 	}
+	publish_provisioned();
 	/* Advertised once the watch stands: a request written from now on is seen. */
 	msg = xenbus_write(XBT_NIL, FEATURE_NODE, "1");
 	if (msg) {

@@ -20,7 +20,7 @@ from xen_vtpm import __version__
 from xen_vtpm.config import Config
 from xen_vtpm.errors import UsageError, XenVtpmError
 
-from . import checkpoints, hook, host, move
+from . import checkpoints, doctor, hook, host, move, render, schedule, vtpm
 
 PLUGIN_GROUP = "xen_vtpm.commands"
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, action=_Commands)
     cast(_Commands, sub).common = common
-    for group in (host, checkpoints, move, hook):
+    for group in (host, checkpoints, move, schedule, vtpm, hook, doctor):
         group.register(sub)
     for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
         plugin.load()(sub)
@@ -83,16 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = Config.load(args.config, missing_ok=getattr(args, "config_may_be_missing", False))
         return int(args.func(args, cfg) or 0)
     except XenVtpmError as exc:
-        print(f"xen-vtpm: {exc}", file=sys.stderr)
+        print(f"xen-vtpm: {render.clean(str(exc))}", file=sys.stderr)   # it may quote a name or a path
         return exc.exit_code
     except KeyboardInterrupt:
-        print("xen-vtpm: interrupted", file=sys.stderr)
+        print("xen-vtpm: interrupted; the next command finishes or undoes what was begun (or run "
+              "`xen-vtpm recover`)", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         if os.environ.get("XEN_VTPM_DEBUG"):
             raise
-        print(f"xen-vtpm: unexpected error: {exc.__class__.__name__}: {exc} "
+        print(f"xen-vtpm: unexpected error: {exc.__class__.__name__}: {render.clean(str(exc))} "
               "(rerun with XEN_VTPM_DEBUG=1 for a traceback and report it)", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from xen_vtpm.api import Host
 from xen_vtpm.config import Config
 from xen_vtpm.host import provision, session
 from xen_vtpm.xen import topology
@@ -21,7 +22,7 @@ def cmd_init(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    render.emit(args, provision.status(cfg))
+    render.emit(args, Host(cfg).status())
     return 0
 
 

@@ -11,13 +11,13 @@ from typing import IO, Any
 from xen_vtpm import wiring
 from xen_vtpm.config import Config
 from xen_vtpm.errors import Locked, UsageError, XenVtpmError
+from xen_vtpm.host.session import read_secret
 from xen_vtpm.host.trusted import TrustStore
 from xen_vtpm.transfer.peer import HostKey, TrustedPeer
 from xen_vtpm.transfer.session import send_error, send_outcome
 from xen_vtpm.transfer.wire import Wire
 
 from . import render
-from .checkpoints import read_secret
 
 
 def _moved(result: dict[str, Any]) -> str:
@@ -30,7 +30,7 @@ def _moved(result: dict[str, Any]) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace, cfg: Config) -> int:
-    secret = read_secret(args.auth_file)
+    secret = None if args.auth_file is None else read_secret(args.auth_file, "--auth-file")
     with wiring.coordinator(cfg) as coord:
         result = coord.migrate(args.domain, args.host, args.ssh, with_checkpoints=args.with_checkpoints,
                                auth_secret=secret, paused=args.paused)

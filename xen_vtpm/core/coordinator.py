@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import Any
 
 from xen_vtpm.errors import (
@@ -27,12 +28,22 @@ from xen_vtpm.errors import (
     Locked,
     NoCheckpointFeature,
     PreconditionFailed,
+    UsageError,
     XenVtpmError,
 )
-from xen_vtpm.model import CatalogEntry, Checkpoint, Guest, VtpmCapture, VtpmRef
+from xen_vtpm.model import (
+    CatalogEntry,
+    Checkpoint,
+    Guest,
+    PruneResult,
+    RetentionPolicy,
+    VtpmCapture,
+    VtpmRef,
+)
 
+from . import retention
 from . import steps as S
-from .base import Sequences
+from .base import Sequences, _changing
 from .interfaces import Draft, IncomingMove, Ports
 from .journal import Operation, OpParams
 from .migration import COMMITTED, Migration
@@ -58,7 +69,7 @@ class Coordinator(Sequences):
 
     def _snapshot_locked(self, guest: Guest, name: str | None, kind: str) -> dict[str, Any]:
         vt = guest.vtpm
-        if not self.p.vtpm.supports_checkpoints():
+        if not self.p.vtpm.supports_checkpoints(vt):
             raise NoCheckpointFeature(
                 f"{vt.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), so a per-VM "
                 "snapshot cannot be rolled back; use `xen-vtpm save` (guarded), or see docs/protocol.md")
@@ -69,7 +80,8 @@ class Coordinator(Sequences):
         name = name or _default_name(kind, ckpt_id)
         self.p.store.check_name_free(guest.uuid, name)
         op = self.p.journal.begin(kind, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt_id, name=name,
-                                                             vtpm=vt.backend, guest_was_paused=guest.paused))
+                                                             vtpm=vt.backend, vtpm_kind=vt.backend_kind,
+                                                             guest_was_paused=guest.paused))
         draft = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
                                    vtpm_uuid=vt.uuid, vtpm_backend=vt.backend, kind=kind)
         t0 = time.monotonic()
@@ -104,7 +116,7 @@ class Coordinator(Sequences):
         copy names a slot of the image it read.  Pausing it would cost two `xl` calls inside the
         guest's pause window."""
         self.p.journal.step(op, S.MANAGER_CHECKPOINT, manager_checkpoint=ckpt_id)
-        return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints()
+        return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints(vt)
                 else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
 
     def _undo_snapshot(self, op: Operation, draft: Draft | None) -> bool:
@@ -121,19 +133,28 @@ class Coordinator(Sequences):
 
         def discard_manager_copy() -> None:
             if op.reached(S.MANAGER_CHECKPOINT):
-                self.p.vtpm.discard(ckpt_id)
+                self.p.vtpm.discard(self._vtpm_of(op), ckpt_id)
 
         def abort_draft() -> None:
             # Without a live draft the store's own recover() already removed the partial write.
             if draft is not None:
                 draft.abort()
 
+        def journal_undo() -> None:
+            # Journaled like a step so that a crash in the middle of an undo is recovered (and tested) as
+            # one; best effort: a journal that cannot be written must not keep the guest paused.
+            if not op.reached(S.UNDO):
+                self.p.journal.step(op, S.UNDO)
+
         errors: list[XenVtpmError] = []
-        for action in (unpause_guest, discard_manager_copy, abort_draft):
+        for action, point in ((journal_undo, None), (unpause_guest, S.UNPAUSED),
+                              (discard_manager_copy, S.DISCARDED), (abort_draft, None)):
             try:
                 action()
             except XenVtpmError as exc:  # keep undoing the rest; report the first problem
                 errors.append(exc)
+            if point:
+                self.p.journal.passed(op, S.UNDO, point)
         if not errors:
             self.p.journal.finish(op, "undone")
         result = "failed; undone" if not errors else f"failed; undo incomplete: {errors[0]}"[:500]
@@ -164,14 +185,16 @@ class Coordinator(Sequences):
             if ckpt.meta.vtpm_uuid != guest.vtpm.uuid:
                 raise IntegrityError(f"checkpoint {ckpt.name}: belongs to vTPM {ckpt.meta.vtpm_uuid}, "
                                      f"but {guest.name} now uses {guest.vtpm.uuid}; refusing to mix them")
-            if not self.p.vtpm.supports_checkpoints():
+            if not self.p.vtpm.supports_checkpoints(guest.vtpm):
                 raise NoCheckpointFeature(
                     f"{guest.vtpm.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), "
                     "so the vTPM cannot be rolled back with the guest; see docs/protocol.md")
+            self.p.vtpm.check_can_restart(guest.vtpm)
             self.p.host.authorize_rollback(auth_secret)
             safety = self._snapshot_locked(guest, None, kind=S.PRE_ROLLBACK)["id"] if safety_checkpoint else None
             op = self.p.journal.begin(S.ROLLBACK, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt.id,
-                                                                      vtpm=guest.vtpm.backend, safety=safety,
+                                                                      vtpm=guest.vtpm.backend,
+                                                                      vtpm_kind=guest.vtpm.backend_kind, safety=safety,
                                                                       paused=paused))
             self._rollback_forward(op, ckpt)
             return {"domain": guest.name, "rolled_back_to": ckpt.id, "name": ckpt.name, "safety_checkpoint": safety}
@@ -216,7 +239,7 @@ class Coordinator(Sequences):
             ckpt_id = str(uuidlib.uuid4())
             name = _default_name(S.SAVE, ckpt_id)
             op = self.p.journal.begin(S.SAVE, guest.uuid, OpParams(guest=guest.name, checkpoint=ckpt_id, name=name,
-                                                                  vtpm=vt.backend, path=path,
+                                                                  vtpm=vt.backend, vtpm_kind=vt.backend_kind, path=path,
                                                                   guest_was_paused=guest.paused))
             draft = self.p.store.begin(ckpt_id, name=name, vm_uuid=guest.uuid, vm_name=guest.name,
                                        vtpm_uuid=vt.uuid, vtpm_backend=vt.backend, kind=S.SAVE)
@@ -231,6 +254,7 @@ class Coordinator(Sequences):
                 raise
             # Once committed, the save image and the vTPM capture are a pair: end the guest as xl save does.
             with self.p.host.exclusive():
+                self._check_fresh("save", guest.name, ckpt_id)  # again, in the hold that binds the commit
                 summary = draft.commit(save_file=path, save_file_digest=digest)
                 self._finish_save(op)
             return {"id": ckpt_id, "name": name, "domain": guest.name, "file": path, **summary}
@@ -246,7 +270,7 @@ class Coordinator(Sequences):
         self.recover()
         self._check_fresh("restore", None, path)  # before the binding lookup: a hidden binding is tampering
         header = self.p.streams.read_header(path)
-        if not header.vtpms:
+        if not header.vtpms and not header.emulator_tpms:
             raise PreconditionFailed(f"{path}: the saved guest has no vTPM; use `xl restore` directly")
         digest = self.p.streams.digest(path)
         found = self.p.store.find_by_save_digest(digest)
@@ -274,27 +298,52 @@ class Coordinator(Sequences):
                 raise PreconditionFailed(
                     f"{vt.backend}: the vTPM advanced since {path} was saved and the stock manager cannot "
                     "roll it back; restoring would give the guest a vTPM that does not match its memory")
+            if moved or not self.p.vtpm.is_running(vt):     # e.g. after a host reboot: it must be started
+                self.p.vtpm.check_can_restart(vt)
             op = self.p.journal.begin(S.RESTORE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
-                                                                       vtpm=vt.backend, path=path, moved=moved,
+                                                                       vtpm=vt.backend, vtpm_kind=vt.backend_kind,
+                                                                       path=path, moved=moved,
                                                                        paused=paused))
             self._restore_forward(op, ckpt)
             return {"domain": ckpt.vm_name, "checkpoint": ckpt.id, "vtpm_restored": moved, "paused": paused}
 
     def _restore_forward(self, op: Operation, ckpt: Checkpoint) -> None:
         """Put the vTPM pair back if it moved on, then `xl restore`; idempotent for recover."""
-        guest, path = op.params.guest, op.params.path or ""
+        guest, path, vt = op.params.guest, op.params.path or "", ckpt.vtpm_ref()
         if op.params.moved:
-            vt = ckpt.vtpm_ref()
             capture = self.p.store.vtpm_capture(ckpt)
             self._step_once(op, S.STOP_VTPM, lambda: self.p.vtpm.stop(vt))
             self._step_once(op, S.PUT_BACK_VTPM, lambda: self.p.vtpm.put_back(vt, capture))
             self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(vt))
+        elif op.reached(S.START_VTPM) or not self.p.vtpm.is_running(vt):   # not running: e.g. a host reboot
+            self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(vt))
+
         def restore_guest() -> None:
             if not self.p.guests.exists(guest):   # a restore that completed before a crash stays
+                # Its vTPM must serve before `xl restore` attaches it (an swtpm ends with its device model).
+                if not self.p.vtpm.is_running(ckpt.vtpm_ref()):
+                    self.p.vtpm.start_verified(ckpt.vtpm_ref())
                 self.p.xl.restore(path, paused=op.params.paused)
 
         self._step_once(op, S.RESTORE_GUEST, restore_guest)
         self._finish(op, action=S.RESTORE, vm=guest, checkpoint=ckpt.id)
+
+    # --- delete / verify ---------------------------------------------------------
+    def delete(self, checkpoint: str) -> dict[str, Any]:
+        self.recover()
+        ckpt = self.p.store.get(checkpoint)
+        with self.p.lock(ckpt.vm_uuid, ckpt.vm_name):
+            self._check_fresh("delete", ckpt.vm_name, ckpt.id)
+            if ckpt.id in self.p.store.holds():
+                raise PreconditionFailed(f"checkpoint {ckpt.name}: marked with `keep`; "
+                                         f"`xen-vtpm unkeep {ckpt.id}` first if it may go")
+            op = self.p.journal.begin(S.DELETE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
+                                                                      vtpm=ckpt.meta.vtpm_backend,
+                                                                      vtpm_kind=ckpt.meta.backend_kind,
+                                                                      manager_checkpoint=ckpt.manager_checkpoint))
+            freed = self._remove(op)
+            self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
+            return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
 
     # --- moves to and from other hosts (core/migration.py) -------------------------------
     def migrate(self, domain: str, host: str, ssh: str, *, with_checkpoints: bool = False,
@@ -310,21 +359,104 @@ class Coordinator(Sequences):
     def outcome_of(self, transfer: str) -> str:
         return self.moves.outcome_of(transfer)
 
-    # --- delete / verify ---------------------------------------------------------
-    def delete(self, checkpoint: str) -> dict[str, Any]:
+    def _remove(self, op: Operation) -> int:
+        """The steps of delete and prune, resumable by recover: the checkpoints leave the store
+        (bound to the head at once), then the manager discards their entries."""
+        params = op.params
+        ids = params.removes or (params.checkpoint or "",)
+        managers = params.manager_checkpoints or tuple(filter(None, (params.manager_checkpoint,)))
+        freed = 0
+
+        def delete_store() -> None:
+            nonlocal freed
+            freed = self._delete_and_bind(op, ids)
+
+        def discard_manager() -> None:
+            for manager_checkpoint in managers:
+                self.p.vtpm.discard(self._vtpm_of(op), manager_checkpoint)
+
+        self._step_once(op, S.DELETE_STORE, delete_store)
+        if managers:
+            self._step_once(op, S.DISCARD_MANAGER, discard_manager)
+        return freed
+
+    # --- prune / keep ------------------------------------------------------------
+    def prune(self, domain: str | None, policy_for: Callable[[str], RetentionPolicy], *,
+              dry_run: bool = False) -> list[PruneResult]:
+        """Apply the retention rules (``retention``; ``policy_for(vm_name)``) to one VM's checkpoints,
+        or every VM's with ``domain`` None; each VM is one journaled operation, a delete of many."""
+        if not dry_run:
+            self.recover()
+        if domain is None:
+            vms = list({e.vm_uuid: e.vm_name for e in self.p.store.entries()}.items())
+        elif vm_uuid := self.p.store.vm_uuid_of(domain):   # checkpoints outlive their domain
+            vms = [(vm_uuid, domain)]
+        else:
+            guest = self.p.guests.find(domain)
+            vms = [(guest.uuid, guest.name)]
+        policies = {name: policy_for(name) for _, name in vms}
+        for name, policy in policies.items():   # before anything changes
+            if policy.empty:
+                raise UsageError(f"prune {name}: no rule given, so every checkpoint would stay; pass at least one "
+                                 "--keep-last/--keep-daily/... N, or set keep_* in the [retention] config section")
+        return [self._prune_vm(vm_uuid, name, policies[name], dry_run) for vm_uuid, name in vms]
+
+    def _prune_vm(self, vm_uuid: str, vm_name: str, policy: RetentionPolicy, dry_run: bool) -> PruneResult:
+        with self.p.lock(vm_uuid, vm_name):
+            # The rules read times, kinds and marks: only from a catalog the head vouches for.
+            if dry_run:
+                self._check_fresh_readonly("prune", vm_name)
+            else:
+                self._check_fresh("prune", vm_name)
+            ckpts = []
+            for entry, ckpt in self.p.store.described(vm_uuid):
+                if isinstance(ckpt, IntegrityError):   # logged like a failed verify: a security event
+                    with contextlib.suppress(XenVtpmError):
+                        self.p.audit.append(action=S.PRUNE, vm=vm_name, checkpoint=entry.id,
+                                            result=f"refused: {ckpt}"[:500])
+                    raise IntegrityError(f"{ckpt}; {vm_name} was not pruned — see `xen-vtpm verify --all`, "
+                                         "then delete the damaged checkpoint")
+                ckpts.append(ckpt)
+            entries = retention.plan(ckpts, self.p.store.holds(), policy)
+            removed = {e.id for e in entries if not e.rules}
+            gone = [c for c in ckpts if c.id in removed]
+            freed = 0
+            if gone and not dry_run:
+                op = self.p.journal.begin(S.PRUNE, vm_uuid, OpParams(
+                    guest=vm_name, removes=tuple(c.id for c in gone),
+                    # One guest's checkpoints share its vTPM; the backend routes the discards.
+                    vtpm=gone[0].meta.vtpm_backend, vtpm_kind=gone[0].meta.backend_kind,
+                    manager_checkpoints=tuple(c.manager_checkpoint for c in gone if c.manager_checkpoint)))
+                freed = self._remove(op)
+                self._finish(op, action=S.PRUNE, vm=vm_name, checkpoint=" ".join(op.params.removes))
+            return PruneResult(domain=vm_name, vm_uuid=vm_uuid, dry_run=dry_run,
+                               kept=tuple(e for e in entries if e.rules),
+                               removed=tuple(e for e in entries if not e.rules), freed_bytes=freed)
+
+    def keep(self, checkpoint: str, keep: bool = True) -> dict[str, Any]:
+        """Set (or clear) the mark that keeps a checkpoint from `prune` and `delete`.  The mark is a
+        catalog row the head binds, so one added or removed behind the tool's back is tampering."""
         self.recover()
         ckpt = self.p.store.get(checkpoint)
+        kind = S.KEEP if keep else S.UNKEEP
         with self.p.lock(ckpt.vm_uuid, ckpt.vm_name):
-            self._check_fresh("delete", ckpt.vm_name, ckpt.id)
-            op = self.p.journal.begin(S.DELETE, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id,
-                                                                      manager_checkpoint=ckpt.manager_checkpoint))
-            self.p.journal.step(op, S.DELETE_STORE)
-            freed = self._delete_and_bind(ckpt.id)
-            if ckpt.manager_checkpoint:
-                self.p.journal.step(op, S.DISCARD_MANAGER)
-                self.p.vtpm.discard(ckpt.manager_checkpoint)
-            self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
-            return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
+            self._check_fresh(kind, ckpt.vm_name, ckpt.id)
+            if (ckpt.id in self.p.store.holds()) != keep:
+                op = self.p.journal.begin(kind, ckpt.vm_uuid, OpParams(guest=ckpt.vm_name, checkpoint=ckpt.id))
+                self._mark(op)
+            return {"id": ckpt.id, "name": ckpt.name, "domain": ckpt.vm_name, "kept": keep}
+
+    def _mark(self, op: Operation) -> None:
+        """The mark and the head that binds it change in one hold of the host lock, as a commit does."""
+        ckpt_id = op.params.checkpoint or ""
+        first_run = not op.reached(S.MARK)
+        if first_run:
+            self.p.journal.step(op, S.MARK)
+        with self.p.host.exclusive():
+            if first_run:   # the advance below accepts any edited row, so prove none was edited before
+                self.p.host.check_fresh()
+            self.p.store.set_hold(ckpt_id, op.kind == S.KEEP)
+            self._finish(op, action=op.kind, vm=op.params.guest, checkpoint=ckpt_id)
 
     def checkpoints(self, domain: str | None) -> list[tuple[CatalogEntry, Checkpoint | IntegrityError]]:
         vm_uuid = None
@@ -333,10 +465,17 @@ class Coordinator(Sequences):
         return self.p.store.described(vm_uuid)
 
     def verify(self, checkpoint: str | None) -> list[dict[str, Any]]:
+        self._check_fresh_readonly("verify", None, checkpoint)
+        # Catalog entries only: opening a manifest already checks its MAC, which must be logged too.
+        entries = [self.p.store.entry(checkpoint)] if checkpoint else self.p.store.entries()
+        return [self._verify_logged(entry, "verify") for entry in entries]
+
+    def _check_fresh_readonly(self, action: str, vm: str | None, checkpoint: str | None = None) -> None:
+        """Freshness for a command that changes nothing and so does not recover: say so if an
+        interrupted change explains a mismatch."""
         try:
-            self._check_fresh("verify", None, checkpoint)
+            self._check_fresh(action, vm, checkpoint)
         except (IntegrityError, FreshnessError):
-            # verify changes nothing, so it does not recover: say so if an interrupted change explains it.
             pending = self.p.journal.unfinished()
             if pending:
                 op = pending[0]
@@ -344,9 +483,6 @@ class Coordinator(Sequences):
                                          f"{op.op_id}, at {op.last_step}) must be finished first; "
                                          "run `xen-vtpm recover`") from None
             raise
-        # Catalog entries only: opening a manifest already checks its MAC, which must be logged too.
-        entries = [self.p.store.entry(checkpoint)] if checkpoint else self.p.store.entries()
-        return [self._verify_logged(entry, "verify") for entry in entries]
 
     # --- recover -----------------------------------------------------------------
     def recover(self, ask_peers: bool = False) -> list[dict[str, Any]]:
@@ -368,7 +504,7 @@ class Coordinator(Sequences):
                     raise IntegrityError(f"journal operation {op.op_id} ({op.kind} of {op.params.guest}): "
                                          "the audit log records its end but the journal was re-opened before "
                                          "it; recover will not run it again — inspect the catalog")
-                self.p.host.advance()  # the head may still have to bind what it committed
+                self.p.host.advance(_changing(op))  # the head may still have to bind what it committed
                 # A destination's end is its commit (an undone move was finished before it logged):
                 # the source reads this outcome.
                 self.p.journal.finish(op, COMMITTED if op.kind == S.MIGRATE_IN
@@ -400,6 +536,10 @@ class Coordinator(Sequences):
         elif op.kind == S.SAVE:
             self._finish_save(op)
             outcome = "finished"
+        elif op.kind == S.ROLLBACK and not op.reached(S.DESTROY_GUEST):
+            # Interrupted before its point of no return: nothing running was touched yet.
+            self.p.journal.finish(op, "undone (interrupted before destroy-guest)")
+            outcome = "undone"
         elif op.kind == S.ROLLBACK:
             self._verify_logged(self.p.store.entry(ckpt_id), "recover rollback")  # again: the store may have changed
             self._rollback_forward(op, self.p.store.get(ckpt_id))
@@ -411,11 +551,13 @@ class Coordinator(Sequences):
             outcome = self.moves.recover_source(op, ask_peers)
         elif op.kind == S.MIGRATE_IN:
             outcome = self.moves.recover_destination(op)
-        elif op.kind == S.DELETE:
-            self._delete_and_bind(ckpt_id)
-            if op.params.manager_checkpoint:
-                self.p.vtpm.discard(op.params.manager_checkpoint)
-            self._finish(op, action=S.DELETE, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
+        elif op.kind in (S.DELETE, S.PRUNE):
+            self._remove(op)
+            ckpt_id = " ".join(op.params.removes) or ckpt_id
+            self._finish(op, action=op.kind, vm=vm, checkpoint=ckpt_id, outcome="done (recovered)")
+            outcome = "finished"
+        elif op.kind in (S.KEEP, S.UNKEEP):
+            self._mark(op)
             outcome = "finished"
         else:
             self.p.journal.finish(op, f"abandoned (unknown kind {op.kind})")

@@ -10,6 +10,7 @@ undo.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -54,7 +55,8 @@ class OpParams:
     guest: str                                 # the guest's name when the operation began
     checkpoint: str | None = None              # the checkpoint written, restored or deleted
     name: str | None = None                    # its name (snapshot, save)
-    vtpm: str | None = None                    # the vTPM stub domain's name
+    vtpm: str | None = None                    # VtpmRef.backend: the vTPM stub domain's name, swtpm-<guest>
+    vtpm_kind: str = "stubdom"                 # VtpmRef.backend_kind: which backend undoes or finishes it
     guest_was_paused: bool = False             # snapshot/save: leave a paused guest paused on undo
     safety: str | None = None                  # rollback: the safety checkpoint taken first
     paused: bool = False                       # rollback/restore: leave the restored guest paused
@@ -68,7 +70,8 @@ class OpParams:
     peer: str | None = None                    # the other host's signing key (hex), pinned for this move
     vtpm_uuid: str | None = None               # the vTPM's UUID at its manager
     checkpoints: tuple[str, ...] = ()          # --with-checkpoints: the checkpoints that move
-    manager_checkpoints: tuple[str, ...] = ()  # destination: their manager entries
+    removes: tuple[str, ...] = ()              # prune: the checkpoints it deletes
+    manager_checkpoints: tuple[str, ...] = ()  # prune: their manager entries; migrate-in: the moved ones'
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False, ())},
@@ -76,11 +79,9 @@ class OpParams:
 
     @classmethod
     def from_json(cls, text: str) -> OpParams:
-        fields = json.loads(text)
-        for key in ("checkpoints", "manager_checkpoints"):
-            if key in fields:
-                fields[key] = tuple(fields[key])
-        return cls(**fields)
+        # JSON has no tuples: the lists are the tuple fields.
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
+        return cls(**values)
 
 
 @dataclass
@@ -144,8 +145,13 @@ class Journal:
             self._write("UPDATE op_journal SET mac=? WHERE op_id=?", (self._mac("op", op_id, kind, vm, text), op_id))
             self._write("COMMIT", ())
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite itself rolls a transaction back on some errors (a full disk among them); a
+            # ROLLBACK then fails and would replace the real error with "no transaction is active".
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
+        faults.reached(f"{kind}:begin")
         return Operation(op_id, kind, vm, params)
 
     def step(self, op: Operation, step: str, **data: Any) -> None:
@@ -155,12 +161,23 @@ class Journal:
         op.steps.append((step, data))
         faults.reached(f"{op.kind}:{step}")
 
+    def passed(self, op: Operation, step: str, point: str) -> None:
+        """Mark a point between two writes of `step` (``steps.INNER_POINTS``): inert but for a test's hook."""
+        faults.reached(f"{op.kind}:{step}:{point}")
+
     def finish(self, op: Operation, outcome: str) -> None:
         self._write("UPDATE op_journal SET finished=?, outcome=?, fin_mac=? WHERE op_id=?",
                     (time.time(), outcome, self._mac("finished", op.op_id, outcome), op.op_id))
 
     def unfinished(self) -> list[Operation]:
         """Unfinished operations, every row authenticated (IntegrityError names a forged one)."""
+        try:
+            return self._unfinished()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.db_path}: journal read failed ({exc}); check the state dir, "
+                               "then run `xen-vtpm recover`") from None
+
+    def _unfinished(self) -> list[Operation]:
         ops = []
         for op_id, kind, vm, params, mac, fin_mac in self.db.execute(
                 "SELECT op_id, kind, vm, params, mac, fin_mac FROM op_journal WHERE finished IS NULL ORDER BY op_id"):

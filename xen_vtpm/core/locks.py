@@ -11,7 +11,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from xen_vtpm.errors import Locked, StorageError
+from xen_vtpm.durable import open_lock
+from xen_vtpm.errors import Locked
 
 
 class VmLock:
@@ -21,12 +22,7 @@ class VmLock:
         self._fd: int | None = None
 
     def __enter__(self) -> VmLock:
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StorageError(f"{self.path}: cannot create lock file ({exc.strerror}); "
-                               "check the state dir is writable") from None
+        fd = open_lock(self.path.parent, self.path.name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

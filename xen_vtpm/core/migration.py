@@ -45,10 +45,6 @@ META, VTPM_STATE, MEMORY = "meta", "vtpm", "memory"
 CKPT, CKPT_IMAGE, CKPT_MEMORY = "checkpoint", "checkpoint-image", "checkpoint-memory"
 
 
-def _ref(params: OpParams) -> VtpmRef:
-    return VtpmRef(guest=params.guest, devid=0, backend=params.vtpm or "", uuid=params.vtpm_uuid or "")
-
-
 class _Records:
     """The destination's view of the transfer: records in order, one of lookahead."""
 
@@ -99,6 +95,10 @@ class Migration(Sequences):
         with self.p.lock(guest.uuid, guest.name):
             self._check_fresh(S.MIGRATE, guest.name)
             vt = guest.vtpm
+            if vt.backend_kind != self.p.vtpm.move_kind():
+                raise PreconditionFailed(f"{guest.name}: its vTPM ({vt.backend}) is of kind {vt.backend_kind}, and "
+                                         f"migrate moves only {self.p.vtpm.move_kind()} vTPMs so far; nothing was "
+                                         f"changed — keep {guest.name} on this host (docs/migration.md §5)")
             if self.p.vtpm.move_key() is None:
                 raise NoCheckpointFeature(f"{vt.backend}: this host's vTPM manager cannot move vTPMs (no transfer "
                                           "support); start it with transfer=1 (docs/protocol.md §9)")
@@ -117,7 +117,7 @@ class Migration(Sequences):
             try:
                 recipient = link.recipient(self.p.vtpm.move_kind())
                 op = self.p.journal.begin(S.MIGRATE, guest.uuid, OpParams(
-                    guest=guest.name, vtpm=vt.backend, vtpm_uuid=vt.uuid, host=host, ssh=ssh,
+                    guest=guest.name, vtpm=vt.backend, vtpm_kind=vt.backend_kind, vtpm_uuid=vt.uuid, host=host, ssh=ssh,
                     transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(c.id for c in moving),
                     paused=paused))
                 outcome = self._send(op, link, recipient, guest.name, guest.uuid, guest.mem_mib << 20, vt, moving)
@@ -192,7 +192,7 @@ class Migration(Sequences):
 
     def _finish_source(self, op: Operation, peer: str) -> None:
         """The destination committed: delete this host's copy (every action idempotent, for recover)."""
-        params, ref = op.params, _ref(op.params)
+        params, ref = op.params, self._vtpm_of(op)
         if not op.reached(S.FINISH_SOURCE):
             self.p.journal.step(op, S.FINISH_SOURCE)
         self._destroy_if_present(params.guest)
@@ -201,8 +201,8 @@ class Migration(Sequences):
             if self.p.store.is_committed(ckpt_id):
                 manager_checkpoint = self.p.store.get(ckpt_id).manager_checkpoint
                 if manager_checkpoint:
-                    self.p.vtpm.discard(manager_checkpoint)
-                self._delete_and_bind(ckpt_id)
+                    self.p.vtpm.discard(ref, manager_checkpoint)
+                self._delete_and_bind(op, (ckpt_id,))
         self.p.vtpm.remove(ref)
         if not op.reached(S.ADVANCE_HEAD):
             self.p.audit.append(action=S.MIGRATE, vm=params.guest, checkpoint=None,
@@ -216,7 +216,7 @@ class Migration(Sequences):
 
         def undo() -> None:
             if op.reached(S.EXPORT_VTPM):
-                self.p.vtpm.unexport(_ref(params))
+                self.p.vtpm.unexport(self._vtpm_of(op))
             if self.p.guests.exists(params.guest) and self.p.guests.is_paused(params.guest):
                 self.p.xl.unpause(params.guest)
         return self._undo(op, undo, why, f"undone: {why}")
@@ -352,7 +352,7 @@ class Migration(Sequences):
                 with self.p.host.exclusive():
                     for head, draft in drafts:
                         draft.commit(**head["details"])
-                    self.p.host.advance()
+                    self.p.host.advance(changing=op.params.checkpoints)
             self._step_once(op, S.IMPORT_CHECKPOINTS, import_checkpoints)
             self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(ref))
             self._step_once(op, S.RESTORE_GUEST,
@@ -367,7 +367,7 @@ class Migration(Sequences):
         params = op.params
         if not op.reached(S.COMMIT):
             self.p.journal.step(op, S.COMMIT)
-        self.p.vtpm.adopt(_ref(params))
+        self.p.vtpm.adopt(self._vtpm_of(op))
         if not params.paused and self.p.guests.exists(params.guest) and self.p.guests.is_paused(params.guest):
             self.p.xl.unpause(params.guest)
         if not op.reached(S.ADVANCE_HEAD):
@@ -378,16 +378,16 @@ class Migration(Sequences):
 
     def _undo_destination(self, op: Operation, why: str) -> bool:
         """Everything this host took in goes; on a failure the op stays for the next recover."""
-        params = op.params
+        params, ref = op.params, self._vtpm_of(op)
 
         def undo() -> None:
             self._destroy_if_present(params.guest)
             for manager_checkpoint in params.manager_checkpoints:
-                self.p.vtpm.discard(manager_checkpoint)
-            for ckpt_id in params.checkpoints:
-                if self.p.store.is_committed(ckpt_id):
-                    self._delete_and_bind(ckpt_id)
-            self.p.vtpm.remove(_ref(params))     # after its checkpoint entries (see _finish_source)
+                self.p.vtpm.discard(ref, manager_checkpoint)
+            committed = tuple(filter(self.p.store.is_committed, params.checkpoints))
+            if committed:
+                self._delete_and_bind(op, committed)
+            self.p.vtpm.remove(ref)     # after its checkpoint entries (see _finish_source)
         return self._undo(op, undo, why, f"{ABORTED}: {why}")
 
     def recover_destination(self, op: Operation) -> str:

@@ -4,8 +4,9 @@ Each record's hash covers its fields (sequence number included) and the previous
 record's hash, and carries an HMAC under the audit sub-key, so an edit, a removal
 or a reordering breaks the chain at that record, and a rewritten chain cannot be
 re-MAC'd without the sealed host key.  Removing records from the *end* is caught
-by the catalog head (``head.verify_audit``), which carries the chain's last hash
-under the TPM counter.
+by the catalog head, which carries the chain's last hash under the TPM counter
+(``head.prove_log``: every append and every head advance checks it first, so a
+damaged log is never extended or re-anchored).
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def append(conn: sqlite3.Connection, keys: SubKeys, *, counter: int, action: str
     return _public(rec, digest)
 
 
-def _rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    cur = conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
+def _rows(conn: sqlite3.Connection, after: int = 0) -> list[dict[str, Any]]:
+    cur = conn.execute(f"SELECT {_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq", (after,))
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur]
 
@@ -90,10 +91,27 @@ def records(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return [_public(r, r["hash"]) for r in _rows(conn)]
 
 
-def check_chain(conn: sqlite3.Connection, keys: SubKeys) -> tuple[int, bytes, dict[int, bytes]]:
-    """Walk the chain; IntegrityError naming the first bad record.  Returns (count, last hash, seq->hash)."""
-    prev, hashes = GENESIS, {}
-    for expected, row in enumerate(_rows(conn), start=1):
+def check_chain(conn: sqlite3.Connection, keys: SubKeys,
+                since: tuple[int, bytes] | None = None) -> tuple[int, bytes, dict[int, bytes]]:
+    """Walk the chain; IntegrityError naming the first bad record.  Returns (count, last hash, seq->hash).
+
+    ``since`` is (seq, hash) of a record this process already proved by walking up to it: if every
+    record up to it is still there and it still carries that hash, only the records after it are
+    walked (seq->hash then starts there).  Otherwise the whole chain is walked, which names the
+    damage.  An edit before ``since`` made meanwhile is not seen here, but cannot be hidden either:
+    every anchor commits to the hashes as first computed, so the next full walk reports it."""
+    if since is not None and since[0] > 0:
+        seq, digest = since
+        row = conn.execute("SELECT hash, (SELECT COUNT(*) FROM audit WHERE seq <= ?) FROM audit WHERE seq = ?",
+                           (seq, seq)).fetchone()
+        if row is not None and bytes(row[0]) == digest and row[1] == seq:
+            return _walk(conn, keys, seq, digest)
+    return _walk(conn, keys, 0, GENESIS)
+
+
+def _walk(conn: sqlite3.Connection, keys: SubKeys, start: int, prev: bytes) -> tuple[int, bytes, dict[int, bytes]]:
+    count, hashes = start, ({start: prev} if start else {})
+    for expected, row in enumerate(_rows(conn, start), start=start + 1):
         seq = row["seq"]
         where = f"audit record {expected}"
         if seq != expected:
@@ -110,4 +128,5 @@ def check_chain(conn: sqlite3.Connection, keys: SubKeys) -> tuple[int, bytes, di
             raise IntegrityError(f"{where}: MAC does not verify (chain rewritten without the host key); "
                                  "restore the state dir from a backup")
         prev = hashes[seq] = digest
-    return len(hashes), prev, hashes
+        count = seq
+    return count, prev, hashes

@@ -6,9 +6,12 @@ owns the two tables' schemas; ``head`` and ``audit`` hold what the rows mean.
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
+from xen_vtpm.durable import storage_error
 from xen_vtpm.errors import StorageError
 
 DB_NAME = "catalog.sqlite"
@@ -62,3 +65,24 @@ def connect(state_dir: Path) -> sqlite3.Connection:
         raise StorageError(f"{path}: cannot open the catalog ({exc}); "
                            "check the state dir permissions and free space") from None
     return conn
+
+
+@contextlib.contextmanager
+def guarded(state_dir: Path, action: str) -> Iterator[None]:
+    """Any SQLite failure on the catalog (a full disk above all, at whatever point it strikes)
+    leaves as the one-line StorageError (DiskFull) for ``action``, never as a traceback."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise storage_error(exc, Path(state_dir) / DB_NAME, action) from None
+
+
+@contextlib.contextmanager
+def opened(state_dir: Path, action: str) -> Iterator[sqlite3.Connection]:
+    """A guarded connection for one step of the host's work, closed at the end."""
+    with guarded(state_dir, action):
+        conn = connect(state_dir)
+        try:
+            yield conn
+        finally:
+            conn.close()

@@ -27,10 +27,10 @@ import sqlite3
 import time
 from typing import Any
 
-from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected, StorageError
+from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected
 
 from . import audit
-from .catalogdb import GENESIS, connect
+from .catalogdb import GENESIS, guarded, opened
 from .keys import SubKeys
 
 
@@ -125,13 +125,15 @@ def advance(host: Any, catalog_digest: bytes | None = None, conn: sqlite3.Connec
     Pass ``conn`` with the catalog change still uncommitted to make the change and the
     journal entry one transaction.  ``host`` is ``provision.open_host(cfg)``.
     """
-    own = conn is None
-    conn = conn or connect(host.state_dir)
-    try:
+    if conn is None:
+        with opened(host.state_dir, "advancing the catalog head") as own:
+            return advance(host, catalog_digest, own)
+    with guarded(host.state_dir, "advancing the catalog head"):
         # settle() commits only to finish an interrupted change; normally the caller's staged
         # change and the pending row below reach the disk in one commit.
         current = settle(host, conn)
-        audit_seq, audit_hash = audit.tip(conn)
+        # Never anchor a log the head does not vouch for: a cut or rewritten log would be re-bound.
+        audit_seq, audit_hash = host.prove_log(conn, current)
         intended = Head(current.counter + 1, current.seq + 1,
                         current.catalog_digest if catalog_digest is None else catalog_digest,
                         audit_seq, audit_hash, time.time())
@@ -143,12 +145,6 @@ def advance(host: Any, catalog_digest: bytes | None = None, conn: sqlite3.Connec
         conn.execute("DELETE FROM head WHERE kind = 'pending'")
         conn.commit()
         return done
-    except sqlite3.Error as exc:
-        raise StorageError(f"catalog head: write failed ({exc}); check free space, then run the command again "
-                           "(an interrupted change is finished automatically)") from None
-    finally:
-        if own:
-            conn.close()
 
 
 def state(host: Any, conn: sqlite3.Connection) -> tuple[str, str]:
@@ -168,19 +164,51 @@ def state(host: Any, conn: sqlite3.Connection) -> tuple[str, str]:
         return "corrupt", str(exc)
 
 
+def prove_log(conn: sqlite3.Connection, keys: SubKeys, *anchors: Head | None,
+              since: tuple[int, bytes] | None = None) -> tuple[int, bytes]:
+    """The audit log is intact and still holds every record the given head rows anchor; returns its tip.
+
+    Records after the newest anchor are the ones appended since the last advance (the next one
+    anchors them): the chain and their MACs protect them, the head cannot yet.  ``since``: a tip
+    this process proved before (``audit.check_chain``); any doubt then means a whole walk."""
+    try:
+        return _prove_log(conn, keys, anchors, since)
+    except IntegrityError:
+        if since is None:
+            raise
+        return _prove_log(conn, keys, anchors, None)      # the whole walk names the damage
+
+
+def _prove_log(conn: sqlite3.Connection, keys: SubKeys, anchors: tuple[Head | None, ...],
+               since: tuple[int, bytes] | None) -> tuple[int, bytes]:
+    count, last, hashes = audit.check_chain(conn, keys, since)
+    for anchor in anchors:
+        if anchor is None:
+            continue
+        if anchor.audit_seq > count:
+            raise IntegrityError(f"audit record {count + 1}: hash chain broken (records {count + 1}.."
+                                 f"{anchor.audit_seq} were removed from the end); restore the state dir from a backup")
+        if anchor.audit_seq and _hash_of(conn, hashes, anchor.audit_seq) != anchor.audit_hash:
+            raise IntegrityError(f"audit record {anchor.audit_seq}: does not match the hash the catalog head "
+                                 "holds (log rewritten); restore the state dir from a backup")
+    return count, last
+
+
+def _hash_of(conn: sqlite3.Connection, walked: dict[int, bytes], seq: int) -> bytes | None:
+    """A record's hash: as just recomputed, or (before a tip proved earlier) as stored."""
+    if seq in walked:
+        return walked[seq]
+    row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
 def verify_audit(host: Any, conn: sqlite3.Connection) -> dict[str, Any]:
     """The audit chain is intact and ends where the TPM-bound head says it does."""
-    count, last, hashes = audit.check_chain(conn, host.keys)
     current, pending = read(conn, host.keys)
     counter = host.counter_read()
     head_state = check_fresh(current, counter, pending)  # raises on replay / reset
     assert current is not None
-    if current.audit_seq > count:
-        raise IntegrityError(f"audit record {count + 1}: hash chain broken (records {count + 1}..{current.audit_seq} "
-                             "were removed from the end); restore the state dir from a backup")
-    if current.audit_seq and hashes[current.audit_seq] != current.audit_hash:
-        raise IntegrityError(f"audit record {current.audit_seq}: does not match the hash the catalog head "
-                             "holds (log rewritten); restore the state dir from a backup")
+    count, last = prove_log(conn, host.keys, current, pending)
     return {"status": "ok", "records": count, "anchored_through": current.audit_seq,
             "unanchored": count - current.audit_seq, "last_hash": last.hex(), "counter": counter,
             "catalog_head": head_state}

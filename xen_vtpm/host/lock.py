@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+from xen_vtpm.durable import open_lock
 from xen_vtpm.errors import Locked, StorageError
 
 
@@ -35,12 +36,10 @@ class HostLock:
             self._held[self.path] = (held[0], held[1] + 1)
             return self
         try:
-            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
+            fd = open_lock(Path(self.path).parent, Path(self.path).name)
+        except StorageError:
             self._mutex.release()
-            raise StorageError(f"{self.path}: cannot create lock file ({exc.strerror}); "
-                               "check the state dir is writable") from None
+            raise
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -13,31 +13,20 @@ from typing import Any
 
 from xen_vtpm.config import DEFAULT_CONFIG_PATH, SECTION, Config, write_ini
 from xen_vtpm.durable import fsync_dir, publish
-from xen_vtpm.errors import IntegrityError, UsageError, XenVtpmError
+from xen_vtpm.errors import IntegrityError, XenVtpmError
 
 from . import audit, head
 from .catalogdb import connect
-from .session import HOSTKEY, ROLLBACK, open_host, tpm_session, unseal_host
+from .session import HOSTKEY, ROLLBACK, open_host, read_secret, tpm_session, unseal_host
 from .tpm import HostTpm, SealedBlob, auth_value
 
 # The keys `init` writes: everything that must stay the same for the sealed state to open again.
 _CONFIG_KEYS = ("state_dir", "tcti", "pcrs", "counter_index", "primary_handle")
 
 
-def _read_secret(path: str) -> bytes:
-    try:
-        secret = Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the rollback secret ({exc.strerror}); "
-                         "check --rollback-auth-file") from None
-    if not secret.strip():
-        raise UsageError(f"{path}: rollback secret file is empty; put a passphrase or random bytes in it")
-    return secret
-
-
 def init(cfg: Config, rollback_auth_file: str | None = None) -> dict[str, Any]:
     """Provision the state dir, host key, counter and head; idempotent."""
-    secret = _read_secret(rollback_auth_file) if rollback_auth_file else None
+    secret = read_secret(rollback_auth_file, "--rollback-auth-file") if rollback_auth_file else None
     state_dir = Path(cfg.state_dir)
     created = not state_dir.exists()
     try:
@@ -85,6 +74,7 @@ def _init(cfg: Config, tpm: HostTpm, secret: bytes | None, created: bool) -> dic
             actions.append(f"wrote the catalog head at counter {counter}")
         else:
             head.check_fresh(current, counter, pending)
+            head.prove_log(conn, host.keys, current, pending)   # before sealing: a re-provision advances the head
         if not hostkey.exists():
             publish(staged, hostkey)   # durable before anything relies on "key only after head"
             if not actions:

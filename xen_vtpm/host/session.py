@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from xen_vtpm.config import Config
-from xen_vtpm.errors import AuthorizationDenied, PreconditionFailed
+from xen_vtpm.durable import check_private_dir
+from xen_vtpm.errors import AuthorizationDenied, PreconditionFailed, UsageError
 
 from . import audit, head
-from .catalogdb import DB_NAME, connect
+from .catalogdb import DB_NAME, guarded, opened
 from .keys import SubKeys, derive_keys
 from .lock import HostLock
 from .tpm import HostTpm, SealedBlob, auth_value
@@ -35,6 +36,13 @@ class Host:
         self.cfg = cfg
         self.keys = keys
         self.state_dir = Path(cfg.state_dir)
+        self.proven: tuple[int, bytes] | None = None     # the audit tip this process last proved
+
+    def prove_log(self, conn: sqlite3.Connection, *anchors: head.Head | None) -> tuple[int, bytes]:
+        """``head.prove_log``, walking again only the records this process has not proved yet (one
+        command proves the log several times; the first proof walks all of it)."""
+        self.proven = head.prove_log(conn, self.keys, *anchors, since=self.proven)
+        return self.proven
 
     def counter_read(self) -> int:
         with tpm_session(self.cfg) as tpm:
@@ -48,41 +56,35 @@ class Host:
     # Each holds the host lock, so no other command's head advance runs in between.
     def check_fresh(self) -> str:
         """'fresh' or 'pending' (a crash interrupted a change; advance/recover_head finish it)."""
-        with tpm_session(self.cfg):
-            conn = connect(self.state_dir)
-            try:
-                current, pending = head.read(conn, self.keys)
-                return head.check_fresh(current, self.counter_read(), pending)
-            finally:
-                conn.close()
+        with tpm_session(self.cfg), opened(self.state_dir, "reading the catalog head") as conn:
+            current, pending = head.read(conn, self.keys)
+            return head.check_fresh(current, self.counter_read(), pending)
 
     def advance(self, catalog_digest: bytes | None = None) -> head.Head:
         with tpm_session(self.cfg):
             return head.advance(self, catalog_digest)
 
     def recover_head(self) -> head.Head:
-        with tpm_session(self.cfg):
-            conn = connect(self.state_dir)
-            try:
-                return head.settle(self, conn)
-            finally:
-                conn.close()
+        with tpm_session(self.cfg), opened(self.state_dir, "finishing an interrupted head advance") as conn:
+            return head.settle(self, conn)
 
     def audit(self, action: str, *, vm: str | None = None, checkpoint: str | None = None, result: str = "ok",
               detail: str = "", conn: sqlite3.Connection | None = None) -> dict[str, Any]:
         """Append an audit record; do it *before* advance() to anchor it under the counter."""
-        own = conn is None
-        conn = conn or connect(self.state_dir)
-        try:
+        if conn is None:
+            with opened(self.state_dir, "appending to the audit log") as own:
+                return self.audit(action, vm=vm, checkpoint=checkpoint, result=result, detail=detail, conn=own)
+        with guarded(self.state_dir, "appending to the audit log"):
             if not conn.in_transaction:
                 conn.execute("BEGIN IMMEDIATE")  # the head read and the append see one state
-            current, _ = head.read(conn, self.keys)
+            current, pending = head.read(conn, self.keys)
+            # A record chained onto a cut or rewritten log would hide the damage it follows.
+            self.prove_log(conn, current, pending)
             counter = current.counter if current else self.counter_read()
-            return audit.append(conn, self.keys, counter=counter, action=action, vm=vm, checkpoint=checkpoint,
-                                result=result, detail=detail)
-        finally:
-            if own:
-                conn.close()
+            record = audit.append(conn, self.keys, counter=counter, action=action, vm=vm, checkpoint=checkpoint,
+                                  result=result, detail=detail)
+            self.proven = (record["seq"], bytes.fromhex(record["hash"]))
+            return record
 
     def authorize_rollback(self, secret: bytes | None) -> str:
         """'authorized' or 'not-required'; AuthorizationDenied / TpmLockout / PcrPolicyMismatch otherwise."""
@@ -128,6 +130,7 @@ def open_host(cfg: Config) -> Host:
     path = Path(cfg.state_dir) / HOSTKEY
     if not path.exists():
         raise PreconditionFailed(f"{cfg.state_dir}: host not provisioned (no sealed host key); run `xen-vtpm init`")
+    check_private_dir(Path(cfg.state_dir))
     return unseal_host(cfg, path)
 
 
@@ -139,31 +142,45 @@ def unseal_host(cfg: Config, blob_path: Path) -> Host:
     return _hosts[key]
 
 
+SECRET_MAX = 4096     # bytes: a passphrase or a key file, never more
+
+
+def read_secret(path: str, option: str) -> bytes:
+    """The rollback secret in file ``path``, read with a bound and refused if empty (whitespace
+    only) or larger than SECRET_MAX — before the TPM is asked, so a wrong file never costs a
+    dictionary-attack try, and /dev/zero or an endless pipe cannot keep the tool reading."""
+    try:
+        with open(path, "rb") as fh:
+            secret = fh.read(SECRET_MAX + 1)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the rollback secret ({exc.strerror}); check {option}") from None
+    if len(secret) > SECRET_MAX:
+        raise UsageError(f"{path}: longer than {SECRET_MAX} bytes, so not a rollback secret file; check {option}")
+    if not secret.strip():
+        raise UsageError(f"{path}: the rollback secret file is empty; put a passphrase or random bytes in it")
+    return secret
+
+
 def authorize_rollback(cfg: Config, secret: bytes | None) -> str:
     return open_host(cfg).authorize_rollback(secret)
 
 
 
 
-def _open_catalog(cfg: Config) -> sqlite3.Connection:
+def _catalog(cfg: Config, action: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
     if not (Path(cfg.state_dir) / DB_NAME).exists():
         raise PreconditionFailed(f"{cfg.state_dir}: no catalog (host not provisioned); run `xen-vtpm init`")
-    return connect(cfg.state_dir)
+    check_private_dir(Path(cfg.state_dir))
+    return opened(cfg.state_dir, action)
 
 
 def audit_records(cfg: Config) -> list[dict[str, Any]]:
     """All audit records, oldest first (no TPM access: reading the log needs no key)."""
-    conn = _open_catalog(cfg)
-    try:
+    with _catalog(cfg, "reading the audit log") as conn:
         return audit.records(conn)
-    finally:
-        conn.close()
 
 
 def audit_verify(cfg: Config) -> dict[str, Any]:
     """Check every record, the chain, its MACs and its binding to the TPM counter."""
-    conn = _open_catalog(cfg)
-    try:
+    with _catalog(cfg, "verifying the audit log") as conn:
         return head.verify_audit(open_host(cfg), conn)
-    finally:
-        conn.close()

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -80,6 +81,11 @@ _RC_LAYER_MASK = 0xFF << 16
 _COUNTER_ATTRS = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.NO_DA
 _COUNTER_FORBIDDEN = TPMA_NV.PLATFORMCREATE | TPMA_NV.POLICY_DELETE
 _PCR_MISMATCH_RCS = (TPM2_RC.POLICY_FAIL, TPM2_RC.VALUE, TPM2_RC.PCR_CHANGED)
+# A TPM shared with vtpmmgr (xen-vtpmmgr(7): "concurrent use of the TPM ... can result in unexpected busy
+# errors") answers RETRY, YIELDED or TESTING; ESAPI resubmits those at once up to five times, these
+# retries wait in between.  The command was not executed, so sending it again cannot run it twice.
+_BUSY_RCS = (TPM2_RC.RETRY, TPM2_RC.YIELDED, TPM2_RC.TESTING)
+BUSY_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 def auth_value(secret: bytes) -> bytes:
@@ -181,15 +187,27 @@ class HostTpm:
 
     def _run(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         OPS[name] += 1
-        try:
-            return fn(*args, **kw)
-        except TSS2_Exception as exc:
-            if exc.rc & _RC_LAYER_MASK == _TCTI_LAYER:
-                raise TpmUnreachable(f"host TPM at {self.tcti!r} stopped answering during {name} ({exc}); "
-                                     "check the device or the swtpm and retry") from None
-            if exc.error == TPM2_RC.LOCKOUT:
-                raise TpmLockout(f"{name}: {self.lockout_message()}") from None
-            raise
+        for delay in (*BUSY_BACKOFF, None):
+            try:
+                return fn(*args, **kw)
+            except TSS2_Exception as exc:
+                if exc.rc not in _BUSY_RCS:
+                    self._raise(name, exc)
+                if delay is None:
+                    raise TpmError(f"{name}: the host TPM at {self.tcti!r} still answers busy ({exc}) after "
+                                   f"{len(BUSY_BACKOFF) + 1} tries over {sum(BUSY_BACKOFF):g} s; something else "
+                                   "keeps it busy (vtpmmgr on dom0's locality? see docs/real-xen.md) — retry "
+                                   "later") from None
+                time.sleep(delay)       # RETRY/YIELDED/TESTING: the command did not run, so it is safe to send again
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _raise(self, name: str, exc: TSS2_Exception) -> NoReturn:
+        if exc.rc & _RC_LAYER_MASK == _TCTI_LAYER:
+            raise TpmUnreachable(f"host TPM at {self.tcti!r} stopped answering during {name} ({exc}); "
+                                 "check the device or the swtpm and retry") from None
+        if exc.error == TPM2_RC.LOCKOUT:
+            raise TpmLockout(f"{name}: {self.lockout_message()}") from None
+        raise exc
 
     def command(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """One TPM command for a module beside this one, with the same error mapping and counting."""

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import IntegrityError, PreconditionFailed
 from .fsio import storage_error
 
-SCHEMA_VERSION = 2   # 2: delta chunks (chunks.delta, deps)
+SCHEMA_VERSION = 3   # 2: delta chunks (chunks.delta, deps); 3: holds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_meta (
@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (checkpoint, chunk)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS refs_by_chunk ON refs(chunk);
+CREATE TABLE IF NOT EXISTS holds (
+    checkpoint TEXT PRIMARY KEY REFERENCES checkpoints(id) ON DELETE CASCADE
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (
     id         INTEGER PRIMARY KEY,
     op         TEXT NOT NULL,
@@ -91,8 +94,9 @@ class Catalog:
                 row = self.db.execute("SELECT value FROM store_meta WHERE key='schema_version'").fetchone()
                 if row is None:
                     self.db.execute("INSERT INTO store_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif row[0] == "1":   # version 1 had no delta chunks: every chunk is full, deps is empty
-                    self.db.execute("ALTER TABLE chunks ADD COLUMN delta INTEGER NOT NULL DEFAULT 0")
+                elif row[0] in ("1", "2"):   # the schema script above created what they lack, empty
+                    if row[0] == "1":        # version 1 had no delta chunks: every chunk is full
+                        self.db.execute("ALTER TABLE chunks ADD COLUMN delta INTEGER NOT NULL DEFAULT 0")
                     self.db.execute("UPDATE store_meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
                 elif row[0] != str(SCHEMA_VERSION):
                     raise PreconditionFailed(f"{path}: store schema version {row[0]} is not the supported "

@@ -164,14 +164,33 @@ class Repository:
         return bool(self.catalog.query("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)))
 
     def catalog_digest(self) -> bytes:
-        """SHA-256 over every checkpoint row (its columns and its manifest MAC), for the TPM-bound
-        catalog head: a row added, removed or edited — even a display-only column such as
-        stored_bytes, which no manifest can hold — no longer matches the head."""
+        """SHA-256 over every checkpoint row (its columns and its manifest MAC) and every hold, for the
+        TPM-bound catalog head: a row added, removed or edited — even a display-only column such as
+        stored_bytes, which no manifest can hold — or a hold added or removed no longer matches the head.
+        Holds come last and only when there are some, so a catalog without any keeps its digest."""
         h = hashlib.sha256(b"xen-vtpm store v2\0")
         for row in self.catalog.query("SELECT id, name, vm_uuid, vm_name, created_us, size, stored_bytes, manifest "
                                       "FROM checkpoints ORDER BY id"):
             h.update(json.dumps([*row[:7], bytes(row[7])[-32:].hex()]).encode() + b"\n")
+        for (held,) in self.catalog.query("SELECT checkpoint FROM holds ORDER BY checkpoint"):
+            h.update(json.dumps(["hold", held]).encode() + b"\n")
         return h.digest()
+
+    # --- holds ---------------------------------------------------------------------------
+    def holds(self) -> set[str]:
+        """Checkpoints the caller asked to keep; the store only records them (the catalog digest
+        covers them) and drops a hold with its checkpoint."""
+        return {row[0] for row in self.catalog.query("SELECT checkpoint FROM holds")}
+
+    def set_hold(self, checkpoint_id: str, held: bool) -> None:
+        """Add or remove a hold; idempotent, so a journaled caller can repeat it."""
+        with self.catalog.transaction() as db:
+            if not held:
+                db.execute("DELETE FROM holds WHERE checkpoint=?", (checkpoint_id,))
+            elif db.execute("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)).fetchone():
+                db.execute("INSERT OR IGNORE INTO holds (checkpoint) VALUES (?)", (checkpoint_id,))
+            else:
+                raise CheckpointNotFound(f"checkpoint {checkpoint_id}: not found; see `xen-vtpm checkpoints`")
 
     # --- verify ------------------------------------------------------------------------
     def verify(self, checkpoint_id: str) -> dict[str, Any]:

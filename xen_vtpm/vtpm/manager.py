@@ -25,6 +25,7 @@ from xen_vtpm.xen.xenstore import XenStore
 FEATURE = "data/vtpmmgr/feature-checkpoint"
 TRANSFER_FEATURE = "data/vtpmmgr/feature-transfer"
 TRANSFER_KEY = "data/vtpmmgr/transfer-key"
+PROVISIONED = "data/vtpmmgr/provisioned"       # "1"/"0": group 0 has seals and a kernel list (docs/protocol.md)
 REQUESTS = "control/vtpmmgr/request"
 RESPONSES = "data/vtpmmgr/response"
 OPS = ("checkpoint", "restore", "discard")

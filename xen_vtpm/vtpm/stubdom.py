@@ -4,14 +4,23 @@ A vTPM's state is a pair: its disk image (``vtpmblk``) and the ``H‖K`` entry t
 for its UUID, where H names one of the image's two slots.  A capture copies both while the guest
 is suspended; a put-back restores both (image first, durably, then the manager entry); a start
 proves from the console that the vTPM loaded that state before anything can attach to it.
+
+A restart is refused up front (``check_can_restart``) wherever Xen would bring the vTPM up fresh
+or give the guest a vTPM that does not match its memory (docs/real-xen.md): a hypervisor without
+XSM, an unprovisioned manager, no console to read the verdict from, startup mode ``clear``, an
+image that is not raw.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from xen_vtpm.config import Config
-from xen_vtpm.durable import fsync_dir, write_atomic
+from xen_vtpm.durable import fsync_dir, storage_error, write_all, write_atomic
 from xen_vtpm.errors import (
     DomainNotFound,
     IntegrityError,
@@ -20,17 +29,27 @@ from xen_vtpm.errors import (
     TransferError,
     VtpmBusy,
     XenStoreTimeout,
+    XenVtpmError,
     XlConfigError,
 )
 from xen_vtpm.model import VtpmCapture, VtpmExport, VtpmRef
+from xen_vtpm.xen.consoles import LogTail, PtyReader, console_tty, log_path, tty_node
+from xen_vtpm.xen.disks import vbds
 from xen_vtpm.xen.domains import domid_of
 from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm.xen.xl import Xl
 from xen_vtpm.xen.xlcfg import disk_target, format_cfg, load_cfg, parse_cfg, parse_disk, parse_vtpm
 
-from .console import console_status, log_offset, wait_console_status
+from . import preflight
+from .console import TPM_DISABLED, TPM_FAIL, BootVerdict, watch_boot
 from .manager import ManagerClient
 from .vtpmblk import slot_fingerprints
+
+# The release race (docs/xen-internals.md §9.5): the manager may clear OPEN a while after the old stub
+# domain's backend directory is gone, and a new stub that asks before then is refused as "open twice".
+RELEASE_RETRIES = 5
+RELEASE_BACKOFF = 0.5          # seconds before the second attempt, doubled for each later one
+CONSOLE_TIMEOUT = 10.0         # xenconsoled publishes a new domain's pty within moments of its creation
 
 
 def wait_released(xs: XenStore, vtpm_domid: int, manager_domid: int, timeout: float) -> None:
@@ -48,12 +67,63 @@ def wait_released(xs: XenStore, vtpm_domid: int, manager_domid: int, timeout: fl
 KIND = "stubdom"
 
 
+@dataclass(frozen=True)
+class StubDisk:
+    """The vTPM's ``hda``: a raw image file, or a block device written in place."""
+    path: Path
+    block: bool
+
+
+def read_image(disk: StubDisk) -> bytes:
+    """The whole image.  blkback writes a block device with bios that bypass dom0's page cache, so cached
+    pages of the device are dropped first (docs/xen-internals.md §5.6)."""
+    try:
+        fd = os.open(disk.path, os.O_RDONLY)
+    except OSError as exc:
+        raise storage_error(exc, disk.path, "reading the vTPM image") from None
+    try:
+        if disk.block:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        data = os.pread(fd, size, 0)
+    except OSError as exc:
+        raise storage_error(exc, disk.path, "reading the vTPM image") from None
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise IntegrityError(f"{disk.path}: read {len(data)} of {size} bytes of the vTPM image; check the disk")
+    return data
+
+
+def write_device(disk: StubDisk, image: bytes) -> None:
+    """Put an image back onto a block device in place: replacing the device node (os.replace) would leave a
+    regular file where the backend expects the device.  Not atomic, but the put-back step is journaled
+    and redone whole by recover."""
+    try:
+        fd = os.open(disk.path, os.O_WRONLY)
+    except OSError as exc:
+        raise storage_error(exc, disk.path, "writing the vTPM image") from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size != len(image):
+            raise PreconditionFailed(f"{disk.path}: the device holds {size} bytes but the vTPM image has "
+                                     f"{len(image)}; it was resized since the checkpoint — restore its size")
+        os.lseek(fd, 0, os.SEEK_SET)
+        write_all(fd, image)
+        os.fsync(fd)
+    except OSError as exc:
+        raise storage_error(exc, disk.path, "writing the vTPM image") from None
+    finally:
+        os.close(fd)
+
+
 class StubdomBackend:
     """VtpmBackend for Xen's vTPM stub domains and a vtpmmgr with the checkpoint extension."""
 
     def __init__(self, cfg: Config, xs: XenStore, xl: Xl) -> None:
         self.cfg, self.xs, self.xl = cfg, xs, xl
         self.mgr = ManagerClient(cfg, xs)
+        self._verified: dict[str, int] = {}     # stub name -> the domid this process saw load its state
 
     def _cfg_file(self, ref: VtpmRef) -> Path:
         path = Path(self.cfg.domain_cfg_dir) / f"{ref.backend}.cfg"
@@ -62,10 +132,31 @@ class StubdomBackend:
                                      "re-create the vTPM stub domain (set domain_cfg_dir in the config)")
         return path
 
-    def _image(self, ref: VtpmRef) -> Path:
-        return Path(disk_target(load_cfg(str(self._cfg_file(ref)))))
+    def _disk(self, ref: VtpmRef) -> StubDisk:
+        """Where the vTPM's image is: the running stub's vbd backend (what Xen really serves), else the
+        first disk of its cfg; only a raw image on a regular file or a block device will do."""
+        domid = domid_of(self.xs, ref.backend)
+        disks = vbds(self.xs, domid) if domid is not None else []
+        if disks:
+            fmt, target, origin = disks[0].format, disks[0].path, f"its vbd backend ({disks[0].vdev})"
+        else:
+            disk = parse_disk(str((load_cfg(str(self._cfg_file(ref))).get("disk") or [""])[0]))
+            fmt, target, origin = disk["format"], disk["target"], f"its cfg {self._cfg_file(ref)}"
+        if fmt != "raw":
+            raise PreconditionFailed(f"{ref.backend}: its disk {target} is a {fmt} image (from {origin}); xen-vtpm "
+                                     "reads and writes the vTPM's raw slots — convert it with `qemu-img convert -O "
+                                     "raw` and use the raw image as hda")
+        try:
+            mode = os.stat(target).st_mode
+        except OSError as exc:
+            raise PreconditionFailed(f"{ref.backend}: its disk {target} (from {origin}) cannot be read "
+                                     f"({exc.strerror}); fix the vTPM's disk= line") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise PreconditionFailed(f"{ref.backend}: its disk {target} is neither a file nor a block device; "
+                                     "fix the vTPM's disk= line")
+        return StubDisk(Path(target), stat.S_ISBLK(mode))
 
-    def supports_checkpoints(self) -> bool:
+    def supports_checkpoints(self, ref: VtpmRef) -> bool:
         return self.mgr.supports_checkpoints()
 
     def check_single_consumer(self, ref: VtpmRef) -> None:
@@ -78,20 +169,35 @@ class StubdomBackend:
             raise VtpmBusy(f"{ref.backend}: serves {len(frontends)} frontends ({', '.join(frontends) or 'none'}); "
                            "a checkpoint needs exactly one consumer — detach the others first")
 
+    def check_can_restart(self, ref: VtpmRef) -> None:
+        """Refuse, before anything is touched, a restart of the vTPM that Xen would answer with a fresh
+        vTPM or with one that does not match its guest's memory; the message names the missing piece."""
+        failed = next((c for c in preflight.restart_checks(self.cfg, self.xs, self.xl, self.mgr, ref.backend,
+                                                          self._cfg_file(ref)) if not c.passed), None)
+        if failed is not None:
+            raise PreconditionFailed(f"{ref.backend}: cannot restart the vTPM without it coming up "
+                                     f"{'fresh' if failed.name != 'vtpm-startup' else 'with reset PCRs'}: "
+                                     f"{failed.detail}; fix: {failed.fix}")
+        self._disk(ref)
+
+    def _xl_state(self, ref: VtpmRef) -> str | None:
+        """`xl list`'s state flags for the stub domain, None if the toolstack does not list it."""
+        return next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), None)
+
     def is_running(self, ref: VtpmRef) -> bool:
         """Exists and has not crashed or begun dying (a crashed stub domain serves nothing)."""
         if domid_of(self.xs, ref.backend) is None:
             return False
-        state = next((row["state"] for row in self.xl.list() if row["name"] == ref.backend), "")
-        return not ({"c", "d"} & set(state))
+        return not ({"c", "d"} & set(self._xl_state(ref) or ""))
 
     def fingerprint(self, ref: VtpmRef) -> tuple[str, str]:
-        return self._slot_hashes(self._image(ref).read_bytes())
+        return self._slot_hashes(read_image(self._disk(ref)))
 
     def capture(self, ref: VtpmRef, checkpoint_id: str) -> VtpmCapture:
-        """Manager copy + image copy while the vTPM is paused; they must name the same slot."""
+        """Manager copy + image copy while the vTPM is quiescent; they must name the same slot."""
+        disk = self._disk(ref)
         manager_hash = self.mgr.checkpoint(ref.uuid, checkpoint_id).lower()
-        image = self._image(ref).read_bytes()
+        image = read_image(disk)
         slots = self._slot_hashes(image)
         if manager_hash not in slots:
             self.mgr.discard(checkpoint_id)
@@ -102,7 +208,7 @@ class StubdomBackend:
 
     def capture_fingerprint(self, ref: VtpmRef) -> VtpmCapture:
         """Stock manager: only the image and its slot fingerprints (forward-only vTPM)."""
-        image = self._image(ref).read_bytes()
+        image = read_image(self._disk(ref))
         return VtpmCapture(image=image, manager_checkpoint=None, manager_hash=None,
                            slot_hashes=self._slot_hashes(image))
 
@@ -113,7 +219,10 @@ class StubdomBackend:
     def stop(self, ref: VtpmRef) -> None:
         domid = domid_of(self.xs, ref.backend)
         if domid is None:
+            if self._xl_state(ref) is not None:   # an `xl create` killed before the domain had its XenStore name
+                self.xl.destroy(ref.backend)
             return
+        self._verified.pop(ref.backend, None)
         self.xl.destroy(ref.backend)
         mgr_domid = self.mgr.info().domid
         wait_released(self.xs, domid, mgr_domid, self.cfg.manager_timeout)
@@ -124,28 +233,82 @@ class StubdomBackend:
         if self.is_running(ref):
             raise PreconditionFailed(f"{ref.backend}: still running; it must be stopped before its image is replaced")
         # The image must be on disk before the manager entry that names one of its slots.
-        image = self._image(ref)
-        try:
-            mode = stat.S_IMODE(image.stat().st_mode)
-        except FileNotFoundError:
-            mode = 0o600
-        write_atomic(image, capture.image, mode=mode)
+        disk = self._disk(ref)
+        if disk.block:
+            write_device(disk, capture.image)
+        else:
+            try:
+                mode = stat.S_IMODE(disk.path.stat().st_mode)
+            except FileNotFoundError:
+                mode = 0o600
+            write_atomic(disk.path, capture.image, mode=mode)
         self.mgr.restore(ref.uuid, capture.manager_checkpoint)
 
     def start_verified(self, ref: VtpmRef) -> None:
-        """Create the vTPM stub domain and prove it loaded its state before anything attaches (I1)."""
-        if self.is_running(ref) and console_status(self.cfg, ref.backend).loaded:
-            return
-        self.stop(ref)  # a crashed, dying or unproven one is destroyed and made again
-        offset = log_offset(self.cfg, ref.backend)
-        self.xl.create(str(self._cfg_file(ref)))
-        status = wait_console_status(self.cfg, ref.backend, offset, self.cfg.manager_timeout)
-        if not status.loaded:
-            self.xl.destroy(ref.backend)
-            raise IntegrityError(f"{ref.backend}: came up without its state ({status.reason}); destroyed before "
-                                 "any guest attached, the checkpoint is intact — run `xen-vtpm recover`")
+        """Create the vTPM stub domain and prove it loaded its state before anything attaches (I1).
 
-    def discard(self, manager_checkpoint: str) -> None:
+        A stub this process did not see load is restarted: nothing can attach to it meanwhile (its
+        guest is down), and a fresh vTPM that received no command has destroyed nothing yet."""
+        domid = domid_of(self.xs, ref.backend)
+        if domid is not None and self._verified.get(ref.backend) == domid and self.is_running(ref):
+            return
+        self.check_can_restart(ref)
+        for attempt in range(RELEASE_RETRIES):
+            self.stop(ref)          # a crashed, dying or unproven one is destroyed and made again
+            verdict = self._boot(ref)
+            if verdict.loaded:
+                return
+            self.stop(ref)
+            if verdict.manager_rc != TPM_DISABLED or attempt == RELEASE_RETRIES - 1:
+                break
+            time.sleep(RELEASE_BACKOFF * 2 ** attempt)   # the manager has not released the old stub yet
+        raise self._start_error(ref, verdict)
+
+    def _boot(self, ref: VtpmRef) -> BootVerdict:
+        """One boot, watched on the console from its first line: created paused, the pty opened, unpaused."""
+        log = LogTail(log_path(self.cfg.log_dir, ref.backend))
+        self.xl.create(str(self._cfg_file(ref)), paused=True)
+        try:
+            domid = domid_of(self.xs, ref.backend)
+            if domid is None:
+                raise XenStoreTimeout(f"{ref.backend}: `xl create` returned but the domain is not in XenStore")
+            tty: list[str] = []
+
+            def published() -> bool:
+                found = console_tty(self.xs, domid)
+                tty[:] = [found] if found else []
+                return bool(found)
+            if not self.xs.wait_for(published, [tty_node(domid)], CONSOLE_TIMEOUT):
+                raise PreconditionFailed(f"{ref.backend}: xenconsoled published no console for domain {domid} "
+                                         f"within {CONSOLE_TIMEOUT:g} s, so its load cannot be verified; start "
+                                         "xenconsoled (docs/real-xen.md), then run `xen-vtpm recover`")
+            with PtyReader(tty[0]) as pty:
+                self.xl.unpause(ref.backend)
+                verdict = watch_boot(pty, log, self.cfg.manager_timeout, lambda: self.is_running(ref))
+        except BaseException:
+            with contextlib.suppress(XenVtpmError):
+                self.xl.destroy(ref.backend)   # never leave an unproven vTPM behind
+            raise
+        if verdict.loaded:
+            self._verified[ref.backend] = domid
+        return verdict
+
+    def _start_error(self, ref: VtpmRef, verdict: BootVerdict) -> XenVtpmError:
+        where = "destroyed before any guest attached, the checkpoint is intact"
+        if verdict.kind == "pending":
+            return XenStoreTimeout(f"{ref.backend}: {verdict.reason}; {where} — check the stub domain, then run "
+                                   "`xen-vtpm recover`")
+        refusal = {TPM_DISABLED: "another stub domain still holds it open, or its XSM label's hash is not in the "
+                                 "manager's kernel list",
+                   TPM_FAIL: "the manager cannot read its XSM label (no XSM/FLASK)"}.get(verdict.manager_rc or 0)
+        if refusal:
+            return PreconditionFailed(f"{ref.backend}: came up without its state ({verdict.reason}); {where}. The "
+                                      f"manager refuses to open it: {refusal} (docs/real-xen.md) — fix that, then run "
+                                      "`xen-vtpm recover`")
+        return IntegrityError(f"{ref.backend}: came up without its state ({verdict.reason}); {where} — run "
+                              "`xen-vtpm recover`")
+
+    def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
         self.mgr.discard(manager_checkpoint)
 
     # --- moves (docs/migration.md): H‖K travels between managers, wrapped for the receiving
@@ -164,7 +327,7 @@ class StubdomBackend:
         ``unexport``) and take its image, which the parked entry's H must name."""
         manager_hash, envelope = self.mgr.export(ref.uuid, transfer, recipient)
         config = self._cfg_file(ref).read_text(encoding="utf-8")
-        image = self._image(ref).read_bytes()
+        image = read_image(self._disk(ref))
         slots = self._slot_hashes(image)
         if manager_hash not in slots:
             self.mgr.unexport(ref.uuid)
@@ -245,7 +408,9 @@ class StubdomBackend:
         if not cfg.exists():
             return
         try:
-            Path(disk_target(load_cfg(str(cfg)))).unlink(missing_ok=True)
+            image = Path(disk_target(load_cfg(str(cfg))))
+            if not image.is_block_device():     # a device stays, as the operator set it up
+                image.unlink(missing_ok=True)
             cfg.unlink()
             fsync_dir(cfg.parent)
         except OSError as exc:

@@ -1,15 +1,19 @@
 """Guest domains and their vTPM as the coordinator needs them, read from XenStore and `xl list`.
 
 Identity comes from what the toolstack wrote (libxl's ``/libxl/<domid>/device/vtpm`` copy and the
-backend directory), never from nodes the guest itself can write; see ``topology``.
+backend directory, or for an swtpm vTPM the device model's argv), never from nodes the guest itself
+can write; see ``topology`` and ``devicemodel``.  A guest with a Xen vtpm device has a stub-domain
+vTPM; one whose QEMU has an emulator TPM on an xen-vtpm swtpm socket has an swtpm vTPM.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from xen_vtpm.errors import DomainNotFound, IntegrityError, PreconditionFailed
 from xen_vtpm.model import Guest, VtpmRef
 
+from .devicemodel import managed_uuid, tpm_sockets
 from .topology import vtpm_links
 from .xenstore import XenStore
 from .xl import Xl
@@ -24,8 +28,23 @@ def domid_of(xs: XenStore, name: str) -> int | None:
 
 
 class Guests:
-    def __init__(self, xs: XenStore, xl: Xl) -> None:
+    def __init__(self, xs: XenStore, xl: Xl, swtpm_run_dir: Path | None = None) -> None:
         self.xs, self.xl = xs, xl
+        self.swtpm_run_dir = swtpm_run_dir
+
+    def _swtpm_ref(self, domid: int, name: str) -> VtpmRef:
+        """No Xen vtpm device: an emulator TPM in the device model, on one of xen-vtpm's swtpm sockets."""
+        sockets = tpm_sockets(self.xs, domid)
+        if not sockets:
+            raise PreconditionFailed(f"{name}: the guest has no vTPM; use `xl save`/`xl restore` directly, or give "
+                                     f"it one with `xen-vtpm vtpm add {name} --backend swtpm`")
+        if len(sockets) > 1:
+            raise PreconditionFailed(f"{name}: the guest has {len(sockets)} vTPMs; only one per guest is supported")
+        vtpm_uuid = managed_uuid(self.swtpm_run_dir, sockets[0]) if self.swtpm_run_dir else None
+        if vtpm_uuid is None:
+            raise PreconditionFailed(f"{name}: its TPM is an swtpm on {sockets[0]}, which xen-vtpm does not manage; "
+                                     f"adopt its state with `xen-vtpm vtpm import {name} --swtpm-state DIR`")
+        return VtpmRef(guest=name, devid=0, backend=f"swtpm-{name}", uuid=vtpm_uuid, backend_kind="swtpm")
 
     def exists(self, name: str) -> bool:
         return domid_of(self.xs, name) is not None
@@ -47,8 +66,11 @@ class Guests:
         if not vm_uuid:
             raise PreconditionFailed(f"{name}: domain has no /vm entry in XenStore; is it a fully created guest?")
         links = vtpm_links(self.xs, domid)
+        row = self._row(name)
         if not links:
-            raise PreconditionFailed(f"{name}: the guest has no vTPM; use `xl save`/`xl restore` directly")
+            ref = self._swtpm_ref(domid, name)
+            return Guest(name=name, domid=domid, uuid=vm_uuid, vtpm=ref, paused="p" in row["state"],
+                         mem_mib=row["mem"])
         if len(links) > 1:
             raise PreconditionFailed(f"{name}: the guest has {len(links)} vTPMs; only one per guest is supported")
         link = links[0]
@@ -63,5 +85,4 @@ class Guests:
             raise PreconditionFailed(f"{link['backend_name']}: the vTPM stub domain has no single verified link "
                                      "to the vTPM manager; check `xen-vtpm list`")
         ref = VtpmRef(guest=name, devid=link["devid"], backend=link["backend_name"], uuid=mgr_links[0]["uuid"])
-        row = self._row(name)
         return Guest(name=name, domid=domid, uuid=vm_uuid, vtpm=ref, paused="p" in row["state"], mem_mib=row["mem"])

@@ -1,4 +1,5 @@
-"""The header of an `xl save` file: magic, flags, and the domain's JSON config (its vTPMs included).
+"""The header of an `xl save` file: magic, flags, and the domain's JSON config (its vTPMs included:
+Xen vtpm devices, and emulator TPMs in the device model's arguments).
 
 Layout (`tools/xl/xl.h`, `xl_saverestore.c`, read back in `xl_vmcontrol.c`; see docs/savefile.md):
 ``magic[32] | u32 byteorder | u32 mandatory_flags | u32 optional_flags |
@@ -15,6 +16,8 @@ from typing import BinaryIO
 
 from xen_vtpm.errors import MalformedSaveFile
 from xen_vtpm.model import SaveHeader
+
+from .devicemodel import emulator_sockets
 
 __all__ = ["SaveHeader", "read_save_header"]
 
@@ -96,7 +99,8 @@ def _parse_header(inp: BinaryIO, name: str) -> SaveHeader:
         raise bad(base, f"config length {config_len} exceeds the optional data ({optlen - U32.size} bytes left)")
     config = _parse_config(opt[U32.size:U32.size + config_len], base + U32.size, bad)
     return SaveHeader(mandatory_flags=mandatory, optional_flags=optional, config=config,
-                      vtpms=_vtpms(config, base + U32.size, bad), stream_offset=base + optlen)
+                      vtpms=_vtpms(config, base + U32.size, bad), stream_offset=base + optlen,
+                      emulator_tpms=_emulator_tpms(config))
 
 
 def _parse_config(data: bytes, offset: int, bad) -> dict:
@@ -146,6 +150,15 @@ def _vtpms(config: dict, offset: int, bad) -> list[dict]:
                 raise bad(offset, f"vtpms[{i}].uuid {entry.get('uuid')!r} is not a UUID")
         out.append({"uuid": uid, "backend_domname": domname, "backend_domid": domid, "devid": devid})
     return out
+
+
+def _emulator_tpms(config: dict) -> list[str]:
+    """swtpm sockets of the emulator TPMs its `device_model_args_hvm` (b_info.extra_hvm) wires."""
+    b_info = config.get("b_info")
+    extra = b_info.get("extra_hvm") if isinstance(b_info, dict) else None
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        return []
+    return emulator_sockets(extra)
 
 
 # --- running xl -------------------------------------------------------------

@@ -1,23 +1,29 @@
 """Who is who on this host: domains, their vTPM frontends, backends and UUIDs.
 
-Everything comes from XenStore (plus `xl list` for run states), never from
-the simulator.  Nodes a guest can write (its own frontend directory) are not
-trusted for identity: the vTPM UUID and backend path come from libxl's
-``/libxl/<domid>/device/vtpm/<N>`` copy, and the backend's ``uuid`` is only a
-cross-check whose disagreement is reported, not resolved.
+Everything comes from XenStore (plus `xl list` for run states), never from the simulator.
+A guest can write its own frontend directory (``/local/domain/<F>/device/vtpm``, docs/xen-internals.md
+§8.2), so nothing there decides anything: which vTPM devices a domain has, their backend paths and
+UUIDs come from libxl's copy ``/libxl/<F>/device/vtpm/<N>``, which only dom0 can write.  The backend's
+``uuid`` is a cross-check whose disagreement is reported, not resolved.  The two values still read
+from nodes a domain can write (the frontend's and the backend's xenbus ``state``, the backend's
+``uuid``) are shown only if they have the expected form, so a hostile guest can neither grow nor
+break what `list` prints, nor make a command about it — or about another guest — fail.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from xen_vtpm.config import Config
-from xen_vtpm.errors import XenStoreNotFound, XlError
+from xen_vtpm.errors import XenStoreError, XenStoreNotFound, XlError
 
 from .xenstore import XenStore
 from .xl import Xl
 
 XENBUS_STATES = {"0": "Unknown", "1": "Initialising", "2": "InitWait", "3": "Initialised", "4": "Connected",
                  "5": "Closing", "6": "Closed", "7": "Reconfiguring", "8": "Reconfigured"}
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+INVALID = "invalid"      # what a malformed domain-written value is shown as
 
 
 def _run_states(cfg: Config) -> dict[int, str] | None:
@@ -43,35 +49,57 @@ def _domid_of(path: str | None) -> int | None:
     return None
 
 
+def _untrusted(xs: XenStore, path: str, pattern: re.Pattern[str]) -> str | None:
+    """A node some domain may write: its value if it has the expected form, INVALID otherwise,
+    None if it is missing.  Whatever the domain made of it (huge, binary, a directory that
+    cannot be read), it costs one bounded read and never an error."""
+    try:
+        value = xs.read(path)
+    except XenStoreNotFound:
+        return None
+    except XenStoreError as exc:
+        if getattr(exc, "code", None) is None:
+            raise                 # the daemon is unreachable or timed out: not the domain's doing
+        return INVALID
+    return value if pattern.fullmatch(value) else INVALID
+
+
+_STATE = re.compile(r"[0-8]")
+
+
 def vtpm_links(xs: XenStore, domid: int) -> list[dict[str, Any]]:
-    """The vTPM frontends of domain ``domid``: devid, states, backend, trusted uuid and its cross-check.
+    """The vTPM devices libxl gave domain ``domid``: devid, states, backend, trusted uuid and its cross-check.
 
     ``uuid_check`` is "ok" only when libxl's trusted copy and the backend's ``uuid`` agree.
     """
-    base = f"/local/domain/{domid}/device/vtpm"
+    base = f"/libxl/{domid}/device/vtpm"
     rows = []
-    for n in sorted(_ls(xs, base), key=lambda s: (not s.isdigit(), s.zfill(8))):
-        fe = f"{base}/{n}"
-        trusted = f"/libxl/{domid}/device/vtpm/{n}"
-        be = xs.read_or(f"{trusted}/backend") or xs.read_or(f"{fe}/backend")
+    for n in sorted((n for n in _ls(xs, base) if n.isdigit()), key=int):
+        trusted = f"{base}/{n}"
+        fe = xs.read_or(f"{trusted}/frontend") or f"/local/domain/{domid}/device/vtpm/{n}"
+        be = xs.read_or(f"{trusted}/backend")
         be_domid = _domid_of(be)
         uuid = xs.read_or(f"{trusted}/uuid")
-        be_uuid = xs.read_or(f"{be}/uuid") if be else None
+        if uuid is not None and not _UUID.fullmatch(uuid):
+            uuid = None
+        be_uuid = _untrusted(xs, f"{be}/uuid", _UUID) if be else None
         if uuid is None:
             check = "no trusted uuid copy in /libxl"
         elif be_uuid is None:
             check = "backend has no uuid"
+        elif be_uuid == INVALID:
+            check = "MISMATCH: the backend uuid is not a UUID"
         elif be_uuid.lower() != uuid.lower():
             check = f"MISMATCH: backend uuid {be_uuid}"
         else:
             check = "ok"
         rows.append({
-            "devid": int(n) if n.isdigit() else n,
-            "state": xs.read_or(f"{fe}/state"),
+            "devid": int(n),
+            "state": _untrusted(xs, f"{fe}/state", _STATE),
             "backend_domid": be_domid,
             "backend_name": xs.read_or(f"/local/domain/{be_domid}/name") if be_domid is not None else None,
             "backend_path": be,
-            "backend_state": xs.read_or(f"{be}/state") if be else None,
+            "backend_state": _untrusted(xs, f"{be}/state", _STATE) if be else None,
             "uuid": uuid,
             "backend_uuid": be_uuid,
             "uuid_check": check,

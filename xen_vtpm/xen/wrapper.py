@@ -15,6 +15,7 @@ from pathlib import Path
 from xen_vtpm.config import Config
 from xen_vtpm.errors import MalformedSaveFile, PreconditionFailed, UsageError, XlError
 
+from .devicemodel import tpm_sockets
 from .domains import domid_of
 from .savefile import read_save_header
 from .topology import vtpm_links
@@ -27,7 +28,7 @@ _RESTORE_FLAGS = {"-p"}
 
 @dataclass
 class Route:
-    action: str                  # "passthrough" | "save" | "restore" | "migrate"
+    action: str                  # "passthrough" | "save" | "restore" | "migrate" | "create" (start its swtpm, then xl)
     domain: str | None = None
     file: str | None = None
     paused: bool = False
@@ -50,11 +51,17 @@ def _split(args: list[str], flags: set[str], cmd: str) -> tuple[set[str], list[s
     return opts, pos
 
 
-def route(argv: list[str], *, has_vtpm_domain, has_vtpm_file) -> Route:
-    """Decide; `has_vtpm_domain(name)` and `has_vtpm_file(path)` are the two lookups."""
+def route(argv: list[str], *, has_vtpm_domain, has_vtpm_file, has_swtpm_cfg=lambda path: False) -> Route:
+    """Decide; `has_vtpm_domain(name)`, `has_vtpm_file(path)` and `has_swtpm_cfg(path)` are the lookups."""
     if not argv:
         return Route("passthrough")
     cmd, args = argv[0], argv[1:]
+    if cmd == "create":
+        # The swtpm must serve before QEMU starts: the wrapper starts it, then hands `create` to xl.
+        pos = [a for a in args if not a.startswith("-") and "=" not in a]
+        if pos and has_swtpm_cfg(pos[0]):
+            return Route("create", file=pos[0])
+        return Route("passthrough")
     if cmd == "save":
         pos = [a for a in args if not a.startswith("-")]
         if not pos or not has_vtpm_domain(pos[0]):
@@ -143,11 +150,12 @@ def domain_has_vtpm(cfg: Config, name: str) -> bool:
     """Whether the domain (by name or domid) has a vTPM device."""
     with XenStore(cfg.xenstore_path or None, timeout=cfg.xenstore_timeout) as xs:
         domid = int(name) if name.isdigit() else domid_of(xs, name)
-        return domid is not None and bool(vtpm_links(xs, domid))
+        return domid is not None and bool(vtpm_links(xs, domid) or tpm_sockets(xs, domid))
 
 
 def file_has_vtpm(path: str) -> bool:
     try:
-        return bool(read_save_header(path).vtpms)
+        header = read_save_header(path)
+        return bool(header.vtpms or header.emulator_tpms)
     except MalformedSaveFile:
         return False  # not ours to judge: the real xl reports a bad file in its own words

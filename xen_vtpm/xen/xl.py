@@ -74,7 +74,7 @@ class Xl:
         # save/restore move the whole guest memory: minutes for large guests.
         self.stream_timeout = stream_timeout
 
-    def run(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    def run(self, *args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
         argv = [self.xl, *args]
         cmd = "xl " + " ".join(args)
         limit = self.timeout if timeout is None else timeout
@@ -89,7 +89,7 @@ class Xl:
                           "config") from None
         except subprocess.TimeoutExpired:
             raise XlError(f"{cmd}: no answer within {limit:g} s (killed); check the domain with `xl list`") from None
-        if proc.returncode != 0:
+        if check and proc.returncode != 0:
             raise XlError(f"{cmd}: {_error_line(proc.stderr)} (exit {proc.returncode})")
         return proc
 
@@ -129,6 +129,18 @@ class Xl:
 
     def create(self, cfgfile: str | os.PathLike, paused: bool = False) -> None:
         self.run("create", *(["-p"] if paused else []), os.fspath(cfgfile))
+
+    def getenforce(self) -> str:
+        """FLASK's mode: "enforcing", "permissive", or "disabled" (no XSM in the hypervisor).
+
+        xl exits with libxl's answer (1 enforcing, 0 permissive, 255 disabled), so only stdout says
+        which (docs/xen-internals.md §3.5)."""
+        out = self.run("getenforce", check=False).stdout.strip()
+        mode = {"Enforcing": "enforcing", "Permissive": "permissive", "Flask XSM Disabled": "disabled"}.get(out)
+        if mode is None:
+            raise XlError(f"xl getenforce: unexpected answer {out[:60]!r}; the hypervisor's XSM module is not FLASK "
+                          "or xl cannot reach it")
+        return mode
 
     def vtpm_list(self, d: int | str) -> builtins.list[dict[str, Any]]:
         proc = self.run("vtpm-list", str(d))

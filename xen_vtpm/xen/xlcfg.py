@@ -174,12 +174,30 @@ def _canonical_uuid(text: str, what: str) -> str:
         raise XlConfigError(f"{what}: invalid uuid {_show(text)}") from None
 
 
-_DISK_PREFIXES = ("tap:aio:", "tap2:aio:", "tap:", "file:", "phy:", "aio:", "raw:", "qcow:", "qcow2:", "vhd:")
+# libxlu's deprecated prefixes (tools/libs/util/libxlu_disk_l.l:231-262): `phy:`, `file:`, `tap:`, `aio:`
+# only mark the spec as old-style and choose nothing; `raw:`, `qcow:`, `qcow2:`, `vhd:` set the format.
+# Which backend serves the disk follows from the format (docs/xen-internals.md §5.6).
+_DISK_PREFIXES = ("tapdisk:", "tap2:", "tap:", "aio:", "ioemu:", "file:", "phy:")
+_DISK_FORMATS = ("raw", "qcow", "qcow2", "vhd", "qed")
+
+
+def _strip_prefixes(target: str) -> tuple[str, str | None, bool]:
+    """(target, format named by a prefix, whether any deprecated prefix was there)."""
+    fmt, prefixed = None, False
+    while True:
+        head, sep, rest = target.partition(":")
+        if sep and (head + ":") in _DISK_PREFIXES:
+            target, prefixed = rest, True
+        elif sep and head in ("raw", "qcow", "qcow2", "vhd"):
+            target, prefixed, fmt = rest, True, head
+        else:
+            return target, fmt, prefixed
 
 
 def parse_disk(spec: str) -> dict[str, str]:
-    """``[PREFIX:]TARGET,VDEV,ACCESS`` or ``target=…,vdev=…,access=…`` (xl-disk-configuration)."""
-    target = vdev = None
+    """``[PREFIX:]TARGET,VDEV,ACCESS``, ``TARGET,FORMAT,VDEV,ACCESS`` or ``format=…,vdev=…,access=…,target=…``
+    (xl-disk-configuration); ``format`` is the image format (raw unless a prefix or key names another)."""
+    target = vdev = fmt = None
     access = "rw"
     positional: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
@@ -191,11 +209,15 @@ def parse_disk(spec: str) -> dict[str, str]:
                 vdev = val
             elif key == "access":
                 access = val
+            elif key == "format":
+                fmt = val
         else:
             positional.append(part)
     names = ["target", "vdev", "access"]
     if target is not None:
         names.remove("target")
+    elif len(positional) == 4 and fmt is None and _strip_prefixes(positional[0])[2] is False:
+        names.insert(1, "format")
     if len(positional) > len(names):
         raise XlConfigError(f"disk spec {_show(spec)}: too many positional parameters")
     for name, val in zip(names, positional, strict=False):  # fewer positionals than names is fine
@@ -203,19 +225,23 @@ def parse_disk(spec: str) -> dict[str, str]:
             target = val
         elif name == "vdev":
             vdev = val
+        elif name == "format":
+            fmt = val
         else:
             access = val
     if target:
-        for prefix in _DISK_PREFIXES:
-            if target.startswith(prefix):
-                target = target[len(prefix):]
-                break
+        target, prefix_fmt, _ = _strip_prefixes(target)
+        fmt = fmt or prefix_fmt
     if not target or not vdev:
         raise XlConfigError(f"disk spec {_show(spec)}: needs a target and a vdev, e.g. \"file:/img,hda,w\"")
     mode = {"w": "rw", "rw": "rw", "r": "ro", "ro": "ro"}.get(access)
     if mode is None:
         raise XlConfigError(f"disk spec {_show(spec)}: access must be r, ro, w or rw")
-    return {"target": target, "vdev": vdev, "access": mode}
+    fmt = fmt or "raw"
+    if fmt not in _DISK_FORMATS:
+        raise XlConfigError(f"disk spec {_show(spec)}: unknown format {_show(fmt)}; "
+                            f"use one of {', '.join(_DISK_FORMATS)}")
+    return {"target": target, "vdev": vdev, "access": mode, "format": fmt}
 
 
 def parse_vtpm(spec: str) -> dict[str, str | None]:
