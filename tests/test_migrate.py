@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from e2e_helpers import GUEST, advance_guest_tpm, provision_guest_tpm, saved_memory_digest, tpm_state
 from move_helpers import SSH, ek_public, live_entries, manager_table, two_hosts, vtpm_uuid
+from sim_fixture import swtpm_pid, swtpm_state_fingerprints
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,22 @@ def test_bad_moves_are_refused_in_one_line_with_nothing_changed(pair):
     assert vtpm_uuid(a) not in live_entries(b)
     for host in (a, b):
         host.tool("audit", "--verify")
+
+
+def test_a_guest_with_an_swtpm_vtpm_is_refused_by_name(pair):
+    """Only stub-domain vTPMs move so far: a guest whose vTPM is an swtpm in dom0 is refused before
+    anything happens (exit 4, its vTPM's kind named), and keeps running with its swtpm and TPM state."""
+    a, b = pair.a, pair.b
+    a.tool("sim", "create", "hvm1", "--memory", "16", "--vtpm", "swtpm")
+    try:
+        pid = swtpm_pid(a.sim, "hvm1")
+        fingerprints = swtpm_state_fingerprints(a.sim, "hvm1")
+        audit = a.tool_json("audit")
+        line = a.fails(4, "migrate", "-s", SSH, "hvm1", str(b.dir))
+        assert "hvm1" in line and "of kind swtpm" in line and "moves only stubdom vTPMs" in line, line
+        assert "hvm1" in a.domids() and not a.is_paused("hvm1")
+        assert swtpm_pid(a.sim, "hvm1") == pid and swtpm_state_fingerprints(a.sim, "hvm1") == fingerprints
+        assert a.tool_json("audit") == audit and a.tool_json("recover") == []
+        assert "hvm1" not in b.domids() and b.tool_json("checkpoints") == []
+    finally:
+        a.xl("destroy", "hvm1")

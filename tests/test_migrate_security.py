@@ -6,6 +6,9 @@
   destination's state dir; its manager envelope opens in no other manager;
 * the captured transfer replayed, a transfer altered on the wire, a transfer cut short;
 * no K, host key or sub-key in clear anywhere on either host or on the wire, during a move or after it.
+
+Two hosts per module and a move per case take minutes on two cores: the whole file runs under
+`make crash` (crash_full); `make test` moves a guest end to end and refuses the swtpm case (test_migrate.py).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from xen_vtpm.vtpm.manager import ManagerClient
 
 SECRET = b"move me only with this"
 
+
+pytestmark = pytest.mark.crash_full
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):

@@ -17,7 +17,7 @@ from test_vtpm_stubdom import VtpmLab, _populate
 from test_vtpmmgr_c_ext import SANITIZER_MARKS, _answer, _write_request
 
 from xen_vtpm.errors import ManagerError, NoCheckpointFeature
-from xen_vtpm.vtpm import console
+from xen_vtpm.xen.consoles import log_path
 from xen_vtpm_sim.mgrdisk import FLAG_CHECKPOINT, MgrDisk, PtpmSealer
 
 EXPORTED, IMPORTED, REMOVED = 0x4, 0x8, 0x10
@@ -111,24 +111,24 @@ def test_a_parked_entry_serves_no_vtpm(labs):
     a.mgr.export(dom.uuid, str(uuidlib.uuid4()), _key(b))
 
     # The running stub domain bound the entry before: its saves are refused now.
-    stub_log = console.log_path(a.cfg, dom.name)
+    stub_log = log_path(a.cfg.log_dir, dom.name)
     offset = stub_log.stat().st_size
     with a.tpm(dom) as tpm:
         tpm.extend16(b"after the export")
-    _wait_log(stub_log, offset, "VTPM_SaveHashKey failed (3)")
+    _wait_log(stub_log, offset, "VTPM_SaveHashKey() failed with error code (3)")
     assert "names an exported entry: refused" in a.manager_log()
     assert _table(a)[dom.uuid][1] == data
     a.destroy(dom)
     # A new one presenting the UUID cannot load it, and comes up fresh without overwriting it.
     again = a.create("vtpm-x2", dom.uuid, dom.image)
-    assert again.status.kind == "loadhashkey-failed"
+    assert again.status.fresh and "the manager refused its key" in again.status.reason, again.status
     with a.tpm(again) as tpm:
         tpm.pcr16()
     assert _table(a)[dom.uuid][1] == data
     a.destroy(again)
     # Un-parked, the vTPM loads its state again, exactly as it was.
     a.mgr.unexport(dom.uuid)
-    back = a.create("vtpm-x2", dom.uuid, dom.image)
+    back = a.create("vtpm-x2", dom.uuid, dom.image, startup="save")   # save: the PCRs come back too
     assert back.status.loaded
     with a.tpm(back) as tpm:
         assert tpm.snapshot() == before
@@ -219,7 +219,7 @@ def test_without_transfer_1_the_manager_serves_no_transfer(labs):
     plain.write_text(original.read_text().replace(" transfer=1", ""))
 
     def restart(path) -> None:
-        offset = console.log_path(a.cfg, "vtpmmgr").stat().st_size
+        offset = log_path(a.cfg.log_dir, "vtpmmgr").stat().st_size
         old = a.mgr.info().domid
         a.sim.xl("destroy", "vtpmmgr")
         assert a.xs.wait_for(lambda: not a.xs.is_introduced(old), ["@releaseDomain"], 20)
