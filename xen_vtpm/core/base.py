@@ -17,7 +17,7 @@ from .interfaces import Ports
 from .journal import Operation
 
 
-def _changing(op: Operation) -> tuple[str, ...] | None:
+def changed_ids(op: Operation) -> tuple[str, ...] | None:
     """The checkpoints an operation adds to or removes from the catalog: the head advance that
     binds the operation accepts exactly that difference in the id set from the catalog it bound
     before.  A keep mark changes a row but no id (the empty tuple); None accepts no change."""
@@ -88,7 +88,7 @@ class Sequences:
         # "op N" marks the operation ended in the anchored log: recover never runs it again.
         self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
         self.p.journal.passed(op, S.ADVANCE_HEAD, S.AUDITED)
-        self.p.host.advance(_changing(op))
+        self.p.host.advance(changed_ids(op))
         self.p.journal.passed(op, S.ADVANCE_HEAD, S.ADVANCED)
         self.p.journal.finish(op, outcome)
 

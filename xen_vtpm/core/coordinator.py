@@ -43,7 +43,7 @@ from xen_vtpm.model import (
 
 from . import retention
 from . import steps as S
-from .base import Sequences, _changing
+from .base import Sequences, changed_ids
 from .interfaces import Draft, IncomingMove, Ports
 from .journal import Operation, OpParams
 from .migration import COMMITTED, Migration
@@ -504,7 +504,7 @@ class Coordinator(Sequences):
                     raise IntegrityError(f"journal operation {op.op_id} ({op.kind} of {op.params.guest}): "
                                          "the audit log records its end but the journal was re-opened before "
                                          "it; recover will not run it again — inspect the catalog")
-                self.p.host.advance(_changing(op))  # the head may still have to bind what it committed
+                self.p.host.advance(changed_ids(op))  # the head may still have to bind what it committed
                 # A destination's end is its commit (an undone move was finished before it logged):
                 # the source reads this outcome.
                 self.p.journal.finish(op, COMMITTED if op.kind == S.MIGRATE_IN
