@@ -51,7 +51,7 @@ crash: setup
 soak: setup
 	$(PY) bench/soak.py --cycles $(SOAK_CYCLES) --every 10
 
-# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (10 targets, one of them the C request parser); findings go to fuzz-findings/.
+# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target (11 targets, two of them the C request parsers); findings go to fuzz-findings/.
 fuzz: setup
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
 
@@ -59,6 +59,7 @@ bench: setup
 	$(PY) bench/hashing.py
 	$(PY) bench/tpm_ops.py
 	$(PY) bench/snapshot.py --sizes 1
+	$(PY) bench/migrate.py --sizes 1
 
 clean:
 	rm -rf build *.egg-info xen_vtpm/_hashing*.so xen_vtpm/_hashing.c

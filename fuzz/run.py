@@ -44,7 +44,8 @@ TARGETS = {
 }
 LIVE = "xenstored-live"
 # Native libFuzzer targets: C compiled with clang's fuzzer, ASan and UBSan (name -> source, extra sources).
-NATIVE = {"ckpt-request-c": ("ckpt_request_fuzz.c", ["vtpmmgr/src/ckpt_request.c"])}
+NATIVE = {"ckpt-request-c": ("ckpt_request_fuzz.c", ["vtpmmgr/src/ckpt_request.c"]),
+          "xfer-request-c": ("xfer_request_fuzz.c", ["vtpmmgr/src/xfer_request.c", "vtpmmgr/src/ckpt_request.c"])}
 CLANG = "clang-14"
 INPUT_TIMEOUT = 10       # seconds one input may take before it counts as a hang
 
@@ -98,6 +99,26 @@ def native_seeds(corpus: Path) -> int:
     return n
 
 
+def xfer_seeds(corpus: Path) -> int:
+    """Transfer requests as the tool writes them, and some malformed ones (xfer_request_fuzz.c's layout)."""
+    u, t, c, absent = "0b98742a-f827-4d32-9425-3df2ed28ad7c", "094083e5-299b-4932-8080-68b5a5ae10d7", \
+        "cd06d755-c598-4542-b141-a469dd3d5cf6", "\x7f"
+    seeds = [
+        ["submitted", "export", u, absent, t, "ab" * 64, absent],
+        ["submitted", "export", u, c, t, "ab" * 64, absent],
+        ["submitted", "import", u, absent, t, absent, "01" + "cd" * 160],
+        ["submitted", "import", u, c, t, absent, "01" + "cd" * 160],
+        ["submitted", "unexport", u, absent, absent, absent, absent],
+        ["submitted", "remove", u, absent, absent, absent, absent],
+        ["submitted", "adopt", u, absent, absent, absent, absent],
+        ["submitted", "export", u.upper(), absent, t, "AB" * 64, absent],
+        ["submitted", "remove", u, c, t, absent, absent],
+    ]
+    for n, fields in enumerate(seeds):
+        (corpus / f"seed-{n}").write_bytes("\0".join(fields).encode("latin-1"))
+    return len(seeds)
+
+
 def run_native(name: str, seconds: int, findings: Path) -> dict:
     source, extra = NATIVE[name]
     root = HERE.parent
@@ -108,7 +129,7 @@ def run_native(name: str, seconds: int, findings: Path) -> dict:
                         "-o", str(binary)], check=True, capture_output=True)
         corpus = Path(work) / "corpus"
         corpus.mkdir()
-        seeds = native_seeds(corpus)
+        seeds = xfer_seeds(corpus) if name == "xfer-request-c" else native_seeds(corpus)
         findings.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([str(binary), str(corpus), f"-max_total_time={seconds}", f"-timeout={INPUT_TIMEOUT}",
                                "-max_len=1024", "-print_final_stats=1", f"-artifact_prefix={findings}/{name}-"],

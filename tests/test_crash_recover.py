@@ -214,12 +214,13 @@ def test_discovered_steps_match_a_clean_run(tmp_path_factory, tmp_path):
         seen = ch.recorded_steps(ch.state_dir(sim))
     finally:
         stop_sim_host(sim)
-    for kind, steps in STEPS.items():
+    local = {kind: steps for kind, steps in STEPS.items() if kind not in S.MOVES}   # moves: test_migrate_crash.py
+    for kind, steps in local.items():
         assert seen.get(kind), f"no clean {kind} was journaled"
         assert seen[kind][-1] == steps, f"{kind}: journal recorded {seen[kind][-1]}, source lists {steps}"
-    assert set(seen) == set(STEPS), f"journaled kinds {sorted(seen)} vs covered {sorted(STEPS)}"
+    assert set(seen) == set(local), f"journaled kinds {sorted(seen)} vs covered {sorted(local)}"
     passed = [line.split(" ")[1] for line in ch.hook_log(log)]
-    for kind in STEPS:
+    for kind in local:
         points = [p.split(":", 1)[1] for p in passed if p.split(":", 1)[0] == kind]
         # Each run of the kind starts at ``begin`` (the operation journaled, no step yet).
         runs = [run.strip().split("\n") for run in "\n".join(points).split("begin\n") if run]

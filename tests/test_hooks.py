@@ -53,10 +53,20 @@ def test_restore_with_cfg_override_is_refused():
         route("restore", "new.cfg", "/s/guest1.save")
 
 
-def test_migrate_of_vtpm_guest_is_refused_other_guests_pass():
-    with pytest.raises(PreconditionFailed, match="not supported yet"):
-        route("migrate", "guest1", "host2")
+def test_migrate_of_vtpm_guest_is_taken_over_other_guests_pass():
+    r = route("migrate", "guest1", "host2")
+    assert (r.action, r.domain, r.host, r.ssh, r.paused) == ("migrate", "guest1", "host2", "ssh", False)
+    r = route("migrate", "-s", "ssh -p 2222", "-p", "guest1", "host2")
+    assert (r.action, r.host, r.ssh, r.paused) == ("migrate", "host2", "ssh -p 2222", True)
+    assert route("migrate", "-sxen-vtpm sim ssh", "-e", "guest1", "/tmp/h").ssh == "xen-vtpm sim ssh"
     assert route("migrate", "plain", "host2").action == "passthrough"
+    assert route("migrate", "-C", "x.cfg", "plain", "host2").action == "passthrough"
+
+
+@pytest.mark.parametrize("argv", [["-C", "other.cfg"], ["--debug"], ["-D"], ["--live"]])
+def test_migrate_options_that_change_what_moves_are_refused(argv):
+    with pytest.raises(UsageError, match="not supported by the xen-vtpm wrapper"):
+        route("migrate", *argv, "guest1", "host2")
 
 
 def _script(path, text="#!/bin/sh\nexit 0\n"):

@@ -17,6 +17,12 @@ def test_the_c_parser_survives_its_fuzzer(tmp_path):
     assert res["seeds"] >= 4 and res["executions"] > 1000 and res["coverage_edges"] > 50
 
 
+def test_the_transfer_parser_survives_its_fuzzer(tmp_path):
+    res = fuzz_run.run_native("xfer-request-c", 3, tmp_path / "findings")
+    assert res["findings"] == [], res.get("log_tail")
+    assert res["seeds"] >= 9 and res["executions"] > 1000 and res["coverage_edges"] > 50
+
+
 def test_the_fuzzer_finds_a_lenient_parser(tmp_path):
     broken = tmp_path / "ckpt_request.c"
     src = (ROOT / "vtpmmgr" / "src" / "ckpt_request.c").read_text()

@@ -63,7 +63,9 @@ def test_the_series_is_git_format_patches():
         assert first.startswith("From ") and first.endswith(" Mon Sep 17 00:00:00 2001")
         assert f"\nSubject: [PATCH] {subject}" in text
     files = [_patch_files(p) for p in PATCHES]
-    assert files[0] == ({"vtpm_checkpoint.c", "vtpm_checkpoint.h", "ckpt_request.c", "ckpt_request.h"},
+    assert files[0] == ({"vtpm_checkpoint.c", "vtpm_checkpoint.h", "ckpt_request.c", "ckpt_request.h",
+                         "vtpm_transfer.c", "vtpm_transfer.h", "xfer_request.c", "xfer_request.h", "xfer_envelope.c",
+                         "xfer_envelope.h", "xfer_tpm2.c", "xfer_tpm2.h", "xfer_transmit_xen.c"},
                         {"Makefile", "init.c", "vtpm_cmd_handler.c", "vtpm_disk.h", "vtpmmgr.c"})
     assert files[1] == (set(), {"tpm2_types.h", "init.c", "disk_write.c"})
     assert files[2][0] == {"tpm2_cmd.c", "tpm2_cmd.h", "tpm2_seal.c", "tpm2_seal.h", "vtpm_status.c",
@@ -82,6 +84,9 @@ def test_the_series_applies_and_adds_src_verbatim(patched):
             assert (patched / name).read_bytes() == (VTPMMGR / "src" / name).read_bytes(), \
                 f"{name}: vtpmmgr/src and {patch.name} differ; run vtpmmgr/tools/refresh-patches.sh"
     assert "vtpm_checkpoint.o ckpt_request.o" in (patched / "Makefile").read_text()
+    # every transfer object, the stub domain's transport (Xen's TPM_TransmitData) included
+    assert "vtpm_transfer.o xfer_request.o xfer_envelope.o xfer_tpm2.o xfer_transmit_xen.o" in \
+        (patched / "Makefile").read_text()
     assert "tpm2_cmd.o tpm2_seal.o vtpm_status.o tpm2_counter.o" in (patched / "Makefile").read_text()
     assert "#define VTPM_FLAG_CHECKPOINT 2" in (patched / "vtpm_disk.h").read_text()
     handler = (patched / "vtpm_cmd_handler.c").read_text()
@@ -104,7 +109,8 @@ def test_the_series_applies_and_adds_src_verbatim(patched):
 @pytest.mark.parametrize("name", ["vtpm_checkpoint.c", "ckpt_request.c", "tpm2_cmd.c", "tpm2_seal.c",
                                   "tpm2_counter.c", "vtpm_status.c", "vtpm_cmd_handler.c", "vtpmmgr.c",
                                   "init.c", "tpm2.c", "vtpm_disk.c", "disk_tpm.c", "disk_read.c",
-                                  "disk_write.c"])
+                                  "disk_write.c", "vtpm_transfer.c", "xfer_request.c", "xfer_envelope.c",
+                                  "xfer_tpm2.c", "xfer_transmit_xen.c"])
 def test_patched_file_compiles_with_the_shim(patched, name):
     out = subprocess.run(["gcc", *CFLAGS, f"-I{VTPMMGR / 'shim' / 'include'}", f"-I{patched}", name,
                           "-o", os.devnull], cwd=patched, capture_output=True, text=True, timeout=120)

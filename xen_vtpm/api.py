@@ -236,9 +236,10 @@ class Host:
             return coord.prune(domain, policy_for, dry_run=dry_run)
 
     def recover(self) -> list[RecoverResult]:
-        """Finish or undo what a crash interrupted (every changing method does this first)."""
+        """Finish or undo what a crash interrupted (every changing method does this first, but only this
+        one asks the other host of an interrupted move what it decided)."""
         with self._coordinator() as coord:
-            return [RecoverResult(**row) for row in coord.recover()]
+            return [RecoverResult(**row) for row in coord.recover(ask_peers=True)]
 
     def run_schedule(self, domain: str) -> ScheduledRun:
         """What the guest's timer runs: a snapshot, then a prune with the guest's [retention] rules

@@ -112,6 +112,12 @@ class Checkpoints:
         return VtpmCapture(image=image, manager_checkpoint=meta.manager_checkpoint, manager_hash=meta.manager_hash,
                            slot_hashes=meta.slot_hashes, backend_kind=meta.backend_kind)
 
+    def memory_blocks(self, checkpoint_id: str, progress: Callable[[int], Any] | None = None) -> Iterator[bytes]:
+        """The guest memory of a checkpoint ``verify`` checked, block by block (GCM tags only); a move
+        sends it.  A generator: the store is opened on the first ``next`` in the thread that consumes it."""
+        with self.repo.open_checkpoint(checkpoint_id) as reader:
+            yield from reader.stream(MEMORY, progress=progress, full_check=False)
+
     def _save_bindings(self) -> Iterator[Checkpoint]:
         """Checked `save` checkpoints; a damaged manifest is raised only after the intact ones,
         so one tampered checkpoint does not hide every other binding (nor pass for a miss)."""

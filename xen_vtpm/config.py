@@ -58,6 +58,9 @@ class Config:
     # Where the xl cfg files of the vTPM stub domains live (<name>.cfg): a rollback has to
     # re-create a vTPM stub domain exactly as the administrator defined it.
     domain_cfg_dir: Path = Path("/etc/xen")
+    # Where `migrate-receive` puts the image of a vTPM stub domain that moves in (its cfg goes to
+    # domain_cfg_dir): Xen's own place for domain images.
+    vtpm_image_dir: Path = Path("/var/lib/xen/images")
     # RAM a snapshot's spool may take (MiB): an image that fits goes to memory, which keeps the
     # guest's pause as short as a bare `xl save`; a larger one goes to an encrypted file on disk.
     # -1: half of MemAvailable at the time; 0: always disk.

@@ -69,6 +69,10 @@ class MalformedSaveFile(IntegrityError):
     """An xl save file is truncated, has the wrong magic or a bad record."""
 
 
+class TransferError(IntegrityError):
+    """A move's transfer is truncated, altered, replayed or not for this host."""
+
+
 # --- exit 6: freshness -----------------------------------------------------
 class FreshnessError(XenVtpmError):
     exit_code = 6
@@ -85,6 +89,10 @@ class CounterAhead(FreshnessError):
 # --- exit 7: authorization -------------------------------------------------
 class AuthorizationDenied(XenVtpmError):
     exit_code = 7
+
+
+class UntrustedPeer(AuthorizationDenied):
+    """The other host of a move is not in this host's trust list (or no longer matches it)."""
 
 
 # --- exit 8: TPM -----------------------------------------------------------
@@ -156,6 +164,16 @@ class DiskFull(StorageError):
 
 class HashSourceError(StorageError):
     """tree_hash cannot hash its source: missing, unreadable, not a regular file, or changed meanwhile."""
+
+
+# --- exit 11: the other host of a move ---------------------------------------
+class MigrationError(XenVtpmError):
+    """The other host of a move failed, refused or could not be reached."""
+    exit_code = 11
+
+
+class MoveInDoubt(MigrationError):
+    """The source cannot learn whether the destination committed a move: it keeps its copy parked."""
 
 
 class HashEngineError(XenVtpmError):

@@ -46,6 +46,41 @@ class VtpmCapture:
 
 
 @dataclasses.dataclass(frozen=True)
+class VtpmExport:
+    """A vTPM on its way to another host: its state as the vTPM itself encrypted it, its secret
+    wrapped for a key only the destination's TPM can use, and what the destination needs to run it."""
+    kind: str                        # the backend kind that made it and must receive it
+    ref: VtpmRef
+    envelope: bytes = dataclasses.field(repr=False)   # the secret, for the destination's key
+    state: bytes = dataclasses.field(repr=False)      # stub domain: the disk image, encrypted under K
+    state_hash: str                  # what the secret names (stub domain: H, SHA-1 of the active slot)
+    slot_hashes: tuple[str, str]
+    config: str                      # stub domain: its xl cfg file
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the state, as JSON values (the state travels in records of its own)."""
+        return {"kind": self.kind, "ref": dataclasses.asdict(self.ref), "envelope": self.envelope.hex(),
+                "state_hash": self.state_hash, "slot_hashes": list(self.slot_hashes), "config": self.config,
+                "state_bytes": len(self.state)}
+
+    @classmethod
+    def from_meta(cls, meta: Any, state: bytes) -> VtpmExport:
+        try:
+            if len(state) != meta["state_bytes"]:
+                raise ValueError(f"{len(state)} state bytes arrived, {meta['state_bytes']} announced")
+            ref = VtpmRef(**meta["ref"])
+            slots = tuple(str(h) for h in meta["slot_hashes"])
+            if len(slots) != 2:
+                raise ValueError("slot_hashes")
+            return cls(kind=str(meta["kind"]), ref=ref, envelope=bytes.fromhex(meta["envelope"]), state=state,
+                       state_hash=str(meta["state_hash"]), slot_hashes=(slots[0], slots[1]),
+                       config=str(meta["config"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"the moving vTPM's description is malformed ({exc}); the source runs another "
+                                 "version of xen-vtpm") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class Guest:
     name: str
     domid: int

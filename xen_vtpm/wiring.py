@@ -19,9 +19,12 @@ from xen_vtpm.core.locks import VmLock
 from xen_vtpm.durable import check_private_dir
 from xen_vtpm.errors import XenVtpmError, XlError
 from xen_vtpm.host import preflight as host_preflight
+from xen_vtpm.host.identity import TpmIdentity
+from xen_vtpm.host.peers import HostPeers
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
-from xen_vtpm.model import Check, VtpmCapture, VtpmRef
+from xen_vtpm.host.trusted import TrustStore
+from xen_vtpm.model import Check, VtpmCapture, VtpmExport, VtpmRef
 from xen_vtpm.store import Repository
 from xen_vtpm.vtpm import preflight as vtpm_preflight
 from xen_vtpm.vtpm.manager import ManagerClient
@@ -80,6 +83,42 @@ class VtpmBackends:
     def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
         self.of(ref).discard(ref, manager_checkpoint)
 
+    # Moves: only a stub domain's vTPM moves (core/migration.py refuses another kind before anything).
+    def move_kind(self) -> str:
+        return self.stubdom.move_kind()
+
+    def move_key(self) -> bytes | None:
+        return self.stubdom.move_key()
+
+    def move_keys(self) -> dict[str, bytes]:
+        """Per vTPM backend kind, the key a vTPM moving to this host is wrapped for."""
+        key = self.move_key()
+        return {self.move_kind(): key} if key is not None else {}
+
+    def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
+        return self.stubdom.export_for(ref, transfer, recipient)
+
+    def export_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, recipient: bytes) -> bytes:
+        return self.stubdom.export_checkpoint(ref, manager_checkpoint, transfer, recipient)
+
+    def unexport(self, ref: VtpmRef) -> None:
+        self.stubdom.unexport(ref)
+
+    def check_importable(self, export: VtpmExport) -> None:
+        self.stubdom.check_importable(export)
+
+    def import_from(self, export: VtpmExport, transfer: str) -> None:
+        self.stubdom.import_from(export, transfer)
+
+    def import_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, envelope: bytes) -> None:
+        self.stubdom.import_checkpoint(ref, manager_checkpoint, transfer, envelope)
+
+    def adopt(self, ref: VtpmRef) -> None:
+        self.stubdom.adopt(ref)
+
+    def remove(self, ref: VtpmRef) -> None:
+        self.stubdom.remove(ref)
+
 
 @dataclass
 class Ports:
@@ -94,6 +133,7 @@ class Ports:
     audit: AuditTrail
     journal: Journal
     streams: XlStreams
+    peers: HostPeers
 
     def lock(self, vm_uuid: str, label: str) -> VmLock:
         return VmLock(Path(self.cfg.state_dir), vm_uuid, label)
@@ -123,7 +163,18 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
         raise
     vtpm = VtpmBackends(StubdomBackend(cfg, xs, xl), SwtpmBackend(cfg, xs, host.keys.swtpm))
     return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl, Path(cfg.swtpm_run_dir)), vtpm=vtpm, store=store,
-                 host=host, audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress))
+                 host=host, audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress),
+                 peers=HostPeers(cfg, TpmIdentity(cfg, vtpm.move_keys), TrustStore(cfg)))
+
+
+@contextlib.contextmanager
+def session(cfg: Config, progress: Progress | None = None) -> Iterator[tuple[Coordinator, Ports]]:
+    """A coordinator over the real adapters, and the adapters, closed when the block ends."""
+    ports = open_ports(cfg, progress)
+    try:
+        yield Coordinator(ports), ports
+    finally:
+        ports.close()
 
 
 @contextlib.contextmanager
@@ -141,11 +192,8 @@ def swtpm_backend(cfg: Config) -> Iterator[SwtpmBackend]:
 @contextlib.contextmanager
 def coordinator(cfg: Config, progress: Progress | None = None) -> Iterator[Coordinator]:
     """A coordinator over the real adapters, closed when the block ends."""
-    ports = open_ports(cfg, progress)
-    try:
-        yield Coordinator(ports)
-    finally:
-        ports.close()
+    with session(cfg, progress) as (coord, _):
+        yield coord
 
 
 def doctor_checks(cfg: Config) -> list[Check]:

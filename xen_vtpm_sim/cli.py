@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xen_vtpm.errors import DomainNotFound, NotFound, UsageError
 
-from . import boot, domains, host, reboot, xenstored
+from . import boot, domains, host, reboot, ssh, xenstored
 
 
 def _sim_dir(args: argparse.Namespace) -> Path:
@@ -94,6 +94,10 @@ def cmd_memdigest(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
+def cmd_ssh(args: argparse.Namespace, cfg) -> int:
+    return ssh.run(args.host, args.command)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     sim = sub.add_parser("sim", help="the simulated Xen host (for tests and the demo)")
     ssub = sim.add_subparsers(dest="sim_command", metavar="SIMCOMMAND", parser_class=type(sim))
@@ -140,6 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("guest")
     p = add("memdigest", cmd_memdigest, "print the SHA-256 of GUEST's current memory")
     p.add_argument("guest")
+    p = add("ssh", cmd_ssh, "run COMMAND with the simulated host in directory HOST (`migrate -s` stand-in)",
+            dir_arg=False)
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
     sim.set_defaults(func=lambda args, cfg: _help(sim), needs_config=False)
 
 

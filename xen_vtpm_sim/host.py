@@ -219,7 +219,7 @@ def power_on(d: Path, ports: tuple[int, int] | None = None) -> None:
     if ports is None:
         cfg = Config(state_dir=d / "state", tcti=f"swtpm:host=127.0.0.1,port={host_port}",
                      xenstore_path=str(sock), xl=str(d / "bin" / "xl"), log_dir=d / "logs",
-                     domain_cfg_dir=d / "images", swtpm_run_dir=link,
+                     domain_cfg_dir=d / "images", vtpm_image_dir=d / "images", swtpm_run_dir=link,
                      xen_lib_dir=d / "var" / "lib" / "xen")
         cfg.save(d / "config.ini")
         _write_xl(d)
@@ -240,7 +240,8 @@ def _create_domain_from_cfg(d: Path, cfg_path: Path, text: str) -> int:
 def _create_manager(d: Path, stock: bool) -> None:
     img = d / "images" / "vtpmmgr.img"
     write_image(img)
-    extra = f"{MANAGER_EXTRA} tpm2_authority={boot.authority(d)}" + (" checkpoint=0" if stock else "")
+    # tpmlocality=2 as xen-vtpmmgr(7) recommends: dom0's driver keeps locality 0; transfer=1 serves moves.
+    extra = f"{MANAGER_EXTRA} tpm2_authority={boot.authority(d)}" + (" checkpoint=0" if stock else " transfer=1")
     _create_domain_from_cfg(d, d / "images" / "vtpmmgr.cfg",
                             'name="vtpmmgr"\nkernel="/usr/lib/xen/boot/vtpmmgr-stubdom.gz"\n'
                             f'extra="{extra}"\nmemory=128\ndisk=["file:{img},hda,w"]\niomem=["fed40,5"]\n')

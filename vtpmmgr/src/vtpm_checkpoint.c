@@ -20,6 +20,8 @@
 #include "disk_format.h"
 #include "ckpt_request.h"
 #include "vtpm_checkpoint.h"
+#include "xfer_request.h"
+#include "vtpm_transfer.h"
 
 /* Relative to the manager's home, /local/domain/<M>. */
 #define REQUEST_DIR "control/vtpmmgr/request"
@@ -42,6 +44,7 @@ struct pending {
 	char *id;
 	int ok;
 	char text[CKPT_ERROR_MAX];   /* the hash (ok) or the error */
+	char envelope[2 * XFER_ENVELOPE_SIZE + 1];   /* export's answer, empty for every other op */
 };
 static struct pending *pendings;
 static int nr_pendings;
@@ -62,7 +65,7 @@ TPM_RESULT vtpm_ckpt_handle_cmd(struct tpm_opaque *opq, tpmcmd_t *tpmcmd)
 {
 	TPM_RESULT rc;
 	vtpm_ckpt_lock();
-	rc = vtpmmgr_handle_cmd(opq, tpmcmd);
+	rc = vtpm_xfer_intercept(opq, tpmcmd) ? TPM_BAD_PARAMETER : vtpmmgr_handle_cmd(opq, tpmcmd);
 	vtpm_ckpt_unlock();
 	return rc;
 }
@@ -156,7 +159,7 @@ static int check_disk(char *err, size_t errlen)
 /* Whether a vTPM stub domain may still use vtpm: a live connection holds it (OPEN, or it
  * auto-created it) or presents its UUID, and that frontend's state node still exists.  A frontend
  * whose node is gone is a destroyed domain whose release is still in flight in tpmback. */
-static int is_open(const struct mem_vtpm *vtpm)
+int vtpm_ckpt_is_open(const struct mem_vtpm *vtpm)
 {
 	int i;
 	for (i = 0; i < nr_conns; i++) {
@@ -182,6 +185,25 @@ static void hex20(const uint8_t *data, char out[41])
 		snprintf(out + 2 * i, 3, "%02x", data[i]);
 }
 
+/* What every request needs before it may change the table. */
+static int check_table(char *out, size_t outlen)
+{
+	if (check_disk(out, outlen))
+		return -1;
+	if (!provisioned()) {
+		snprintf(out, outlen, "manager not provisioned (group 0 has no seal): it keeps nothing across a "
+			 "restart; provision it with manage-vtpmmgr.pl group-update");
+		return -1;
+	}
+	return 0;
+}
+
+/* A checkpoint entry proper: not a vTPM entry parked by an export (vtpm_transfer.h). */
+static int is_checkpoint_entry(const struct mem_vtpm *v)
+{
+	return (v->flags & (VTPM_FLAG_CHECKPOINT | XFER_FLAG_EXPORTED)) == VTPM_FLAG_CHECKPOINT;
+}
+
 /* One request, under the lock.  Either the table changes and is persisted, or nothing changes. */
 static int execute(const struct ckpt_request *req, char *out, size_t outlen)
 {
@@ -193,13 +215,8 @@ static int execute(const struct ckpt_request *req, char *out, size_t outlen)
 
 	ckpt_format_uuid(req->uuid, vname);
 	ckpt_format_uuid(req->checkpoint, cname);
-	if (check_disk(out, outlen))
+	if (check_table(out, outlen))
 		return -1;
-	if (!provisioned()) {
-		snprintf(out, outlen, "manager not provisioned (group 0 has no seal): it keeps nothing across a "
-			 "restart; provision it with manage-vtpmmgr.pl group-update");
-		return -1;
-	}
 	if (req->has_uuid && (find_vtpm(&vgroup, &vtpm, req->uuid) || (vtpm->flags & VTPM_FLAG_CHECKPOINT))) {
 		snprintf(out, outlen, "unknown vTPM uuid %s", vname);
 		return -1;
@@ -227,11 +244,11 @@ static int execute(const struct ckpt_request *req, char *out, size_t outlen)
 		return 0;
 
 	case CKPT_OP_RESTORE:
-		if (!exists || !(ckpt->flags & VTPM_FLAG_CHECKPOINT)) {
+		if (!exists || !is_checkpoint_entry(ckpt)) {
 			snprintf(out, outlen, "unknown checkpoint %s", cname);
 			return -1;
 		}
-		if (is_open(vtpm)) {
+		if (vtpm_ckpt_is_open(vtpm)) {
 			snprintf(out, outlen, "vTPM %s is open; destroy its stub domain first", vname);
 			return -1;
 		}
@@ -246,7 +263,7 @@ static int execute(const struct ckpt_request *req, char *out, size_t outlen)
 		return 0;
 
 	case CKPT_OP_DISCARD:
-		if (!exists || !(ckpt->flags & VTPM_FLAG_CHECKPOINT)) {
+		if (!exists || !is_checkpoint_entry(ckpt)) {
 			snprintf(out, outlen, "unknown checkpoint %s", cname);
 			return -1;
 		}
@@ -283,6 +300,7 @@ static char *read_opt(xenbus_transaction_t xbt, const char *path)
 
 struct request_nodes {
 	char *state, *op, *uuid, *checkpoint, *owner, *answered;
+	char *transfer, *recipient, *envelope;      /* transfer ops (xfer_request.h) */
 };
 
 static void free_nodes(struct request_nodes *n)
@@ -293,6 +311,9 @@ static void free_nodes(struct request_nodes *n)
 	free(n->checkpoint);
 	free(n->owner);
 	free(n->answered);
+	free(n->transfer);
+	free(n->recipient);
+	free(n->envelope);
 	memset(n, 0, sizeof(*n));
 }
 
@@ -318,6 +339,12 @@ static int read_request(const char *id, struct request_nodes *n)
 		n->uuid = read_opt(xbt, path);
 		snprintf(path, sizeof(path), "%s/checkpoint", base);
 		n->checkpoint = read_opt(xbt, path);
+		snprintf(path, sizeof(path), "%s/transfer", base);
+		n->transfer = read_opt(xbt, path);
+		snprintf(path, sizeof(path), "%s/recipient", base);
+		n->recipient = read_opt(xbt, path);
+		snprintf(path, sizeof(path), "%s/envelope", base);
+		n->envelope = read_opt(xbt, path);
 		msg = xenbus_get_perms(xbt, base, &n->owner);
 		free(msg);
 		snprintf(path, sizeof(path), RESPONSE_DIR "/%s/status", id);
@@ -348,6 +375,10 @@ static int write_answer(const struct pending *p)
 		}
 		snprintf(path, sizeof(path), RESPONSE_DIR "/%s/%s", p->id, p->ok ? "hash" : "error");
 		msg = xenbus_write(xbt, path, p->text);
+		if (!msg && p->ok && p->envelope[0]) {
+			snprintf(path, sizeof(path), RESPONSE_DIR "/%s/envelope", p->id);
+			msg = xenbus_write(xbt, path, p->envelope);
+		}
 		if (!msg) {
 			snprintf(path, sizeof(path), RESPONSE_DIR "/%s/status", p->id);
 			msg = xenbus_write(xbt, path, p->ok ? "ok" : "error");
@@ -399,6 +430,7 @@ static void process(const char *id)
 {
 	struct request_nodes n;
 	struct ckpt_request req;
+	struct xfer_request xreq;
 	struct pending *p;
 	char reason[CKPT_ERROR_MAX];
 	int i;
@@ -425,10 +457,23 @@ static void process(const char *id)
 		abort();
 	pendings = p;
 	p = &pendings[nr_pendings++];
+	p->envelope[0] = '\0';
 	if (!n.owner || strcmp(n.owner + 1, "0")) {
 		p->ok = 0;
 		snprintf(p->text, sizeof(p->text), "request %s is not owned by dom0 (perms %.20s)", id,
 			 n.owner ? n.owner : "unreadable");
+	} else if (xfer_is_op(n.op)) {
+		if (xfer_parse_request(n.state, n.op, n.uuid, n.checkpoint, n.transfer, n.recipient, n.envelope, &xreq,
+				       reason, sizeof(reason))) {
+			p->ok = 0;
+			snprintf(p->text, sizeof(p->text), "%s", reason);
+		} else {
+			vtpm_ckpt_lock();
+			p->ok = !check_table(p->text, sizeof(p->text)) &&
+				!vtpm_xfer_execute(&xreq, p->text, sizeof(p->text), p->envelope, sizeof(p->envelope));
+			vtpm_ckpt_unlock();
+		}
+		memset(&xreq, 0, sizeof(xreq));
 	} else if (ckpt_parse_request(n.state, n.op, n.uuid, n.checkpoint, &req, reason, sizeof(reason))) {
 		p->ok = 0;
 		snprintf(p->text, sizeof(p->text), "%s", reason);
@@ -515,6 +560,7 @@ void vtpm_ckpt_start(int argc, char **argv)
 		printk("vtpmmgr: cannot write " FEATURE_NODE " (%s)\n", msg);
 		free(msg);
 	}
+	vtpm_xfer_start(argc, argv);
 	create_thread("vtpmmgr-checkpoint", request_thread, NULL);
 	printk("vtpmmgr: checkpoint extension serving " REQUEST_DIR "\n");
 }

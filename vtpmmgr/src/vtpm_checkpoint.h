@@ -36,4 +36,10 @@ void vtpm_ckpt_conn_closed(struct tpm_opaque *opq);
 /* 1 if uuid names a checkpoint entry (caller holds the lock). */
 int vtpm_ckpt_is_checkpoint(const uuid_t uuid);
 
+struct mem_vtpm;
+
+/* 1 if a vTPM stub domain may still use vtpm: a live connection holds it or presents its UUID and
+ * that frontend still exists (caller holds the lock). */
+int vtpm_ckpt_is_open(const struct mem_vtpm *vtpm);
+
 #endif

@@ -20,7 +20,7 @@ from xen_vtpm import __version__
 from xen_vtpm.config import Config
 from xen_vtpm.errors import UsageError, XenVtpmError
 
-from . import checkpoints, doctor, hook, host, render, schedule, vtpm
+from . import checkpoints, doctor, hook, host, move, render, schedule, vtpm
 
 PLUGIN_GROUP = "xen_vtpm.commands"
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, action=_Commands)
     cast(_Commands, sub).common = common
-    for group in (host, checkpoints, schedule, vtpm, hook, doctor):
+    for group in (host, checkpoints, move, schedule, vtpm, hook, doctor):
         group.register(sub)
     for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
         plugin.load()(sub)

@@ -8,8 +8,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from xen_vtpm.api import Host, RestoreResult, SaveResult
+from xen_vtpm import wiring
+from xen_vtpm.api import Host
 from xen_vtpm.config import Config
 from xen_vtpm.vtpm.swtpmcfg import block_uuid
 from xen_vtpm.xen.wrapper import domain_has_vtpm, file_has_vtpm, real_xl, route
@@ -37,17 +39,21 @@ def cmd_xl_hook(args: argparse.Namespace, cfg: Config) -> int:
         os.execv(xl_bin, [xl_bin, *argv])
     # xen-vtpm's own xl calls must reach the real xl, never this wrapper again.
     cfg.xl = xl_bin
-    host = Host(cfg)
-    result: SaveResult | RestoreResult
-    if decision.action == "save":
+    result: dict[str, Any]
+    if decision.action == "migrate":
+        assert decision.domain is not None and decision.host is not None
+        with wiring.coordinator(cfg) as coord:   # a move is not part of the API (docs/api.md)
+            result = coord.migrate(decision.domain, decision.host, decision.ssh, paused=decision.paused)
+    elif decision.action == "save":
         assert decision.domain is not None and decision.file is not None
         # `xl save` replaces an existing FILE; the tool's own files it never does.
-        result = host.save(decision.domain, check_save_target(cfg.state_dir, decision.file, force=True))
+        result = dataclasses.asdict(Host(cfg).save(decision.domain,
+                                                   check_save_target(cfg.state_dir, decision.file, force=True)))
     else:
         assert decision.file is not None
-        result = host.restore(decision.file, paused=decision.paused)
+        result = dataclasses.asdict(Host(cfg).restore(decision.file, paused=decision.paused))
     if args.json:
-        print(json.dumps(dataclasses.asdict(result), sort_keys=True))
+        print(json.dumps(result, sort_keys=True))
     return 0
 
 

@@ -43,8 +43,10 @@ from xen_vtpm.model import (
 
 from . import retention
 from . import steps as S
-from .interfaces import Draft, ImageSpool, Ports
+from .base import Sequences, changed_ids
+from .interfaces import Draft, ImageSpool, IncomingMove, Ports
 from .journal import Operation, OpParams
+from .migration import COMMITTED, Migration
 
 
 def _default_name(kind: str, ckpt_id: str) -> str:
@@ -52,22 +54,10 @@ def _default_name(kind: str, ckpt_id: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{ckpt_id[:6]}"
 
 
-def _changing(op: Operation) -> tuple[str, ...] | None:
-    """The checkpoints an operation adds to or removes from the catalog: the head advance that
-    binds the operation accepts exactly that difference in the id set from the catalog it bound
-    before.  A keep mark changes a row but no id (the empty tuple); None accepts no change."""
-    if op.kind in S.CAPTURING or op.kind == S.DELETE:
-        return (op.params.checkpoint or "",)
-    if op.kind == S.PRUNE:
-        return op.params.removes
-    if op.kind in (S.KEEP, S.UNKEEP):
-        return ()
-    return None
-
-
-class Coordinator:
+class Coordinator(Sequences):
     def __init__(self, ports: Ports) -> None:
-        self.p = ports
+        super().__init__(ports)
+        self.moves = Migration(ports, self.recover)
 
     # --- snapshot ----------------------------------------------------------------
     def snapshot(self, domain: str, name: str | None = None) -> dict[str, Any]:
@@ -128,62 +118,6 @@ class Coordinator:
         self.p.journal.step(op, S.MANAGER_CHECKPOINT, manager_checkpoint=ckpt_id)
         return (self.p.vtpm.capture(vt, ckpt_id) if self.p.vtpm.supports_checkpoints(vt)
                 else self.p.vtpm.capture_fingerprint(vt))  # stock manager: forward-only fingerprint
-
-    def _step_once(self, op: Operation, name: str, action: Callable[[], Any]) -> None:
-        """Journal and run a step; when recover resumes an op, skip the steps that completed.
-
-        A step is journaled only after the previous one's action returned, so every step before
-        the resume point is done; the resume point itself may not be, and is re-run (actions are
-        idempotent).  Steps after it run as new."""
-        if op.reached(name):
-            if name != op.resume_point:
-                return
-        else:
-            self.p.journal.step(op, name)
-        action()
-
-    @staticmethod
-    def _vtpm_of(op: Operation) -> VtpmRef:
-        """The vTPM an operation was journaled with, enough to route a discard to its backend."""
-        return VtpmRef(guest=op.params.guest, devid=0, backend=op.params.vtpm or "", uuid="",
-                       backend_kind=op.params.vtpm_kind)
-
-    def _destroy_if_present(self, name: str) -> None:
-        if self.p.guests.exists(name):
-            self.p.xl.destroy(name)
-
-    @staticmethod
-    def _check_can_suspend(guest: Guest) -> None:
-        """I3 needs the guest to suspend itself; a paused guest cannot answer the request and
-        `xl save` would only time out."""
-        if guest.paused:
-            raise PreconditionFailed(f"{guest.name}: the guest is paused and cannot suspend itself; "
-                                     f"`xl unpause {guest.name}` first")
-
-    def _commit(self, op: Operation, commit: Callable[[], dict[str, Any]], *, action: str, vm: str,
-                checkpoint: str) -> dict[str, Any]:
-        """Commit the checkpoint and bind it to the head in one hold of the host lock.
-
-        A crash in between leaves a committed checkpoint that `recover` binds (roll forward);
-        no freshness check ever sees the catalog without its head.  Freshness is proved again
-        inside that hold: the catalog or the log may have been changed while the guest was saved."""
-        with self.p.host.exclusive():
-            self._check_fresh(action, vm, checkpoint)
-            summary = commit()
-            self._finish(op, action=action, vm=vm, checkpoint=checkpoint)
-        return summary
-
-    def _finish(self, op: Operation, *, action: str, vm: str, checkpoint: str | None,
-                outcome: str = "done") -> None:
-        """Log, then move the counter-bound head: the increment anchors the audit record too."""
-        if not op.reached(S.ADVANCE_HEAD):
-            self.p.journal.step(op, S.ADVANCE_HEAD)
-        # "op N" marks the operation ended in the anchored log: recover never runs it again.
-        self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result="ok", detail=f"op {op.op_id}")
-        self.p.journal.passed(op, S.ADVANCE_HEAD, S.AUDITED)
-        self.p.host.advance(_changing(op))
-        self.p.journal.passed(op, S.ADVANCE_HEAD, S.ADVANCED)
-        self.p.journal.finish(op, outcome)
 
     def _undo_snapshot(self, op: Operation, draft: Draft | None) -> bool:
         """Every action idempotent: used right after a failure and by recover.  If any action
@@ -419,6 +353,20 @@ class Coordinator:
             self._finish(op, action=S.DELETE, vm=ckpt.vm_name, checkpoint=ckpt.id)
             return {"deleted": ckpt.id, "name": ckpt.name, "freed_bytes": freed}
 
+    # --- moves to and from other hosts (core/migration.py) -------------------------------
+    def migrate(self, domain: str, host: str, ssh: str, *, with_checkpoints: bool = False,
+                auth_secret: bytes | None = None, paused: bool = False) -> dict[str, Any]:
+        self.recover()
+        return self.moves.migrate(domain, host, ssh, with_checkpoints=with_checkpoints, auth_secret=auth_secret,
+                                  paused=paused)
+
+    def receive(self, link: IncomingMove) -> dict[str, Any]:
+        """The destination's side, once the handshake passed (run ``recover`` before it)."""
+        return self.moves.receive(link)
+
+    def outcome_of(self, transfer: str) -> str:
+        return self.moves.outcome_of(transfer)
+
     def _remove(self, op: Operation) -> int:
         """The steps of delete and prune, resumable by recover: the checkpoints leave the store
         (bound to the head at once), then the manager discards their entries."""
@@ -438,15 +386,6 @@ class Coordinator:
         self._step_once(op, S.DELETE_STORE, delete_store)
         if managers:
             self._step_once(op, S.DISCARD_MANAGER, discard_manager)
-        return freed
-
-    def _delete_and_bind(self, op: Operation, checkpoint_ids: tuple[str, ...]) -> int:
-        """Delete from the store and bind the smaller catalog to the head at once, so a manager
-        that is down for the discard that follows leaves nothing that reads as tampering."""
-        with self.p.host.exclusive():
-            freed = sum(self.p.store.delete(checkpoint_id, missing_ok=True) for checkpoint_id in checkpoint_ids)
-            self.p.journal.passed(op, S.DELETE_STORE, S.DELETED)
-            self.p.host.advance(changing=checkpoint_ids)
         return freed
 
     # --- prune / keep ------------------------------------------------------------
@@ -553,31 +492,13 @@ class Coordinator:
                                          "run `xen-vtpm recover`") from None
             raise
 
-    def _check_fresh(self, action: str, vm: str | None, checkpoint: str | None = None) -> None:
-        """Freshness against the TPM counter and the bound catalog; damage found here is a
-        security event like a failed verify, so it is logged (best effort, as there)."""
-        try:
-            self.p.host.check_fresh()
-        except IntegrityError as exc:
-            with contextlib.suppress(XenVtpmError):
-                self.p.audit.append(action=action, vm=vm, checkpoint=checkpoint, result=f"refused: {exc}"[:500])
-            raise
-
-    def _verify_logged(self, ckpt: CatalogEntry | Checkpoint, action: str,
-                       memory_into: ImageSpool | None = None) -> dict[str, Any]:
-        """Verify a checkpoint (its guest memory into ``memory_into``, if given); a failed integrity
-        check is a security event, so it is logged (best effort: the audit table may be what was
-        tampered with)."""
-        try:
-            return self.p.store.verify(ckpt.id, memory_into)
-        except IntegrityError as exc:
-            with contextlib.suppress(XenVtpmError):
-                self.p.audit.append(action=action, vm=ckpt.vm_name, checkpoint=ckpt.id, result=f"refused: {exc}"[:500])
-            raise
-
     # --- recover -----------------------------------------------------------------
-    def recover(self) -> list[dict[str, Any]]:
-        """Finish or undo every operation a crash interrupted (idempotent)."""
+    def recover(self, ask_peers: bool = False) -> list[dict[str, Any]]:
+        """Finish or undo every operation a crash interrupted (idempotent).
+
+        ``ask_peers``: also ask the other host what it decided about a move whose stream went out
+        (the `recover` command does; the recover at the start of every other command does not, so
+        an unreachable host never holds up commands on other guests)."""
         report = []
         self.p.store.recover()
         self.p.streams.sweep_spools()  # a snapshot killed mid-ingest on a file system without O_TMPFILE
@@ -591,8 +512,11 @@ class Coordinator:
                     raise IntegrityError(f"journal operation {op.op_id} ({op.kind} of {op.params.guest}): "
                                          "the audit log records its end but the journal was re-opened before "
                                          "it; recover will not run it again — inspect the catalog")
-                self.p.host.advance(_changing(op))  # the head may still have to bind what it committed
-                self.p.journal.finish(op, "closed (the audit log records its end)")
+                self.p.host.advance(changed_ids(op))  # the head may still have to bind what it committed
+                # A destination's end is its commit (an undone move was finished before it logged):
+                # the source reads this outcome.
+                self.p.journal.finish(op, COMMITTED if op.kind == S.MIGRATE_IN
+                                      else "closed (the audit log records its end)")
                 continue
             lock = self.p.lock(op.vm, op.params.guest)
             try:
@@ -601,13 +525,13 @@ class Coordinator:
                 continue  # its command is alive and holds the lock: not ours to touch
             try:
                 if op.op_id in {o.op_id for o in self.p.journal.unfinished()}:  # it may have finished meanwhile
-                    report.append(self._recover_one(op))
+                    report.append(self._recover_one(op, ask_peers))
             finally:
                 lock.__exit__(None, None, None)
         self.p.host.recover_head()
         return report
 
-    def _recover_one(self, op: Operation) -> dict[str, Any]:
+    def _recover_one(self, op: Operation, ask_peers: bool) -> dict[str, Any]:
         """Decide per operation kind: before its point of no return undo, after it finish."""
         last, vm, ckpt_id = op.last_step, op.params.guest, op.params.checkpoint or ""
         committed = op.kind in S.CAPTURING and self.p.store.is_committed(ckpt_id)
@@ -633,6 +557,10 @@ class Coordinator:
         elif op.kind == S.RESTORE:
             self._restore_forward(op, self.p.store.get(ckpt_id))
             outcome = "finished"
+        elif op.kind == S.MIGRATE:
+            outcome = self.moves.recover_source(op, ask_peers)
+        elif op.kind == S.MIGRATE_IN:
+            outcome = self.moves.recover_destination(op)
         elif op.kind in (S.DELETE, S.PRUNE):
             self._remove(op)
             ckpt_id = " ".join(op.params.removes) or ckpt_id

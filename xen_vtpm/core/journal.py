@@ -63,8 +63,15 @@ class OpParams:
     path: str | None = None                    # save/restore: the save file
     moved: bool = False                        # restore: the vTPM moved on and is put back
     manager_checkpoint: str | None = None      # delete: the manager entry to discard
+    # migrate / migrate-in (core/migration.py)
+    host: str | None = None                    # the other host (source: HOST as given; destination: its trusted name)
+    ssh: str | None = None                     # source: the -s command that reaches the destination
+    transfer: str | None = None                # the transfer id the destination chose
+    peer: str | None = None                    # the other host's signing key (hex), pinned for this move
+    vtpm_uuid: str | None = None               # the vTPM's UUID at its manager
+    checkpoints: tuple[str, ...] = ()          # --with-checkpoints: the checkpoints that move
     removes: tuple[str, ...] = ()              # prune: the checkpoints it deletes
-    manager_checkpoints: tuple[str, ...] = ()  # prune: their manager entries
+    manager_checkpoints: tuple[str, ...] = ()  # prune: their manager entries; migrate-in: the moved ones'
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False, ())},
@@ -193,6 +200,22 @@ class Journal:
             op.resume_point = op.last_step
             ops.append(op)
         return ops
+
+    def find_transfer(self, kind: str, transfer: str) -> tuple[Operation, str | None] | None:
+        """The operation of ``kind`` for a move's transfer id, and its outcome (None: unfinished);
+        every row it reads authenticated, since the answer decides what the other host does."""
+        for op_id, vm, params, mac, outcome, fin_mac in self.db.execute(
+                "SELECT op_id, vm, params, mac, outcome, fin_mac FROM op_journal WHERE kind=? ORDER BY op_id",
+                (kind,)):
+            self._check(mac, f"operation {op_id}", "op", op_id, kind, vm, params)
+            op = Operation(op_id, kind, vm, OpParams.from_json(params))
+            if op.params.transfer != transfer:
+                continue
+            if fin_mac is not None:
+                self._check(fin_mac, f"operation {op_id} outcome", "finished", op_id, outcome)
+                return op, outcome
+            return op, None
+        return None
 
     def _check(self, mac: bytes, what: str, *fields: Any) -> None:
         if not hmac.compare_digest(bytes(mac or b""), self._mac(*fields)):

@@ -27,6 +27,13 @@ DELETE_STORE: Final = "delete-store"
 DISCARD_MANAGER: Final = "discard-manager"
 MARK: Final = "mark"                               # a `keep` mark is set or cleared
 ADVANCE_HEAD: Final = "advance-head"               # audit record, counter increment, journal end
+# A move (docs/migration.md): the source's steps, then the destination's.
+EXPORT_VTPM: Final = "export-vtpm"                 # the secret wrapped for the destination; parked here
+EXPORT_CHECKPOINTS: Final = "export-checkpoints"   # --with-checkpoints: their manager entries wrapped too
+SEND: Final = "send"                               # from here only the destination decides the outcome
+FINISH_SOURCE: Final = "finish-source"             # the destination committed: this host's copy goes
+IMPORT_VTPM: Final = "import-vtpm"                 # state and secret stored as this host's, provisionally
+IMPORT_CHECKPOINTS: Final = "import-checkpoints"   # the moved checkpoints committed to this host's store
 UNDO: Final = "undo"                               # an uncommitted capture is undone (recover or a failure):
                                                    # unpause, discard the manager copy, abort the draft
 
@@ -37,6 +44,8 @@ ROLLBACK: Final = "rollback"
 SAVE: Final = "save"
 RESTORE: Final = "restore"
 DELETE: Final = "delete"
+MIGRATE: Final = "migrate"                         # the source of a move
+MIGRATE_IN: Final = "migrate-in"                   # the destination of a move (its commit step decides)
 PRUNE: Final = "prune"                             # delete's steps, for every checkpoint the rules drop
 KEEP: Final = "keep"
 UNKEEP: Final = "unkeep"
@@ -55,6 +64,8 @@ SEQUENCES: Final[dict[str, tuple[str, ...]]] = {
     PRUNE: (*_REMOVE, ADVANCE_HEAD),
     KEEP: (MARK, ADVANCE_HEAD),
     UNKEEP: (MARK, ADVANCE_HEAD),
+    MIGRATE: (GUEST_SAVE, EXPORT_VTPM, EXPORT_CHECKPOINTS, SEND, FINISH_SOURCE, ADVANCE_HEAD),
+    MIGRATE_IN: (IMPORT_VTPM, IMPORT_CHECKPOINTS, START_VTPM, RESTORE_GUEST, COMMIT, ADVANCE_HEAD),
 }
 
 # Points between two writes of one step, in order.  The journal passes ``<kind>:<step>`` when a step
@@ -71,6 +82,9 @@ INNER_POINTS: Final[dict[str, tuple[str, ...]]] = {
     DELETE_STORE: (DELETED,),
     UNDO: (UNPAUSED, DISCARDED),
 }
+
+# The two halves of a move run on two hosts; each side's journal has its own.
+MOVES: Final = frozenset({MIGRATE, MIGRATE_IN})
 
 # Kinds that write a checkpoint: until it is committed, recover undoes them.
 CAPTURING: Final = frozenset({SNAPSHOT, PRE_ROLLBACK, SAVE})

@@ -11,7 +11,7 @@ import dataclasses
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-_LABELS = ("chunk_enc", "chunk_id", "manifest_mac", "head_mac", "audit_mac", "journal_mac", "swtpm")
+_LABELS = ("chunk_enc", "chunk_id", "manifest_mac", "head_mac", "audit_mac", "journal_mac", "swtpm", "trust_mac")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,7 @@ class SubKeys:
     audit_mac: bytes = dataclasses.field(repr=False)
     journal_mac: bytes = dataclasses.field(repr=False)   # the coordinator's write-ahead journal
     swtpm: bytes = dataclasses.field(repr=False)         # base of each swtpm vTPM's state and migration keys
+    trust_mac: bytes = dataclasses.field(repr=False)     # the trusted peer hosts (host/trusted.py)
 
 
 def derive_keys(host_key: bytes) -> SubKeys:

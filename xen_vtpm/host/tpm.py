@@ -209,6 +209,10 @@ class HostTpm:
             raise TpmLockout(f"{name}: {self.lockout_message()}") from None
         raise exc
 
+    def command(self, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """One TPM command for a module beside this one, with the same error mapping and counting."""
+        return self._run(name, fn, *args, **kw)
+
     def _flush(self, handle: ESYS_TR) -> None:
         """Free a transient object or session; failures only mean it is already gone."""
         try:

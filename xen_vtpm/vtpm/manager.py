@@ -2,6 +2,8 @@
 
 Find the manager's domain, read whether it advertises the extension, submit a request and wait
 for its answer.  dom0 only: the request nodes are dom0's and only readable by the manager.
+The transfer ops (export, import, unexport, remove, adopt) move a vTPM's entry to another host's
+manager inside an envelope only that manager's physical TPM opens (docs/protocol.md §9).
 """
 from __future__ import annotations
 
@@ -21,10 +23,14 @@ from xen_vtpm.errors import (
 from xen_vtpm.xen.xenstore import XenStore
 
 FEATURE = "data/vtpmmgr/feature-checkpoint"
+TRANSFER_FEATURE = "data/vtpmmgr/feature-transfer"
+TRANSFER_KEY = "data/vtpmmgr/transfer-key"
 PROVISIONED = "data/vtpmmgr/provisioned"       # "1"/"0": group 0 has seals and a kernel list (docs/protocol.md)
 REQUESTS = "control/vtpmmgr/request"
 RESPONSES = "data/vtpmmgr/response"
 OPS = ("checkpoint", "restore", "discard")
+TRANSFER_OPS = ("export", "import", "unexport", "remove", "adopt")
+ENVELOPE_SIZE = 1 + 64 + 16 + 64 + 16     # vtpmmgr/src/xfer_envelope.h
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class ManagerInfo:
     domid: int
     name: str
     checkpoint: bool           # advertises feature-checkpoint = "1"
+    transfer_key: bytes | None = None   # x ‖ y of its TPM-resident transfer key (feature-transfer = "1")
 
 
 def _canonical(value: str, what: str) -> str:
@@ -65,7 +72,10 @@ class ManagerClient:
         for dom in self.xs.ls("/local/domain"):
             if dom.isdigit() and self.xs.read_or(f"/local/domain/{dom}/name") == name:
                 flag = self.xs.read_or(f"/local/domain/{dom}/{FEATURE}")
-                return ManagerInfo(int(dom), name, flag == "1")
+                key = None
+                if self.xs.read_or(f"/local/domain/{dom}/{TRANSFER_FEATURE}") == "1":
+                    key = _point(self.xs.read_or(f"/local/domain/{dom}/{TRANSFER_KEY}") or "", name)
+                return ManagerInfo(int(dom), name, flag == "1", key)
         raise DomainNotFound(f"{name}: no vTPM manager domain of that name; start it or set manager= in the config")
 
     def supports_checkpoints(self) -> bool:
@@ -79,8 +89,14 @@ class ManagerClient:
         """
         if op not in OPS:
             raise UsageError(f"manager request: unknown op {op!r}; expected one of {', '.join(OPS)}")
-        checkpoint = _canonical(checkpoint, "checkpoint id")
-        vtpm_uuid = _canonical(vtpm_uuid, "vTPM uuid") if vtpm_uuid is not None else None
+        fields = {"checkpoint": _canonical(checkpoint, "checkpoint id")}
+        if vtpm_uuid is not None:
+            fields["uuid"] = _canonical(vtpm_uuid, "vTPM uuid")
+        return self._request(op, fields, timeout)[0]
+
+    def _request(self, op: str, fields: dict[str, str], timeout: float | None) -> tuple[str, str]:
+        """One request with these fields; (hash, envelope) of a successful answer."""
+        subject = f"checkpoint {fields['checkpoint']}" if "checkpoint" in fields else f"vTPM {fields.get('uuid')}"
         mgr = self.info()
         if not mgr.checkpoint:
             raise NoCheckpointFeature(f"{mgr.name}: manager has no checkpoint support (stock vtpmmgr); "
@@ -97,10 +113,7 @@ class ManagerClient:
                 tx.set_perms(path, perms)
             tx.mkdir(req)
             tx.set_perms(req, perms)
-            fields = {"op": op, "checkpoint": checkpoint}
-            if vtpm_uuid is not None:
-                fields["uuid"] = vtpm_uuid
-            for key, value in fields.items():
+            for key, value in {"op": op, **fields}.items():
                 tx.write(f"{req}/{key}", value)
                 tx.set_perms(f"{req}/{key}", perms)
             tx.write(f"{req}/state", "submitted")
@@ -112,17 +125,18 @@ class ManagerClient:
         status = self.xs.read_or(f"{rsp}/status")
         error = self.xs.read_or(f"{rsp}/error") or ""
         digest = self.xs.read_or(f"{rsp}/hash") or ""
+        envelope = self.xs.read_or(f"{rsp}/envelope") or ""
         self._rm(rsp)
         if status is None:
             raise XenStoreTimeout(f"{mgr.name}: no answer to {op} request {rid} within {wait:g} s; request "
                                   f"withdrawn, check that the manager runs and is not paused")
         if status != "ok":
             cause = " ".join((error or f"status {status}").split())[:300]   # one line, bounded
-            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} refused: {cause}")
+            raise ManagerError(f"{mgr.name}: {op} of {subject} refused: {cause}")
         if not re.fullmatch(r"[0-9a-f]{40}", digest):
-            raise ManagerError(f"{mgr.name}: {op} of checkpoint {checkpoint} answered ok without a valid hash "
+            raise ManagerError(f"{mgr.name}: {op} of {subject} answered ok without a valid hash "
                                f"({digest[:48]!r}); check the manager version against docs/protocol.md")
-        return digest
+        return digest, envelope
 
     def _rm(self, path: str) -> None:
         try:
@@ -146,3 +160,56 @@ class ManagerClient:
             raise
 
 
+
+    # --- moving a vTPM to another host's manager (docs/protocol.md §9) -------------------------------
+    def _transfer(self, op: str, vtpm_uuid: str, timeout: float | None = None,
+                  **extra: str | None) -> tuple[str, str]:
+        mgr = self.info()
+        if mgr.transfer_key is None:
+            raise NoCheckpointFeature(f"{mgr.name}: the vTPM manager cannot move vTPMs (no feature-transfer); "
+                                      "start it with transfer=1 in its extra= (docs/protocol.md §9)")
+        fields = {"uuid": _canonical(vtpm_uuid, "vTPM uuid")}
+        fields.update({k: v for k, v in extra.items() if v is not None})
+        return self._request(op, fields, timeout)
+
+    def export(self, vtpm_uuid: str, transfer: str, recipient: bytes,
+               checkpoint: str | None = None) -> tuple[str, bytes]:
+        """Wrap the vTPM's entry (or one of its checkpoint entries) for ``recipient``, another manager's
+        transfer key; the vTPM's own entry is parked first.  Returns (H, envelope)."""
+        if len(recipient) != 64:
+            raise UsageError(f"export: the recipient key has {len(recipient)} bytes, expected 64 (x ‖ y)")
+        digest, envelope = self._transfer(
+            "export", vtpm_uuid, transfer=_canonical(transfer, "transfer id"), recipient=recipient.hex(),
+            checkpoint=_canonical(checkpoint, "checkpoint id") if checkpoint else None)
+        if not re.fullmatch(f"[0-9a-f]{{{2 * ENVELOPE_SIZE}}}", envelope):
+            raise ManagerError(f"{self.cfg.manager}: export of vTPM {vtpm_uuid} answered without an envelope; "
+                               "check the manager version against docs/protocol.md")
+        return digest, bytes.fromhex(envelope)
+
+    def import_entry(self, vtpm_uuid: str, transfer: str, envelope: bytes, checkpoint: str | None = None) -> str:
+        """Open an envelope with this manager's transfer key and add the entry (idempotent)."""
+        return self._transfer("import", vtpm_uuid, transfer=_canonical(transfer, "transfer id"),
+                              envelope=envelope.hex(),
+                              checkpoint=_canonical(checkpoint, "checkpoint id") if checkpoint else None)[0]
+
+    def unexport(self, vtpm_uuid: str) -> str:
+        return self._transfer("unexport", vtpm_uuid)[0]
+
+    def adopt(self, vtpm_uuid: str) -> str:
+        return self._transfer("adopt", vtpm_uuid)[0]
+
+    def remove(self, vtpm_uuid: str) -> str:
+        """Idempotent: an entry that is already gone counts as removed."""
+        try:
+            return self._transfer("remove", vtpm_uuid)[0]
+        except ManagerError as exc:
+            if f"unknown vTPM uuid {_canonical(vtpm_uuid, 'vTPM uuid')}" in str(exc):
+                return ""
+            raise
+
+
+def _point(text: str, name: str) -> bytes:
+    if not re.fullmatch("[0-9a-f]{128}", text):
+        raise ManagerError(f"{name}: its transfer key node holds {text[:40]!r}, not 128 hex digits; "
+                           "check the manager version against docs/protocol.md")
+    return bytes.fromhex(text)

@@ -20,15 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xen_vtpm.config import Config
-from xen_vtpm.durable import storage_error, write_all, write_atomic
-from xen_vtpm.errors import IntegrityError, PreconditionFailed, VtpmBusy, XenStoreTimeout, XenVtpmError
-from xen_vtpm.model import VtpmCapture, VtpmRef
+from xen_vtpm.durable import fsync_dir, storage_error, write_all, write_atomic
+from xen_vtpm.errors import (
+    DomainNotFound,
+    IntegrityError,
+    PreconditionFailed,
+    StorageError,
+    TransferError,
+    VtpmBusy,
+    XenStoreTimeout,
+    XenVtpmError,
+    XlConfigError,
+)
+from xen_vtpm.model import VtpmCapture, VtpmExport, VtpmRef
 from xen_vtpm.xen.consoles import LogTail, PtyReader, console_tty, log_path, tty_node
 from xen_vtpm.xen.disks import vbds
 from xen_vtpm.xen.domains import domid_of
 from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm.xen.xl import Xl
-from xen_vtpm.xen.xlcfg import load_cfg, parse_disk
+from xen_vtpm.xen.xlcfg import disk_target, format_cfg, load_cfg, parse_cfg, parse_disk, parse_vtpm
 
 from . import preflight
 from .console import TPM_DISABLED, TPM_FAIL, BootVerdict, watch_boot
@@ -52,6 +62,9 @@ def wait_released(xs: XenStore, vtpm_domid: int, manager_domid: int, timeout: fl
     if not xs.wait_for(released, ["@releaseDomain", be], timeout):
         raise XenStoreTimeout(f"domain {vtpm_domid}: vTPM stub domain not released by the manager within "
                               f"{timeout:g} s ({be} still present); do not start another vTPM with its UUID")
+
+
+KIND = "stubdom"
 
 
 @dataclass(frozen=True)
@@ -297,3 +310,108 @@ class StubdomBackend:
 
     def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
         self.mgr.discard(manager_checkpoint)
+
+    # --- moves (docs/migration.md): H‖K travels between managers, wrapped for the receiving
+    # manager's TPM-resident transfer key, and never reaches dom0 in clear -------------------------
+    def move_kind(self) -> str:
+        return KIND
+
+    def move_key(self) -> bytes | None:
+        try:
+            return self.mgr.info().transfer_key
+        except DomainNotFound:
+            return None
+
+    def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
+        """Park the vTPM's entry at the manager (no vTPM stub domain can load or save it until
+        ``unexport``) and take its image, which the parked entry's H must name."""
+        manager_hash, envelope = self.mgr.export(ref.uuid, transfer, recipient)
+        config = self._cfg_file(ref).read_text(encoding="utf-8")
+        image = read_image(self._disk(ref))
+        slots = self._slot_hashes(image)
+        if manager_hash not in slots:
+            self.mgr.unexport(ref.uuid)
+            raise IntegrityError(f"{ref.backend}: the manager's hash {manager_hash[:12]}… matches neither slot of "
+                                 "the vTPM image; the vTPM was not quiescent — retry the move")
+        return VtpmExport(kind=KIND, ref=ref, envelope=envelope, state=image, state_hash=manager_hash,
+                          slot_hashes=slots, config=config)
+
+    def export_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, recipient: bytes) -> bytes:
+        return self.mgr.export(ref.uuid, transfer, recipient, checkpoint=manager_checkpoint)[1]
+
+    def unexport(self, ref: VtpmRef) -> None:
+        self.mgr.unexport(ref.uuid)
+
+    def _incoming_image(self, ref: VtpmRef) -> Path:
+        return Path(self.cfg.vtpm_image_dir) / f"{ref.backend}.img"
+
+    def _incoming_cfg(self, export: VtpmExport) -> str:
+        """The source's cfg for this host: its image here, this host's manager as its backend."""
+        ref = export.ref
+        try:
+            cfg = parse_cfg(export.config, f"{ref.backend}.cfg from the source")
+            disks = list(cfg.get("disk") or [])
+            first = parse_disk(disks[0]) if disks else None
+            links = [parse_vtpm(str(v)) for v in cfg.get("vtpm") or []]
+        except XlConfigError as exc:
+            raise TransferError(f"{ref.backend}: the source's cfg of the vTPM stub domain does not parse ({exc})") \
+                from None
+        if cfg.get("name") != ref.backend or first is None or len(links) != 1 or links[0]["uuid"] != ref.uuid:
+            raise TransferError(f"{ref.backend}: the source's cfg names another domain, disk or vTPM UUID than the "
+                                "moving vTPM (altered)")
+        disks[0] = f"file:{self._incoming_image(ref)},{first['vdev']},{'w' if first['access'] == 'rw' else 'r'}"
+        cfg["disk"] = disks
+        cfg["vtpm"] = [f"backend={self.cfg.manager},uuid={ref.uuid}"]
+        return format_cfg(cfg)
+
+    def check_importable(self, export: VtpmExport) -> None:
+        """Refuse before anything is written if the vTPM would overwrite anything of this host's."""
+        ref = export.ref
+        if self.move_key() is None:
+            raise PreconditionFailed(f"{self.cfg.manager}: this host's vTPM manager cannot take vTPMs in (no "
+                                     "transfer support); start it with transfer=1 (docs/protocol.md §9)")
+        if domid_of(self.xs, ref.backend) is not None:
+            raise PreconditionFailed(f"{ref.backend}: a domain of that name runs on this host; nothing was changed")
+        for path in (Path(self.cfg.domain_cfg_dir) / f"{ref.backend}.cfg", self._incoming_image(ref)):
+            if path.exists():
+                raise PreconditionFailed(f"{path}: exists on this host; move it away to take {ref.backend} in "
+                                         "(nothing was changed)")
+        self._incoming_cfg(export)
+        if export.state_hash not in self._slot_hashes(export.state):
+            raise TransferError(f"{ref.backend}: the moving image has no slot that its secret names (altered)")
+
+    def import_from(self, export: VtpmExport, transfer: str) -> None:
+        """The image and the cfg that names it (durably, in that order), then the manager entry
+        (provisional until ``adopt``).  Idempotent: recover may run it again."""
+        ref = export.ref
+        image = self._incoming_image(ref)
+        write_atomic(image, export.state, mode=0o600)
+        write_atomic(Path(self.cfg.domain_cfg_dir) / f"{ref.backend}.cfg", self._incoming_cfg(export).encode(),
+                     mode=0o600)
+        imported = self.mgr.import_entry(ref.uuid, transfer, export.envelope)
+        if imported != export.state_hash:
+            raise IntegrityError(f"{ref.backend}: the manager imported H {imported[:12]}…, the transfer announced "
+                                 f"{export.state_hash[:12]}…; refusing to start it")
+
+    def import_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, envelope: bytes) -> None:
+        self.mgr.import_entry(ref.uuid, transfer, envelope, checkpoint=manager_checkpoint)
+
+    def adopt(self, ref: VtpmRef) -> None:
+        self.mgr.adopt(ref.uuid)
+
+    def remove(self, ref: VtpmRef) -> None:
+        """This host's copy of the vTPM goes: its stub domain, its manager entry (a parked or
+        provisional one only), its image and cfg.  Idempotent."""
+        self.stop(ref)
+        self.mgr.remove(ref.uuid)
+        cfg = Path(self.cfg.domain_cfg_dir) / f"{ref.backend}.cfg"
+        if not cfg.exists():
+            return
+        try:
+            image = Path(disk_target(load_cfg(str(cfg))))
+            if not image.is_block_device():     # a device stays, as the operator set it up
+                image.unlink(missing_ok=True)
+            cfg.unlink()
+            fsync_dir(cfg.parent)
+        except OSError as exc:
+            raise StorageError(f"{cfg}: cannot remove the moved vTPM's files ({exc.strerror})") from None

@@ -22,7 +22,7 @@ import os
 import resource
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,7 +118,7 @@ class _Spool:
         self._pos += n
         return n
 
-    def blocks(self) -> Iterator[memoryview]:
+    def blocks(self) -> Iterator[bytes | memoryview[int]]:
         """The plaintext, block by block, as it arrives; each block is valid until the next."""
         buf = bytearray(_BLOCK)
         while n := self.readinto(buf):
@@ -195,6 +195,11 @@ class _MemorySpool(_Spool):
             if size > self._size:
                 self._grew(size)
 
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
     def written(self) -> None:
         """`xl save` returned: the store may read all it wrote."""
         assert self._fd is not None
@@ -248,6 +253,47 @@ class _DiskSpool(_Spool):
         self._dec.update_into(scratch[:n], out)
         view[:n] = memoryview(out)[:n]
         return n
+
+
+class _BlockSource(io.RawIOBase):
+    """An iterable of blocks as the readable stream ``_DiskSpool.fill`` takes."""
+
+    def __init__(self, blocks: Iterable[bytes | memoryview[int]]) -> None:
+        self._it, self._rest = iter(blocks), memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        while not self._rest:
+            block = next(self._it, None)
+            if block is None:
+                return 0
+            self._rest = memoryview(block).cast("B")
+        n = min(len(buf), len(self._rest))
+        buf[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
+
+
+class Spooled:
+    """A guest memory image held for a move: in RAM when it fits, else in an encrypted nameless file
+    (``XlStreams.spool_save`` on the source, ``XlStreams.spool`` on the destination).  Read once:
+    what ``blocks`` has yielded is freed behind it."""
+
+    def __init__(self, spool: _Spool) -> None:
+        self._spool = spool
+
+    @property
+    def size(self) -> int:
+        return self._spool._size
+
+    def blocks(self) -> Iterator[bytes | memoryview[int]]:
+        return self._spool.blocks()
+
+    def close(self) -> None:
+        self._spool.cancel()
+        self._spool.close()
 
 
 def _restore_priority() -> None:
@@ -389,7 +435,7 @@ class XlStreams:
         The spool is in RAM when an image of ``expected_bytes`` fits the budget (`spool_ram_mib`),
         else an encrypted file on disk fed through a fifo (bounded memory, slower pause)."""
         self.sweep_spools()
-        if 0 < expected_bytes and expected_bytes + (expected_bytes >> 6) + (16 << 20) <= self._ram_budget():
+        if self._fits(expected_bytes):
             return self._save_to_memory(guest, writer, leave_paused)
         with self._fifo() as fifo:
             spool = _DiskSpool(self.tmp)
@@ -401,6 +447,63 @@ class XlStreams:
                 ingest.cancel()
                 raise
             return ingest
+
+    def _fits(self, expected_bytes: int) -> bool:
+        return 0 < expected_bytes and expected_bytes + (expected_bytes >> 6) + (16 << 20) <= self._ram_budget()
+
+    def spool_save(self, guest: str, expected_bytes: int) -> Spooled:
+        """`xl save -p` into a spool: the guest stays suspended and paused, its image is held here."""
+        self.sweep_spools()
+        if self._fits(expected_bytes):
+            memory = _MemorySpool()
+            try:
+                self.xl.save(guest, memory.path, leave_paused=True)
+            except XlError:
+                try:
+                    memory.check_within_file_size_limit()
+                finally:
+                    memory.close()
+                raise
+            except BaseException:
+                memory.close()
+                raise
+            memory.written()
+            return Spooled(memory)
+        with self._fifo() as fifo:
+            disk = _DiskSpool(self.tmp)
+            try:
+                self._save_into(guest, fifo, disk, leave_paused=True)
+            except BaseException:
+                disk.close()
+                raise
+            return Spooled(disk)
+
+    def spool(self, blocks: Iterable[bytes | memoryview[int]], expected_bytes: int) -> Spooled:
+        """Hold an image that arrives as blocks (a move's destination) until it is restored."""
+        self.sweep_spools()
+        if self._fits(expected_bytes):
+            memory = _MemorySpool()
+            try:
+                for block in blocks:
+                    view = memoryview(block)
+                    while view:
+                        view = view[os.write(memory.fd, view):]
+            except OSError as exc:
+                memory.close()
+                raise storage_error(exc, Path(memory.path), "holding the incoming guest memory") from None
+            except BaseException:
+                memory.close()
+                raise
+            memory.written()
+            return Spooled(memory)
+        self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        disk = _DiskSpool(self.tmp)
+        try:
+            disk.fill(_BlockSource(blocks))
+        except BaseException:
+            disk.close()
+            raise
+        return Spooled(disk)
 
     def _ram_budget(self) -> int:
         """Bytes of RAM a spool may take: `spool_ram_mib`, or by default half of what is available."""
@@ -484,7 +587,13 @@ class XlStreams:
             self._restore_through_fifo(guest, _image_blocks(image, str(self.tmp)), os.fstat(image.fd).st_size,
                                        paused=paused)
 
-    def _restore_through_fifo(self, guest: str, blocks: Iterator[bytes], total: int | None, *, paused: bool) -> None:
+    def restore_from(self, guest: str, blocks: Iterable[bytes | memoryview[int]], total: int | None, *,
+                     paused: bool) -> None:
+        """Feed the image ``blocks`` yields (a checkpoint already verified, or a moved guest's memory)
+        into `xl restore` through a fifo."""
+        self._restore_through_fifo(guest, iter(blocks), total, paused=paused)
+
+    def _restore_through_fifo(self, guest: str, blocks: Iterator[bytes | memoryview[int]], total: int | None, *, paused: bool) -> None:
         with self._fifo() as fifo:
             result: dict[str, Any] = {}
 

@@ -28,10 +28,12 @@ _RESTORE_FLAGS = {"-p"}
 
 @dataclass
 class Route:
-    action: str                  # "passthrough" | "save" | "restore" | "create" (start its swtpm, then xl)
+    action: str                  # "passthrough" | "save" | "restore" | "migrate" | "create" (start its swtpm, then xl)
     domain: str | None = None
     file: str | None = None
     paused: bool = False
+    host: str | None = None      # migrate: the destination
+    ssh: str = "ssh"             # migrate: -s SSHCOMMAND
 
 
 def _split(args: list[str], flags: set[str], cmd: str) -> tuple[set[str], list[str]]:
@@ -83,12 +85,38 @@ def route(argv: list[str], *, has_vtpm_domain, has_vtpm_file, has_swtpm_cfg=lamb
                              "not supported by the wrapper; usage: xl restore [-p] FILE")
         return Route("restore", file=pos[0], paused="-p" in opts)
     if cmd == "migrate":
-        pos = [a for a in args if not a.startswith("-")]
-        if pos and has_vtpm_domain(pos[0]):
-            raise PreconditionFailed(
-                f"{pos[0]}: live migration of a guest with a vTPM is not supported yet (the vTPM manager's "
-                "secrets cannot follow it to another host until pool support exists)")
+        return _migrate(args, has_vtpm_domain)
     return Route("passthrough")
+
+
+def _migrate(args: list[str], has_vtpm_domain) -> Route:
+    """`xl migrate [-s SSHCOMMAND] [-p] [-e] DOMAIN HOST` (xl_cmdtable.c): a guest with a vTPM moves
+    with `xen-vtpm migrate`; an option that would change what moves is refused."""
+    opts, pos, ssh = set(), [], "ssh"
+    it = iter(args)
+    for a in it:
+        if a.startswith("-s"):
+            ssh = a[2:] or next(it, "")
+        elif a.startswith("-C"):            # -C CONFIG takes a value, like -s
+            opts.add("-C")
+            if a == "-C":
+                next(it, None)
+        elif a.startswith("-") and len(a) > 1 and not a.startswith("--"):
+            opts.update("-" + ch for ch in a[1:])
+        elif a.startswith("--"):
+            opts.add(a)
+        else:
+            pos.append(a)
+    if not pos or not has_vtpm_domain(pos[0]):
+        return Route("passthrough")
+    unsupported = opts - {"-p", "-e"}
+    if unsupported:
+        raise UsageError(f"xl migrate {pos[0]}: option {sorted(unsupported)[0]} is not supported by the xen-vtpm "
+                         "wrapper for a guest with a vTPM (a cold move: -s, -p and -e only)")
+    if len(pos) != 2:
+        raise UsageError(f"xl migrate {pos[0]}: usage: xl migrate [-s SSHCOMMAND] [-p] DOMAIN HOST")
+    # -e (do not wait on HOST for the domain's death) changes nothing here: the move ends on HOST.
+    return Route("migrate", domain=pos[0], host=pos[1], ssh=ssh, paused="-p" in opts)
 
 
 def _is_wrapper(path: str) -> bool:

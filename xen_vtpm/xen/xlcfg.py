@@ -263,3 +263,19 @@ def disk_target(cfg: dict[str, Any]) -> str:
     if not disks:
         raise XlConfigError(f"{cfg.get('name', 'config')}: no disk= entry; a vTPM stub domain needs its image as hda")
     return parse_disk(disks[0])["target"]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+        raise XlConfigError(f"cannot write {_show(value)} to an xl cfg: not a string, number or list")
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    return str(value)
+
+
+def format_cfg(cfg: dict[str, Any]) -> str:
+    """xl.cfg text that ``parse_cfg`` reads back as ``cfg`` (one ``KEY = VALUE`` per line)."""
+    return "".join(f"{key} = {_format_value(value)}\n" for key, value in cfg.items())
