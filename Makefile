@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint crash fuzz soak bench clean
 SOAK_CYCLES ?= 120
+# Test workers: most of a test's time is spent waiting on its simulated host's processes, so three
+# workers keep two cores busy.  Each worker's hosts, TPMs and ports are its own.
+TEST_WORKERS ?= 3
 FUZZ_SECONDS ?= 20
 
 # The simulated vtpmmgr is Xen 4.17's manager with the checkpoint extension, built natively
@@ -35,7 +38,7 @@ demo: setup
 # The architecture contracts first (seconds), then the suite.
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # Architecture (import-linter contracts in pyproject.toml), lint (ruff) and types (mypy).
 lint: setup

@@ -16,7 +16,7 @@ setup(
         "cryptography>=41",
         "tpm2-pytss>=2.1",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "bench": ["blake3>=0.4"],
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.5", "hypothesis>=6"], "bench": ["blake3>=0.4"],
                     "fuzz": ["atheris>=2.3"],
                     "lint": ["ruff==0.17.6", "mypy==2.4.1", "import-linter==2.17"]},
     entry_points={

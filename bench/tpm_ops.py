@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tpm2_pytss.constants import ESYS_TR  # noqa: E402
-
 from tpm_fixture import Swtpm, make_cfg  # noqa: E402
-from xen_vtpm.host import provision, session, tpm as hosttpm  # noqa: E402
+
+from xen_vtpm.host import provision, session  # noqa: E402
+from xen_vtpm.host import tpm as hosttpm
 from xen_vtpm.host.tpm import HostTpm, SealedBlob  # noqa: E402
 
 

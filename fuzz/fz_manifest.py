@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 with harness.instrumented():
+    import store_seeds
+
     from xen_vtpm.errors import IntegrityError
     from xen_vtpm.store import manifest
-    import store_seeds
 
 
 def seeds() -> list[bytes]:

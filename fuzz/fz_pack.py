@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 with harness.instrumented():
+    import store_seeds
+
     from xen_vtpm.errors import IntegrityError
     from xen_vtpm.store import packs
-    import store_seeds
 
 # Every seed pack is renamed to this one name (its header's pack id is rewritten to match),
 # so mutations keep the name binding valid and reach the index checks.
@@ -25,7 +26,7 @@ _DIR: Path | None = None
 
 def seeds() -> list[bytes]:
     out = []
-    for name, data in store_seeds.artifacts()[1].items():
+    for _name, data in store_seeds.artifacts()[1].items():
         raw = bytearray(data)
         raw[16:32] = bytes.fromhex(NAME)
         out.append(_redigest(bytes(raw)))

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
 import fz_xl_header  # noqa: E402
+import harness  # noqa: E402
 
 with harness.instrumented():
     from xen_vtpm.errors import MalformedSaveFile

@@ -1,6 +1,7 @@
 """Fuzz target: the simulated xenstored's wire parser and request dispatch, in process.
 
-The input is a byte stream as a client would send it (accepted = at least one whole message).  ``parse_messages`` must split it or
+The input is a byte stream as a client would send it (accepted = at least one whole message).
+``parse_messages`` must split it or
 raise Oversized; the messages are then handled by a fresh daemon on two connections (even
 req_id: dom0, odd: unprivileged domain 3) and every request must get exactly one well-formed
 reply, in order, while the node tree stays consistent.  The daemon over a real socket is

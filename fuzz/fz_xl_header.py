@@ -10,8 +10,8 @@ import harness  # noqa: E402
 
 with harness.instrumented():
     from xen_vtpm.errors import MalformedSaveFile
-    from xen_vtpm_sim.savestream import write_save
     from xen_vtpm.xen.savefile import FLAG_JSON, HEADER, read_save_header
+    from xen_vtpm_sim.savestream import write_save
 
 GUEST_UUID = "6f2c1a8e-3b0d-4c4e-9a57-1d2e3f405162"
 VTPM_UUID = "0d3c5b7a-9e1f-4a2b-8c3d-4e5f60718293"

@@ -15,14 +15,15 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 # Longest error message we accept: a message echoing megabytes of hostile input floods logs.
 MAX_MESSAGE = 1024
 
 
-def instrumented() -> ContextManager:
+def instrumented() -> AbstractContextManager:
     """Coverage instrumentation of xen_vtpm, only when a target runs as the fuzzer itself.
 
     Imported from pytest or run.py's fallback, the targets must not pay for (or depend on) atheris.

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
 import fz_xenstored_wire  # noqa: E402
+import harness  # noqa: E402
 
-from xen_vtpm_sim.xenstored import HEADER, PAYLOAD_MAX, Op, encode  # noqa: E402
 from xen_vtpm.xen.xenstore import XenStore  # noqa: E402
+from xen_vtpm_sim.xenstored import HEADER, PAYLOAD_MAX, Op, encode  # noqa: E402
 
 DOMU = 3
 PROBE_EVERY = 250

@@ -20,8 +20,8 @@ import dataclasses
 import os
 import re
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 SYSCALLS = ("open", "openat", "creat", "write", "pwrite64", "writev", "pwritev", "pwritev2", "fsync",
             "fdatasync", "rename", "renameat", "renameat2", "mkdir", "mkdirat", "unlink", "unlinkat")

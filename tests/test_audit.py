@@ -8,11 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from tpm_fixture import fresh_cache, host_cfg, swtpm_session  # noqa: F401
+
 from xen_vtpm.cli import render
-from xen_vtpm.host import audit, head as catalog_head, provision, session
 from xen_vtpm.errors import IntegrityError
+from xen_vtpm.host import audit, provision, session
+from xen_vtpm.host import head as catalog_head
 
 
 @pytest.fixture

@@ -26,13 +26,11 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from e2e_helpers import (GUEST, E2EHost, assert_one_line_error, e2e_host, pcr_extend, pcr_read,
-                         saved_memory_digest)
+from e2e_helpers import GUEST, E2EHost, assert_one_line_error, e2e_host, pcr_extend, pcr_read, saved_memory_digest
 
 N_GUESTS = 16
 OTHERS = [f"guest{i}" for i in range(2, N_GUESTS + 1)]

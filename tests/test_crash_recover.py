@@ -39,7 +39,7 @@ KILLED_RECOVER = "+recover-killed"
 KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 # `make test` runs a representative subset (pyproject deselects crash_full); `make crash`
-# (`pytest -m crash_full`) runs the rest of the matrix, and CI runs both.
+# (`pytest -m crash_full`) runs the rest of the matrix (hours on 2 cores: a nightly job, not every CI run).
 FULL_ONLY = pytest.mark.crash_full
 NO_RETURN = ("commit", "destroy-guest")
 REPRESENTATIVE_STORE = ("write.committed", "delete.committed")

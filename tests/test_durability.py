@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from durability_trace import (SYNCS, Call, parse, publish_problems, run_traced, sqlite_problems, stdout_marker,
-                              without)
+from durability_trace import SYNCS, Call, parse, publish_problems, run_traced, sqlite_problems, stdout_marker, without
 from tpm_fixture import fresh_cache, make_cfg, swtpm_session  # noqa: F401
+
 from xen_vtpm.host import session
 
 # A store session in its own process: two checkpoints, then a delete that compacts (A = P+Q in one

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from e2e_helpers import BACKENDS, GUEST, advance_guest_tpm, e2e_host, provision_guest_tpm, tpm_state
 
 

@@ -2,7 +2,8 @@
 
 The guest side is a real TPM client talking to the guest's vTPM: every test runs with Xen's vTPM stub
 domain carrying the simulator's TPM 2.0 stand-in (tpm2-pytss ESAPI) and Xen's own TPM 1.2 (raw TPM 1.2
-commands), and with swtpm in dom0 behind an HVM guest's device model; the tool is the `xen-vtpm` command.  The memory the tool captured is known exactly from the recording `xl`
+commands), and with swtpm in dom0 behind an HVM guest's device model; the tool is the `xen-vtpm` command.  The
+memory the tool captured is known exactly from the recording `xl`
 (e2e_helpers), so "memory at the snapshot" is a byte-for-byte fact, not an assumption.
 """
 from __future__ import annotations
@@ -12,10 +13,9 @@ import signal
 import time
 
 import pytest
+from e2e_helpers import GUEST, VTPMS, e2e_host, saved_memory_digest
 
 from xen_vtpm_sim import domains
-
-from e2e_helpers import GUEST, VTPMS, e2e_host, saved_memory_digest
 
 
 @pytest.fixture(scope="module", params=list(VTPMS.values()), ids=list(VTPMS))

@@ -8,7 +8,6 @@ are refused.  Broken save files are refused before anything is touched.
 from __future__ import annotations
 
 import pytest
-
 from e2e_helpers import GUEST, VTPMS, e2e_host, saved_memory_digest
 
 

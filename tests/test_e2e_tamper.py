@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
-from e2e_helpers import BACKENDS, E2EHost, GUEST, e2e_host, provision_guest_tpm, tpm_state
+from e2e_helpers import BACKENDS, GUEST, E2EHost, e2e_host, provision_guest_tpm, tpm_state
 
 from xen_vtpm.store import manifest as manifest_format
 

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import fz_delta  # noqa: E402
@@ -31,15 +32,15 @@ import fz_xenstored_wire  # noqa: E402
 import fz_xl_header  # noqa: E402
 import fz_xlcfg  # noqa: E402
 import live_xenstored  # noqa: E402
+from xs_fixture import start_xenstored  # noqa: E402
 
-from xen_vtpm.xen import xlcfg  # noqa: E402
 from xen_vtpm.errors import XenStoreError, XlConfigError  # noqa: E402
+from xen_vtpm.store import manifest  # noqa: E402
+from xen_vtpm.xen import xlcfg  # noqa: E402
+from xen_vtpm.xen.xenstore import XenStore  # noqa: E402
 from xen_vtpm_sim import mgrproto as mp  # noqa: E402
 from xen_vtpm_sim.savestream import PAGE_SIZE, read_save, write_save  # noqa: E402
 from xen_vtpm_sim.xenstored import Op, encode  # noqa: E402
-from xen_vtpm.store import manifest  # noqa: E402
-from xen_vtpm.xen.xenstore import XenStore  # noqa: E402
-from xs_fixture import start_xenstored  # noqa: E402
 
 TARGETS = {"xl-header": fz_xl_header, "savestream": fz_savestream, "xenstored-wire": fz_xenstored_wire,
            "manifest": fz_manifest, "delta": fz_delta, "pack": fz_pack, "mgrproto": fz_mgrproto, "vtpmblk": fz_vtpmblk,

@@ -18,7 +18,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xen_vtpm import hashing as H
 from xen_vtpm._hashing import ffi, lib

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from xen_vtpm.xen import wrapper as hooks
 from xen_vtpm.errors import PreconditionFailed, UsageError, XlError
+from xen_vtpm.xen import wrapper as hooks
 
 VTPM_DOMS = {"guest1"}
 VTPM_FILES = {"/s/guest1.save"}

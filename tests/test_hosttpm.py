@@ -7,12 +7,18 @@ import stat
 import pytest
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
 from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
-
 from tpm_fixture import _free_port_pair, fresh_cache, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm.host import provision, session, tpm as hosttpm
+
 from xen_vtpm.errors import (
-    AuthorizationDenied, ConfigError, NvIndexError, PcrPolicyMismatch, TpmLockout, TpmUnreachable,
+    AuthorizationDenied,
+    ConfigError,
+    NvIndexError,
+    PcrPolicyMismatch,
+    TpmLockout,
+    TpmUnreachable,
 )
+from xen_vtpm.host import provision, session
+from xen_vtpm.host import tpm as hosttpm
 from xen_vtpm.host.tpm import HostTpm, SealedBlob, auth_value, parse_pcrs
 
 PCRS = "sha256:0,2,4,7"

@@ -5,11 +5,13 @@ import shutil
 import sqlite3
 
 import pytest
-
 from tpm_fixture import fresh_cache, host_cfg, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm.host import catalogdb, head as catalog_head, provision, session, tpm as hosttpm
-from xen_vtpm.host.head import Head, check_fresh
+
 from xen_vtpm.errors import CounterAhead, IntegrityError, ReplayDetected
+from xen_vtpm.host import catalogdb, provision, session
+from xen_vtpm.host import head as catalog_head
+from xen_vtpm.host import tpm as hosttpm
+from xen_vtpm.host.head import Head, check_fresh
 from xen_vtpm.host.keys import derive_keys
 
 

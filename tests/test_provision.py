@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tpm_fixture import _free_port_pair, fresh_cache, host_cfg, make_cfg, swtpm, swtpm_session  # noqa: F401
-from xen_vtpm.host import audit, head as catalog_head, provision, session
+
 from xen_vtpm.config import Config
 from xen_vtpm.errors import AuthorizationDenied, IntegrityError, PcrPolicyMismatch, UsageError
+from xen_vtpm.host import audit, provision, session
+from xen_vtpm.host import head as catalog_head
 from xen_vtpm.host.tpm import HostTpm
 
 

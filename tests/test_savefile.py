@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xen_vtpm.errors import MalformedSaveFile
-from xen_vtpm_sim import savestream as ss
 from xen_vtpm.xen.savefile import HEADER, SaveHeader, read_save_header
+from xen_vtpm_sim import savestream as ss
 
 XEN_PY = Path("/usr/lib/xen-4.17/lib/python")
 VERIFIER = Path("/usr/lib/xen-4.17/bin/verify-stream-v2")
@@ -395,7 +395,7 @@ def test_truncation_at_every_record_boundary_and_inside_pages():
     stream_start = read_save_header(io.BytesIO(SMALL)).stream_offset
     for n in list(range(stream_start, stream_start + 200)) + list(range(len(SMALL) - 200, len(SMALL))) + [
             len(SMALL) // 2]:
-        with pytest.raises(MalformedSaveFile, match=rf"offset \d+: "):
+        with pytest.raises(MalformedSaveFile, match=r"offset \d+: "):
             read_small(SMALL[:n])
     assert read_small(SMALL).pages == 3
 
@@ -407,7 +407,8 @@ def test_truncation_at_every_record_boundary_and_inside_pages():
     (libxc_prefix() + page_data([0, 1], [b"\0" * PAGE]) + libxc_suffix(), "does not match 2 pfns with 2 data"),
     (libxc_prefix() + page_data([1 << 55], []) + libxc_suffix(), "reserved bits"),
     (libxc_prefix() + page_data([1 << 60 | 1], [b"\0" * PAGE]) + libxc_suffix(), "page type 0x1"),
-    (libxc_prefix() + ss.record(ss.LibxcRec.PAGE_DATA, struct.pack("=II", 0, 0) + bytes(8)) + libxc_suffix(), "count 0"),
+    (libxc_prefix() + ss.record(ss.LibxcRec.PAGE_DATA, struct.pack("=II", 0, 0) + bytes(8)) + libxc_suffix(),
+     "count 0"),
     (libxc_prefix() + ss.record(ss.LibxcRec.SHARED_INFO, bytes(PAGE)) + libxc_suffix(), "not valid in a saved HVM"),
     (libxc_prefix() + ss.record(ss.LibxcRec.STATIC_DATA_END) + libxc_suffix(), "outside the static data"),
     (libxc_prefix() + ss.record(ss.LibxcRec.HVM_CONTEXT, b"\1" * 8) + libxc_suffix(), "HVM_CONTEXT blob"),

@@ -26,23 +26,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from e2e_helpers import GUEST, E2EHost, e2e_host, esapi, provision_guest_tpm
 from tpm2_pytss.constants import TPM2_ALG, TPMA_NV
 from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
-from e2e_helpers import E2EHost, GUEST, e2e_host, esapi, provision_guest_tpm
-
 from xen_vtpm.config import Config
 from xen_vtpm.errors import XenStoreNotFound, XenStorePermission
-from xen_vtpm.host.tpm import HostTpm, SealedBlob
 from xen_vtpm.host.keys import derive_keys
 from xen_vtpm.host.session import HOSTKEY
+from xen_vtpm.host.tpm import HostTpm, SealedBlob
+from xen_vtpm.xen.xenstore import XenStore
 from xen_vtpm_sim import vtpmblk
 from xen_vtpm_sim.mgrdisk import MgrDisk, PtpmSealer
-from xen_vtpm.xen.xenstore import XenStore
 
 NV_SECRET_INDEX = 0x01800020
 SCRATCH_PREFIX = "swtpm-"
@@ -181,7 +180,7 @@ def scan_processes(s: Secrets) -> list[str]:
 
 def bad_modes(state_dir: Path) -> list[str]:
     bad = []
-    for dirpath, dirnames, names in os.walk(state_dir):
+    for dirpath, _dirnames, names in os.walk(state_dir):
         for p in [Path(dirpath)] + [Path(dirpath, n) for n in names]:
             with contextlib.suppress(FileNotFoundError):
                 mode = p.lstat().st_mode

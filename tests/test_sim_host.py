@@ -50,7 +50,8 @@ def test_up_create_chain_save_and_down_leave_nothing(tmp_path):
         one_line_error(tool("sim", "up", "--dir", str(d)), 4, "already runs")
 
         sim.create_guest("g1", memory=16)
-        assert [r.split()[0] for r in sim.xl("list").stdout.splitlines()[1:]] == ["Domain-0", "vtpmmgr", "vtpm-g1", "g1"]
+        names = [r.split()[0] for r in sim.xl("list").stdout.splitlines()[1:]]
+        assert names == ["Domain-0", "vtpmmgr", "vtpm-g1", "g1"]
         assert (d / "images" / "vtpm-g1.img").stat().st_size == 2 << 20
         image = (d / "images" / "vtpm-g1.img").read_bytes()
         one_line_error(tool("sim", "create", "g1", "--dir", str(d)), 4, "already exists")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from sim_fixture import sim_host_module  # noqa: F401
 
-from xen_vtpm_sim import domains
 from xen_vtpm.xen.savefile import read_save_header
 from xen_vtpm.xen.xl import parse_vtpm_list, parse_xl_list
+from xen_vtpm_sim import domains
 
 VERIFY = "/usr/lib/xen-4.17/bin/verify-stream-v2"
 
@@ -116,7 +116,8 @@ def test_xenstore_layout_vtpm_device_and_release_watch(sim):
     mgr = sim.domid("vtpmmgr")
     sim.xl("create", write_cfg(sim, "lay", vtpm=f"backend=vtpmmgr,uuid={vuuid}"))
     d = sim.domid("lay")
-    fe, be, lx = f"/local/domain/{d}/device/vtpm/0", f"/local/domain/{mgr}/backend/vtpm/{d}/0", f"/libxl/{d}/device/vtpm/0"
+    fe, be = f"/local/domain/{d}/device/vtpm/0", f"/local/domain/{mgr}/backend/vtpm/{d}/0"
+    lx = f"/libxl/{d}/device/vtpm/0"
     assert xs_read(sim, f"/local/domain/{d}/name") == "lay"
     assert xs_read(sim, f"/local/domain/{d}/domid") == str(d)
     vm = xs_read(sim, f"/local/domain/{d}/vm")

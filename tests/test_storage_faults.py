@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 
-import pytest
-
 import crash_helpers as ch
 import fault_helpers as fh
+import pytest
 from crash_helpers import GUEST
 from sim_fixture import start_sim_host, stop_sim_host
 

@@ -1,7 +1,8 @@
 """Crash safety: SIGKILL a writer or deleter at each journaled step, then recover and verify.
 
 The child process runs the real store code with a test hook installed (``xen_vtpm.faults``) that
-SIGKILLs it at the named step (docs/formats.md, "Checkpoint store" §4).  A second variant kills a writer while it is blocked
+SIGKILLs it at the named step (docs/formats.md, "Checkpoint store" §4).  A second variant kills a writer while
+it is blocked
 reading its input pipe after N bytes.
 """
 from __future__ import annotations
@@ -15,9 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
+from test_store_helpers import (
+    guest_memory,
+    open_repo,
+    randbytes,
+    read_all,
+    rewrite_pages,
+    store_files,
+    write_checkpoint,
+)
 
-from test_store_helpers import (guest_memory, open_repo, randbytes, read_all, rewrite_pages, store_files,
-                                write_checkpoint)
 from xen_vtpm.errors import IntegrityError
 
 TESTS = Path(__file__).resolve().parent

@@ -6,8 +6,8 @@ import shutil
 import sqlite3
 
 import pytest
-
 from test_store_helpers import guest_memory, open_repo, read_all, rewrite_pages, store_files, write_checkpoint
+
 from xen_vtpm.errors import IntegrityError
 from xen_vtpm.store.catalog import SCHEMA_VERSION
 from xen_vtpm.store.packs import ENTRY
@@ -94,9 +94,11 @@ def test_deleting_the_parent_keeps_the_child(store):
     assert repo.verify(g2)["status"] == "ok" and repo.verify(g3)["status"] == "ok"
     assert repo.catalog.query(INVARIANT) == [(0,)]
     # g1's chunks that deltas still use stay, counted by their deps rows alone.
-    kept = repo.catalog.query("SELECT count(*) FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.chunk = c.id)")
+    kept = repo.catalog.query("SELECT count(*) FROM chunks c "
+                              "WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.chunk = c.id)")
     assert kept[0][0] > 0
-    assert repo.catalog.query("SELECT count(*) FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.chunk = c.id) "
+    assert repo.catalog.query("SELECT count(*) FROM chunks c "
+                              "WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.chunk = c.id) "
                               "AND NOT EXISTS (SELECT 1 FROM deps d WHERE d.base = c.id)") == [(0,)]
     repo.delete(g2)
     assert read_all(repo, g3) == GEN3 and repo.verify(g3)["status"] == "ok"
@@ -164,7 +166,8 @@ def _flip_entry(repo, state, cid):
 TAMPER = {
     "delta-entry-byte": lambda repo, state, chunk, base: _flip_entry(repo, state, chunk),
     "base-entry-byte": lambda repo, state, chunk, base: _flip_entry(repo, state, base),
-    "delta-flag-cleared": lambda repo, state, chunk, base: _sql(state, "UPDATE chunks SET delta=0 WHERE id=?", (chunk,)),
+    "delta-flag-cleared":
+        lambda repo, state, chunk, base: _sql(state, "UPDATE chunks SET delta=0 WHERE id=?", (chunk,)),
     "delta-flag-set-on-full": lambda repo, state, chunk, base: _sql(state, "UPDATE chunks SET delta=1 WHERE id=?",
                                                                     (base,)),
     "delta-flag-cleared-deps-deleted": lambda repo, state, chunk, base: (

@@ -7,8 +7,8 @@ import hmac
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from test_store_helpers import KEYS, OTHER_KEYS
+
 from xen_vtpm.errors import IntegrityError, UsageError
 from xen_vtpm.store.manifest import MAC_SIZE, MAX_METADATA, Manifest, StreamRecord, decode, encode, parse
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-from test_hashing import SANITIZE, _LOADER, _run_python, _sanitized_build
+from test_hashing import _LOADER, SANITIZE, _run_python, _sanitized_build
 from test_store_helpers import KEYS, guest_memory, open_repo, randbytes, read_all, rewrite_pages, write_checkpoint
+
 from xen_vtpm.errors import IntegrityError, StorageError
 from xen_vtpm.hashing import PyChunker
 from xen_vtpm.store import Sink

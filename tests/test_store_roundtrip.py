@@ -8,9 +8,17 @@ import threading
 import time
 
 import pytest
+from test_store_helpers import (
+    KEYS,
+    METADATA,
+    guest_memory,
+    open_repo,
+    randbytes,
+    read_all,
+    store_files,
+    write_checkpoint,
+)
 
-from test_store_helpers import (KEYS, METADATA, guest_memory, open_repo, randbytes, read_all, store_files,
-                                write_checkpoint)
 from xen_vtpm import __version__
 from xen_vtpm.errors import CheckpointNotFound, UsageError
 from xen_vtpm.store.catalog import SCHEMA_VERSION
@@ -211,9 +219,11 @@ def test_reopen_and_catalog_shared_with_other_tables(tmp_path):
 
 
 def test_chunk_ids_are_keyed():
-    from xen_vtpm.store.chunks import ChunkCipher
-    from test_store_helpers import OTHER_KEYS
     import hashlib
+
+    from test_store_helpers import OTHER_KEYS
+
+    from xen_vtpm.store.chunks import ChunkCipher
     data = b"page" * 1024
     a, b = ChunkCipher(KEYS).chunk_id(data), ChunkCipher(OTHER_KEYS).chunk_id(data)
     assert a != b and hashlib.sha256(data).digest() not in (a, b)

@@ -7,9 +7,8 @@ import shutil
 import sqlite3
 
 import pytest
+from test_store_helpers import OTHER_KEYS, guest_memory, open_repo, randbytes, read_all, write_checkpoint
 
-from test_store_helpers import (OTHER_KEYS, guest_memory, open_repo, randbytes, read_all,
-                                write_checkpoint)
 from xen_vtpm.errors import IntegrityError
 from xen_vtpm.store import Repository
 from xen_vtpm.store.packs import ENTRY, HEADER

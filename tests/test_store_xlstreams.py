@@ -15,8 +15,8 @@ import threading
 import time
 
 import pytest
-
 from test_store_helpers import KEYS, guest_memory, open_repo, read_all
+
 from xen_vtpm.config import Config
 from xen_vtpm.errors import IntegrityError, XlError
 from xen_vtpm.hashing import PyChunker

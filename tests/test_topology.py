@@ -5,8 +5,8 @@ import re
 import pytest
 from sim_fixture import sim_host_module  # noqa: F401
 
-from xen_vtpm.xen import topology
 from xen_vtpm.config import Config
+from xen_vtpm.xen import topology
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import time
 import uuid as uuidlib
 
 import pytest
-
 from sim_fixture import sim_host_module  # noqa: F401
 from test_vtpm_stubdom import VtpmLab, _populate, lab  # noqa: F401  (module scope: a host of its own)
+
 from xen_vtpm.errors import ManagerError
-from xen_vtpm_sim.mgrdisk import FLAG_CHECKPOINT, MgrDisk, PtpmSealer
 from xen_vtpm.vtpm import manager
 from xen_vtpm.xen.consoles import log_path
 from xen_vtpm.xen.xenstore import XenStore
+from xen_vtpm_sim.mgrdisk import FLAG_CHECKPOINT, MgrDisk, PtpmSealer
 
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
 
@@ -58,7 +58,8 @@ def test_a_checkpoint_entry_is_never_a_vtpm(lab):
     with lab.tpm(imposter) as tpm:
         tpm.pcr16()                                       # ...and its first save is refused too
     deadline = time.monotonic() + 10
-    while "VTPM_SaveHashKey() failed with error code (3)" not in log_path(lab.cfg.log_dir, imposter.name).read_text()[offset:]:
+    log = log_path(lab.cfg.log_dir, imposter.name)
+    while "VTPM_SaveHashKey() failed with error code (3)" not in log.read_text()[offset:]:
         assert time.monotonic() < deadline, "the imposter's SAVEHASHKEY was not refused"
         time.sleep(0.05)
     assert "vTPM UUID names a checkpoint entry" in lab.manager_log()

@@ -8,12 +8,11 @@ import subprocess
 import threading
 
 import pytest
-
-from xen_vtpm.errors import (XenStoreError, XenStoreNotFound, XenStorePermission, XenStoreTimeout,
-                             XenStoreUnavailable)
-from xen_vtpm_sim.xenstored import HEADER, Op
-from xen_vtpm.xen.xenstore import DEFAULT_SOCKET, XenStore, resolve_endpoint
 from xs_fixture import start_xenstored, xenstored  # noqa: F401  (fixture)
+
+from xen_vtpm.errors import XenStoreError, XenStoreNotFound, XenStorePermission, XenStoreTimeout, XenStoreUnavailable
+from xen_vtpm.xen.xenstore import DEFAULT_SOCKET, XenStore, resolve_endpoint
+from xen_vtpm_sim.xenstored import HEADER, Op
 
 WAIT = 10.0
 

@@ -10,9 +10,9 @@ import threading
 
 import pytest
 from pyxs import Client
+from xs_fixture import start_xenstored, xenstored  # noqa: F401  (fixture)
 
 from xen_vtpm_sim.xenstored import HEADER, Message, Op, Oversized, encode, parse_messages
-from xs_fixture import start_xenstored, xenstored  # noqa: F401  (fixture)
 
 WAIT = 10.0   # upper bound for anything we wait on; never asserted as a duration
 

@@ -13,13 +13,13 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from xen_vtpm.host import provision, session
 from xen_vtpm.config import Config
+from xen_vtpm.host import provision, session
 
 _counter_indices = itertools.count(0x01500100)
 

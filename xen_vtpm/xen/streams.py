@@ -593,7 +593,8 @@ class XlStreams:
         into `xl restore` through a fifo."""
         self._restore_through_fifo(guest, iter(blocks), total, paused=paused)
 
-    def _restore_through_fifo(self, guest: str, blocks: Iterator[bytes | memoryview[int]], total: int | None, *, paused: bool) -> None:
+    def _restore_through_fifo(self, guest: str, blocks: Iterator[bytes | memoryview[int]], total: int | None, *,
+                              paused: bool) -> None:
         with self._fifo() as fifo:
             result: dict[str, Any] = {}
 
