@@ -105,7 +105,7 @@ def test_points_inside_a_step_are_named_for_the_hook_and_journal_nothing(tmp_pat
         j.passed(op, "advance-head", "audited")
     finally:
         faults.install(None)
-    assert seen == ["delete:delete-store", "delete:delete-store:deleted", "delete:advance-head",
+    assert seen == ["delete:begin", "delete:delete-store", "delete:delete-store:deleted", "delete:advance-head",
                     "delete:advance-head:audited"]
     (again,) = Journal(tmp_path / "catalog.sqlite", KEY).unfinished()
     assert [name for name, _ in again.steps] == ["delete-store", "advance-head"]

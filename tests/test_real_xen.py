@@ -151,8 +151,15 @@ class TestUnprovisioned:
         assert "Unauthorized vTPM kernel image used!" in lab.manager_log(wait_for="Unauthorized vTPM kernel image")
         lab.destroy(again)
 
-    def test_rollback_is_refused_with_the_fix_and_changes_nothing(self, unprov):
-        _restart_refused(unprov, ("not provisioned", "kernel", "docs/real-xen.md"))
+    def test_snapshot_is_refused_with_the_fix_and_changes_nothing(self, unprov):
+        """The manager cannot keep a checkpoint entry, so no checkpoint is taken (nor any rollback to
+        one possible): refused before the guest is suspended."""
+        advanced = unprov.advance_tpm(b"unprovisioned")
+        assert unprov.tool_json("checkpoints") == []    # (opens the store, whose catalog _untouched reads)
+        state = _untouched(unprov)
+        line = unprov.fails(4, "snapshot", GUEST, "--name", "never")
+        assert all(w in line for w in ("not provisioned", "kernel", "docs/real-xen.md")), line
+        assert _untouched(unprov) == state and unprov.tpm_state() == advanced
 
     def test_doctor_names_the_missing_provisioning(self, unprov):
         checks = _doctor(unprov, 4)

@@ -191,7 +191,7 @@ def test_catalog_renamed_during_a_snapshot_is_not_bound(host, tmp_path):
             str(h.catalog), SWAP_NAMES]
     head_before = _rows(h, "SELECT * FROM head ORDER BY kind")
     log = tmp_path / "hook.log"
-    proc = subprocess.run([*faulty_argv(fault_at="snapshot:commit", fault_cmd=shlex.join(swap), log=log),
+    proc = subprocess.run([*faulty_argv(faults=[("snapshot:commit", shlex.join(swap))], log=log),
                            "snapshot", GUEST, "--name", "during"], env=h.env, capture_output=True, text=True,
                           timeout=120)
     try:

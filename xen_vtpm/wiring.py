@@ -56,6 +56,9 @@ class VtpmBackends:
     def check_can_restart(self, ref: VtpmRef) -> None:
         self.of(ref).check_can_restart(ref)
 
+    def check_can_capture(self, ref: VtpmRef) -> None:
+        self.of(ref).check_can_capture(ref)
+
     def check_single_consumer(self, ref: VtpmRef) -> None:
         self.of(ref).check_single_consumer(ref)
 

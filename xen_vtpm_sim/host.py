@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -48,8 +47,9 @@ MANAGER_EXTRA = "tpm2=1 tpmlocality=2 tpm2_pcrs=0-7 vtpm_label=system_u:system_r
 
 def swtpm_run_link(sim_dir: Path) -> Path:
     """A short name for ``sim_dir/sw``: swtpm's socket is ``<run dir>/<vTPM uuid>.sock``, and a Unix socket
-    path must fit 107 bytes, which a deep test directory would not leave room for."""
-    return Path(tempfile.gettempdir()) / f"xvsw-{hashlib.sha256(str(sim_dir).encode()).hexdigest()[:12]}"
+    path must fit 107 bytes, which a deep test directory would not leave room for.  Always under /tmp:
+    $TMPDIR may itself be deep (the demo's tests point it into theirs)."""
+    return Path("/tmp") / f"xvsw-{hashlib.sha256(str(sim_dir).encode()).hexdigest()[:12]}"
 
 
 def _dirs(sim_dir: Path) -> None:

@@ -73,6 +73,7 @@ class Coordinator(Sequences):
             raise NoCheckpointFeature(
                 f"{vt.backend}: the vTPM manager has no checkpoint support (stock vtpmmgr), so a per-VM "
                 "snapshot cannot be rolled back; use `xen-vtpm save` (guarded), or see docs/protocol.md")
+        self.p.vtpm.check_can_capture(vt)
         self._check_can_suspend(guest)
         self.p.vtpm.check_single_consumer(vt)
         self.p.store.check_writable()

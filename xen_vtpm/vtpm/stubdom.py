@@ -169,6 +169,13 @@ class StubdomBackend:
             raise VtpmBusy(f"{ref.backend}: serves {len(frontends)} frontends ({', '.join(frontends) or 'none'}); "
                            "a checkpoint needs exactly one consumer — detach the others first")
 
+    def check_can_capture(self, ref: VtpmRef) -> None:
+        """An unprovisioned manager refuses to keep a checkpoint entry (it could never write it to its
+        disk, nor reload the vTPM from it): say so, with the fix, before the guest is suspended."""
+        check = preflight.provisioned(self.xs, self.mgr, strict=False)
+        if not check.passed:
+            raise PreconditionFailed(f"{ref.backend}: no checkpoint can be taken: {check.detail}; fix: {check.fix}")
+
     def check_can_restart(self, ref: VtpmRef) -> None:
         """Refuse, before anything is touched, a restart of the vTPM that Xen would answer with a fresh
         vTPM or with one that does not match its guest's memory; the message names the missing piece."""

@@ -369,6 +369,9 @@ class SwtpmBackend:
     def supports_checkpoints(self, ref: VtpmRef) -> bool:
         return True
 
+    def check_can_capture(self, ref: VtpmRef) -> None:
+        """Nothing beyond a registered vTPM, which finding the guest proved."""
+
     def check_can_restart(self, ref: VtpmRef) -> None:
         """Refuse up front a restart that could only give a fresh TPM: swtpm must be installed and this
         vTPM registered here with an encrypted permanent state (``prove`` checks it loads, after start)."""
