@@ -164,6 +164,7 @@ class TestUnprovisioned:
     def test_doctor_names_the_missing_provisioning(self, unprov):
         checks = _doctor(unprov, 4)
         assert not checks["provisioned"]["passed"] and "group 0" in checks["provisioned"]["fix"]
+        assert not checks["manager-persists"]["passed"] and "fresh" in checks["manager-persists"]["detail"]
         assert checks["xsm"]["passed"]
 
 
@@ -200,6 +201,8 @@ class TestConsoleLogOff:
     def test_doctor_passes_with_logging_off(self, nolog):
         checks = _doctor(nolog, 0)
         assert checks["console"]["passed"] and "logging" in checks["console"]["detail"]
+        persists = checks["manager-persists"]
+        assert persists["passed"] and "host TPM 2.0" in persists["detail"] and "nv-counter" in persists["detail"]
         status = nolog.tool_json("status")
         assert status["real_host"] == f"{len(checks)} of {len(checks)} checks pass"
 

@@ -91,6 +91,26 @@ def provisioned(xs: XenStore, mgr: ManagerClient, *, strict: bool = True) -> Che
                  f"install the vtpmmgr with the checkpoint extension ({DOCS}), which reports it")
 
 
+def persistence(xs: XenStore, mgr: ManagerClient) -> Check:
+    """Whether the manager's table survives its restart (a reboot): the xen-vtpm vtpmmgr series
+    publishes its build, the host TPM's version, whether it persists and its anti-rollback
+    (docs/vtpmmgr-tpm2.md).  Without persistence every host reboot brings every vTPM up fresh."""
+    fix = "run the vtpmmgr of the xen-vtpm patch series and provision group 0 (docs/vtpmmgr-tpm2.md)"
+    try:
+        home = f"/local/domain/{mgr.info().domid}/data/vtpmmgr"
+    except XenVtpmError as exc:
+        return Check("manager-persists", False, str(exc), fix)
+    persistent, build, tpm, anti = (xs.read_or(f"{home}/{n}") for n in ("persistent", "build", "tpm", "anti-rollback"))
+    if persistent is None:
+        return Check("manager-persists", False, "the manager does not say whether its table survives a restart "
+                                                "(not the xen-vtpm series)", fix)
+    seen = f"{build}; host TPM {tpm}; anti-rollback {anti}"
+    if persistent != "1":
+        return Check("manager-persists", False, f"the manager writes no table, so a reboot brings every vTPM up "
+                                                f"fresh ({seen})", fix)
+    return Check("manager-persists", True, seen)
+
+
 def console(cfg: Config, xs: XenStore, mgr: ManagerClient) -> Check:
     """xenconsoled serves ptys (probed on the manager's console); logging is reported but not needed."""
     fix = "start xenconsoled (it gives every domain a console pty; `XENCONSOLED_TRACE=guest` adds log files)"
@@ -175,8 +195,8 @@ def stub_domains(xs: XenStore, mgr: ManagerClient) -> list[tuple[str, int]]:
 
 def vtpm_checks(cfg: Config, xs: XenStore, xl: Xl, mgr: ManagerClient) -> list[Check]:
     """Everything `xen-vtpm doctor` asks of the stub-domain vTPM stack."""
-    checks = [xsm(xl), manager_running(xs, xl, mgr), extension(mgr), provisioned(xs, mgr), manager_locality(cfg),
-              console(cfg, xs, mgr)]
+    checks = [xsm(xl), manager_running(xs, xl, mgr), extension(mgr), provisioned(xs, mgr), persistence(xs, mgr),
+              manager_locality(cfg), console(cfg, xs, mgr)]
     for stub, domid in stub_domains(xs, mgr):
         checks.append(startup(stub, Path(cfg.domain_cfg_dir) / f"{stub}.cfg"))
         checks.append(disk(xs, stub, domid))
