@@ -22,7 +22,7 @@ def log(msg: str) -> None:
     the output is lost, as a console ring nobody reads would lose it; the domain runs on."""
     try:
         print(msg, flush=True)
-    except BrokenPipeError:
+    except OSError:   # EPIPE on a pipe, EIO on a pty whose master (xenconsoled) closed
         pass
 
 
