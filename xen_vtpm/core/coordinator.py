@@ -141,14 +141,15 @@ class Coordinator(Sequences):
             if draft is not None:
                 draft.abort()
 
-        def journal_undo() -> None:
-            # Journaled like a step so that a crash in the middle of an undo is recovered (and tested) as
-            # one; best effort: a journal that cannot be written must not keep the guest paused.
-            if not op.reached(S.UNDO):
+        # Journaled like a step so that a crash in the middle of an undo is recovered (and tested) as one.
+        # Best effort: on a full disk this write fails until abort_draft frees the partial pack, and
+        # that must neither keep the guest paused nor leave the undo unfinished.
+        if not op.reached(S.UNDO):
+            with contextlib.suppress(XenVtpmError):
                 self.p.journal.step(op, S.UNDO)
 
         errors: list[XenVtpmError] = []
-        for action, point in ((journal_undo, None), (unpause_guest, S.UNPAUSED),
+        for action, point in ((unpause_guest, S.UNPAUSED),
                               (discard_manager_copy, S.DISCARDED), (abort_draft, None)):
             try:
                 action()

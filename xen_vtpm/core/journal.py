@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from xen_vtpm import faults
+from xen_vtpm.durable import storage_error
 from xen_vtpm.errors import IntegrityError, StorageError
 
 SCHEMA = """
@@ -130,8 +131,7 @@ class Journal:
         try:
             return self.db.execute(sql, args)
         except sqlite3.Error as exc:
-            raise StorageError(f"{self.db_path}: journal write failed ({exc}); "
-                               "free space in the state dir, then run `xen-vtpm recover`") from None
+            raise storage_error(exc, self.db_path, "journal write") from None
 
     def _mac(self, *fields: Any) -> bytes:
         return hmac.new(self.mac_key, json.dumps(fields).encode(), hashlib.sha256).digest()
