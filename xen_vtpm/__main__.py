@@ -23,7 +23,10 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run() -> int:
-    status = main()
+    try:
+        status = main()
+    except KeyboardInterrupt:   # a second Ctrl-C while main was reporting the first
+        status = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return status
 

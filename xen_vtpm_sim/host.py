@@ -123,12 +123,25 @@ def _wait_connect(target: Any, family: int, timeout: float, what: str, pid: int)
 
 
 def _swtpm(sim_dir: Path, name: str, state: Path, port: int | None = None) -> int:
-    port = port or _port_pair()
-    pid = _daemon(sim_dir, name, ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port}",
-                                  "--ctrl", f"type=tcp,port={port + 1}", "--flags", "not-need-init,startup-clear",
-                                  "--tpmstate", f"dir={state}"])
-    _wait_connect(("127.0.0.1", port), socket.AF_INET, 10, f"swtpm {name}", pid)
-    return port
+    """Start swtpm on ``port`` (kept across a reboot), or on a free pair: another host starting at the
+    same moment may take a probed pair before swtpm binds it, so a fresh pick is tried a few times."""
+    for attempt in range(1 if port else 5):
+        chosen = port or _port_pair()
+        pid = _daemon(sim_dir, name, ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={chosen}",
+                                      "--ctrl", f"type=tcp,port={chosen + 1}", "--flags",
+                                      "not-need-init,startup-clear", "--tpmstate", f"dir={state}"])
+        try:
+            _wait_connect(("127.0.0.1", chosen), socket.AF_INET, 10, f"swtpm {name}", pid)
+            # The connect may have reached the swtpm that took the port first; ours then fails its bind
+            # and exits at once.
+            time.sleep(0.2)
+            if not domains.is_alive(pid):
+                raise XenError(f"sim up: swtpm {name} exited at start; see its log in logs/")
+            return chosen
+        except XenError:
+            if port or attempt == 4 or domains.is_alive(pid):
+                raise
+    raise AssertionError("unreachable")
 
 
 def write_image(path: Path) -> None:
