@@ -11,7 +11,10 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test lint crash fuzz soak bench clean
 SOAK_CYCLES ?= 120
 # Test workers: most of a test's time is spent waiting on its simulated host's processes, so three
-# workers keep two cores busy.  Each worker's hosts, TPMs and ports are its own.
+# workers keep two cores busy.  Each worker's hosts, TPMs and ports are its own.  The Xen-trap hosts
+# (test_real_xen.py) run on their own afterwards: beside two other workers, the guest of the host
+# whose xenconsoled the console test stops was seen gone (3 of 3 runs; never alone) — open in
+# docs/reliability.md until its cause is found.
 TEST_WORKERS ?= 3
 FUZZ_SECONDS ?= 20
 
@@ -38,7 +41,8 @@ demo: setup
 # The architecture contracts first (seconds), then the suite.
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --ignore=tests/test_real_xen.py
+	$(PY) -m pytest -q tests/test_real_xen.py
 
 # Architecture (import-linter contracts in pyproject.toml), lint (ruff) and types (mypy).
 lint: setup
