@@ -18,6 +18,7 @@ the vtpmmgr's checkpoint entry / nothing of the checkpoint kept outside the stor
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,12 +29,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tpm12
 from e2e_helpers import VTPMS
-from sim_fixture import SimHost, swtpm_home, swtpm_pid
+from sim_fixture import SimHost, start_sim_host, stop_sim_host, swtpm_home, swtpm_pid
 
 from xen_vtpm.config import Config
 from xen_vtpm.core import steps
@@ -599,6 +600,18 @@ def prime_host(sim: SimHost, vtpm: str = "stubdom-tpm2.0") -> None:
     sim.tool("snapshot", GUEST, "--name", "prime")
     sim.tool("rollback", GUEST, "prime", "--yes", "--no-safety-checkpoint")
     sim.tool("delete", "prime")
+
+
+@contextlib.contextmanager
+def primed_host(path: Path) -> Iterator[SimHost]:
+    """A host in ``path`` after `init` and ``prime_host``; always taken down."""
+    sim = start_sim_host(path)
+    try:
+        sim.tool("init")
+        prime_host(sim)
+        yield sim
+    finally:
+        stop_sim_host(sim)
 
 
 def table(rows: Iterable[tuple[str, str, str]]) -> str:

@@ -30,7 +30,6 @@ import crash_helpers as ch
 import fault_helpers as fh
 import pytest
 from crash_helpers import GUEST
-from sim_fixture import start_sim_host, stop_sim_host
 
 from xen_vtpm.core import steps as S
 
@@ -40,13 +39,8 @@ FULL = pytest.mark.crash_full
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Iterator[ch.SimHost]:
-    sim = start_sim_host(tmp_path_factory.mktemp("intr") / "h")
-    try:
-        sim.tool("init")
-        ch.prime_host(sim)
+    with ch.primed_host(tmp_path_factory.mktemp("intr") / "h") as sim:
         yield sim
-    finally:
-        stop_sim_host(sim)
 
 
 def one_line(proc: subprocess.CompletedProcess, codes: tuple[int, ...], what: str) -> str:

@@ -14,20 +14,14 @@ import crash_helpers as ch
 import fault_helpers as fh
 import pytest
 from crash_helpers import GUEST
-from sim_fixture import start_sim_host, stop_sim_host
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs / read-only bind needs root")
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    sim = start_sim_host(tmp_path_factory.mktemp("stor") / "h")
-    try:
-        sim.tool("init")
-        ch.prime_host(sim)
+    with ch.primed_host(tmp_path_factory.mktemp("stor") / "h") as sim:
         yield sim
-    finally:
-        stop_sim_host(sim)
 
 
 def fill_guest_memory(sim) -> ch.Pair:
