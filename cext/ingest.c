@@ -626,11 +626,24 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final)
     g->head += n;
     g->commits++;
     uint64_t head = g->head, cut = g->cut;
-    pthread_mutex_unlock(&g->mu);
 
     /* Only this thread moves cut and writes the bytes past it: the scan needs no lock.  A cut is
      * decided once max bytes are there (or at the end), so it never depends on how input was split. */
     for (;;) {
+        /* The job slots from jtake - outstanding on hold the taken batch (its seal reads their ids and
+         * offsets) and the chunks not taken yet.  A ring bounds them by its bytes; a mapped source may
+         * hold far more, so every cut, a commit's first included, waits for free slots (the deciding
+         * thread may take a short batch meanwhile). */
+        while (!status_locked(g) && g->jadd - (g->jtake - g->outstanding) + CUT_BATCH > g->jcap) {
+            g->feeder_waiting = 1;
+            pthread_cond_broadcast(&g->done_cv);
+            pthread_cond_wait(&g->space_cv, &g->mu);
+            g->feeder_waiting = 0;
+        }
+        rc = status_locked(g);
+        pthread_mutex_unlock(&g->mu);
+        if (rc)
+            return rc;
         uint64_t off[CUT_BATCH];
         uint32_t len[CUT_BATCH];
         size_t k = 0;
@@ -659,18 +672,6 @@ enum xv_status xv_ingest_commit(xv_ingest *g, size_t n, int final)
             pthread_mutex_unlock(&g->mu);
             return XV_OK;
         }
-        /* A mapped source may hold far more than the jobs do: cut no further ahead than they allow
-         * (a ring bounds it by itself).  The deciding thread may take a short batch meanwhile. */
-        while (!status_locked(g) && g->jadd - (g->jtake - g->outstanding) + CUT_BATCH > g->jcap) {
-            g->feeder_waiting = 1;
-            pthread_cond_broadcast(&g->done_cv);
-            pthread_cond_wait(&g->space_cv, &g->mu);
-            g->feeder_waiting = 0;
-        }
-        rc = status_locked(g);
-        pthread_mutex_unlock(&g->mu);
-        if (rc)
-            return rc;
     }
 }
 
@@ -919,6 +920,7 @@ enum xv_status xv_ingest_seal(xv_ingest *g, size_t n, const unsigned char *seal,
         *done = k;
         g->tnext += k;
         g->outstanding -= k;
+        pthread_cond_broadcast(&g->space_cv);   /* their job slots are free for the cutter */
         if (!g->outstanding) {   /* the batch is handed over: the next one seals into the other arena */
             g->sealed = 0;
             g->cur ^= 1;

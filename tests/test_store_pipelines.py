@@ -9,6 +9,7 @@ import hmac
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,44 @@ def test_ingest_stores_a_repeated_chunk_once_and_a_known_one_not_at_all(repo):
     again = write_checkpoint(repo, randbytes(1 << 20, seed=6) + zeros, name="again")
     assert repo.catalog.query("SELECT count(*) FROM chunks")[0][0] == stored
     assert read_all(repo, again) == read_all(repo, first)
+
+
+class _GrowingMemfd:
+    """A memory file the pipeline maps and reads in place, handed over ``step`` bytes at a time as a
+    spool that `xl save` writes in small pieces is: every piece is one commit of the pipeline."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._fd = os.memfd_create("test-growing")
+        os.write(self._fd, data)
+        self._size, self._step = len(data), step
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def wait_beyond(self, size: int) -> tuple[int, bool]:
+        grown = min(self._size, size + self._step)
+        return grown, grown == self._size
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def test_a_mapped_source_cut_ahead_of_a_slow_writer_keeps_every_taken_chunk(repo, tmp_path, monkeypatch):
+    """Nothing but the job ring bounds how far the pipeline cuts a mapped source ahead of the deciding
+    thread.  While that thread is slow (a catalog query, a full disk's wait), small commits must not cut
+    into the slots of chunks it has taken and not sealed yet: each entry holds the chunk its index names."""
+    monkeypatch.setattr("xen_vtpm.store.ingest.RING_BYTES", 1 << 20)      # the least ring, and so job
+    monkeypatch.setattr("xen_vtpm.store.ingest.BATCH_BYTES", 256 << 10)   # slots, these batches allow
+    data = randbytes(12 << 20, seed=11)
+    source = _GrowingMemfd(data, 48 << 10)
+    w = repo.begin_checkpoint("vm-1", "g", name="mapped")
+    try:
+        w.add_stream("memory", source, progress=lambda n: time.sleep(0.01))
+        w.commit()
+    finally:
+        source.close()
+    _entries(tmp_path / "state")      # read_index checks every entry header against its pack's index
+    assert read_all(repo, w.checkpoint_id) == data
 
 
 def test_an_error_of_the_source_stops_the_pipeline_and_aborts_the_write(repo, tmp_path):
