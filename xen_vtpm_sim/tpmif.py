@@ -100,7 +100,7 @@ class TpmBack(threading.Thread):
                 self._free(t, remove=False)
                 continue
             fe_state = self.xs.read_or(f"{t.fe_path}/state")
-            if fe_state is None:
+            if fe_state in (None, "0"):      # unreadable or XenbusStateUnknown: free_tpmif
                 self._free(t, remove=True)
             elif fe_state in ("3", "4") and not t.connected:
                 self.on_connect(t)

@@ -14,7 +14,7 @@ from xen_vtpm.errors import DomainNotFound, IntegrityError, PreconditionFailed
 from xen_vtpm.model import Guest, VtpmRef
 
 from .devicemodel import managed_uuid, tpm_sockets
-from .topology import vtpm_links
+from .topology import LINK_CLOSED, vtpm_links
 from .xenstore import XenStore
 from .xl import Xl
 
@@ -74,9 +74,9 @@ class Guests:
         if len(links) > 1:
             raise PreconditionFailed(f"{name}: the guest has {len(links)} vTPMs; only one per guest is supported")
         link = links[0]
-        if link["uuid_check"] != "ok":
+        if link["uuid_check"] not in ("ok", LINK_CLOSED):
             raise IntegrityError(f"{name}: vTPM {link['devid']} identity check failed ({link['uuid_check']}); "
-                                 "the backend uuid disagrees with libxl's trusted copy — investigate before "
+                                 "the backend does not match libxl's trusted record — investigate before "
                                  "snapshotting")
         # The vTPM's identity at the manager is the UUID of the stub domain's own link to it, not the
         # guest's device uuid (docs/xen-internals.md §3.1).

@@ -66,6 +66,9 @@ def _untrusted(xs: XenStore, path: str, pattern: re.Pattern[str]) -> str | None:
 
 
 _STATE = re.compile(r"[0-8]")
+# The guest closed its own link: libxl's trusted record still names the backend, and nothing serves the
+# guest in its place, so the vTPM behind it is still known (a forensic snapshot of the guest works).
+LINK_CLOSED = "backend gone: the guest's frontend closed the link; restart the guest to reattach"
 
 
 def vtpm_links(xs: XenStore, domid: int) -> list[dict[str, Any]]:
@@ -86,6 +89,10 @@ def vtpm_links(xs: XenStore, domid: int) -> list[dict[str, Any]]:
         be_uuid = _untrusted(xs, f"{be}/uuid", _UUID) if be else None
         if uuid is None:
             check = "no trusted uuid copy in /libxl"
+        elif be_uuid is None and be and xs.read_or(be) is None:
+            # mini-os tpmback removes the whole directory once the frontend's state node is gone or
+            # reads 0 (free_tpmif): the guest closed its own link (docs/xen-internals.md §9.2)
+            check = LINK_CLOSED
         elif be_uuid is None:
             check = "backend has no uuid"
         elif be_uuid == INVALID:
