@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sim_fixture import SimHost, sim_host  # noqa: F401
+from sim_fixture import SimHost, sim_host, start_sim_host, stop_sim_host  # noqa: F401
 from test_vtpm_stubdom import MANAGER_STOPPED, VtpmDom, VtpmLab, _populate, wait_manager_console
 
 from xen_vtpm.errors import XenError, XenStorePermission
@@ -179,6 +179,33 @@ def test_a_host_reboot_brings_back_guests_with_their_vtpm_state(sim_host):  # no
     after = subprocess.run(["tpm2_pcrread", "-T", tcti, "sha256:16"], check=True, capture_output=True,
                            text=True, timeout=30).stdout
     assert after == before and "0x" in after
+
+
+def _nv(sim: SimHost, guest: str, *argv: str, data: bytes | None = None) -> bytes:
+    tcti = sim.tool("sim", "tcti", guest).stdout.strip()
+    return subprocess.run([argv[0], "-T", tcti, *argv[1:]], input=data, check=True, capture_output=True,
+                          timeout=30).stdout
+
+
+def test_a_reboot_without_console_logs_restarts_swtpm_guests_with_their_tpm(tmp_path):
+    """xenconsoled keeping no logs does not stop a reboot (the manager is followed on its pty), and an
+    HVM guest whose TPM is an swtpm comes back with it running (`vtpm start` before `xl create`, as the
+    xendomains drop-in does), its NV index intact."""
+    sim = start_sim_host(tmp_path / "h", console_log="none")
+    try:
+        sim.tool("init")
+        sim.create_guest("g1")
+        sim.tool("sim", "create", "hvm1", "--memory", "16", "--vtpm", "swtpm")
+        _nv(sim, "hvm1", "tpm2_nvdefine", "0x1500016", "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite")
+        _nv(sim, "hvm1", "tpm2_nvwrite", "0x1500016", "-C", "o", "-i", "-", data=b"hvm1-nv!")
+        old = sim.domid("hvm1")
+        out = sim.tool("sim", "reboot")
+        assert out.stdout.split() == ["started", "vtpmmgr", "vtpm-g1", "g1", "hvm1"]
+        assert sim.domid("hvm1") != old
+        assert _nv(sim, "hvm1", "tpm2_nvread", "0x1500016", "-C", "o", "-s", "8") == b"hvm1-nv!"
+        assert not list((sim.dir / "logs").glob("guest-*.log"))       # the reboot read no log file
+    finally:
+        stop_sim_host(sim)
 
 
 # --- a changed boot --------------------------------------------------------------------------------

@@ -332,7 +332,7 @@ def create_guest(sim_dir: str | os.PathLike, name: str, memory: int = 64, vtpm: 
     return out
 
 
-def _tool(d: Path, *argv: str) -> dict[str, Any]:
+def run_tool(d: Path, *argv: str) -> dict[str, Any]:
     """Run xen-vtpm as the administrator would (the simulator never imports the tool's own code)."""
     env = dict(os.environ)
     env.setdefault("XEN_VTPM_CONFIG", str(d / "config.ini"))
@@ -357,10 +357,10 @@ def swtpm_guest(d: Path, name: str, memory: int, swtpm_state: str | None = None)
     cfg_path = d / "images" / f"{name}.cfg"
     cfg_path.write_text(f'name="{name}"\ntype="hvm"\nmemory={int(memory)}\n')
     if swtpm_state is None:
-        added = _tool(d, "vtpm", "add", name, "--backend", "swtpm", "--cfg", str(cfg_path))
+        added = run_tool(d, "vtpm", "add", name, "--backend", "swtpm", "--cfg", str(cfg_path))
     else:
-        added = _tool(d, "vtpm", "import", name, "--swtpm-state", swtpm_state, "--cfg", str(cfg_path))
-    _tool(d, "vtpm", "start", name, "--cfg", str(cfg_path))
+        added = run_tool(d, "vtpm", "import", name, "--swtpm-state", swtpm_state, "--cfg", str(cfg_path))
+    run_tool(d, "vtpm", "start", name, "--cfg", str(cfg_path))
     domid = xl.create_domain(str(d), xl.spec_from_cfg(load_cfg(str(cfg_path))))
     return {"name": name, "domid": domid, "vtpm_uuid": added["vtpm_uuid"], "backend": "swtpm"}
 

@@ -8,7 +8,10 @@ boot afresh.  The boot domains are those that ran, plus those a reboot before co
 (DIR/boot/auto, like the links in /etc/xen/auto); each is created from DIR/images/<name>.cfg when
 that file exists (read again, as xendomains does), else from the config it last ran with.  A domain
 whose vTPM backend did not come up is not started, as `xl create` would fail for it; the reboot then
-says which and why.
+says which and why.  An HVM guest whose TPM is an swtpm xen-vtpm manages gets its swtpm first, by
+`xen-vtpm vtpm start`, as the `ExecStartPre=` of the xendomains drop-in in the user guide does.
+The manager's readiness is read on its console pty, so a host whose xenconsoled keeps no logs reboots
+as well.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xen_vtpm.errors import PreconditionFailed, XenError, XenVtpmError
+from xen_vtpm.xen.consoles import PtyReader, console_tty, tty_node
 from xen_vtpm.xen.xlcfg import load_cfg, parse_vtpm
 from xen_vtpm_sim import boot, domains, host, xl
 
@@ -55,36 +59,51 @@ def _running(d: Path, name: str) -> bool:
     return bool(dom and dom.get("pid") and domains.is_alive(dom["pid"]))
 
 
-def _wait_manager(d: Path, name: str, offset: int) -> None:
-    """Until the manager serves; XenError if it stops (its console says why) or hangs."""
-    log = d / "logs" / f"guest-{name}.log"
-    deadline = time.monotonic() + MANAGER_TIMEOUT
-    while True:
-        text = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
-        if MANAGER_SERVES in text:
-            return
-        if MANAGER_STOPPED in text or not _running(d, name):
-            # the first of the manager's own lines says what stopped it
-            reason = [ln.strip() for ln in text.splitlines() if ln.startswith("vtpmmgr: ")]
-            raise XenError(f"{name} stopped" + (f" ({reason[0]})" if reason else "") +
-                           f"; see logs/guest-{name}.log")
-        if time.monotonic() > deadline:
-            raise XenError(f"{name} not serving after {MANAGER_TIMEOUT:g} s; see logs/guest-{name}.log")
-        time.sleep(0.05)
+def _start_manager(d: Path, cfg: dict[str, Any]) -> None:
+    """Create the manager paused, follow its console from the first line, and return once it serves;
+    XenError if it stops (its console says why) or hangs."""
+    name = str(cfg["name"])
+    domid = xl.create_domain(str(d), xl.spec_from_cfg(cfg), paused=True)
+    with xl.xenstore(str(d)) as xs:
+        if not xs.wait_for(lambda: console_tty(xs, domid) is not None, [tty_node(domid)], 10):
+            raise XenError(f"{name} has no console after 10 s; is xenconsoled running?")
+        tty = str(console_tty(xs, domid))
+    text = ""
+    with PtyReader(tty) as pty:
+        xl.pause(str(d), name, stop=False)
+        deadline = time.monotonic() + MANAGER_TIMEOUT
+        while MANAGER_SERVES not in text:
+            text += pty.read()
+            if MANAGER_STOPPED in text or not _running(d, name):
+                # the first of the manager's own lines says what stopped it
+                reason = [ln.strip() for ln in text.splitlines() if ln.startswith("vtpmmgr: ")]
+                raise XenError(f"{name} stopped" + (f" ({reason[0]})" if reason else "") +
+                               f"; see its console (`xl console {name}`, logs/guest-{name}.log)")
+            if time.monotonic() > deadline:
+                raise XenError(f"{name} not serving after {MANAGER_TIMEOUT:g} s; see logs/guest-{name}.log")
+            time.sleep(0.05)
+
+
+def _swtpm_tpm(cfg: dict[str, Any]) -> bool:
+    """An HVM guest whose device model has an emulator TPM (an swtpm that must run before it)."""
+    args = [str(a) for a in cfg.get("device_model_args_hvm") or []]
+    return any(a.startswith("emulator,") for a in args) and "-tpmdev" in args
 
 
 def _start(d: Path, cfg: dict[str, Any]) -> None:
     name = str(cfg["name"])
+    if _kind(cfg) == 0:
+        _start_manager(d, cfg)
+        return
     for entry in cfg.get("vtpm", []):
         backend = str(parse_vtpm(str(entry))["backend"])
         if not _running(d, backend):
             raise XenError(f"its vTPM backend {backend} is not running")
-    log = d / "logs" / f"guest-{name}.log"
-    offset = log.stat().st_size if log.exists() else 0
+    if _swtpm_tpm(cfg):
+        cfg_file = d / "images" / f"{name}.cfg"
+        host.run_tool(d, "vtpm", "start", name, *(("--cfg", str(cfg_file)) if cfg_file.exists() else ()))
     domid = xl.create_domain(str(d), xl.spec_from_cfg(cfg))
-    if _kind(cfg) == 0:
-        _wait_manager(d, name, offset)
-    elif cfg.get("vtpm") and _kind(cfg) == 2:
+    if cfg.get("vtpm") and _kind(cfg) == 2:
         host.wait_connected(d, domid, name)
 
 
