@@ -71,6 +71,9 @@ def run(argv: list[str]) -> int:
             _note(opts.log, f"passed {name}")
 
     faults.install(hook)
+    # As `xen-vtpm`'s entry point (xen_vtpm/__main__.py) does: Ctrl-C is handled even when this process
+    # inherited SIGINT ignored (a job a non-interactive shell started in the background).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return main(tool_args)
 
 
