@@ -3,7 +3,9 @@
 A real TPM client, as the guest, sees the same PCR, NV counter, persistent object and EK on the
 destination; the guest's memory arrives byte for byte; the source keeps no copy (no domain, no image,
 no usable manager entry) and its checkpoints stay unless --with-checkpoints moves them, re-wrapped
-for the destination, where they still roll the guest back.  Both audit logs record the move.
+for the destination, where they still roll the guest back.  Both audit logs record the move.  An HVM
+guest whose TPM is an swtpm in dom0 moves the same way: its state re-encrypted under the destination's
+key, its swtpm started there on that host's socket, nothing of it left on the source.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from move_helpers import SSH, ek_public, live_entries, manager_table, two_hosts,
 from sim_fixture import swtpm_home, swtpm_pid
 
 from xen_vtpm.vtpm.swtpmctl import PERMANENT, encrypted_at_rest
-from xen_vtpm_sim import host
+from xen_vtpm_sim.host import SWTPM_RUN
 
 HVM = "hvm1"
 
@@ -149,7 +151,7 @@ def test_a_guest_with_an_swtpm_vtpm_moves_with_its_checkpoint(pair):
         assert json.loads((b_home / "vtpm.json").read_text()).get("incoming") is None
         # A: no guest, no swtpm, no state or key of the vTPM; its checkpoint left with it.
         assert HVM not in a.domids() and not home.exists()
-        assert not [p for p in (a.dir / host.SWTPM_RUN).iterdir() if p.name.startswith(home.name)]
+        assert not [p for p in (a.dir / SWTPM_RUN).iterdir() if p.name.startswith(home.name)]
         assert "hvm-before" not in {c["name"] for c in a.tool_json("checkpoints")}
         assert ("migrate", f"moved to hostB ({b.dir})") in _audit_actions(a)
         for h in (a, b):

@@ -512,7 +512,7 @@ class SwtpmBackend:
         self._wipe_device_model_save(ref)
 
 
-    # --- moves (docs/migration.md §8): the state files travel as swtpm encrypted them, the two keys
+    # --- moves (docs/migration.md §6): the state files travel as swtpm encrypted them, the two keys
     # sealed to the destination's TPM-resident transfer key; the destination re-encrypts the state
     # under its own state key and keeps the vTPM's migration key, sealed under its own host key ------
     def move_key(self) -> bytes | None:
@@ -565,7 +565,7 @@ class SwtpmBackend:
         match its description."""
         ref = export.ref
         p = self.paths(ref.uuid)
-        if self.move_key() is None:
+        if self._keyring is None or shutil.which(self.cfg.swtpm) is None:
             raise PreconditionFailed(f"{self.cfg.swtpm}: swtpm is not installed on this host, so it cannot take an "
                                      "swtpm vTPM in; install Debian's swtpm package (nothing was changed)")
         if p.home.exists():
@@ -594,7 +594,7 @@ class SwtpmBackend:
     def _rekeyed(self, ref: VtpmRef, files: dict[str, bytes], old_key: bytes, label: str) -> dict[str, bytes]:
         p = self.paths(ref.uuid)
         state_key, _ = derive_keys(self._base_key, ref.uuid)
-        return swtpmmove.rekey(self.cfg.swtpm, files, old_key, state_key, p.home.parent, p.socket, p.log, label)
+        return swtpmmove.rekey(self.cfg.swtpm, files, old_key, state_key, p.home, p.socket, p.log, label)
 
     def import_from(self, export: VtpmExport, transfer: str) -> None:
         """The vTPM as this host's own, provisionally (``remove`` undoes it, ``adopt`` makes it final):

@@ -1,4 +1,4 @@
-"""What moving an swtpm vTPM between hosts needs besides swtpm's own files (docs/migration.md §8).
+"""What moving an swtpm vTPM between hosts needs besides swtpm's own files (docs/migration.md §6).
 
 An swtpm vTPM has two keys (``swtpm.derive_keys``): the *state key* its state files are encrypted
 with, and the *migration key* every state blob it hands to QEMU is encrypted with.  A move takes the
@@ -15,7 +15,9 @@ files as they are, and the two keys, sealed to the destination's TPM-resident tr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -36,6 +38,7 @@ KEY_BYTES = 32
 _WRAP_MAGIC = b"XVSWMK1\0"
 _START_TIMEOUT = 10.0
 _CONTROL_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 def envelope_context(transfer: str, vtpm_uuid: str, checkpoint: str = "") -> bytes:
@@ -68,6 +71,11 @@ def unwrap_key(base: bytes, vtpm_uuid: str, blob: bytes, where: Path) -> bytes:
     return key
 
 
+def _die_with_parent() -> None:
+    """In the helper swtpm's child before exec: a tool killed mid-move takes its helpers with it."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def _swtpm(swtpm: str, state: Path, key: bytes, sock: Path, log: Path) -> Iterator[ctl.Control]:
     """A throw-away swtpm on ``state`` with one key (no migration key: its blobs come out in clear,
@@ -81,8 +89,8 @@ def _swtpm(swtpm: str, state: Path, key: bytes, sock: Path, log: Path) -> Iterat
                                  "--ctrl", f"type=unixio,path={sock},mode=0600",
                                  "--key", f"fd={r},mode=aes-256-cbc,format=binary",
                                  "--log", f"file={log},level=1"],
-                                pass_fds=[r], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                pass_fds=[r], preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except FileNotFoundError:
         raise PreconditionFailed(f"{swtpm}: swtpm is not installed; install Debian's swtpm package or set "
                                  "`swtpm =` in the config") from None
