@@ -1,7 +1,9 @@
 """Kill either side of a move at every journaled step, `recover` both hosts, check both.
 
 Source steps (`migrate`) and destination steps (`migrate-receive`) come from the step table
-(xen_vtpm/core/steps.py); every case moves with --with-checkpoints, so the checkpoint steps act too.
+(xen_vtpm/core/steps.py); every case moves with --with-checkpoints, so the checkpoint steps act too, and
+runs for each backend: guest1's vTPM a stub domain, or an swtpm behind its device model (whose state,
+key and record, and swtpm process, must then be on one host only).
 The source is run through the test hook (tests/faulty_tool.py) and must die by SIGKILL at its step;
 the destination is killed through a one-shot `xen-vtpm` wrapper in that host's bin/ (the `sim ssh`
 stand-in runs the remote command by name with the host's PATH, as ssh would), its kill proved by the

@@ -556,9 +556,12 @@ class SwtpmBackend:
                                     state_key)
 
     def unexport(self, ref: VtpmRef) -> None:
+        """Un-park; and wipe libxl's device-model save, which a move undone before ``export_for`` ran
+        (killed right after `xl save -p`) still left behind."""
         p = self.paths(ref.uuid)
         if p.record.is_file():
             self._mark(p, "parked", None)
+        self._wipe_device_model_save(ref)
 
     def check_importable(self, export: VtpmExport) -> None:
         """Refuse before anything is written: a vTPM of that UUID here, no swtpm, a state that does not
