@@ -437,7 +437,7 @@ def swtpm_leftovers(sim: SimHost, guest: str = GUEST) -> list[str]:
     blobs a capture read) left after the capture."""
     home = swtpm_home(sim, guest)
     extra = [str(p.relative_to(home)) for p in home.rglob("*")
-             if str(p.relative_to(home)) not in ("vtpm.json", "state", "swtpm.log", "state/.lock",
+             if str(p.relative_to(home)) not in ("vtpm.json", "state", "swtpm.log", "state/.lock", "migration.key",
                                                  *(f"state/{n}" for n in swtpmctl.STATE_FILES))]
     return extra + [p.name for p in Path(Config.load(sim.config).xen_lib_dir).glob("qemu-save.*")]
 

@@ -3,14 +3,23 @@
 A real TPM client, as the guest, sees the same PCR, NV counter, persistent object and EK on the
 destination; the guest's memory arrives byte for byte; the source keeps no copy (no domain, no image,
 no usable manager entry) and its checkpoints stay unless --with-checkpoints moves them, re-wrapped
-for the destination, where they still roll the guest back.  Both audit logs record the move.
+for the destination, where they still roll the guest back.  Both audit logs record the move.  An HVM
+guest whose TPM is an swtpm in dom0 moves the same way: its state re-encrypted under the destination's
+key, its swtpm started there on that host's socket, nothing of it left on the source.
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 from e2e_helpers import GUEST, advance_guest_tpm, provision_guest_tpm, saved_memory_digest, tpm_state
 from move_helpers import SSH, ek_public, live_entries, manager_table, two_hosts, vtpm_uuid
-from sim_fixture import swtpm_pid, swtpm_state_fingerprints
+from sim_fixture import swtpm_home, swtpm_pid
+
+from xen_vtpm.vtpm.swtpmctl import PERMANENT, encrypted_at_rest
+from xen_vtpm_sim.host import SWTPM_RUN
+
+HVM = "hvm1"
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +28,8 @@ def pair(tmp_path_factory):
         yield p
 
 
-def _observed(host) -> dict:
-    tcti = host.tcti()
+def _observed(host, guest: str = GUEST) -> dict:
+    tcti = host.tcti(guest)
     return {**tpm_state(tcti), "ek": ek_public(tcti).hex()}
 
 
@@ -106,20 +115,53 @@ def test_bad_moves_are_refused_in_one_line_with_nothing_changed(pair):
         host.tool("audit", "--verify")
 
 
-def test_a_guest_with_an_swtpm_vtpm_is_refused_by_name(pair):
-    """Only stub-domain vTPMs move so far: a guest whose vTPM is an swtpm in dom0 is refused before
-    anything happens (exit 4, its vTPM's kind named), and keeps running with its swtpm and TPM state."""
+def _swtpm_homes(host) -> list[str]:
+    base = host.state_dir / "swtpm"
+    return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+
+
+def test_a_guest_with_an_swtpm_vtpm_moves_with_its_checkpoint(pair):
+    """An HVM guest whose TPM is an swtpm in dom0: its state and keys travel to B, where its swtpm
+    runs on B's socket from its state re-encrypted under B's key; A keeps no swtpm, no state, no key.
+    Its checkpoint moves too, re-encrypted for B, and rolls the guest back there."""
     a, b = pair.a, pair.b
-    a.tool("sim", "create", "hvm1", "--memory", "16", "--vtpm", "swtpm")
+    a.tool("sim", "create", HVM, "--memory", "16", "--vtpm", "swtpm")
     try:
-        pid = swtpm_pid(a.sim, "hvm1")
-        fingerprints = swtpm_state_fingerprints(a.sim, "hvm1")
-        audit = a.tool_json("audit")
-        line = a.fails(4, "migrate", "-s", SSH, "hvm1", str(b.dir))
-        assert "hvm1" in line and "of kind swtpm" in line and "moves only stubdom vTPMs" in line, line
-        assert "hvm1" in a.domids() and not a.is_paused("hvm1")
-        assert swtpm_pid(a.sim, "hvm1") == pid and swtpm_state_fingerprints(a.sim, "hvm1") == fingerprints
-        assert a.tool_json("audit") == audit and a.tool_json("recover") == []
-        assert "hvm1" not in b.domids() and b.tool_json("checkpoints") == []
+        provision_guest_tpm(a.tcti(HVM))
+        a.snapshot("hvm-before", guest=HVM)
+        at_snapshot = tpm_state(a.tcti(HVM))
+        home = swtpm_home(a.sim, HVM)
+        encrypted_on_a = (home / "state" / PERMANENT).read_bytes()
+        advance_guest_tpm(a.tcti(HVM), b"after the snapshot")
+        before = _observed(a, HVM)
+
+        result = a.tool_json("migrate", "-s", SSH, "-p", "--with-checkpoints", HVM, str(b.dir))
+        assert result["checkpoints_moved"] == 1
+
+        # B: the guest (left paused) with its TPM as it was (PCR, NV counter, persistent object, EK), its
+        # memory exactly what `xl save` took on A, its swtpm on B's socket from a state under B's key.
+        assert HVM in b.domids() and b.is_paused(HVM)
+        assert b.memdigest(HVM) == saved_memory_digest(a.last_save_record())
+        b.xl("unpause", HVM)
+        assert _observed(b, HVM) == before
+        b_home = swtpm_home(b.sim, HVM)
+        assert b_home.name == home.name and swtpm_pid(b.sim, HVM) is not None
+        on_b = (b_home / "state" / PERMANENT).read_bytes()
+        assert on_b != encrypted_on_a and encrypted_at_rest(on_b)
+        assert json.loads((b_home / "vtpm.json").read_text()).get("incoming") is None
+        # A: no guest, no swtpm, no state or key of the vTPM; its checkpoint left with it.
+        assert HVM not in a.domids() and not home.exists()
+        assert not [p for p in (a.dir / SWTPM_RUN).iterdir() if p.name.startswith(home.name)]
+        assert "hvm-before" not in {c["name"] for c in a.tool_json("checkpoints")}
+        assert ("migrate", f"moved to hostB ({b.dir})") in _audit_actions(a)
+        for h in (a, b):
+            h.tool("verify", "--all")
+            h.tool("audit", "--verify")
+        # The moved checkpoint, re-encrypted for B, rolls the guest back there.
+        b.tool("rollback", HVM, "hvm-before", "--yes", "--no-safety-checkpoint")
+        assert tpm_state(b.tcti(HVM)) == at_snapshot
+        assert ek_public(b.tcti(HVM)).hex() == before["ek"]
     finally:
-        a.xl("destroy", "hvm1")
+        for h in (a, b):
+            if HVM in h.domids():
+                h.xl("destroy", HVM)

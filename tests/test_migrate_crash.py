@@ -1,7 +1,9 @@
 """Kill either side of a move at every journaled step, `recover` both hosts, check both.
 
 Source steps (`migrate`) and destination steps (`migrate-receive`) come from the step table
-(xen_vtpm/core/steps.py); every case moves with --with-checkpoints, so the checkpoint steps act too.
+(xen_vtpm/core/steps.py); every case moves with --with-checkpoints, so the checkpoint steps act too, and
+runs for each backend: guest1's vTPM a stub domain, or an swtpm behind its device model (whose state,
+key and record, and swtpm process, must then be on one host only).
 The source is run through the test hook (tests/faulty_tool.py) and must die by SIGKILL at its step;
 the destination is killed through a one-shot `xen-vtpm` wrapper in that host's bin/ (the `sim ssh`
 stand-in runs the remote command by name with the host's PATH, as ssh would), its kill proved by the
@@ -29,10 +31,10 @@ import pytest
 from crash_helpers import BYSTANDER, GUEST
 from e2e_helpers import assert_one_line_error
 from move_helpers import FAULTY_TOOL, SSH, VENV_BIN, live_entries, manager_table, ssh_wrapper, vtpm_uuid, with_venv
-from sim_fixture import start_sim_host, stop_sim_host
+from sim_fixture import start_sim_host, stop_sim_host, swtpm_home
 
 from xen_vtpm.core import steps
-from xen_vtpm_sim import domains
+from xen_vtpm_sim import domains, host
 
 SOURCE = list(steps.SEQUENCES[steps.MIGRATE])
 DESTINATION = list(steps.SEQUENCES[steps.MIGRATE_IN])
@@ -56,9 +58,10 @@ def expected(side: str, step: str) -> str:
 
 
 class Hosts:
-    """A (guest1 with a checkpoint, a bystander) and B (a bystander), trusting each other."""
+    """A (guest1 with a checkpoint, a bystander) and B (a bystander), trusting each other; guest1's vTPM
+    is ``vtpm`` (a key of e2e_helpers.VTPMS): a stub domain, or an swtpm behind its device model."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, vtpm: str = "stubdom-tpm2.0") -> None:
         self.base = base
         self.hook_log = base / "destination-hook.log"   # the destination's kill, proved (faulty_tool --log)
         self.a = start_sim_host(base / "A")
@@ -75,7 +78,8 @@ class Hosts:
             (base / f"{name}.hostkey").write_text(sim.tool("host-key").stdout)
         self.a.tool("trust", "add", "hostB", str(base / "B.hostkey"))
         self.b.tool("trust", "add", "hostA", str(base / "A.hostkey"))
-        ch.prime_host(self.a)
+        ch.prime_host(self.a, vtpm)
+        ch._vtpms.setdefault(self.b.dir, {})[GUEST] = vtpm      # what guest1's vTPM is once it moved there
         self.b.create_guest(BYSTANDER, memory=16)
         ch._bystanders[self.b.dir] = ch.new_state(self.b, BYSTANDER)
         self.kept = ch.new_state(self.a)
@@ -102,14 +106,30 @@ class Hosts:
             stop_sim_host(sim)
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
-    h = Hosts(tmp_path_factory.mktemp("mvcrash"))
+@contextlib.contextmanager
+def _hosts(base: Path, vtpm: str):
+    h = Hosts(base, vtpm)
     try:
         yield h
     finally:
         h.close()
-        ch.report(RESULTS, "XEN_VTPM_MOVE_CRASH_TABLE")
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with _hosts(tmp_path_factory.mktemp("mvcrash"), "stubdom-tpm2.0") as h:
+        yield h
+    ch.report(RESULTS, "XEN_VTPM_MOVE_CRASH_TABLE")
+
+
+@pytest.fixture(scope="module")
+def swtpm_hosts(tmp_path_factory):
+    with _hosts(tmp_path_factory.mktemp("mvcrash-sw"), "swtpm") as h:
+        yield h
+
+
+def _uuid(sim: ch.SimHost) -> str:
+    return swtpm_home(sim).name if ch.backend(sim) == "swtpm" else vtpm_uuid(sim)
 
 
 def _receivers_gone(sim: ch.SimHost) -> None:
@@ -128,6 +148,9 @@ def _gone_from(sim: ch.SimHost, uuid: str, kept_ckpt: str) -> None:
     assert GUEST not in rows and f"vtpm-{GUEST}" not in rows, rows
     assert not [p.name for p in (sim.dir / "images").glob(f"vtpm-{GUEST}.*")]
     assert uuid not in live_entries(sim), "a usable manager entry of the moved vTPM is left"
+    # swtpm: no state, key or record of the vTPM, and no swtpm of it.
+    assert not (sim.dir / "state" / "swtpm" / uuid).exists()
+    assert not list((sim.dir / host.SWTPM_RUN).glob(f"{uuid}.*"))
     assert kept_ckpt not in ch.checkpoint_ids(sim).values()
     ch.bystander_untouched(sim)
     sim.tool("verify", "--all")
@@ -140,12 +163,13 @@ def _move_back(h: Hosts) -> None:
         h.b.tool("migrate", "-s", SSH, "--with-checkpoints", GUEST, str(h.a.dir), timeout=300)
 
 
+@pytest.mark.parametrize("backend", ["stubdom", "swtpm"])
 @pytest.mark.parametrize("side,step", cases())
-def test_kill_a_side_of_a_move(hosts, side, step):
-    h = hosts
+def test_kill_a_side_of_a_move(request, backend, side, step):
+    h = request.getfixturevalue("hosts" if backend == "stubdom" else "swtpm_hosts")
     _move_back(h)
     cur = ch.new_state(h.a)
-    uuid, kept = vtpm_uuid(h.a), ch.checkpoint_ids(h.a)["kept"]
+    uuid, kept = _uuid(h.a), ch.checkpoint_ids(h.a)["kept"]
     argv = ["migrate", "-s", SSH, "--with-checkpoints", GUEST, str(h.b.dir)]
     if side == "source":
         ch.crash(h.a, *argv, at=f"migrate:{step}")
@@ -170,7 +194,7 @@ def test_kill_a_side_of_a_move(hosts, side, step):
     ch.new_state(where)
     where.tool("rollback", GUEST, "kept", "--yes", "--no-safety-checkpoint")
     assert ch.check_host(where, {"kept": h.kept}) == "kept"
-    RESULTS.append((f"migrate ({side})", step, f"ok — {outcome}; the other host holds nothing"))
+    RESULTS.append((f"migrate {backend} ({side})", step, f"ok — {outcome}; the other host holds nothing"))
 
 
 def test_the_step_table_is_what_a_move_journals(hosts):

@@ -3,12 +3,14 @@
 * an untrusted source, an untrusted destination, a destination booted other than it was trusted with;
 * a move without the TPM-checked secret that a rollback needs;
 * a captured transfer: it opens with the destination's TPM and with no other, even given the
-  destination's state dir; its manager envelope opens in no other manager;
-* the captured transfer replayed, a transfer altered on the wire, a transfer cut short;
+  destination's state dir; its manager envelope opens in no other manager, an swtpm vTPM's sealed
+  keys with no other TPM;
+* the captured transfer replayed, a transfer altered on the wire, a transfer cut short (an swtpm
+  vTPM's too: its guest runs on, on the same swtpm, un-parked);
 * no K, host key or sub-key in clear anywhere on either host or on the wire, during a move or after it.
 
 Two hosts per module and a move per case take minutes on two cores: the whole file runs under
-`make crash` (crash_full); `make test` moves a guest end to end and refuses the swtpm case (test_migrate.py).
+`make crash` (crash_full); `make test` moves a guest of each backend end to end (test_migrate.py).
 """
 from __future__ import annotations
 
@@ -19,7 +21,18 @@ import sqlite3
 
 import pytest
 from e2e_helpers import GUEST, provision_guest_tpm, tpm_state
-from move_helpers import capturing_ssh, filtering_ssh, hello_values, live_entries, snapshot_of, two_hosts, vtpm_uuid
+from move_helpers import (
+    SSH,
+    capturing_ssh,
+    ek_public,
+    filtering_ssh,
+    hello_values,
+    live_entries,
+    snapshot_of,
+    two_hosts,
+    vtpm_uuid,
+)
+from sim_fixture import swtpm_home, swtpm_pid
 from test_security import (
     Secrets,
     _collect_ks,
@@ -40,6 +53,8 @@ from xen_vtpm.host.session import close_all
 from xen_vtpm.transfer import crypto
 from xen_vtpm.transfer.wire import Opener
 from xen_vtpm.vtpm.manager import ManagerClient
+from xen_vtpm.vtpm.swtpm import derive_keys as swtpm_keys
+from xen_vtpm.vtpm.swtpmmove import envelope_context
 
 SECRET = b"move me only with this"
 
@@ -187,8 +202,9 @@ def test_a_replayed_transfer_is_refused(pair, captured, tmp_path):
     replay = tmp_path / "replay"
     replay.write_bytes(captured["from_s"])
     with nothing_changes(pair):
-        proc = pair.b.sim.run(["sh", "-c", f'xen-vtpm sim ssh "{pair.b.dir}" xen-vtpm migrate-receive < {replay}'],
-                              check=False)
+        # Its stdout is the protocol's binary frames (to the source): only the exit code and stderr count.
+        proc = pair.b.sim.run(["sh", "-c", f'xen-vtpm sim ssh "{pair.b.dir}" xen-vtpm migrate-receive < {replay} '
+                               '> /dev/null'], check=False)
         assert proc.returncode == TransferError.exit_code, proc.stderr
         assert "replayed or forged" in proc.stderr
     assert captured["uuid"] not in live_entries(pair.b)
@@ -233,3 +249,73 @@ def test_no_secret_in_clear_during_and_after_a_move(pair, tmp_path):
         found += scan_files(roots, s) + scan_xenstore(pair.a, s) + scan_xenstore(pair.b, s)
     assert rounds[0] > 2, "the moves ended before a scan ran"
     assert not found, "secrets found:\n" + "\n".join(sorted(set(found)))
+
+
+# --- the same attacks on an swtpm vTPM (an HVM guest whose TPM is an swtpm in dom0) -------------------
+
+HVM = "hvm1"
+
+
+@pytest.fixture(scope="module")
+def hvm(pair):
+    pair.a.tool("sim", "create", HVM, "--memory", "16", "--vtpm", "swtpm")
+    provision_guest_tpm(pair.a.tcti(HVM))
+    yield swtpm_home(pair.a.sim, HVM).name
+    for host in (pair.a, pair.b):
+        if HVM in host.domids():
+            host.xl("destroy", HVM)
+
+
+@contextlib.contextmanager
+def swtpm_unchanged(pair, uuid: str):
+    """hvm1 runs on A on the same swtpm, not parked, its TPM as the guest saw it (the state file's bytes
+    may move: `xl save` made swtpm write it); B holds nothing of it."""
+    a, b = pair.a, pair.b
+    tpm_before, ek_before = tpm_state(a.tcti(HVM)), ek_public(a.tcti(HVM))
+    pid = swtpm_pid(a.sim, HVM)
+    before_b = _unchanged(b)
+    yield
+    assert HVM in a.domids() and not a.is_paused(HVM)
+    assert swtpm_pid(a.sim, HVM) == pid
+    assert "parked" not in json.loads((swtpm_home(a.sim, HVM) / "vtpm.json").read_text())
+    assert tpm_state(a.tcti(HVM)) == tpm_before and ek_public(a.tcti(HVM)) == ek_before
+    assert _unchanged(b) == before_b and not (b.state_dir / "swtpm" / uuid).exists()
+
+
+def test_a_captured_swtpm_transfer_opens_only_with_the_destination_tpm(pair, hvm, tmp_path):
+    """The vTPM's keys travel sealed twice to B's TPM (the channel, and their own envelope): B's TPM
+    opens both, and they are the vTPM's keys; B's files on another TPM open neither."""
+    ssh, from_s, from_d = capturing_ssh(tmp_path)
+    pair.migrate("--auth-file", str(pair.auth), ssh=ssh, guest=HVM)
+    assert HVM in pair.b.domids()
+    pair.b.tool("migrate", "-s", SSH, HVM, str(pair.a.dir))
+    assert HVM in pair.a.domids()
+    wire = {"from_s": from_s.read_bytes(), "from_d": from_d.read_bytes()}
+    v = hello_values(wire["from_s"], wire["from_d"])
+    b_cfg = Config.load(pair.b.env["XEN_VTPM_CONFIG"])
+    b_tpm = TpmIdentity(b_cfg, dict)
+    meta = json.loads(_first_record(wire, b_tpm.zgen(v["ephemeral"])))
+    assert meta["guest"] == HVM and meta["vtpm"]["kind"] == "swtpm"
+    envelope, context = bytes.fromhex(meta["vtpm"]["envelope"]), envelope_context(v["transfer"], hvm)
+    state_key, migration_key = swtpm_keys(derive_keys(_host_key(pair.a)).swtpm, hvm)
+    assert crypto.open_envelope(b_tpm.zgen, context, envelope, "B") == state_key + migration_key
+    close_all()
+    other = Swtpm(tmp_path / "other-tpm")
+    try:
+        shutil.copytree(pair.b.state_dir, tmp_path / "b-state")
+        stolen = TpmIdentity(Config(state_dir=tmp_path / "b-state", tcti=other.tcti, pcrs=b_cfg.pcrs), dict)
+        with pytest.raises(TransferError, match="does not authenticate"):
+            _first_record(wire, stolen.zgen(v["ephemeral"]))
+        with pytest.raises(TransferError, match="does not open with this host's transfer key"):
+            crypto.open_envelope(stolen.zgen, context, envelope, "another TPM")
+    finally:
+        close_all()
+        other.stop()
+
+
+@pytest.mark.parametrize("attack,refusal", [("flip", "does not authenticate"), ("cut", "truncated")])
+def test_an_altered_swtpm_transfer_is_refused(pair, hvm, tmp_path, attack, refusal):
+    ssh = filtering_ssh(tmp_path, f"{attack}-ssh", **{attack: 3 << 20})      # in the guest's memory
+    with swtpm_unchanged(pair, hvm):
+        line = pair.a.fails(11, "migrate", "--auth-file", str(pair.auth), "-s", ssh, HVM, str(pair.b.dir))
+        assert "refused the move" in line and refusal in line

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xen_vtpm.errors import MalformedSaveFile
-from xen_vtpm.xen.savefile import HEADER, SaveHeader, read_save_header
+from xen_vtpm.xen.devicemodel import tpm_args
+from xen_vtpm.xen.savefile import HEADER, SaveHeader, read_save_header, relink_emulator_tpm
 from xen_vtpm_sim import savestream as ss
 
 XEN_PY = Path("/usr/lib/xen-4.17/lib/python")
@@ -473,3 +474,27 @@ def test_any_corruption_is_malformed_or_harmless(edits, cut):
         read_small(bytes(data[:cut]) if cut < len(data) else bytes(data))
     except MalformedSaveFile:
         pass
+
+
+def test_relinking_the_emulator_tpm_rewrites_only_its_socket(tmp_path):
+    """A moved guest's stream, its TPM chardev pointed at this host's swtpm socket: the header still
+    parses (and Xen's verifier accepts the file), only that chardev's path changed, and the memory
+    after the header arrives byte for byte, however the stream was cut into blocks."""
+    name = f"{VTPM_UUID}.sock"
+    other = ["-chardev", "socket,id=mon,path=/run/other,,odd.sock", "-serial", "chardev:mon"]
+    config = dict(CONFIG, b_info=dict(CONFIG["b_info"], extra_hvm=[*tpm_args(Path("/src/run") / name), *other]))
+    memory = memory_of("random", 4 * PAGE)
+    stream = save_bytes(memory, config)
+    for step in (7, 4096, len(stream)):
+        moved = b"".join(relink_emulator_tpm((stream[i:i + step] for i in range(0, len(stream), step)),
+                                             name, f"/dst/run,x/{name}"))
+        header = read_save_header(io.BytesIO(moved))
+        assert header.emulator_tpms == [f"/dst/run,x/{name}"]
+        assert header.config["b_info"]["extra_hvm"][len(tpm_args(Path(name))):] == other
+        assert moved[header.stream_offset:] == stream[read_save_header(io.BytesIO(stream)).stream_offset:]
+    path = tmp_path / "moved.sav"
+    path.write_bytes(moved)
+    assert verify(path).returncode == 0
+    mem = bytearray(4 * PAGE)
+    ss.read_save(io.BytesIO(moved), mem)
+    assert mem == memory

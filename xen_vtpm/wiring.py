@@ -6,7 +6,7 @@ This is the only module that knows which class implements each port of the coord
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +17,14 @@ from xen_vtpm.core.coordinator import Coordinator
 from xen_vtpm.core.journal import Journal
 from xen_vtpm.core.locks import VmLock
 from xen_vtpm.durable import check_private_dir
-from xen_vtpm.errors import XenVtpmError, XlError
+from xen_vtpm.errors import PreconditionFailed, XenVtpmError, XlError
 from xen_vtpm.host import preflight as host_preflight
 from xen_vtpm.host.identity import TpmIdentity
 from xen_vtpm.host.peers import HostPeers
 from xen_vtpm.host.session import open_host
 from xen_vtpm.host.trust import AuditTrail, HostTrust
 from xen_vtpm.host.trusted import TrustStore
-from xen_vtpm.model import Check, VtpmCapture, VtpmExport, VtpmRef
+from xen_vtpm.model import BACKEND_KINDS, Check, VtpmCapture, VtpmExport, VtpmRef
 from xen_vtpm.store import Repository
 from xen_vtpm.vtpm import preflight as vtpm_preflight
 from xen_vtpm.vtpm.manager import ManagerClient
@@ -86,41 +86,47 @@ class VtpmBackends:
     def discard(self, ref: VtpmRef, manager_checkpoint: str) -> None:
         self.of(ref).discard(ref, manager_checkpoint)
 
-    # Moves: only a stub domain's vTPM moves (core/migration.py refuses another kind before anything).
-    def move_kind(self) -> str:
-        return self.stubdom.move_kind()
-
-    def move_key(self) -> bytes | None:
-        return self.stubdom.move_key()
+    # Moves: each vTPM goes to its own backend, an incoming one to the backend of the kind it came as.
+    def _kind(self, kind: str) -> StubdomBackend | SwtpmBackend:
+        if kind not in BACKEND_KINDS:
+            raise PreconditionFailed(f"a vTPM of kind {kind!r}, which no backend of this host can take; install the "
+                                     "same xen-vtpm on both hosts (nothing was changed)")
+        return self.swtpm if kind == "swtpm" else self.stubdom
 
     def move_keys(self) -> dict[str, bytes]:
-        """Per vTPM backend kind, the key a vTPM moving to this host is wrapped for."""
-        key = self.move_key()
-        return {self.move_kind(): key} if key is not None else {}
+        """Per vTPM backend kind that can take a vTPM in here, the key its secret is sealed to."""
+        keys = {"stubdom": self.stubdom.move_key(), "swtpm": self.swtpm.move_key()}
+        return {kind: key for kind, key in keys.items() if key is not None}
+
+    def check_can_move(self, ref: VtpmRef) -> None:
+        self.of(ref).check_can_move(ref)
 
     def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
-        return self.stubdom.export_for(ref, transfer, recipient)
+        return self.of(ref).export_for(ref, transfer, recipient)
 
     def export_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, recipient: bytes) -> bytes:
-        return self.stubdom.export_checkpoint(ref, manager_checkpoint, transfer, recipient)
+        return self.of(ref).export_checkpoint(ref, manager_checkpoint, transfer, recipient)
 
     def unexport(self, ref: VtpmRef) -> None:
-        self.stubdom.unexport(ref)
+        self.of(ref).unexport(ref)
 
     def check_importable(self, export: VtpmExport) -> None:
-        self.stubdom.check_importable(export)
+        self._kind(export.kind).check_importable(export)
 
     def import_from(self, export: VtpmExport, transfer: str) -> None:
-        self.stubdom.import_from(export, transfer)
+        self._kind(export.kind).import_from(export, transfer)
 
-    def import_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, envelope: bytes) -> None:
-        self.stubdom.import_checkpoint(ref, manager_checkpoint, transfer, envelope)
+    def import_checkpoint(self, ref: VtpmRef, capture: VtpmCapture, transfer: str, envelope: bytes) -> VtpmCapture:
+        return self.of(ref).import_checkpoint(ref, capture, transfer, envelope)
+
+    def incoming_stream(self, ref: VtpmRef, blocks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        return self.of(ref).incoming_stream(ref, blocks)
 
     def adopt(self, ref: VtpmRef) -> None:
-        self.stubdom.adopt(ref)
+        self.of(ref).adopt(ref)
 
     def remove(self, ref: VtpmRef) -> None:
-        self.stubdom.remove(ref)
+        self.of(ref).remove(ref)
 
 
 @dataclass
@@ -164,10 +170,12 @@ def open_ports(cfg: Config, progress: Progress | None = None) -> Ports:
             store.close()
         xs.close()
         raise
-    vtpm = VtpmBackends(StubdomBackend(cfg, xs, xl), SwtpmBackend(cfg, xs, host.keys.swtpm))
+    # The identity asks the backends for their keys, and the swtpm backend seals to the identity's.
+    identity = TpmIdentity(cfg, lambda: vtpm.move_keys())
+    vtpm = VtpmBackends(StubdomBackend(cfg, xs, xl), SwtpmBackend(cfg, xs, host.keys.swtpm, identity))
     return Ports(cfg=cfg, xs=xs, xl=xl, guests=Guests(xs, xl, Path(cfg.swtpm_run_dir)), vtpm=vtpm, store=store,
                  host=host, audit=AuditTrail(cfg, host), journal=journal, streams=XlStreams(cfg, xl, progress),
-                 peers=HostPeers(cfg, TpmIdentity(cfg, vtpm.move_keys), TrustStore(cfg)))
+                 peers=HostPeers(cfg, identity, TrustStore(cfg)))
 
 
 @contextlib.contextmanager

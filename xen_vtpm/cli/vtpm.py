@@ -69,7 +69,7 @@ def _add(args: argparse.Namespace, cfg: Config, source: Path | None) -> int:
             if source is None:
                 backend.manufacture(vtpm_uuid)
             else:
-                backend.adopt(vtpm_uuid, source, key)
+                backend.adopt_state(vtpm_uuid, source, key)
             swtpmcfg.add_block(path, text, vtpm_uuid, p.socket, args.device)
         except BaseException:
             backend.unregister(vtpm_uuid)

@@ -18,6 +18,7 @@ parked vTPM) and already decided to go; never running twice, never lost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +26,6 @@ from typing import Any
 from xen_vtpm.errors import (
     MigrationError,
     MoveInDoubt,
-    NoCheckpointFeature,
     PreconditionFailed,
     TransferError,
     XenVtpmError,
@@ -83,6 +83,20 @@ class _Records:
             raise TransferError(f"the transfer holds an unexpected {self.peek()!r} record at its end")
 
 
+@dataclasses.dataclass
+class _Incoming:
+    """A moved checkpoint while the transfer arrives: its description, its draft, its capture as sent."""
+    head: dict[str, Any]
+    draft: Draft
+    capture: VtpmCapture
+
+    def envelope(self) -> bytes:
+        try:
+            return bytes.fromhex(str(self.head["envelope"]))
+        except (KeyError, ValueError):
+            raise TransferError(f"checkpoint {self.head.get('id')}: its envelope is malformed (altered)") from None
+
+
 class Migration(Sequences):
     def __init__(self, ports: Ports, recover: Callable[[], Any]) -> None:
         super().__init__(ports)
@@ -95,13 +109,7 @@ class Migration(Sequences):
         with self.p.lock(guest.uuid, guest.name):
             self._check_fresh(S.MIGRATE, guest.name)
             vt = guest.vtpm
-            if vt.backend_kind != self.p.vtpm.move_kind():
-                raise PreconditionFailed(f"{guest.name}: its vTPM ({vt.backend}) is of kind {vt.backend_kind}, and "
-                                         f"migrate moves only {self.p.vtpm.move_kind()} vTPMs so far; nothing was "
-                                         f"changed — keep {guest.name} on this host (docs/migration.md §5)")
-            if self.p.vtpm.move_key() is None:
-                raise NoCheckpointFeature(f"{vt.backend}: this host's vTPM manager cannot move vTPMs (no transfer "
-                                          "support); start it with transfer=1 (docs/protocol.md §9)")
+            self.p.vtpm.check_can_move(vt)
             self._check_can_suspend(guest)
             self.p.vtpm.check_single_consumer(vt)
             self.p.store.check_writable()
@@ -115,7 +123,7 @@ class Migration(Sequences):
                     moving.append(self.p.store.get(entry.id))
             link = self.p.peers.connect(host, ssh)
             try:
-                recipient = link.recipient(self.p.vtpm.move_kind())
+                recipient = link.recipient(vt.backend_kind)
                 op = self.p.journal.begin(S.MIGRATE, guest.uuid, OpParams(
                     guest=guest.name, vtpm=vt.backend, vtpm_kind=vt.backend_kind, vtpm_uuid=vt.uuid, host=host, ssh=ssh,
                     transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(c.id for c in moving),
@@ -292,34 +300,33 @@ class Migration(Sequences):
                     raise PreconditionFailed(f"checkpoint {ckpt_id}: already in this host's store; delete it here "
                                              "or move without --with-checkpoints")
             export = VtpmExport.from_meta(export_meta, b"".join(records.blocks(VTPM_STATE)))
-            if export.kind != self.p.vtpm.move_kind():
-                raise PreconditionFailed(f"{export.ref.backend}: a vTPM of kind {export.kind!r}, which this host's "
-                                         f"backend ({self.p.vtpm.move_kind()}) cannot take")
+            if export.ref.backend_kind != export.kind or export.ref.guest != name:
+                raise TransferError(f"{export.ref.backend}: the moving vTPM's description contradicts itself (altered)")
             self.p.vtpm.check_importable(export)
             spool = self.p.streams.spool(records.blocks(MEMORY), mem_bytes)
-            drafts: list[tuple[dict[str, Any], Draft]] = []
+            drafts: list[_Incoming] = []
             try:
                 while records.peek() == CKPT:
-                    drafts.append(self._receive_checkpoint(records))
+                    drafts.append(self._receive_checkpoint(records, export.ref))
                 records.end()
-                if spool.size != mem_bytes or [h["id"] for h, _ in drafts] != ckpt_ids:
+                if spool.size != mem_bytes or [d.head["id"] for d in drafts] != ckpt_ids:
                     raise TransferError("the transfer's contents differ from its description (altered)")
                 op = self.p.journal.begin(S.MIGRATE_IN, vm_uuid, OpParams(
-                    guest=name, vtpm=export.ref.backend, vtpm_uuid=export.ref.uuid, host=link.peer_name,
-                    transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(ckpt_ids),
-                    manager_checkpoints=tuple(str(h["manager_checkpoint"]) for h, _ in drafts), paused=paused))
+                    guest=name, vtpm=export.ref.backend, vtpm_kind=export.kind, vtpm_uuid=export.ref.uuid,
+                    host=link.peer_name, transfer=link.transfer, peer=link.peer_key, checkpoints=tuple(ckpt_ids),
+                    manager_checkpoints=tuple(str(d.head["manager_checkpoint"]) for d in drafts), paused=paused))
                 self._take_in(op, export, spool, drafts)
             except BaseException:
-                for _, draft in drafts:
+                for d in drafts:
                     with contextlib.suppress(XenVtpmError):
-                        draft.abort()
+                        d.draft.abort()
                 raise
             finally:
                 spool.close()
             return {"domain": name, "from": link.peer_name, "transfer": link.transfer,
                     "checkpoints_moved": len(drafts)}
 
-    def _receive_checkpoint(self, records: _Records) -> tuple[dict[str, Any], Draft]:
+    def _receive_checkpoint(self, records: _Records, ref: VtpmRef) -> _Incoming:
         head = records.json(CKPT)
         try:
             self.p.store.check_name_free(str(head["vm_uuid"]), str(head["name"]))
@@ -330,33 +337,36 @@ class Migration(Sequences):
             raise TransferError(f"a moved checkpoint's description is malformed ({exc})") from None
         try:
             image = b"".join(records.blocks(CKPT_IMAGE))
-            draft.add_stream("memory", records.blocks(CKPT_MEMORY))
+            draft.add_stream("memory", self.p.vtpm.incoming_stream(ref, records.blocks(CKPT_MEMORY)))
             slots = tuple(head["slot_hashes"])
-            draft.set_vtpm(VtpmCapture(image=image, manager_checkpoint=head["manager_checkpoint"],
-                                       manager_hash=head["manager_hash"], slot_hashes=(slots[0], slots[1])))
+            capture = VtpmCapture(image=image, manager_checkpoint=head["manager_checkpoint"],
+                                  manager_hash=head["manager_hash"], slot_hashes=(slots[0], slots[1]),
+                                  backend_kind=ref.backend_kind)
+        except (KeyError, TypeError, IndexError) as exc:
+            draft.abort()
+            raise TransferError(f"a moved checkpoint's description is malformed ({exc})") from None
         except BaseException:
             draft.abort()
             raise
-        return head, draft
+        return _Incoming(head, draft, capture)
 
-    def _take_in(self, op: Operation, export: VtpmExport, spool: Spooled,
-                 drafts: list[tuple[dict[str, Any], Draft]]) -> None:
+    def _take_in(self, op: Operation, export: VtpmExport, spool: Spooled, drafts: list[_Incoming]) -> None:
         ref = export.ref
         try:
             self._step_once(op, S.IMPORT_VTPM, lambda: self.p.vtpm.import_from(export, op.params.transfer or ""))
 
             def import_checkpoints() -> None:
-                for head, _ in drafts:
-                    self.p.vtpm.import_checkpoint(ref, str(head["manager_checkpoint"]), op.params.transfer or "",
-                                                  bytes.fromhex(str(head["envelope"])))
+                for d in drafts:
+                    d.draft.set_vtpm(self.p.vtpm.import_checkpoint(ref, d.capture, op.params.transfer or "",
+                                                                   d.envelope()))
                 with self.p.host.exclusive():
-                    for head, draft in drafts:
-                        draft.commit(**head["details"])
+                    for d in drafts:
+                        d.draft.commit(**d.head["details"])
                     self.p.host.advance(changing=op.params.checkpoints)
             self._step_once(op, S.IMPORT_CHECKPOINTS, import_checkpoints)
             self._step_once(op, S.START_VTPM, lambda: self.p.vtpm.start_verified(ref))
-            self._step_once(op, S.RESTORE_GUEST,
-                            lambda: self.p.streams.restore_from(ref.guest, spool.blocks(), spool.size, paused=True))
+            self._step_once(op, S.RESTORE_GUEST, lambda: self.p.streams.restore_from(
+                ref.guest, self.p.vtpm.incoming_stream(ref, spool.blocks()), spool.size, paused=True))
         except BaseException as exc:
             self._undo_destination(op, f"{exc}" if isinstance(exc, XenVtpmError) else exc.__class__.__name__)
             raise

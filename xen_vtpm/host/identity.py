@@ -80,6 +80,8 @@ class TpmIdentity:
             raise TpmError(f"host TPM: {what} failed ({exc}); check the TPM and its owner hierarchy") from None
 
     def host_key(self) -> HostKey:
+        backend_keys = self.backend_keys()     # outside the session: a backend's key may be a TPM key too
+
         def run(tpm: HostTpm) -> HostKey:
             keys = {}
             for which in (SIGN, TRANSFER):
@@ -87,8 +89,16 @@ class TpmIdentity:
                 _flush(tpm, handle)
             values = tpm.pcr_values()
             return HostKey(host=socket.gethostname(), sign_key=keys[SIGN], transfer_key=keys[TRANSFER],
-                           backend_keys=self.backend_keys(), pcrs=tuple(tpm.pcr_list), pcr_values=values)
+                           backend_keys=backend_keys, pcrs=tuple(tpm.pcr_list), pcr_values=values)
         return self._tpm("reading the host keys", run)
+
+    def transfer_key(self) -> bytes:
+        """The public half of the transfer key (what a source seals to)."""
+        def run(tpm: HostTpm) -> bytes:
+            handle, key = _primary(tpm, TRANSFER)
+            _flush(tpm, handle)
+            return key
+        return self._tpm("reading the transfer key", run)
 
     def sign(self, message: bytes) -> bytes:
         """ECDSA-SHA256 over ``message`` (at most 1024 bytes) with the restricted host key."""

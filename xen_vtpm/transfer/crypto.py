@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ST
 from tpm2_pytss.types import TPML_PCR_SELECTION, TPMS_ATTEST
@@ -29,6 +30,7 @@ HELLO = b"xen-vtpm move hello v1\0"
 KEY = b"xen-vtpm move key v1\0"
 OUTCOME = b"xen-vtpm move outcome v1\0"
 CHANNEL = b"xen-vtpm move channel v1\0"
+ENVELOPE = b"xen-vtpm move envelope v1\0"
 
 
 def fingerprint(sign_key: bytes) -> str:
@@ -124,3 +126,27 @@ def channel_key(z: bytes, nonce_s: bytes, nonce_d: bytes, transfer: str, ephemer
     """The stream's AES-256-GCM key (HKDF-SHA256 over the ECDH secret and both nonces)."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=nonce_s + nonce_d,
                 info=CHANNEL + transfer.encode() + ephemeral_key).derive(z)
+
+
+def _envelope_key(z: bytes, ephemeral_key: bytes, context: bytes) -> AESGCM:
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=ENVELOPE + digest(context, ephemeral_key)).derive(z))
+
+
+def seal_envelope(recipient: bytes, context: bytes, secret: bytes) -> bytes:
+    """``secret`` for the holder of ``recipient``'s private key (a TPM-resident ECDH key), bound
+    to ``context`` (what it is for: transfer, vTPM, checkpoint): ephemeral point ‖ AES-GCM box."""
+    eph, z = ephemeral(recipient)
+    return eph + _envelope_key(z, eph, context).encrypt(bytes(12), secret, context)
+
+
+def open_envelope(zgen: Callable[[bytes], bytes], context: bytes, envelope: bytes, what: str) -> bytes:
+    """The secret of ``seal_envelope``; ``zgen`` is the recipient's ECDH (its TPM's ECDH_ZGen)."""
+    if len(envelope) < POINT + 16:
+        raise TransferError(f"{what}: its envelope is truncated (altered)")
+    eph = point(envelope[:POINT].hex(), what)
+    try:
+        return _envelope_key(zgen(eph), eph, context).decrypt(bytes(12), envelope[POINT:], context)
+    except InvalidTag:
+        raise TransferError(f"{what}: its envelope does not open with this host's transfer key (made for another "
+                            "host or move, or altered); nothing was changed") from None

@@ -16,6 +16,7 @@ import contextlib
 import os
 import stat
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from xen_vtpm.durable import fsync_dir, storage_error, write_all, write_atomic
 from xen_vtpm.errors import (
     DomainNotFound,
     IntegrityError,
+    NoCheckpointFeature,
     PreconditionFailed,
     StorageError,
     TransferError,
@@ -320,14 +322,16 @@ class StubdomBackend:
 
     # --- moves (docs/migration.md): H‖K travels between managers, wrapped for the receiving
     # manager's TPM-resident transfer key, and never reaches dom0 in clear -------------------------
-    def move_kind(self) -> str:
-        return KIND
-
     def move_key(self) -> bytes | None:
         try:
             return self.mgr.info().transfer_key
         except DomainNotFound:
             return None
+
+    def check_can_move(self, ref: VtpmRef) -> None:
+        if self.move_key() is None:
+            raise NoCheckpointFeature(f"{ref.backend}: this host's vTPM manager cannot move vTPMs (no transfer "
+                                      "support); start it with transfer=1 (docs/protocol.md §9)")
 
     def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
         """Park the vTPM's entry at the manager (no vTPM stub domain can load or save it until
@@ -400,8 +404,13 @@ class StubdomBackend:
             raise IntegrityError(f"{ref.backend}: the manager imported H {imported[:12]}…, the transfer announced "
                                  f"{export.state_hash[:12]}…; refusing to start it")
 
-    def import_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, envelope: bytes) -> None:
-        self.mgr.import_entry(ref.uuid, transfer, envelope, checkpoint=manager_checkpoint)
+    def import_checkpoint(self, ref: VtpmRef, capture: VtpmCapture, transfer: str, envelope: bytes) -> VtpmCapture:
+        self.mgr.import_entry(ref.uuid, transfer, envelope, checkpoint=capture.manager_checkpoint or "")
+        return capture
+
+    def incoming_stream(self, ref: VtpmRef, blocks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        """The guest's cfg names the stub domain, which keeps its name here: the stream as it came."""
+        return iter(blocks)
 
     def adopt(self, ref: VtpmRef) -> None:
         self.mgr.adopt(ref.uuid)

@@ -35,20 +35,25 @@ import struct
 import subprocess
 import time
 import uuid as uuidlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from xen_vtpm.config import Config
-from xen_vtpm.durable import write_atomic
-from xen_vtpm.errors import IntegrityError, NotFound, PreconditionFailed, VtpmBusy, XenError
-from xen_vtpm.model import VtpmCapture, VtpmRef
+from xen_vtpm.durable import fsync_dir, write_atomic
+from xen_vtpm.errors import IntegrityError, NotFound, PreconditionFailed, TransferError, VtpmBusy, XenError
+from xen_vtpm.model import VtpmCapture, VtpmExport, VtpmRef
+from xen_vtpm.transfer import crypto
 from xen_vtpm.xen.devicemodel import swtpm_socket, tpm_sockets
 from xen_vtpm.xen.domains import domid_of
+from xen_vtpm.xen.savefile import relink_emulator_tpm
 from xen_vtpm.xen.xenstore import XenStore
 
 from . import swtpmctl as ctl
+from . import swtpmmove
 
 KIND = "swtpm"
 START_TIMEOUT = 10.0
@@ -67,6 +72,7 @@ class Paths:
     log: Path
     socket: Path
     pid: Path
+    migration_key: Path     # a moved-in vTPM's own migration key, sealed (swtpmmove.wrap_key)
 
 
 def pack_state(files: dict[str, bytes]) -> bytes:
@@ -136,19 +142,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+class MoveKeyring(Protocol):
+    """This host's TPM-resident transfer key (``host.identity.TpmIdentity``): what a moving vTPM's
+    keys are sealed to, and the TPM's ECDH with it that opens them."""
+    def transfer_key(self) -> bytes: ...
+    def zgen(self, point: bytes) -> bytes: ...
+
+
 class SwtpmBackend:
     """VtpmBackend for swtpm vTPMs (``VtpmRef.backend_kind == "swtpm"``)."""
 
-    def __init__(self, cfg: Config, xs: XenStore, base_key: bytes) -> None:
+    def __init__(self, cfg: Config, xs: XenStore, base_key: bytes, keyring: MoveKeyring | None = None) -> None:
         self.cfg, self.xs = cfg, xs
         self._base_key = base_key
+        self._keyring = keyring
 
     # --- where things are ---------------------------------------------------------------------
     def paths(self, vtpm_uuid: str) -> Paths:
         home = Path(self.cfg.state_dir) / "swtpm" / vtpm_uuid
         run = Path(self.cfg.swtpm_run_dir)
         return Paths(home=home, state=home / "state", record=home / "vtpm.json", log=home / "swtpm.log",
-                     socket=swtpm_socket(run, vtpm_uuid), pid=run / f"{vtpm_uuid}.pid")
+                     socket=swtpm_socket(run, vtpm_uuid), pid=run / f"{vtpm_uuid}.pid",
+                     migration_key=home / "migration.key")
 
     def registered(self) -> list[dict[str, str]]:
         """Every vTPM this host's xen-vtpm manages, with the guest it was made for."""
@@ -165,6 +180,35 @@ class SwtpmBackend:
             raise NotFound(f"{ref.backend}: vTPM {ref.uuid} is not one of this host's swtpm vTPMs "
                            f"({p.home} missing); add it with `xen-vtpm vtpm add {ref.guest} --backend swtpm`")
         return p
+
+    def keys_of(self, vtpm_uuid: str) -> tuple[bytes, bytes]:
+        """(state key, migration key) of a vTPM: both derived from this host's key, but the migration
+        key of a vTPM that moved in, which is its own (swtpmmove)."""
+        state_key, migration_key = derive_keys(self._base_key, vtpm_uuid)
+        p = self.paths(vtpm_uuid)
+        with contextlib.suppress(FileNotFoundError):
+            migration_key = swtpmmove.unwrap_key(self._base_key, vtpm_uuid, p.migration_key.read_bytes(),
+                                                 p.migration_key)
+        return state_key, migration_key
+
+    def _record(self, p: Paths) -> dict[str, str]:
+        try:
+            record = json.loads(p.record.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _mark(self, p: Paths, key: str, value: str | None) -> None:
+        """Set (or clear) a move's mark in the vTPM's record: "parked" on the source, "incoming" on the
+        destination until it commits."""
+        record = self._record(p)
+        if record.get(key) == value:
+            return
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+        write_atomic(p.record, json.dumps(record, sort_keys=True).encode(), mode=0o600)
 
     def register(self, vtpm_uuid: str, guest: str) -> Paths:
         p = self.paths(vtpm_uuid)
@@ -193,10 +237,14 @@ class SwtpmBackend:
         p = self.paths(vtpm_uuid)
         if self.pid(vtpm_uuid) is not None:
             raise VtpmBusy(f"vTPM {vtpm_uuid}: its swtpm already runs; stop it first")
+        parked = self._record(p).get("parked")
+        if parked:
+            raise VtpmBusy(f"vTPM {vtpm_uuid}: parked while it moves to another host (transfer {parked}), so no "
+                           "swtpm may run from its state here; run `xen-vtpm recover` to settle the move")
         p.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in (p.socket, p.pid):
             stale.unlink(missing_ok=True)
-        state_key, migration_key = derive_keys(self._base_key, vtpm_uuid)
+        state_key, migration_key = self.keys_of(vtpm_uuid)
         fds, key_args = [], []
         try:
             for option, key in (("--key", state_key), ("--migration-key", migration_key)):
@@ -314,7 +362,7 @@ class SwtpmBackend:
             self.halt(vtpm_uuid)
         self._check_encrypted(self.state_files(p), f"vTPM {vtpm_uuid}")
 
-    def adopt(self, vtpm_uuid: str, source: Path, source_key: bytes | None) -> None:
+    def adopt_state(self, vtpm_uuid: str, source: Path, source_key: bytes | None) -> None:
         """Load a foreign swtpm state directory in a throw-away swtpm and hand its permanent state,
         over the control channel only, to this vTPM's own swtpm, which encrypts it with its keys."""
         p = self.paths(vtpm_uuid)
@@ -464,5 +512,132 @@ class SwtpmBackend:
         self._wipe_device_model_save(ref)
 
 
+    # --- moves (docs/migration.md §6): the state files travel as swtpm encrypted them, the two keys
+    # sealed to the destination's TPM-resident transfer key; the destination re-encrypts the state
+    # under its own state key and keeps the vTPM's migration key, sealed under its own host key ------
+    def move_key(self) -> bytes | None:
+        if self._keyring is None or shutil.which(self.cfg.swtpm) is None:
+            return None
+        return self._keyring.transfer_key()
+
+    def check_can_move(self, ref: VtpmRef) -> None:
+        p = self._paths_of(ref)
+        if self._keyring is None:
+            raise PreconditionFailed(f"{ref.backend}: this command cannot move swtpm vTPMs (no host identity); "
+                                     "run `xen-vtpm migrate`")
+        files = self.state_files(p)
+        if ctl.PERMANENT not in files:
+            raise PreconditionFailed(f"{ref.backend}: vTPM {ref.uuid} has no permanent state in {p.state}, nothing "
+                                     "to move; roll it back to a checkpoint first")
+        self._check_encrypted(files, f"vTPM {ref.uuid}")
+
+    def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
+        """Park the vTPM (no swtpm may start from its state until ``unexport``) and take its state files
+        as they are: the guest is suspended and its device model already took the TPM's blobs, so the
+        swtpm that still serves that device model changes nothing.  It is left running: an aborted
+        move resumes the guest on it (QEMU cannot reconnect to another swtpm)."""
+        p = self._paths_of(ref)
+        files = self.state_files(p)
+        if ctl.PERMANENT not in files:
+            raise IntegrityError(f"{ref.backend}: no permanent state in {p.state}; nothing to move")
+        self._check_encrypted(files, ref.backend)
+        state_key, migration_key = self.keys_of(ref.uuid)
+        self._mark(p, "parked", transfer)
+        self._wipe_device_model_save(ref)
+        hashes = fingerprints(files)
+        return VtpmExport(kind=KIND, ref=ref, state=pack_state(files), state_hash=hashes[0], slot_hashes=hashes,
+                          envelope=crypto.seal_envelope(recipient, swtpmmove.envelope_context(transfer, ref.uuid),
+                                                        state_key + migration_key), config="")
+
+    def export_checkpoint(self, ref: VtpmRef, manager_checkpoint: str, transfer: str, recipient: bytes) -> bytes:
+        """A checkpoint's capture is encrypted under this vTPM's state key here: that key, sealed."""
+        state_key, _ = self.keys_of(ref.uuid)
+        return crypto.seal_envelope(recipient, swtpmmove.envelope_context(transfer, ref.uuid, manager_checkpoint),
+                                    state_key)
+
+    def unexport(self, ref: VtpmRef) -> None:
+        """Un-park; and wipe libxl's device-model save, which a move undone before ``export_for`` ran
+        (killed right after `xl save -p`) still left behind."""
+        p = self.paths(ref.uuid)
+        if p.record.is_file():
+            self._mark(p, "parked", None)
+        self._wipe_device_model_save(ref)
+
+    def check_importable(self, export: VtpmExport) -> None:
+        """Refuse before anything is written: a vTPM of that UUID here, no swtpm, a state that does not
+        match its description."""
+        ref = export.ref
+        p = self.paths(ref.uuid)
+        if self._keyring is None or shutil.which(self.cfg.swtpm) is None:
+            raise PreconditionFailed(f"{self.cfg.swtpm}: swtpm is not installed on this host, so it cannot take an "
+                                     "swtpm vTPM in; install Debian's swtpm package (nothing was changed)")
+        if p.home.exists():
+            raise PreconditionFailed(f"{p.home}: this host already has vTPM {ref.uuid}; move it away to take "
+                                     f"{ref.guest}'s vTPM in (nothing was changed)")
+        if len(os.fsencode(p.socket)) >= _SUN_PATH_MAX:
+            raise PreconditionFailed(f"{p.socket}: too long for a Unix socket path; set `swtpm_run_dir` in the "
+                                     "config to a shorter directory (nothing was changed)")
+        try:
+            files = unpack_state(export.state, ref.backend)
+        except IntegrityError as exc:
+            raise TransferError(f"{exc} (altered)") from None
+        if fingerprints(files) != export.slot_hashes or export.state_hash != export.slot_hashes[0]:
+            raise TransferError(f"{ref.backend}: the moving swtpm state differs from its description (altered)")
+        self._check_encrypted(files, ref.backend)
+
+    def _open(self, transfer: str, ref: VtpmRef, checkpoint: str, envelope: bytes, size: int) -> bytes:
+        if self._keyring is None:
+            raise PreconditionFailed(f"{ref.backend}: this command cannot take swtpm vTPMs in (no host identity)")
+        keys = crypto.open_envelope(self._keyring.zgen, swtpmmove.envelope_context(transfer, ref.uuid, checkpoint),
+                                    envelope, f"{ref.backend}'s keys")
+        if len(keys) != size:
+            raise TransferError(f"{ref.backend}: its envelope holds {len(keys)} key bytes, not {size} (altered)")
+        return keys
+
+    def _rekeyed(self, ref: VtpmRef, files: dict[str, bytes], old_key: bytes, label: str) -> dict[str, bytes]:
+        p = self.paths(ref.uuid)
+        state_key, _ = derive_keys(self._base_key, ref.uuid)
+        return swtpmmove.rekey(self.cfg.swtpm, files, old_key, state_key, p.home, p.socket, p.log, label)
+
+    def import_from(self, export: VtpmExport, transfer: str) -> None:
+        """The vTPM as this host's own, provisionally (``remove`` undoes it, ``adopt`` makes it final):
+        its record, its migration key sealed here, its state re-encrypted under this host's state key."""
+        ref = export.ref
+        keys = self._open(transfer, ref, "", export.envelope, 2 * swtpmmove.KEY_BYTES)
+        old_state_key, migration_key = keys[:swtpmmove.KEY_BYTES], keys[swtpmmove.KEY_BYTES:]
+        p = self.paths(ref.uuid)
+        if not p.record.is_file():
+            self.register(ref.uuid, ref.guest)
+        self._mark(p, "incoming", transfer)
+        write_atomic(p.migration_key, swtpmmove.wrap_key(self._base_key, ref.uuid, migration_key), mode=0o600)
+        files = self._rekeyed(ref, unpack_state(export.state, ref.backend), old_state_key, ref.backend)
+        for name, data in files.items():
+            write_atomic(p.state / name, data, mode=0o600)
+
+    def import_checkpoint(self, ref: VtpmRef, capture: VtpmCapture, transfer: str, envelope: bytes) -> VtpmCapture:
+        """A moved checkpoint's capture, re-encrypted under this host's state key for the vTPM."""
+        label = f"checkpoint {capture.manager_checkpoint} of {ref.backend}"
+        old_key = self._open(transfer, ref, capture.manager_checkpoint or "", envelope, swtpmmove.KEY_BYTES)
+        files = self._rekeyed(ref, unpack_state(capture.image, label), old_key, label)
+        return dataclasses.replace(capture, image=pack_state(files), slot_hashes=fingerprints(files),
+                                   backend_kind=KIND)
+
+    def incoming_stream(self, ref: VtpmRef, blocks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        """A moved save stream, its device model wired to this host's socket for the vTPM."""
+        p = self.paths(ref.uuid)
+        return relink_emulator_tpm(blocks, p.socket.name, str(p.socket))
+
+    def adopt(self, ref: VtpmRef) -> None:
+        self._mark(self._paths_of(ref), "incoming", None)
+
+    def remove(self, ref: VtpmRef) -> None:
+        """This host's copy goes: its swtpm, its state, its keys.  Idempotent."""
+        self.halt(ref.uuid)
+        home = self.paths(ref.uuid).home
+        if home.exists():
+            shutil.rmtree(home)
+            fsync_dir(home.parent)
+
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
+

@@ -72,6 +72,17 @@ def emulator_sockets(argv: list[str]) -> list[str]:
     return [chardevs[tpmdevs[t]] for t in devices if t in tpmdevs and tpmdevs[t] in chardevs]
 
 
+def rewire_socket(argv: list[str], socket_name: str, socket: str) -> list[str]:
+    """``argv`` with every socket chardev whose path ends in ``socket_name`` on ``socket`` instead."""
+    out = list(argv)
+    for i, (opt, val) in enumerate(zip(argv, argv[1:], strict=False)):
+        kind, o = _options(val) if opt == "-chardev" else ("", {})
+        if kind == "socket" and Path(o.get("path", "")).name == socket_name:
+            out[i + 1] = ",".join(quote_opt(f"path={socket}" if part.startswith("path=") else part)
+                                  for part in split_opts(val))
+    return out
+
+
 def tpm_args(socket: Path, tag: str = "xvtpm", device: str = "tpm-crb") -> list[str]:
     """The ``device_model_args_hvm`` that give a guest an emulator TPM on swtpm's socket."""
     return ["-chardev", f"socket,id={tag}-chr,path={quote_opt(str(socket))}",

@@ -8,18 +8,20 @@ all integers in host byte order, followed by the libxl migration stream v2.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import uuid as uuidlib
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from xen_vtpm.errors import MalformedSaveFile
 from xen_vtpm.model import SaveHeader
 
-from .devicemodel import emulator_sockets
+from .devicemodel import emulator_sockets, rewire_socket
 
-__all__ = ["SaveHeader", "read_save_header"]
+__all__ = ["SaveHeader", "read_save_header", "relink_emulator_tpm"]
 
 SAVE_MAGIC = b"Xen saved domain, xl format\n \0 \r"
 BYTEORDER_VALUE = 0x01020304
@@ -159,6 +161,41 @@ def _emulator_tpms(config: dict) -> list[str]:
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         return []
     return emulator_sockets(extra)
+
+
+def relink_emulator_tpm(blocks: Iterable[bytes | memoryview], socket_name: str,
+                        socket: str) -> Iterator[bytes | memoryview]:
+    """A save stream whose config wires its device model's TPM to ``socket`` instead of the swtpm
+    socket named ``socket_name`` it had (another host's run directory); the rest byte for byte.
+
+    What `xl restore` does with the config it finds in the header (the optional data's length
+    changes with it: xl reads the header by its lengths, libxl the stream after it)."""
+    it = iter(blocks)
+    buf = bytearray()
+    need = HEADER.size
+    while len(buf) < need:
+        block = next(it, None)
+        if block is None:
+            break
+        buf += block
+        if need == HEADER.size and len(buf) >= HEADER.size:
+            need += HEADER.unpack_from(buf)[4]
+    header = _parse_header(io.BytesIO(bytes(buf[:need])), "the moved guest's save stream")
+    magic, byteorder, mandatory, optional, optlen = HEADER.unpack_from(buf)
+    (config_len,) = U32.unpack_from(buf, HEADER.size)
+    config = header.config
+    b_info = config.get("b_info")
+    extra = b_info.get("extra_hvm") if isinstance(b_info, dict) else None
+    if isinstance(extra, list) and all(isinstance(a, str) for a in extra):
+        assert isinstance(b_info, dict)
+        b_info["extra_hvm"] = rewire_socket(extra, socket_name, socket)
+    text = json.dumps(config).encode() + b"\0"
+    rest = bytes(buf[HEADER.size + U32.size + config_len:need])      # optional data after the config
+    yield HEADER.pack(magic, byteorder, mandatory, optional, U32.size + len(text) + len(rest)) + U32.pack(len(text)) \
+        + text + rest
+    if len(buf) > need:
+        yield bytes(buf[need:])
+    yield from it
 
 
 # --- running xl -------------------------------------------------------------
