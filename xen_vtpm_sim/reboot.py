@@ -61,8 +61,11 @@ def _running(d: Path, name: str) -> bool:
 
 def _start_manager(d: Path, cfg: dict[str, Any]) -> None:
     """Create the manager paused, follow its console from the first line, and return once it serves;
-    XenError if it stops (its console says why) or hangs."""
+    XenError if it stops or hangs.  Why it stopped is in its first own line: on the pty, or, as the
+    pty goes with the domain and may take its last lines along, in its console log if one is kept."""
     name = str(cfg["name"])
+    log = d / "logs" / f"guest-{name}.log"
+    offset = log.stat().st_size if log.exists() else 0
     domid = xl.create_domain(str(d), xl.spec_from_cfg(cfg), paused=True)
     with xl.xenstore(str(d)) as xs:
         if not xs.wait_for(lambda: console_tty(xs, domid) is not None, [tty_node(domid)], 10):
@@ -75,7 +78,9 @@ def _start_manager(d: Path, cfg: dict[str, Any]) -> None:
         while MANAGER_SERVES not in text:
             text += pty.read()
             if MANAGER_STOPPED in text or not _running(d, name):
-                # the first of the manager's own lines says what stopped it
+                domains.wait_until(lambda: not _running(d, name), 5)   # its exit follows that line
+                if log.exists():
+                    text += log.read_bytes()[offset:].decode(errors="replace")
                 reason = [ln.strip() for ln in text.splitlines() if ln.startswith("vtpmmgr: ")]
                 raise XenError(f"{name} stopped" + (f" ({reason[0]})" if reason else "") +
                                f"; see its console (`xl console {name}`, logs/guest-{name}.log)")

@@ -427,10 +427,14 @@ class SwtpmBackend:
         if shutil.which(self.cfg.swtpm) is None:
             raise PreconditionFailed(f"{ref.backend}: {self.cfg.swtpm!r} not found, so the vTPM cannot be started "
                                      "again; install swtpm (Debian: swtpm) or set `swtpm =` in the config")
+        self._check_permanent(ref, p, "; a restart would manufacture a fresh TPM — roll back to a checkpoint "
+                                      "instead")
+
+    def _check_permanent(self, ref: VtpmRef, p: Paths, without: str) -> None:
+        """The vTPM has an encrypted permanent state; ``without`` ends the refusal when it has none."""
         files = self.state_files(p)
         if ctl.PERMANENT not in files:
-            raise PreconditionFailed(f"{ref.backend}: vTPM {ref.uuid} has no permanent state in {p.state}; a "
-                                     "restart would manufacture a fresh TPM — roll back to a checkpoint instead")
+            raise PreconditionFailed(f"{ref.backend}: vTPM {ref.uuid} has no permanent state in {p.state}{without}")
         self._check_encrypted(files, f"vTPM {ref.uuid}")
 
     def check_single_consumer(self, ref: VtpmRef) -> None:
@@ -525,11 +529,7 @@ class SwtpmBackend:
         if self._keyring is None:
             raise PreconditionFailed(f"{ref.backend}: this command cannot move swtpm vTPMs (no host identity); "
                                      "run `xen-vtpm migrate`")
-        files = self.state_files(p)
-        if ctl.PERMANENT not in files:
-            raise PreconditionFailed(f"{ref.backend}: vTPM {ref.uuid} has no permanent state in {p.state}, nothing "
-                                     "to move; roll it back to a checkpoint first")
-        self._check_encrypted(files, f"vTPM {ref.uuid}")
+        self._check_permanent(ref, p, ", nothing to move; roll it back to a checkpoint first")
 
     def export_for(self, ref: VtpmRef, transfer: str, recipient: bytes) -> VtpmExport:
         """Park the vTPM (no swtpm may start from its state until ``unexport``) and take its state files
