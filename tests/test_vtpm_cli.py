@@ -8,12 +8,14 @@ directory that holds no TPM 2.0) with one line, exit 4, and the cfg and the tool
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from e2e_helpers import provision_guest_tpm, tpm_state
-from sim_fixture import initialised_host, swtpm_home
+from sim_fixture import initialised_host, swtpm_home, swtpm_pid
 from tpm_fixture import _free_port_pair
 
 GUEST = "imported"
@@ -116,3 +118,41 @@ def test_import_adopts_the_tpm_and_keeps_it_encrypted(sim, foreign_state):
     (vtpm,) = row["vtpms"]
     assert vtpm["backend_name"] == "swtpm" and vtpm["uuid"] == home.name and vtpm["uuid_check"] == "ok"
     assert "swtpm (0)" in sim.tool("list").stdout
+
+
+def _start_refused(sim, guest: str) -> str:
+    proc = sim.tool("vtpm", "start", guest, check=False)
+    assert proc.returncode == 5, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_start_refuses_a_state_that_is_gone_or_another_vtpms(sim):
+    """Negative controls of the proof that an swtpm loaded its vTPM's own state: without the permanent
+    state swtpm would manufacture a new TPM (a new EK), and with another vTPM's it would not be this one.
+    `vtpm start` refuses both (exit 5), leaves no swtpm running and writes no state; with the state put
+    back it starts."""
+    for name in ("nc1", "nc2"):
+        sim.tool("sim", "create", name, "--vtpm", "swtpm", timeout=120)
+        sim.xl("destroy", name)                              # its swtpm ends with its device model
+        assert swtpm_pid(sim, name) is None
+    permall = swtpm_home(sim, "nc1") / "state" / "tpm2-00.permall"
+    own = permall.read_bytes()
+
+    permall.unlink()
+    line = _start_refused(sim, "nc1")
+    assert "no permanent state" in line and "fresh TPM" in line, line
+    assert not permall.exists() and swtpm_pid(sim, "nc1") is None
+
+    other = (swtpm_home(sim, "nc2") / "state" / "tpm2-00.permall").read_bytes()
+    permall.write_bytes(other)
+    line = _start_refused(sim, "nc1")
+    assert "cannot load its state" in line, line
+    assert permall.read_bytes() == other and swtpm_pid(sim, "nc1") is None
+
+    permall.write_bytes(own)
+    sim.tool("vtpm", "start", "nc1")
+    pid = swtpm_pid(sim, "nc1")
+    assert pid is not None and permall.read_bytes() == own
+    os.kill(pid, signal.SIGTERM)

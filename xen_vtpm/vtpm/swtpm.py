@@ -515,7 +515,6 @@ class SwtpmBackend:
         `xl save -p` and the capture) still left one behind."""
         self._wipe_device_model_save(ref)
 
-
     # --- moves (docs/migration.md §6): the state files travel as swtpm encrypted them, the two keys
     # sealed to the destination's TPM-resident transfer key; the destination re-encrypts the state
     # under its own state key and keeps the vTPM's migration key, sealed under its own host key ------
