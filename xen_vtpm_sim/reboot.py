@@ -24,7 +24,7 @@ from typing import Any
 from xen_vtpm.errors import PreconditionFailed, XenError, XenVtpmError
 from xen_vtpm.xen.consoles import PtyReader, console_tty, tty_node
 from xen_vtpm.xen.xlcfg import load_cfg, parse_vtpm
-from xen_vtpm_sim import boot, domains, host, xl
+from xen_vtpm_sim import boot, devicemodel, domains, host, xl
 
 # Xen's vtpmmgr main(): serving, or vtpmmgr2_init() failed (e.g. a table it may not replace).
 MANAGER_SERVES = "Waiting for commands from vTPM's"
@@ -89,12 +89,6 @@ def _start_manager(d: Path, cfg: dict[str, Any]) -> None:
             time.sleep(0.05)
 
 
-def _swtpm_tpm(cfg: dict[str, Any]) -> bool:
-    """An HVM guest whose device model has an emulator TPM (an swtpm that must run before it)."""
-    args = [str(a) for a in cfg.get("device_model_args_hvm") or []]
-    return any(a.startswith("emulator,") for a in args) and "-tpmdev" in args
-
-
 def _start(d: Path, cfg: dict[str, Any]) -> None:
     name = str(cfg["name"])
     if _kind(cfg) == 0:
@@ -104,7 +98,7 @@ def _start(d: Path, cfg: dict[str, Any]) -> None:
         backend = str(parse_vtpm(str(entry))["backend"])
         if not _running(d, backend):
             raise XenError(f"its vTPM backend {backend} is not running")
-    if _swtpm_tpm(cfg):
+    if devicemodel.has_tpm([str(a) for a in cfg.get("device_model_args_hvm") or []]):   # an swtpm runs first
         cfg_file = d / "images" / f"{name}.cfg"
         host.run_tool(d, "vtpm", "start", name, *(("--cfg", str(cfg_file)) if cfg_file.exists() else ()))
     domid = xl.create_domain(str(d), xl.spec_from_cfg(cfg))

@@ -557,9 +557,7 @@ class SwtpmBackend:
     def unexport(self, ref: VtpmRef) -> None:
         """Un-park; and wipe libxl's device-model save, which a move undone before ``export_for`` ran
         (killed right after `xl save -p`) still left behind."""
-        p = self.paths(ref.uuid)
-        if p.record.is_file():
-            self._mark(p, "parked", None)
+        self._mark(self.paths(ref.uuid), "parked", None)     # a no-op without a record or a mark
         self._wipe_device_model_save(ref)
 
     def check_importable(self, export: VtpmExport) -> None:
@@ -636,6 +634,7 @@ class SwtpmBackend:
         if home.exists():
             shutil.rmtree(home)
             fsync_dir(home.parent)
+
 
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
